@@ -1,0 +1,43 @@
+"""fastdiff: fused compiled kernels for diffusion models.
+
+Reverse steps (:mod:`fastdiff.steps`), schedules, the shared Philox stream, and one dispatch
+point (:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call.
+"""
+from fastdiff.backends import available, info as _info_text
+from fastdiff.generator import Generator, default_generator
+from fastdiff.schedules import DDPMSchedule, KarrasSchedule
+from fastdiff.steps import (
+    PREDICTIONS,
+    ddim_step,
+    ddpm_step,
+    edm_churn,
+    euler_ancestral_step,
+    euler_step,
+    heun_step,
+    langevin_step,
+    ou_reverse_step,
+    predict_x0,
+    randn,
+)
+
+__version__ = "0.1.0"
+
+
+def info(print_: bool = True) -> str:
+    """Which backends work here (and what ``backend="auto"`` picks); printed and returned."""
+    text = _info_text()
+    if print_:
+        print(text)
+    return text
+
+
+def manual_seed(seed: int) -> Generator:
+    """Reset :data:`default_generator` to ``(seed, 0)``."""
+    return default_generator.manual_seed(seed)
+
+
+__all__ = [
+    "DDPMSchedule", "KarrasSchedule", "Generator", "default_generator", "manual_seed", "info", "available",
+    "PREDICTIONS", "ddpm_step", "ddim_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step",
+    "langevin_step", "ou_reverse_step", "predict_x0", "randn",
+]

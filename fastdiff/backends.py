@@ -1,0 +1,238 @@
+"""Backend registry and the one dispatch point of fastdiff.
+
+Backends: ``"triton"`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
+``"cuda"`` (CUDA C++ compiled at run time with NVRTC through CuPy), ``"cpp"`` (the
+``fastdiff._C`` OpenMP kernels, CPU tensors) and ``"torch"`` (pure torch, any device, any
+float dtype).  ``"auto"`` picks Triton for CUDA tensors, C++ for CPU tensors, and torch
+where neither works (or for float64, which the compiled kernels do not take).
+
+Every backend implements the same primitive, the fused affine step (one pass over memory)::
+
+    out[i] = sum_j c[b, j] * in_j[i] + c[b, k] * z[i],      b = i // inner
+
+with ``z`` absent, an explicit noise tensor, or the Philox stream at ``offset + i``.  Each
+reverse-step API in :mod:`fastdiff.steps` reduces to it by computing the per-sample
+coefficients ``c`` from its schedule (in float64, on the host for scalar timesteps).
+
+The primitive is registered as the ``torch.library`` op ``fastdiff::fused_step_`` (with a
+fake implementation) so ``torch.compile(fullgraph=True)`` traces code that calls it; in
+eager mode the op layer is skipped and the backend is called directly.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["BACKENDS", "available", "resolve", "fused_step", "info"]
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_INPUTS = 6
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+
+Coefs = Union[Sequence[float], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- availability
+@functools.lru_cache(maxsize=None)
+def _probe(name: str) -> Tuple[bool, str]:
+    if name == "torch":
+        return True, f"torch {torch.__version__}"
+    if name == "cpp":
+        try:
+            from fastdiff import _C  # noqa: F401
+        except ImportError as e:  # not built
+            return False, f"fastdiff._C not importable ({e}); run `pip install -e .`"
+        return True, f"OpenMP threads={_C.num_threads()}, simd={_C.simd()}"
+    if name == "triton":
+        try:
+            import triton
+        except ImportError:
+            return False, "triton is not installed"
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        if not torch.cuda.is_available() and not interp:
+            return False, f"triton {triton.__version__} installed, but no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
+        return True, f"triton {triton.__version__}" + (" (interpreter)" if interp else "")
+    if name == "cuda":
+        try:
+            from fastdiff import _cuda
+        except ImportError as e:
+            return False, f"fastdiff._cuda not importable ({e})"
+        return _cuda.available()
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+
+
+@torch.compiler.assume_constant_result
+def _works(name: str) -> bool:
+    """Whether ``name`` runs here; a constant to torch.compile (it never traces the probe)."""
+    return _probe(name)[0]
+
+
+def available() -> Dict[str, Tuple[bool, str]]:
+    """``{backend: (works_here, detail)}`` for every concrete backend."""
+    return {name: _probe(name) for name in BACKENDS[1:]}
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend for tensors on ``device`` of ``dtype``; a clear error if the forced one cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if dtype not in KERNEL_DTYPES:
+            return "torch"
+        if device.type == "cuda":
+            for name in ("triton", "cuda"):
+                if _works(name):
+                    return name
+        elif device.type == "cpu" and _works("cpp"):
+            return "cpp"
+        return "torch"
+    if not _works(backend):
+        raise RuntimeError(f"backend={backend!r} is not available here: {_probe(backend)[1]}")
+    if backend != "torch" and dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 tensors, got {dtype}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' runs on CUDA tensors, got tensors on {device}")
+    if backend == "triton" and not _triton_runs_on(device):
+        raise ValueError(f"backend='triton' runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device}")
+    return backend
+
+
+# --------------------------------------------------------------------------- implementations
+# Each takes (out, ins, coefs, inner, noise_mode, noise, seed, offset) on flat contiguous tensors.
+def _fused_step_torch(out, ins, coefs, inner, noise_mode, noise, seed, offset):
+    """Pure torch: computes in float32 (float64 for float64 tensors) and writes ``out``."""
+    ctype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    n = out.numel()
+    if isinstance(coefs, torch.Tensor):
+        rows = coefs.to(ctype)
+        c = [rows[:, j].repeat_interleave(inner)[:n] for j in range(rows.shape[1])]
+    else:
+        c = [float(v) for v in coefs]
+    acc = torch.zeros(n, dtype=ctype, device=out.device)
+    for j, t in enumerate(ins):
+        acc += c[j] * t.to(ctype)
+    if noise_mode == NOISE_TENSOR:
+        acc += c[len(ins)] * noise.to(ctype)
+    elif noise_mode == NOISE_PHILOX:
+        from fastdiff.reference.rng import randn_torch
+
+        acc += c[len(ins)] * randn_torch(seed, offset, n, out.device).to(ctype)
+    out.copy_(acc)
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _fused_step_cpp(out, ins, coefs, inner, noise_mode, noise, seed, offset):
+    from fastdiff import _C
+
+    if isinstance(coefs, torch.Tensor):
+        coef_ptr, scalars = coefs.data_ptr(), []
+    else:
+        coef_ptr, scalars = 0, [float(v) for v in coefs]
+    _C.fused_step(
+        out.data_ptr(), [t.data_ptr() for t in ins], _DTYPE_CODE[out.dtype], out.numel(), inner, 0,
+        coef_ptr, scalars, noise_mode, noise.data_ptr() if noise is not None else 0, seed, offset,
+    )
+
+
+def _fused_step_triton(*args):
+    from fastdiff.kernels.fused_step import fused_step as launch
+
+    launch(*args)
+
+
+def _fused_step_cuda(*args):
+    from fastdiff._cuda import fused_step as launch
+
+    launch(*args)
+
+
+_IMPLS: Dict[str, Callable] = {
+    "torch": _fused_step_torch,
+    "cpp": _fused_step_cpp,
+    "triton": _fused_step_triton,
+    "cuda": _fused_step_cuda,
+}
+
+
+def _run(out, ins, coefs, noise_mode, noise, seed, offset, backend):
+    rows = coefs.shape[0] if isinstance(coefs, torch.Tensor) else 1
+    inner = max(out.numel() // rows, 1)
+    _IMPLS[backend](out, list(ins), coefs, inner, noise_mode, noise, seed, offset)
+
+
+# --------------------------------------------------------------------------- torch.library op
+@torch.library.custom_op("fastdiff::fused_step_", mutates_args=("out",))
+def _fused_step_op(
+    out: torch.Tensor,
+    ins: List[torch.Tensor],
+    coefs: Optional[torch.Tensor],
+    scalar_coefs: List[float],
+    noise_mode: int,
+    noise: Optional[torch.Tensor],
+    seed: int,
+    offset: int,
+    backend: str,
+) -> None:
+    _run(out, ins, coefs if coefs is not None else scalar_coefs, noise_mode, noise, seed, offset, backend)
+
+
+@_fused_step_op.register_fake
+def _(out, ins, coefs, scalar_coefs, noise_mode, noise, seed, offset, backend) -> None:
+    return None
+
+
+def fused_step(
+    out: torch.Tensor,
+    ins: Sequence[torch.Tensor],
+    coefs: Coefs,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+    philox: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``out = sum_j coefs[:, j] * ins[j] + coefs[:, k] * z`` in one pass (see the module docstring).
+
+    ``out``, ``ins`` and ``noise`` are flat contiguous tensors of one dtype and device (callers in
+    :mod:`fastdiff.steps` validate and flatten); ``coefs`` is a list of ``k+1`` floats or a float32
+    ``(R, k+1)`` tensor on the same device (row ``b`` applies to elements ``[b*n/R, (b+1)*n/R)``).
+    ``z`` is ``noise`` if given, else the Philox stream ``(seed, offset + i)`` if ``philox``.
+    """
+    if len(ins) > MAX_INPUTS:
+        raise ValueError(f"ins: at most {MAX_INPUTS} inputs, got {len(ins)}")
+    backend = resolve(backend, out.device, out.dtype)
+    noise_mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox else NOISE_NONE)
+    if noise_mode == NOISE_PHILOX and offset % 4:
+        raise ValueError(f"offset: the Philox window must start on a quad (multiple of 4), got {offset}")
+    if torch.compiler.is_compiling():
+        tensor_coefs = coefs if isinstance(coefs, torch.Tensor) else None
+        scalars = [] if tensor_coefs is not None else [float(v) for v in coefs]
+        _fused_step_op(out, list(ins), tensor_coefs, scalars, noise_mode, noise, seed, offset, backend)
+    else:
+        _run(out, ins, coefs, noise_mode, noise, seed, offset, backend)
+    return out
+
+
+def info() -> str:
+    """A table of which backends work here, and what ``auto`` picks per device."""
+    lines = [f"fastdiff backends (torch {torch.__version__}):"]
+    for name, (ok, detail) in available().items():
+        lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {detail}")
+    picks = [f"cpu -> {resolve('auto', torch.device('cpu'), torch.float32)}"]
+    if torch.cuda.is_available():
+        picks.append(f"cuda -> {resolve('auto', torch.device('cuda'), torch.float32)} ({torch.cuda.get_device_name()})")
+    lines.append("  auto:   " + ", ".join(picks))
+    return "\n".join(lines)

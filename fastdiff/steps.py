@@ -1,0 +1,537 @@
+"""Fused reverse-step updates (SPEC 1).
+
+Every step here is, per sample, an affine combination of its input tensors and one normal
+draw: ``x_next = a x + c m + s z`` (Heun's corrector reads four tensors, classifier-free
+guidance splits ``m`` into its unconditional and conditional halves).  Each function computes
+its per-sample coefficients ``(a, c, s)`` in float64 from the schedule and the prediction type,
+then makes **one** pass over memory with :func:`fastdiff.backends.fused_step`: 2 reads and 1
+write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's dtype.
+
+Conventions shared by every step:
+
+- ``x`` is ``(B, ...)``; timesteps / noise levels are scalars (Python numbers or 0-d tensors)
+  or per-sample ``(B,)`` tensors.
+- ``model_output`` is the network's output in the form named by ``prediction``
+  (``"eps"``, ``"x0"``, ``"v"`` or ``"score"``) and is converted inside the kernel:
+  ``x0_hat = (x - sigma eps)/alpha``, ``v = alpha eps - sigma x0``, ``score = -eps/sigma``.
+- Classifier-free guidance: pass ``model_output=(uncond, cond)`` and ``guidance=w``;
+  ``x0_hat = (1 - w) x0_hat(uncond) + w x0_hat(cond)`` (scalar or ``(B,)`` ``w``).
+- Noise: ``noise=`` (a tensor like ``x``, for bitwise agreement with code that draws its own)
+  or ``generator=`` (:class:`fastdiff.Generator`; default :data:`fastdiff.default_generator`),
+  whose Philox stream is drawn inside the kernel and advanced by ``x.numel()``.
+- ``out=`` writes in place (``out=x`` is allowed); ``backend=`` forces a backend.
+- Invalid Python/CPU arguments raise ``ValueError``/``TypeError`` naming the argument.  Per-sample
+  values on a CUDA device are not checked on the host (that would synchronize); an invalid
+  entry makes that sample's output NaN instead, so nothing is silently wrong.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from fastdiff import backends
+from fastdiff._interop import accepts_arrays
+from fastdiff.generator import Generator, default_generator
+from fastdiff.schedules import DDPMSchedule, KarrasSchedule
+
+__all__ = [
+    "PREDICTIONS",
+    "ddpm_step",
+    "ddim_step",
+    "euler_step",
+    "edm_churn",
+    "euler_ancestral_step",
+    "heun_step",
+    "langevin_step",
+    "ou_reverse_step",
+    "predict_x0",
+    "randn",
+]
+
+PREDICTIONS = ("eps", "x0", "v", "score")
+Num = Union[float, torch.Tensor]  # a coefficient: Python float (scalar step) or float64 tensor (R,)
+
+
+# =========================================================================== argument handling
+class _Call:
+    """Validation and coefficient packing for one step call.
+
+    Scalar arguments stay Python floats, so a scalar-timestep step computes its coefficients on
+    the host and launches with them as kernel arguments (no device buffer, no copy, no sync).
+    Per-sample arguments become float64 tensors on ``x``'s device.
+    """
+
+    def __init__(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.ndim < 1:
+            raise ValueError("x: expected a tensor of shape (B, ...), got a 0-d tensor")
+        self.x = x
+        self.B = x.shape[0]
+        self.device = x.device
+        self.invalid: Optional[torch.Tensor] = None  # device-side validity failures (per sample)
+
+    # ---- tensors
+    def like_x(self, name: str, t) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor like x, got {type(t).__name__}")
+        if t.shape != self.x.shape:
+            raise ValueError(f"{name}: expected shape {tuple(self.x.shape)} (the shape of x), got {tuple(t.shape)}")
+        if t.dtype != self.x.dtype:
+            raise TypeError(f"{name}: expected dtype {self.x.dtype} (the dtype of x), got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{name}: expected a tensor on {self.device} (the device of x), got {t.device}")
+        return t
+
+    def model_output(self, name: str, m, guidance) -> List[Tuple[torch.Tensor, Num]]:
+        """``[(tensor, weight)]`` whose weighted sum is the (guided) model output."""
+        if isinstance(m, (tuple, list)):
+            if len(m) != 2:
+                raise ValueError(f"{name}: a guidance pair must be (uncond, cond), got {len(m)} tensors")
+            if guidance is None:
+                raise ValueError(f"guidance: required when {name} is an (uncond, cond) pair")
+            w = self.value("guidance", guidance)
+            return [(self.like_x(f"{name}[0]", m[0]), 1.0 - w), (self.like_x(f"{name}[1]", m[1]), w)]
+        if guidance is not None:
+            raise ValueError(f"guidance: given, but {name} is a single tensor; pass (uncond, cond)")
+        return [(self.like_x(name, m), 1.0)]
+
+    # ---- per-sample values
+    def value(self, name: str, v, *, min_value=None, strict=True) -> Num:
+        """A finite scalar (-> float) or per-sample (B,) tensor (-> float64 on x's device)."""
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu" and v.ndim <= 1:
+            v = v.item() if v.ndim == 0 or self.B != 1 else v
+        if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"{name}: expected a number or a (B,) tensor, got {type(v).__name__}")
+        if isinstance(v, numbers.Real):
+            v = float(v)
+            if not math.isfinite(v):
+                raise ValueError(f"{name}: expected a finite value, got {v}")
+            if min_value is not None and (v <= min_value if strict else v < min_value):
+                raise ValueError(f"{name}: expected {name} {'>' if strict else '>='} {min_value}, got {v}")
+            return v
+        if not v.is_floating_point():
+            v = v.to(torch.float64)
+        if v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, self.B)):
+            raise ValueError(f"{name}: expected a scalar or a ({self.B},) tensor (one per sample), got shape {tuple(v.shape)}")
+        if v.device.type != "cpu" and v.device != self.device:
+            raise ValueError(f"{name}: expected a tensor on cpu or {self.device}, got {v.device}")
+        v = v.to(self.device, torch.float64).reshape(-1)
+        ok = torch.isfinite(v)
+        if min_value is not None:
+            ok &= (v > min_value) if strict else (v >= min_value)
+        self._require(ok, f"{name}: expected finite values{'' if min_value is None else (' > ' if strict else ' >= ') + str(min_value)}")
+        return v
+
+    def timestep(self, name: str, t, T: int, *, allow_final=False):
+        """An integer timestep in [0, T) ([-1, T) with ``allow_final``): int, or (B,) int64 tensor."""
+        lo = -1 if allow_final else 0
+        if isinstance(t, torch.Tensor):
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"{name}: expected integer timesteps, got dtype {t.dtype}")
+            if t.numel() == 1 and t.ndim <= 1 and t.device.type == "cpu" and (t.ndim == 0 or self.B != 1):
+                t = int(t.item())
+        elif isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"{name}: expected an int or an integer (B,) tensor, got {type(t).__name__}")
+        if not isinstance(t, torch.Tensor):
+            t = int(t)
+            if not lo <= t < T:
+                raise ValueError(f"{name}: expected {lo} <= {name} < {T} (schedule length), got {t}")
+            return t
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.B)):
+            raise ValueError(f"{name}: expected an int or a ({self.B},) tensor, got shape {tuple(t.shape)}")
+        if t.device.type != "cpu" and t.device != self.device:
+            raise ValueError(f"{name}: expected a tensor on cpu or {self.device}, got {t.device}")
+        t = t.to(self.device, torch.int64).reshape(-1)
+        self._require((t >= lo) & (t < T), f"{name}: expected {lo} <= {name} < {T} (schedule length)")
+        return t
+
+    def _require(self, ok: torch.Tensor, message: str) -> None:
+        if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(ok.all()):
+                bad = int((~ok).nonzero()[0, 0])
+                raise ValueError(f"{message}; sample {bad} is not")
+        else:  # no host sync (CUDA, or traced): poison the failing samples' coefficients instead
+            bad = ~ok
+            self.invalid = bad if self.invalid is None else (self.invalid | bad)
+
+    @staticmethod
+    def lookup(table_owner, name: str, t) -> Num:
+        """Schedule value at timestep ``t`` (float for an int ``t``, gathered tensor otherwise)."""
+        if isinstance(t, int):
+            return table_owner.floats(name)[t]
+        table = table_owner.table(name, t.device)
+        return table[t.clamp(0, table.numel() - 1)]  # invalid t were flagged by timestep(); never index out of bounds
+
+    # ---- launch
+    def launch(self, terms: Sequence[Tuple[torch.Tensor, Num]], noise_coef: Num = 0.0, *,
+               noise=None, generator=None, out=None, backend="auto") -> torch.Tensor:
+        x = self.x
+        if out is not None:
+            self.like_x("out", out)
+        if x.numel() == 0:
+            return out if out is not None else torch.empty_like(x)
+        if noise is not None:
+            self.like_x("noise", noise)
+        if generator is not None and not isinstance(generator, Generator):
+            raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
+        # merge repeated tensors (x appears in several terms) so each is read once
+        merged: List[Tuple[torch.Tensor, Num]] = []
+        for t, c in terms:
+            for i, (u, cu) in enumerate(merged):
+                if u is t:
+                    merged[i] = (u, cu + c)
+                    break
+            else:
+                merged.append((t, c))
+        coefs = [c for _, c in merged] + [noise_coef]
+        wants_noise = not (isinstance(noise_coef, float) and noise_coef == 0.0)
+        if all(isinstance(c, float) for c in coefs) and self.invalid is None:
+            packed: Union[List[float], torch.Tensor] = coefs
+        else:
+            rows = [c.reshape(-1) if isinstance(c, torch.Tensor) else torch.full((1,), c, dtype=torch.float64, device=x.device)
+                    for c in coefs]
+            R = max(r.numel() for r in rows)
+            packed = torch.stack([r.expand(R) for r in rows], dim=1)
+            if self.invalid is not None:
+                packed = torch.where(self.invalid.reshape(-1, 1).expand(R, 1), float("nan"), packed)
+            packed = packed.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
+        flat = [t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1) for t, _ in merged]
+        target = out if (out is not None and out.is_contiguous()) else torch.empty_like(x, memory_format=torch.contiguous_format)
+        seed = offset = 0
+        philox = False
+        if wants_noise and noise is None:
+            gen = generator if generator is not None else default_generator
+            seed, offset, philox = gen.seed, gen.draw(x.numel()), True
+        backends.fused_step(
+            target.view(-1), flat, packed,
+            noise=(noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().view(-1)) if (wants_noise and noise is not None) else None,
+            seed=seed, offset=offset, philox=philox, backend=backend,
+        )
+        if out is not None and target is not out:
+            out.copy_(target)
+            return out
+        return target
+
+
+def _check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+    return prediction
+
+
+def _x0_eps_forms(prediction: str, alpha: Num, sigma: Num):
+    """Linear forms ``x0_hat = px x + pm m`` and ``eps_hat = ex x + em m`` of the model output ``m``."""
+    if prediction == "eps":
+        return (1.0 / alpha, -sigma / alpha), (0.0, 1.0)
+    if prediction == "x0":
+        return (0.0, 1.0), (1.0 / sigma, -alpha / sigma)
+    if prediction == "v":
+        d = alpha * alpha + sigma * sigma
+        return (alpha / d, -sigma / d), (sigma / d, alpha / d)
+    # score = -eps / sigma
+    return (1.0 / alpha, sigma * sigma / alpha), (0.0, -sigma)
+
+
+def _sqrt(v: Num) -> Num:
+    return v.clamp(min=0).sqrt() if isinstance(v, torch.Tensor) else math.sqrt(max(v, 0.0))
+
+
+def _minimum(a: Num, b: Num) -> Num:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+    return min(a, b)
+
+
+def _where(cond, a: Num, b: Num) -> Num:
+    if isinstance(cond, torch.Tensor):
+        return torch.where(cond, a, b)
+    return a if cond else b
+
+
+def _gt0(v: Num):
+    return v > 0 if isinstance(v, torch.Tensor) else v > 0.0
+
+
+def _terms(x, mterms, cx: Num, form, c_on: Num):
+    """Terms of ``cx * x + c_on * (form applied to the guided model output)``."""
+    fx, fm = form
+    return [(x, cx + c_on * fx)] + [(m, c_on * fm * w) for m, w in mterms]
+
+
+def _safe_div(a: Num, b: Num) -> Num:
+    """a / b, 0 where b == 0 (sigma_next = 0 steps)."""
+    if isinstance(b, torch.Tensor) or isinstance(a, torch.Tensor):
+        b = torch.as_tensor(b, dtype=torch.float64)
+        return torch.where(b != 0, a / torch.where(b != 0, b, 1.0), 0.0)
+    return a / b if b != 0 else 0.0
+
+
+# =========================================================================== DDPM-family steps
+def _check_schedule(schedule, kind=DDPMSchedule):
+    if not isinstance(schedule, kind):
+        raise TypeError(f"schedule: expected a fastdiff.{kind.__name__}, got {type(schedule).__name__}")
+    return schedule
+
+
+@accepts_arrays
+def ddpm_step(x, model_output, t, schedule: DDPMSchedule, *, prediction: str = "eps",
+              variance: str = "fixed_small", guidance=None, noise=None, generator: Optional[Generator] = None,
+              out=None, backend: str = "auto"):
+    """DDPM ancestral step ``x_t -> x_{t-1}`` (Ho et al. 2020; seed 001):
+
+        x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps_hat) / sqrt(1 - beta_t) + s_t z
+
+    with ``s_t^2 = beta_t`` (``variance="fixed_large"``) or
+    ``beta_t (1 - abar_{t-1}) / (1 - abar_t)`` (``"fixed_small"``, diffusers' default), and no
+    noise on the last step (``t = 0``).  ``t``: int or (B,) int tensor in ``[0, T)``.
+    """
+    call = _Call(x)
+    _check_schedule(schedule)
+    _check_prediction(prediction)
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance: expected 'fixed_small' or 'fixed_large', got {variance!r}")
+    t = call.timestep("t", t, schedule.T)
+    mterms = call.model_output("model_output", model_output, guidance)
+    beta = call.lookup(schedule, "beta", t)
+    abar = call.lookup(schedule, "abar", t)
+    alpha, sigma = _sqrt(abar), _sqrt(1.0 - abar)
+    if isinstance(t, int):
+        abar_prev = schedule.floats("abar")[t - 1] if t > 0 else 1.0
+    else:
+        abar_prev = torch.where(t > 0, schedule.table("abar", call.device)[(t - 1).clamp(0, schedule.T - 1)], 1.0)
+    var = beta if variance == "fixed_large" else beta * (1.0 - abar_prev) / (1.0 - abar)
+    s = _where(t > 0, _sqrt(var), 0.0 * beta) if isinstance(t, torch.Tensor) else (_sqrt(var) if t > 0 else 0.0)
+    a = 1.0 / _sqrt(1.0 - beta)
+    c = -beta / (sigma * _sqrt(1.0 - beta))
+    _, eps_form = _x0_eps_forms(prediction, alpha, sigma)
+    return call.launch(_terms(x, mterms, a, eps_form, c), s, noise=noise, generator=generator, out=out, backend=backend)
+
+
+@accepts_arrays
+def ddim_step(x, model_output, t, t_prev, schedule: DDPMSchedule, *, eta: float = 0.0, prediction: str = "eps",
+              guidance=None, noise=None, generator: Optional[Generator] = None, out=None, backend: str = "auto"):
+    """DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021) with stochasticity ``eta``:
+
+        x0 = (x_t - sigma_t eps_hat) / alpha_t
+        s  = eta sqrt((1 - abar_p)/(1 - abar_t)) sqrt(1 - abar_t/abar_p)
+        x_p = alpha_p x0 + sqrt(1 - abar_p - s^2) eps_hat + s z
+
+    ``eta = 0`` is deterministic (seed 004: ``x_p = (sigma_p/sigma_t) x_t + (alpha_p - (sigma_p/sigma_t) alpha_t) x0``);
+    ``eta = 1`` is DDPM's ``fixed_small`` posterior.  ``t_prev = -1`` means the end (``abar = 1``).
+    """
+    call = _Call(x)
+    _check_schedule(schedule)
+    _check_prediction(prediction)
+    eta = call.value("eta", eta, min_value=0.0, strict=False)
+    t = call.timestep("t", t, schedule.T)
+    t_prev = call.timestep("t_prev", t_prev, schedule.T, allow_final=True)
+    mterms = call.model_output("model_output", model_output, guidance)
+    abar = call.lookup(schedule, "abar", t)
+    if isinstance(t_prev, int):
+        abar_p = schedule.floats("abar")[t_prev] if t_prev >= 0 else 1.0
+    else:
+        abar_p = torch.where(t_prev >= 0, schedule.table("abar", call.device)[t_prev.clamp(0, schedule.T - 1)], 1.0)
+    alpha, sigma = _sqrt(abar), _sqrt(1.0 - abar)
+    alpha_p = _sqrt(abar_p)
+    s = eta * _sqrt((1.0 - abar_p) / (1.0 - abar)) * _sqrt(1.0 - abar / abar_p)
+    ce = _sqrt(1.0 - abar_p - s * s)
+    x0_form, eps_form = _x0_eps_forms(prediction, alpha, sigma)
+    terms = _terms(x, mterms, 0.0, x0_form, alpha_p) + _terms(x, mterms, 0.0, eps_form, ce)
+    return call.launch(terms, s, noise=noise, generator=generator, out=out, backend=backend)
+
+
+# =========================================================================== EDM / k-diffusion steps (alpha = 1)
+def _edm_forms(prediction, sigma):
+    x0_form, _ = _x0_eps_forms(prediction, 1.0, sigma)
+    return x0_form
+
+
+@accepts_arrays
+def euler_step(x, model_output, sigma, sigma_next, *, prediction: str = "x0", guidance=None, out=None,
+               backend: str = "auto"):
+    """Euler step of the probability-flow ODE (EDM / k-diffusion ``sample_euler``), ``alpha = 1``:
+
+        d = (x - x0_hat) / sigma,   x_next = x + (sigma_next - sigma) d
+
+    ``sigma`` is the level the model was evaluated at (``sigma_hat`` after :func:`edm_churn`).
+    """
+    call = _Call(x)
+    _check_prediction(prediction)
+    sigma = call.value("sigma", sigma, min_value=0.0)
+    sigma_next = call.value("sigma_next", sigma_next, min_value=0.0, strict=False)
+    mterms = call.model_output("model_output", model_output, guidance)
+    h = (sigma_next - sigma) / sigma  # x_next = x + h (x - x0_hat)
+    return call.launch(_terms(x, mterms, 1.0 + h, _edm_forms(prediction, sigma), -h), out=out, backend=backend)
+
+
+@accepts_arrays
+def edm_churn(x, sigma, gamma, *, s_noise: float = 1.0, noise=None, generator: Optional[Generator] = None,
+              out=None, backend: str = "auto"):
+    """EDM stochastic churn (Karras et al. Alg. 2), done before the model evaluation of a step:
+
+        sigma_hat = sigma (1 + gamma),   x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z
+
+    Returns ``(x_hat, sigma_hat)``; pass ``sigma_hat`` as ``sigma`` to the following
+    :func:`euler_step` / :func:`heun_step`.  ``gamma = 0`` returns ``x`` itself (no copy, no draw).
+    """
+    call = _Call(x)
+    sigma = call.value("sigma", sigma, min_value=0.0)
+    gamma = call.value("gamma", gamma, min_value=0.0, strict=False)
+    s_noise = call.value("s_noise", s_noise)
+    sigma_hat = sigma * (1.0 + gamma)
+    if isinstance(gamma, float) and gamma == 0.0 and out is None:
+        return x, sigma_hat
+    s = _sqrt(sigma_hat * sigma_hat - sigma * sigma) * s_noise
+    return call.launch([(x, 1.0)], s, noise=noise, generator=generator, out=out, backend=backend), sigma_hat
+
+
+@accepts_arrays
+def euler_ancestral_step(x, model_output, sigma, sigma_next, *, eta: float = 1.0, s_noise: float = 1.0,
+                         prediction: str = "x0", guidance=None, noise=None, generator: Optional[Generator] = None,
+                         out=None, backend: str = "auto"):
+    """Euler ancestral step (k-diffusion ``sample_euler_ancestral``):
+
+        sigma_up   = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))
+        sigma_down = sqrt(sigma_next^2 - sigma_up^2)
+        x_next = x + (sigma_down - sigma) d + S_noise sigma_up z,   d = (x - x0_hat) / sigma
+    """
+    call = _Call(x)
+    _check_prediction(prediction)
+    sigma = call.value("sigma", sigma, min_value=0.0)
+    sigma_next = call.value("sigma_next", sigma_next, min_value=0.0, strict=False)
+    eta = call.value("eta", eta, min_value=0.0, strict=False)
+    s_noise = call.value("s_noise", s_noise)
+    mterms = call.model_output("model_output", model_output, guidance)
+    up = eta * _sqrt(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma))
+    sigma_up = _minimum(sigma_next, up)
+    sigma_down = _sqrt(sigma_next * sigma_next - sigma_up * sigma_up)
+    h = (sigma_down - sigma) / sigma
+    return call.launch(_terms(x, mterms, 1.0 + h, _edm_forms(prediction, sigma), -h), s_noise * sigma_up,
+                       noise=noise, generator=generator, out=out, backend=backend)
+
+
+@accepts_arrays
+def heun_step(x, model_output, sigma, sigma_next, *, x_pred=None, model_output_pred=None, prediction: str = "x0",
+              guidance=None, out=None, backend: str = "auto"):
+    """Heun's 2nd-order step (EDM Alg. 2), in two calls:
+
+    - predictor (``x_pred`` not given): ``x_pred = x + (sigma_next - sigma) d``, ``d = (x - x0_hat)/sigma``
+      (the Euler step); evaluate the model at ``(x_pred, sigma_next)``;
+    - corrector (``x_pred`` and ``model_output_pred`` given):
+      ``x_next = x + (sigma_next - sigma) (d + d') / 2``, ``d' = (x_pred - x0_hat(x_pred)) / sigma_next``.
+
+    Where ``sigma_next = 0`` the corrector returns the Euler step (``x_pred``), as EDM does.
+    """
+    if x_pred is None:
+        if model_output_pred is not None:
+            raise ValueError("x_pred: required with model_output_pred (the corrector needs both)")
+        return euler_step(x, model_output, sigma, sigma_next, prediction=prediction, guidance=guidance,
+                          out=out, backend=backend)
+    if model_output_pred is None:
+        raise ValueError("model_output_pred: required with x_pred (the model output at (x_pred, sigma_next))")
+    call = _Call(x)
+    _check_prediction(prediction)
+    sigma = call.value("sigma", sigma, min_value=0.0)
+    sigma_next = call.value("sigma_next", sigma_next, min_value=0.0, strict=False)
+    x_pred = call.like_x("x_pred", x_pred)
+    m1 = call.model_output("model_output", model_output, guidance)
+    m2 = call.model_output("model_output_pred", model_output_pred, guidance)
+    dt = sigma_next - sigma
+    # d = (x - x0)/sigma,  d' = (x_pred - x0')/sigma_next;  x_next = x + dt/2 (d + d')
+    h1 = dt / (2.0 * sigma)
+    h2 = _safe_div(dt / 2.0, sigma_next)
+    corr = _where(_gt0(sigma_next), 1.0, 0.0) if isinstance(sigma_next, torch.Tensor) else (1.0 if sigma_next > 0 else 0.0)
+    # where sigma_next == 0: x_next = x_pred  (coefficients: 1 on x_pred, 0 elsewhere)
+    terms = _terms(x, m1, corr * (1.0 + h1), _edm_forms(prediction, sigma), -h1 * corr)
+    terms += _terms(x_pred, m2, corr * h2 + (1.0 - corr), _edm_forms(prediction, _where(_gt0(sigma_next), sigma_next, 1.0)
+                                                                      if isinstance(sigma_next, torch.Tensor) else (sigma_next or 1.0)),
+                    -h2 * corr)
+    return call.launch(terms, out=out, backend=backend)
+
+
+# =========================================================================== Langevin family (seed 003)
+def _score_form(call, prediction, alpha, sigma):
+    """``score = sx x + sm m`` for the model output ``m``."""
+    if prediction == "score":
+        return (0.0, 1.0)
+    if sigma is None:
+        raise ValueError(f"sigma: required to convert prediction={prediction!r} into a score")
+    sigma = call.value("sigma", sigma, min_value=0.0)
+    alpha = call.value("alpha", alpha, min_value=0.0)
+    (px, pm), _ = _x0_eps_forms(prediction, alpha, sigma)
+    # score = (alpha x0_hat - x) / sigma^2
+    return ((alpha * px - 1.0) / (sigma * sigma), alpha * pm / (sigma * sigma))
+
+
+@accepts_arrays
+def langevin_step(x, model_output, step_size, *, prediction: str = "score", alpha: float = 1.0, sigma=None,
+                  guidance=None, noise=None, generator: Optional[Generator] = None, out=None, backend: str = "auto"):
+    """Unadjusted Langevin step (seed 003): ``x_{k+1} = x_k + gamma score(x_k) + sqrt(2 gamma) z``.
+
+    ``step_size`` is gamma.  A non-score ``prediction`` is converted with ``alpha``/``sigma``
+    (``score = (alpha x0_hat - x) / sigma^2``).  At fixed ``sigma`` this is the "walk" of walk-jump
+    sampling; the "jump" is :func:`predict_x0`.
+    """
+    call = _Call(x)
+    _check_prediction(prediction)
+    g = call.value("step_size", step_size, min_value=0.0)
+    mterms = call.model_output("model_output", model_output, guidance)
+    form = _score_form(call, prediction, alpha, sigma)
+    return call.launch(_terms(x, mterms, 1.0, form, g), _sqrt(2.0 * g), noise=noise, generator=generator,
+                       out=out, backend=backend)
+
+
+@accepts_arrays
+def ou_reverse_step(x, model_output, step_size, *, prediction: str = "score", alpha: float = 1.0, sigma=None,
+                    guidance=None, noise=None, generator: Optional[Generator] = None, out=None, backend: str = "auto"):
+    """Euler-Maruyama step of the reverse Ornstein-Uhlenbeck SDE (seed 003):
+
+        y_{k+1} = y_k + gamma y_k + 2 gamma score(y_k) + sqrt(2 gamma) z
+    """
+    call = _Call(x)
+    _check_prediction(prediction)
+    g = call.value("step_size", step_size, min_value=0.0)
+    mterms = call.model_output("model_output", model_output, guidance)
+    form = _score_form(call, prediction, alpha, sigma)
+    return call.launch(_terms(x, mterms, 1.0 + g, form, 2.0 * g), _sqrt(2.0 * g), noise=noise, generator=generator,
+                       out=out, backend=backend)
+
+
+# =========================================================================== conversions and noise
+@accepts_arrays
+def predict_x0(x, model_output, alpha, sigma, *, prediction: str = "eps", guidance=None, out=None,
+               backend: str = "auto"):
+    """Tweedie's posterior mean from a model output: ``x0_hat`` for ``prediction`` in eps/x0/v/score,
+    fused (one pass).  With ``alpha = 1`` and a score this is the "jump" ``y + sigma^2 score(y)``."""
+    call = _Call(x)
+    _check_prediction(prediction)
+    alpha = call.value("alpha", alpha, min_value=0.0)
+    sigma = call.value("sigma", sigma, min_value=0.0)
+    mterms = call.model_output("model_output", model_output, guidance)
+    x0_form, _ = _x0_eps_forms(prediction, alpha, sigma)
+    return call.launch(_terms(x, mterms, 0.0, x0_form, 1.0), out=out, backend=backend)
+
+
+def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, device="cpu", out=None,
+          backend: str = "auto") -> torch.Tensor:
+    """Normals from the shared Philox stream (the noise every fused step draws), advancing ``generator``."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    elif not out.is_contiguous():
+        raise ValueError("out: expected a contiguous tensor")
+    if out.numel() == 0:
+        return out
+    gen = generator if generator is not None else default_generator
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
+    backends.fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
+                        backend=backend)
+    return out
