@@ -108,7 +108,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------- implementations
-# Each takes (out, ins, coefs, inner, noise_mode, noise, seed, offset) on flat contiguous tensors.
+# Each takes (out, ins, coefs, inner, noise_mode, noise, seed, offset[, start]) on flat contiguous
+# tensors; ``start`` (kernel backends) is the global index of out[0] within a larger logical tensor.
 def _fused_step_torch(out, ins, coefs, inner, noise_mode, noise, seed, offset):
     """Pure torch: computes in float32 (float64 for float64 tensors) and writes ``out``."""
     ctype = torch.float64 if out.dtype == torch.float64 else torch.float32
@@ -133,7 +134,7 @@ def _fused_step_torch(out, ins, coefs, inner, noise_mode, noise, seed, offset):
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _fused_step_cpp(out, ins, coefs, inner, noise_mode, noise, seed, offset):
+def _fused_step_cpp(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0):
     from fastdiff import _C
 
     if isinstance(coefs, torch.Tensor):
@@ -141,21 +142,21 @@ def _fused_step_cpp(out, ins, coefs, inner, noise_mode, noise, seed, offset):
     else:
         coef_ptr, scalars = 0, [float(v) for v in coefs]
     _C.fused_step(
-        out.data_ptr(), [t.data_ptr() for t in ins], _DTYPE_CODE[out.dtype], out.numel(), inner, 0,
+        out.data_ptr(), [t.data_ptr() for t in ins], _DTYPE_CODE[out.dtype], out.numel(), inner, start,
         coef_ptr, scalars, noise_mode, noise.data_ptr() if noise is not None else 0, seed, offset,
     )
 
 
-def _fused_step_triton(*args):
+def _fused_step_triton(*args, **kwargs):
     from fastdiff.kernels.fused_step import fused_step as launch
 
-    launch(*args)
+    launch(*args, **kwargs)
 
 
-def _fused_step_cuda(*args):
+def _fused_step_cuda(*args, **kwargs):
     from fastdiff._cuda import fused_step as launch
 
-    launch(*args)
+    launch(*args, **kwargs)
 
 
 _IMPLS: Dict[str, Callable] = {

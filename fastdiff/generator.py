@@ -15,6 +15,7 @@ import operator
 __all__ = ["Generator", "default_generator"]
 
 _U64 = 1 << 64
+_MAX_OFFSET = 1 << 63  # offsets are int64 kernel arguments; 2^63 normals is beyond any run
 
 
 class Generator:
@@ -29,6 +30,8 @@ class Generator:
     def __init__(self, seed: int = 0, offset: int = 0):
         self.seed = _as_u64("seed", seed)
         offset = _as_u64("offset", offset)
+        if offset >= _MAX_OFFSET:
+            raise ValueError(f"offset: expected < 2**63, got {offset}")
         if offset % 4:
             raise ValueError(f"offset: expected a multiple of 4 (whole Philox quads), got {offset}")
         self.offset = offset
@@ -40,7 +43,10 @@ class Generator:
     def draw(self, n: int) -> int:
         """Reserve ``n`` normals; returns the offset of the first and advances past them."""
         start = self.offset
-        self.offset = (start + ((n + 3) & ~3)) % _U64
+        end = start + ((n + 3) & ~3)
+        if end >= _MAX_OFFSET:
+            raise OverflowError(f"generator: drawing {n} normals at offset {start} passes 2**63; reseed it")
+        self.offset = end
         return start
 
     def get_state(self) -> tuple:

@@ -1,0 +1,21 @@
+# The two commands of the README work on a fresh clone: `make demo` (the main job) and
+# `make test` (what .ci/run calls).  Both install what they need first.
+PY ?= python3
+PIP = $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: install test demo bench aot
+install:
+	# torch first and pinned: anything that pulls an unpinned torch would fetch GBs of CUDA wheels
+	$(PIP) "torch==2.13.0"
+	$(PIP) "setuptools>=64" wheel "pybind11>=2.10"
+	$(PIP) --no-build-isolation -e ".[test,triton,plot]"
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m fastdiff info
+	$(PY) -m fastdiff demo --out results
+
+bench: install
+	$(PY) -m fastdiff bench

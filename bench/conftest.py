@@ -1,0 +1,50 @@
+"""pytest-benchmark glue: every benchmark also records its median into the shared table, and the
+session ends by printing the table and writing it to bench/results/<device>.md."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+
+DEVICE = os.environ.get("FASTDIFF_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def record(benchmark):
+    """``record(group, impl, fn, bytes_moved=..., flops=...)``: time ``fn`` with pytest-benchmark
+    (warm-up rounds, then the median of many) and add the row to the table."""
+
+    def run(group, impl, fn, bytes_moved=0, flops=0, rounds=20):
+        benchmark.group = group
+        benchmark.name = impl
+        if DEVICE.startswith("cuda"):
+            def timed():
+                fn()
+                torch.cuda.synchronize()
+        else:
+            timed = fn
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=3, iterations=1)
+        harness.TABLE.add(harness.Row(group, impl, benchmark.stats.stats.median, bytes_moved, flops))
+
+    return run
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not harness.TABLE.rows:
+        return
+    command = os.environ.get("FASTDIFF_BENCH_COMMAND", "python -m pytest bench/ --benchmark-enable")
+    text = harness.TABLE.markdown(DEVICE, command)
+    tag = "cpu" if DEVICE == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    path = os.path.join(os.path.dirname(__file__), "results", f"steps-{tag}.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print("\n" + text + f"\n(written to {path})")

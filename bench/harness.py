@@ -1,0 +1,112 @@
+"""Shared benchmark harness: timing, the machine's measured ceiling, and the results table.
+
+Timing follows the device tool's METHOD: warm up (compilation, first-touch page faults), then
+the median of many runs; CUDA work is timed with events.  The ceiling is measured in the same
+run: a large tensor copy (bytes read + bytes written over time).  Each kernel row reports its
+time, the ratio of the torch eager reference's time to it (and of torch.compile's), and the
+achieved bandwidth counting the fewest bytes the op must move (each input read once, the output
+written once) as a fraction of the copy ceiling.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 3, reps: int = 25) -> List[float]:
+    """Seconds per call, ``reps`` samples (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    if device.startswith("cuda"):
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return out
+
+
+_CEILING: Dict[str, float] = {}
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write), cached per device."""
+    if device not in _CEILING:
+        src = torch.randn(nbytes // 4, device=device)
+        dst = torch.empty_like(src)
+        med = statistics.median(time_fn(lambda: dst.copy_(src), device, warmup=3, reps=15))
+        _CEILING[device] = 2 * nbytes / med
+    return _CEILING[device]
+
+
+@dataclass
+class Row:
+    group: str          # the op and size, e.g. "ddpm_step n=2^22 float32"
+    impl: str           # "fastdiff", "eager", "compile", ...
+    seconds: float      # median
+    bytes_moved: int = 0
+    flops: int = 0
+
+
+@dataclass
+class Table:
+    rows: List[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def markdown(self, device: str, command: str) -> str:
+        ceiling = copy_bandwidth(device)
+        groups: Dict[str, Dict[str, Row]] = {}
+        for r in self.rows:
+            groups.setdefault(r.group, {})[r.impl] = r
+        impls = [i for i in ("fastdiff", "fastdiff out=", "eager", "compile") if any(i in g for g in groups.values())]
+        head = ["op"] + [f"{i} ms" for i in impls] + ["eager/fastdiff", "compile/fastdiff", "fastdiff GB/s", "% of copy"]
+        lines = [
+            f"Device: {describe(device)}; copy ceiling {ceiling / 1e9:.1f} GB/s (read+write, measured in this run).",
+            f"Command: `{command}`",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for name, g in groups.items():
+            fd = g.get("fastdiff out=") or g.get("fastdiff")
+            cells = [name] + [f"{g[i].seconds * 1e3:.3f}" if i in g else "-" for i in impls]
+            cells.append(f"{g['eager'].seconds / fd.seconds:.2f}x" if "eager" in g and fd else "-")
+            cells.append(f"{g['compile'].seconds / fd.seconds:.2f}x" if "compile" in g and fd else "-")
+            gbs = fd.bytes_moved / fd.seconds / 1e9 if fd and fd.bytes_moved else 0.0
+            cells.append(f"{gbs:.1f}" if gbs else "-")
+            cells.append(f"{100 * gbs * 1e9 / ceiling:.0f}%" if gbs else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("Ratios use the in-place (`out=`) fastdiff time where measured; both are listed.")
+        return "\n".join(lines)
+
+
+def describe(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+TABLE = Table()

@@ -1,0 +1,30 @@
+// pybind11 module fastdiff._C: the CPU fused step kernel.  No torch linkage: the Python side
+// passes raw data pointers (ints), sizes and floats; it validates shapes / dtypes / devices.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace fastdiff {
+void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dtype, int64_t n,
+                int64_t inner, int64_t start, uintptr_t coef_ptr, const std::vector<float>& coefs,
+                int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset);
+int num_threads();
+const char* simd_name();
+}  // namespace fastdiff
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastdiff CPU kernels (OpenMP + SIMD)";
+  m.def("fused_step", &fastdiff::fused_step, py::arg("out_ptr"), py::arg("in_ptrs"),
+        py::arg("dtype"), py::arg("n"), py::arg("inner"), py::arg("start"), py::arg("coef_ptr"),
+        py::arg("coefs"), py::arg("noise_mode"), py::arg("noise_ptr"), py::arg("seed"),
+        py::arg("offset"), py::call_guard<py::gil_scoped_release>(),
+        "out[i] = sum_{j<k} c[b,j]*in_j[i] + c[b,k]*z_i, b = (start+i)//inner.\n"
+        "dtype: 0 float32, 1 float16, 2 bfloat16; noise_mode: 0 none, 1 tensor at noise_ptr,\n"
+        "2 philox stream (seed, offset+start+i); coef_ptr: float32 (R, k+1) rows or 0 for coefs.");
+  m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
+  m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
+}

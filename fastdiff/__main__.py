@@ -1,0 +1,3 @@
+from fastdiff.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,178 @@
+"""Triton fused step: ``out = sum_j c[b, j] * in_j + c[b, k] * z`` in one pass over memory.
+
+    out[i] = sum_{j<k} c[b, j] * float(in_j[i]) + c[b, k] * z_i        i in [0, n)
+    b      = (start + i) // inner                                      (int64)
+    z_i    = float(noise[i])                          NOISE == 1
+           = Philox normal stream (seed, offset + start + i)   NOISE == 2 (fastdiff/reference/rng.py)
+           = no noise term                            NOISE == 0
+
+k = NUM_INPUTS in 0..6 (k = 0 with NOISE = 2 is ``randn``).  Math in float32, one rounding on
+the store.  The launcher cuts n into chunks of at most ``CHUNK`` elements and offsets the
+pointers, so in-kernel offsets stay int32; only the row index and the Philox counter, which
+depend on the global position, use the int64 ``start`` / ``offset``.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_INPUTS = 6
+BLOCK = 4096       # elements per program: 8 per thread with 8 warps, 1024 Philox quads
+NUM_WARPS = 8
+CHUNK = 1 << 30    # elements per launch (tests monkeypatch it); a multiple of BLOCK and of 4
+
+
+@triton.jit(do_not_specialize=["start", "seed", "offset"])
+def _fused_step_kernel(
+    out_ptr, in0, in1, in2, in3, in4, in5, noise_ptr, coef_ptr,
+    # scalar coefficients: c0..c5 multiply in0..in5, cz the noise (used when not PER_SAMPLE)
+    c0: tl.float32, c1: tl.float32, c2: tl.float32, c3: tl.float32, c4: tl.float32, c5: tl.float32,
+    cz: tl.float32,
+    n,                # elements in this launch (< 2^31), left specializable: n % 16 == 0 vectorizes
+    inner: tl.int64,  # elements per coefficient row
+    start: tl.int64,  # global index of this launch's first element
+    seed: tl.int64,
+    offset: tl.int64,  # Philox counter of global element 0; (offset + start) % 4 == 0
+    NUM_INPUTS: tl.constexpr, NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    a = tl.arange(0, BLOCK)
+    offs = pid * BLOCK + a  # int32: n <= CHUNK
+    mask = offs < n
+    K1: tl.constexpr = NUM_INPUTS + 1
+
+    if PER_SAMPLE:
+        # Row of each element without a 64-bit division per element: one int64 division per
+        # program for the first element, then a local row index `row` in [0, BLOCK].
+        g0 = start + pid * BLOCK
+        b0 = g0 // inner
+        r0 = g0 - b0 * inner  # position of the first element inside row b0
+        if inner >= BLOCK:    # at most one row boundary in this block: a compare
+            row = (a >= (inner - r0)).to(tl.int32)
+        else:                 # int32 division; r0 + a < 2 * BLOCK
+            row = (r0.to(tl.int32) + a) // inner.to(tl.int32)
+        # gathers of a few distinct addresses per block: served by L1
+        crow = coef_ptr + b0 * K1 + row * K1
+
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    if NUM_INPUTS > 0:
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, 0, c0, mask, PER_SAMPLE) * tl.load(in0 + offs, mask=mask).to(tl.float32)
+    if NUM_INPUTS > 1:
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, 1, c1, mask, PER_SAMPLE) * tl.load(in1 + offs, mask=mask).to(tl.float32)
+    if NUM_INPUTS > 2:
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, 2, c2, mask, PER_SAMPLE) * tl.load(in2 + offs, mask=mask).to(tl.float32)
+    if NUM_INPUTS > 3:
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, 3, c3, mask, PER_SAMPLE) * tl.load(in3 + offs, mask=mask).to(tl.float32)
+    if NUM_INPUTS > 4:
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, 4, c4, mask, PER_SAMPLE) * tl.load(in4 + offs, mask=mask).to(tl.float32)
+    if NUM_INPUTS > 5:
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, 5, c5, mask, PER_SAMPLE) * tl.load(in5 + offs, mask=mask).to(tl.float32)
+
+    if NOISE == 1:
+        z = tl.load(noise_ptr + offs, mask=mask).to(tl.float32)
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
+    if NOISE == 2:
+        # One Philox call per quad of 4 elements (not per element: 4x less integer work).
+        # Quad q of the stream: counter (lo32(q), hi32(q), 0, 0), key = seed.
+        q = (offset + start) // 4 + (pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4))  # int64
+        r0_, r1_, r2_, r3_ = tl.philox(seed, q.to(tl.uint32), (q >> 32).to(tl.uint32), 0, 0)
+        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0_), tl.uint_to_uniform_float(r1_))
+        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2_), tl.uint_to_uniform_float(r3_))
+        # (Q, 2, 2)[q, i, j] = n_{2i+j}; row-major flattening puts n_l at element 4q + l.
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK,))
+        acc += _coef(crow if PER_SAMPLE else coef_ptr, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
+
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coef(row_ptr, j: tl.constexpr, scalar, mask, PER_SAMPLE: tl.constexpr):
+    """Coefficient j of each element's row (per-sample), or the scalar kernel argument."""
+    if PER_SAMPLE:
+        return tl.load(row_ptr + j, mask=mask, other=0.0)
+    else:
+        return scalar
+
+
+def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0):
+    """Launch the fused step on flat contiguous tensors (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    out: tensor (n,); ins: list of 0..6 tensors (n,) of out's dtype; coefs: list of k+1 floats
+    or a float32 (R, k+1) contiguous tensor (row b for elements [b*inner, (b+1)*inner));
+    inner: elements per coefficient row; noise_mode: 0 none, 1 ``noise`` tensor, 2 Philox
+    stream (seed, offset + i) with offset % 4 == 0; seed, offset: ints.  ``start``: global index
+    of ``out[0]`` when the tensors are a window of a larger logical tensor (row and counter math
+    use ``start + i``; (offset + start) % 4 == 0).  No host-device sync.
+    """
+    n = out.numel()
+    k = len(ins)
+    if n == 0:
+        return out
+    per_sample = isinstance(coefs, torch.Tensor)
+    if per_sample:
+        cs = (0.0,) * 7
+        coef_t = coefs
+    else:
+        # inputs' coefficients in c0..c5, the noise coefficient in cz (slot 6)
+        cs = (*(float(c) for c in coefs[:k]), *((0.0,) * (MAX_INPUTS - k)), float(coefs[k]) if noise_mode else 0.0)
+        coef_t = out  # unused pointer slot
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    if seed >= 1 << 63:  # pass as int64 (same bits): one kernel for every seed
+        seed -= 1 << 64
+    nz = noise if noise_mode == 1 else out
+    if n <= CHUNK:  # the common case: no slicing
+        ptrs = list(ins) + [out] * (MAX_INPUTS - k)
+        _fused_step_kernel[(triton.cdiv(n, BLOCK),)](
+            out, *ptrs, nz, coef_t, *cs, n, inner, start, seed, offset,
+            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+        return out
+    for s in range(0, n, CHUNK):
+        e = min(s + CHUNK, n)
+        o = out[s:e]
+        ptrs = [t[s:e] for t in ins] + [o] * (MAX_INPUTS - k)
+        _fused_step_kernel[(triton.cdiv(e - s, BLOCK),)](
+            o, *ptrs, nz[s:e], coef_t, *cs, e - s, inner, start + s, seed, offset,
+            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- AOT variants
+class AOTVariant(NamedTuple):
+    """One compile of a kernel: ``triton.compile(ASTSource(fn, signature, constexprs), options)``."""
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    divisible_by_16: tuple  # arguments the JIT would see as multiples of 16 (aligned pointers, n)
+
+
+_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_variant(dtype, num_inputs, noise, per_sample) -> AOTVariant:
+    t = "*" + _TY[dtype]
+    sig = {"out_ptr": t, **{f"in{j}": t for j in range(MAX_INPUTS)}, "noise_ptr": t, "coef_ptr": "*fp32",
+           **{f"c{j}": "fp32" for j in range(MAX_INPUTS)}, "cz": "fp32",
+           "n": "i32", "inner": "i64", "start": "i64", "seed": "i64", "offset": "i64"}
+    const = {"NUM_INPUTS": num_inputs, "NOISE": noise, "PER_SAMPLE": per_sample, "BLOCK": BLOCK}
+    sig.update({name: "constexpr" for name in const})
+    name = f"fused_step_{_TY[dtype]}_k{num_inputs}_noise{noise}_{'rows' if per_sample else 'scalar'}"
+    aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n",)
+    return AOTVariant(name, _fused_step_kernel, sig, const, NUM_WARPS, aligned)
+
+
+# Every dtype x noise mode x coefficient kind, with the fewest and the most inputs (k = 0 only
+# for Philox: that is randn); the middle k are the same code with fewer loads.
+AOT_KERNELS: List[AOTVariant] = [
+    aot_variant(dt, k, noise, ps)
+    for dt in _TY
+    for noise in (0, 1, 2)
+    for k in ((0, 1, MAX_INPUTS) if noise == 2 else (1, MAX_INPUTS))
+    for ps in (False, True)
+]
