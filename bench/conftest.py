@@ -12,7 +12,7 @@ import harness  # noqa: E402
 DEVICE = os.environ.get("FASTDIFF_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device():
     return DEVICE
 

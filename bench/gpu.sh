@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no registry there: Python 3.12, torch 2.11, triton 3.6,
+# cupy-cuda13x, pybind11, pytest, pytest-benchmark preinstalled): build, run the whole test suite
+# on CUDA (Triton, CUDA C++ via NVRTC, torch backends), then the benchmarks; logs and the results
+# table land in $OUT (or bench/results/ when OUT is unset).
+#   device run:  bash bench/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3
+$PY -m fastdiff info | tee "$OUT/info.txt"
+
+$PY -m pytest tests -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+
+FASTDIFF_BENCH_COMMAND="bash bench/gpu.sh" $PY -m pytest bench -q -p no:cacheprovider --benchmark-enable \
+    --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench.log" | tail -40
+bench_rc=${PIPESTATUS[0]}
+cp bench/results/steps-*.md "$OUT/" 2>/dev/null
+cat bench/results/steps-*NVIDIA*.md 2>/dev/null
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))
