@@ -53,7 +53,9 @@ class DDPMSchedule(_Schedule):
     ``beta_t = beta_min + (beta_max - beta_min) t / T`` with ``beta_min=1e-4, beta_max=1e-2,
     T=1000``; :meth:`linear`, :meth:`scaled_linear` and :meth:`cosine` give diffusers' tables.
 
-    Attributes (float64 CPU tensors of shape (T,)): ``beta, abar, alpha, sigma``.
+    Attributes (float64 CPU tensors of shape (T,)): ``beta, abar, alpha, sigma``, and
+    ``sigma_ve = sigma / alpha`` (the same levels in the VE form ``x/alpha = x_0 + sigma_ve eps``
+    that the Euler/Heun steps use).
     """
 
     def __init__(self, beta_min: float = 1e-4, beta_max: float = 1e-2, T: int = 1000, *, betas=None):
@@ -77,6 +79,7 @@ class DDPMSchedule(_Schedule):
         self.abar = torch.cumprod(1.0 - betas, 0)
         self.alpha = self.abar.sqrt()
         self.sigma = (1.0 - self.abar).sqrt()
+        self.sigma_ve = self.sigma / self.alpha
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DDPMSchedule":
@@ -106,8 +109,10 @@ class KarrasSchedule(_Schedule):
     """EDM / VE noise levels (Karras et al. 2022): ``alpha = 1`` and ``n`` decreasing sigmas
     ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho`` followed by a final 0.
 
-    Attributes: ``sigmas`` (float64, shape (n+1,)), ``alpha`` (ones, same shape), ``sigma`` (= sigmas).
-    Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i+1]``.
+    Attributes (float64, shape (n+1,)): ``sigmas`` (= ``sigma``), ``alpha`` (ones), and the
+    variance-preserving equivalents ``abar = 1 / (1 + sigma^2)`` (the signal fraction of
+    ``x / sqrt(1 + sigma^2)``) and ``beta[i] = 1 - abar[i] / abar[i+1]`` (the VP noising step
+    from level i+1 to level i; ``beta[n] = 0``).  Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i+1]``.
     """
 
     def __init__(self, n: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
@@ -126,6 +131,8 @@ class KarrasSchedule(_Schedule):
         self.sigmas = torch.cat([s, s.new_zeros(1)])
         self.sigma = self.sigmas
         self.alpha = torch.ones_like(self.sigmas)
+        self.abar = 1.0 / (1.0 + self.sigmas**2)
+        self.beta = torch.cat([1.0 - self.abar[:-1] / self.abar[1:], self.abar.new_zeros(1)])
 
     def __len__(self) -> int:
         return self.n

@@ -38,6 +38,15 @@ def test_karras():
     assert math.isclose(k.sigmas[i].item(), expect, rel_tol=1e-12)
     assert (k.sigmas[:-1] > k.sigmas[1:]).all()
     assert (k.alpha == 1).all()
+    torch.testing.assert_close(k.abar, 1 / (1 + k.sigmas**2))
+    assert ((k.beta[:-1] > 0) & (k.beta[:-1] < 1)).all() and k.beta[-1] == 0
+    # the VP chain rebuilds abar: abar[i] = abar[i+1] (1 - beta[i])
+    torch.testing.assert_close(k.abar[:-1], k.abar[1:] * (1 - k.beta[:-1]))
+
+
+def test_ddpm_sigma_ve():
+    s = fastdiff.DDPMSchedule()
+    torch.testing.assert_close(s.sigma_ve, ((1 - s.abar) / s.abar).sqrt())
 
 
 def test_device_table_cache():
