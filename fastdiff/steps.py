@@ -264,14 +264,6 @@ def _terms(x, mterms, cx: Num, form, c_on: Num):
     return [(x, cx + c_on * fx)] + [(m, c_on * fm * w) for m, w in mterms]
 
 
-def _safe_div(a: Num, b: Num) -> Num:
-    """a / b, 0 where b == 0 (sigma_next = 0 steps)."""
-    if isinstance(b, torch.Tensor) or isinstance(a, torch.Tensor):
-        b = torch.as_tensor(b, dtype=torch.float64)
-        return torch.where(b != 0, a / torch.where(b != 0, b, 1.0), 0.0)
-    return a / b if b != 0 else 0.0
-
-
 # =========================================================================== DDPM-family steps
 def _check_schedule(schedule, kind=DDPMSchedule):
     if not isinstance(schedule, kind):
@@ -306,7 +298,7 @@ def ddpm_step(x, model_output, t, schedule: DDPMSchedule, *, prediction: str = "
     else:
         abar_prev = torch.where(t > 0, schedule.table("abar", call.device)[(t - 1).clamp(0, schedule.T - 1)], 1.0)
     var = beta if variance == "fixed_large" else beta * (1.0 - abar_prev) / (1.0 - abar)
-    s = _where(t > 0, _sqrt(var), 0.0 * beta) if isinstance(t, torch.Tensor) else (_sqrt(var) if t > 0 else 0.0)
+    s = _where(t > 0, _sqrt(var), 0.0)  # no noise on the last step
     a = 1.0 / _sqrt(1.0 - beta)
     c = -beta / (sigma * _sqrt(1.0 - beta))
     _, eps_form = _x0_eps_forms(prediction, alpha, sigma)
@@ -445,13 +437,11 @@ def heun_step(x, model_output, sigma, sigma_next, *, x_pred=None, model_output_p
     dt = sigma_next - sigma
     # d = (x - x0)/sigma,  d' = (x_pred - x0')/sigma_next;  x_next = x + dt/2 (d + d')
     h1 = dt / (2.0 * sigma)
-    h2 = _safe_div(dt / 2.0, sigma_next)
-    corr = _where(_gt0(sigma_next), 1.0, 0.0) if isinstance(sigma_next, torch.Tensor) else (1.0 if sigma_next > 0 else 0.0)
-    # where sigma_next == 0: x_next = x_pred  (coefficients: 1 on x_pred, 0 elsewhere)
+    corr = _where(_gt0(sigma_next), 1.0, 0.0)  # 0 where sigma_next == 0: x_next = x_pred (Euler)
+    safe_next = _where(_gt0(sigma_next), sigma_next, 1.0)
+    h2 = dt / (2.0 * safe_next)
     terms = _terms(x, m1, corr * (1.0 + h1), _edm_forms(prediction, sigma), -h1 * corr)
-    terms += _terms(x_pred, m2, corr * h2 + (1.0 - corr), _edm_forms(prediction, _where(_gt0(sigma_next), sigma_next, 1.0)
-                                                                      if isinstance(sigma_next, torch.Tensor) else (sigma_next or 1.0)),
-                    -h2 * corr)
+    terms += _terms(x_pred, m2, corr * h2 + (1.0 - corr), _edm_forms(prediction, safe_next), -h2 * corr)
     return call.launch(terms, out=out, backend=backend)
 
 
