@@ -1,9 +1,12 @@
 """fastdiff: fused compiled kernels for diffusion models.
 
-Reverse steps (:mod:`fastdiff.steps`), schedules, the shared Philox stream, and one dispatch
-point (:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call.
+Reverse steps (:mod:`fastdiff.steps`), analytic denoisers (:mod:`fastdiff.denoise`, objects in
+:mod:`fastdiff.denoisers`), schedules, the shared Philox stream, and one dispatch point
+(:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call.
 """
+from fastdiff import denoisers
 from fastdiff.backends import available, info as _info_text
+from fastdiff.denoise import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.steps import (
@@ -40,4 +43,5 @@ __all__ = [
     "DDPMSchedule", "KarrasSchedule", "Generator", "default_generator", "manual_seed", "info", "available",
     "PREDICTIONS", "ddpm_step", "ddim_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step",
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
+    "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
 ]

@@ -1,0 +1,297 @@
+"""Analytic denoisers (SPEC 2) against their float64 references, every backend with a kernel."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import fastdiff
+from fastdiff import denoise
+from fastdiff.reference import denoisers as R
+from conftest import HAS_CUDA
+
+
+def _molrg_backends():
+    out = [("torch", "cpu")]
+    if denoise._has_kernel("cpp"):
+        out.append(("cpp", "cpu"))
+    if not HAS_CUDA and denoise._has_kernel("triton"):
+        out.append(("triton", "cpu"))
+    if HAS_CUDA:
+        out.append(("torch", "cuda"))
+        if denoise._has_kernel("triton"):
+            out.append(("triton", "cuda"))
+    return out
+
+
+MOLRG_BACKENDS = _molrg_backends()
+
+
+def _bases(n, dims, gen, dtype=torch.float64):
+    return [torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64))[0].to(dtype) for d in dims]
+
+
+def _rel_close(out, ref, tol=1e-5):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all()
+    err = (out - ref).abs().max().item()
+    assert err <= tol * (ref.abs().max().item() + 1.0), f"max abs err {err:.3g}"
+
+
+CASES = [  # (B, n, dims)
+    (1, 2, [1]), (5, 3, [1, 2]), (33, 48, [8, 8, 8]), (7, 48, [3, 5, 1, 8]), (70, 100, [4] * 8),
+    (300, 257, [16, 3, 7]), (9, 64, [2] * 32), (1, 5, [5, 5]),
+]
+
+
+@pytest.mark.parametrize("backend,device", MOLRG_BACKENDS, ids=[f"{b}-{d}" for b, d in MOLRG_BACKENDS])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_molrg_matches_reference(backend, device, case):
+    B, n, dims = CASES[case]
+    gen = torch.Generator().manual_seed(case)
+    U = _bases(n, dims, gen)
+    K = len(dims)
+    pi = torch.rand(K, generator=gen, dtype=torch.float64) + 0.2
+    pi = pi / pi.sum()
+    tau = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5
+    x64 = torch.randn(B, n, generator=gen, dtype=torch.float64) * 1.5
+    x = x64.float().to(device)
+    Uf = [u.float().to(device) for u in U]
+    labels = torch.randint(0, K, (B,), generator=gen)
+    for per_sample in (False, True):
+        alpha = (torch.rand(B, generator=gen, dtype=torch.float64) + 0.3) if per_sample else 0.8
+        sigma = (torch.rand(B, generator=gen, dtype=torch.float64) + 0.2) if per_sample else 0.6
+        for mode in ("soft", "hard"):
+            for output in ("x0", "eps", "score"):
+                for delta in (0.0, 0.1):
+                    kw = dict(pi=pi, tau=tau, delta=delta, mode=mode, output=output)
+                    got, w = fastdiff.molrg_denoise(x, Uf, _dev(alpha, device), _dev(sigma, device), return_weights=True,
+                                                    backend=backend, **kw)
+                    ref, wr = R.molrg_denoise(x.double().cpu(), [u.double().cpu() for u in Uf], alpha, sigma,
+                                              return_weights=True, **kw)
+                    _rel_close(got, ref)
+                    _rel_close(w, wr)
+            kw = dict(pi=pi, tau=tau, mode=mode, labels=labels.to(device), guidance=2.5)
+            got = fastdiff.molrg_denoise(x, Uf, _dev(alpha, device), _dev(sigma, device), backend=backend, **kw)
+            kw["labels"] = labels
+            ref = R.molrg_denoise(x.double().cpu(), [u.double().cpu() for u in Uf], alpha, sigma, **kw)
+            _rel_close(got, ref)
+
+
+def _dev(v, device):
+    return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+@pytest.mark.parametrize("backend,device", [p for p in MOLRG_BACKENDS if p[0] != "triton" or p[1] == "cuda"],
+                         ids=lambda v: str(v))
+def test_molrg_large_shapes(backend, device):
+    """n = 3072 (image-sized) and B = 10^5 on the compiled and GEMM paths."""
+    gen = torch.Generator().manual_seed(1)
+    for B, n, dims in ((64, 3072, [64] * 10), (100_000, 8, [2, 3])):
+        U = _bases(n, dims, gen, torch.float32)
+        x = torch.randn(B, n, generator=gen)
+        got = fastdiff.molrg_denoise(x.to(device), [u.to(device) for u in U], 0.9, 0.7, backend=backend)
+        ref = R.molrg_denoise(x.double(), [u.double() for u in U], 0.9, 0.7)
+        _rel_close(got, ref)
+
+
+def test_seed002_and_seed004_special_cases():
+    gen = torch.Generator().manual_seed(3)
+    n, d, K = 30, 4, 3
+    U = _bases(n, [d] * K, gen)
+    x = torch.randn(11, n, generator=gen, dtype=torch.float64)
+    # seed 002 eq. (8)/(9): x_t = s x_0 + s sigma' eps, delta = 0, tau = 1
+    s, sp = 0.7, 0.4
+    g = 1 / (2 * s**2 * sp**2 * (1 + sp**2))
+    w = torch.softmax(torch.stack([g * ((x @ u) ** 2).sum(1) for u in U], 1), 1)
+    expect = 1 / (s * (1 + sp**2)) * sum(w[:, k:k + 1] * (x @ U[k]) @ U[k].T for k in range(K))
+    torch.testing.assert_close(fastdiff.molrg_denoise(x, U, s, s * sp), expect, rtol=1e-12, atol=1e-12)
+    # seed 004 eq. 7.4.19: x_t = x + t g (alpha = 1, sigma = t): x0 = 1/(1+t^2) sum_k w_k U_k U_k^T x,
+    # w = softmax(||U_k^T x||^2 / (2 t^2 (1 + t^2)));  eq. 7.4.20: CFG toward class y with weight w
+    t, wg = 0.5, 3.0
+    w = torch.softmax(torch.stack([((x @ u) ** 2).sum(1) / (2 * t**2 * (1 + t**2)) for u in U], 1), 1)
+    x0 = 1 / (1 + t**2) * sum(w[:, k:k + 1] * (x @ U[k]) @ U[k].T for k in range(K))
+    torch.testing.assert_close(fastdiff.molrg_denoise(x, U, 1.0, t), x0, rtol=1e-12, atol=1e-12)
+    y = torch.arange(11) % K
+    cond = torch.stack([(x[i] @ U[int(y[i])]) @ U[int(y[i])].T for i in range(11)]) / (1 + t**2)
+    torch.testing.assert_close(fastdiff.molrg_denoise(x, U, 1.0, t, labels=y, guidance=wg), (1 - wg) * x0 + wg * cond,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", MOLRG_BACKENDS, ids=[f"{b}-{d}" for b, d in MOLRG_BACKENDS])
+def test_molrg_extreme_noise_is_finite(backend, device):
+    gen = torch.Generator().manual_seed(4)
+    U = [u.float().to(device) for u in _bases(24, [3, 5, 2], gen)]
+    x = torch.randn(50, 24, generator=gen).to(device) * 3
+    for sigma in (1e-4, 1e4):
+        for delta in (0.0, 0.05):
+            for output in ("x0", "eps", "score"):
+                out, w = fastdiff.molrg_denoise(x, U, 1.0, sigma, delta=delta, output=output, return_weights=True,
+                                                backend=backend)
+                assert torch.isfinite(out).all() and torch.isfinite(w).all(), (sigma, delta, output)
+                torch.testing.assert_close(w.sum(1).cpu(), torch.ones(50), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", MOLRG_BACKENDS, ids=[f"{b}-{d}" for b, d in MOLRG_BACKENDS])
+def test_molrg_nan_in_nan_out(backend, device):
+    U = [u.float().to(device) for u in _bases(6, [2, 2], torch.Generator().manual_seed(0))]
+    x = torch.randn(3, 6).to(device)
+    x[1, 2] = float("nan")
+    for mode in ("soft", "hard"):
+        out = fastdiff.molrg_denoise(x, U, 1.0, 0.5, mode=mode, backend=backend).cpu()
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
+def test_molrg_gradients_gradcheck_float64():
+    gen = torch.Generator().manual_seed(5)
+    U = [u.requires_grad_() for u in _bases(7, [2, 3], gen)]
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    sig = torch.rand(4, generator=gen, dtype=torch.float64) + 0.3
+    for output in ("x0", "eps"):
+        f = lambda x, u0, u1: fastdiff.molrg_denoise(x, [u0, u1], 0.9, sig, delta=0.1, output=output)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, *U))
+
+
+def test_molrg_gradients_float32_match_reference_autograd():
+    """The diffusion loss E||x0_hat(alpha x0 + sigma eps) - x0||^2 (seed 002 eq. 6) differentiated
+    w.r.t. the bases: float32 fastdiff vs float64 reference autograd, 1e-4 relative."""
+    gen = torch.Generator().manual_seed(6)
+    model = fastdiff.denoisers.MoLRG(_bases(16, [3, 3], gen))
+    x0 = model.sample(256, generator=1)
+    eps = torch.randn(256, 16, generator=gen, dtype=torch.float64)
+    a, s = 0.8, 0.6
+    init = _bases(16, [3, 3], torch.Generator().manual_seed(7))
+
+    def loss_grad(fn, dtype):
+        U = [u.to(dtype).clone().requires_grad_() for u in init]
+        xt = (a * x0 + s * eps).to(dtype)
+        loss = ((fn(xt, U, a, s) - x0.to(dtype)) ** 2).sum(1).mean()
+        return torch.autograd.grad(loss, U)
+
+    got = loss_grad(lambda *z: fastdiff.molrg_denoise(*z), torch.float32)
+    ref = loss_grad(R.molrg_denoise, torch.float64)
+    for g, r in zip(got, ref):
+        assert (g.double() - r).abs().max() <= 1e-4 * (r.abs().max() + 1e-3)
+
+
+def test_gaussian_matches_reference_and_eig_reuse():
+    gen = torch.Generator().manual_seed(8)
+    n = 12
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    cov = A @ A.T / n
+    cov[:, 0] = cov[0, :] = 0.0  # singular (rank-deficient) covariance is fine
+    mean = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = torch.randn(9, n, generator=gen, dtype=torch.float64)
+    sig = torch.rand(9, generator=gen, dtype=torch.float64) + 0.1
+    ref = R.gaussian_denoise(x, mean, cov, 0.9, sig)
+    torch.testing.assert_close(fastdiff.gaussian_denoise(x, mean, cov, 0.9, sig), ref, rtol=1e-10, atol=1e-10)
+    g = fastdiff.denoisers.Gaussian(mean, cov)
+    _rel_close(g(x.float(), 0.9, sig), ref)
+
+
+def test_empirical_matches_reference_all_chunkings():
+    gen = torch.Generator().manual_seed(9)
+    data = torch.randn(257, 10, generator=gen, dtype=torch.float64)
+    x = torch.randn(13, 10, generator=gen, dtype=torch.float64)
+    sig = torch.rand(13, generator=gen, dtype=torch.float64) * 2 + 0.05
+    ref = R.empirical_denoise(x, data, 0.9, sig)
+    for chunk in (1, 7, 64, 256, 257, None):
+        torch.testing.assert_close(fastdiff.empirical_denoise(x, data, 0.9, sig, chunk=chunk), ref, rtol=1e-10, atol=1e-10)
+    _rel_close(fastdiff.empirical_denoise(x.float(), data.float(), 0.9, sig), ref)
+    # tiny sigma: the denoiser returns the nearest training point (memorization), no NaN
+    near = fastdiff.empirical_denoise(data[:5] * 0.9 + 1e-3, data, 0.9, 1e-4)
+    torch.testing.assert_close(near, data[:5], rtol=1e-6, atol=1e-6)
+
+
+def test_empirical_memory_is_linear_in_B_plus_N():
+    """B = 4096, N = 10^5, n = 48: a (B, N) float32 matrix would be 1.6 GB; the measured peak
+    growth (max RSS in a fresh process) must stay within a few times the inputs' size."""
+    code = """
+import resource, torch, fastdiff
+torch.manual_seed(0)
+B, N, n = 4096, 100_000, 48
+data = torch.randn(N, n); x = torch.randn(B, n)
+fastdiff.empirical_denoise(x[:8], data[:1000], 1.0, 1.0)  # warm up allocator and kernels
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = fastdiff.empirical_denoise(x, data, 1.0, 0.5)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) * 1024, (B + N) * n * 4, bool(torch.isfinite(out).all()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grew, inputs, finite = r.stdout.split()
+    assert finite == "True"
+    assert int(grew) <= 4 * int(inputs), f"peak grew by {int(grew) / 2**20:.0f} MiB for {int(inputs) / 2**20:.0f} MiB of inputs"
+
+
+def test_nearest_neighbors_exact_and_chunked():
+    gen = torch.Generator().manual_seed(10)
+    data = torch.randn(500, 16, generator=gen)
+    x = torch.cat([data[:20] + 1e-4 * torch.randn(20, 16, generator=gen), torch.randn(30, 16, generator=gen)])
+    d, i = fastdiff.nearest_neighbors(x, data, k=2, chunk=37)
+    dr, ir = R.nearest_neighbors(x.double(), data.double(), 2)
+    assert torch.equal(i, ir)
+    torch.testing.assert_close(d.double(), dr, rtol=1e-5, atol=1e-6)
+    assert (d[:20, 0] < 1e-3).all()  # memorized points: the exact recompute keeps tiny distances accurate
+
+
+def test_molrg_sample_frequencies_and_covariance():
+    gen = torch.Generator().manual_seed(11)
+    U = _bases(12, [2, 3, 4], gen)
+    pi = [0.2, 0.5, 0.3]
+    tau = [1.0, 2.0, 0.5]
+    m = fastdiff.denoisers.MoLRG(U, pi=pi, tau=tau)
+    N = 60_000
+    x, y = m.sample(N, generator=12, return_labels=True)
+    counts = torch.bincount(y, minlength=3).numpy()
+    assert stats.chisquare(counts, np.array(pi) * N).pvalue > 1e-3
+    for k in range(3):
+        xk = x[y == k]
+        assert ((xk - (xk @ U[k]) @ U[k].T).abs().max() < 1e-10)          # on the subspace
+        cov = (xk @ U[k]).T @ (xk @ U[k]) / xk.shape[0]                    # tau_k^2 I within sampling error
+        se = tau[k] ** 2 * math.sqrt(2 / xk.shape[0])
+        assert (cov - tau[k] ** 2 * torch.eye(U[k].shape[1], dtype=torch.float64)).abs().max() < 6 * se
+
+
+def test_numpy_in_numpy_out():
+    U = _bases(8, [2, 2], torch.Generator().manual_seed(0), torch.float32)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    out = fastdiff.molrg_denoise(x, [u.numpy() for u in U], 1.0, 0.5)
+    assert isinstance(out, np.ndarray) and out.shape == (5, 8)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, U: fastdiff.molrg_denoise(x, torch.randn(2, 8), 1.0, 0.5), ValueError, r"bases: expected a \(K, n, d\) tensor"),
+    (lambda x, U: fastdiff.molrg_denoise(x, [], 1.0, 0.5), ValueError, "K = 0"),
+    (lambda x, U: fastdiff.molrg_denoise(x, [torch.randn(8, 9)], 1.0, 0.5), ValueError, r"d_k <= n"),
+    (lambda x, U: fastdiff.molrg_denoise(x, [torch.randn(7, 2)], 1.0, 0.5), ValueError, "bases: expected n = 8"),
+    (lambda x, U: fastdiff.molrg_denoise(x, [U[0], torch.randn(7, 2)], 1.0, 0.5), ValueError, r"bases\[1\]: expected 8 rows"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.0), ValueError, "sigma: expected sigma > 0"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, -1.0), ValueError, "sigma"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, torch.ones(3)), ValueError, r"sigma: expected a scalar or a \(5,\)"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=[0.5, 0.6]), ValueError, "pi: mixing weights must sum to 1"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=[-0.5, 1.5]), ValueError, "pi: expected finite non-negative"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=[1.0]), ValueError, "pi: expected 2 mixing weights"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, labels=[0, 1, 2, 0, 1], guidance=1.0), ValueError, r"labels: expected values in \[0, 2\)"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, labels=[0, 1, 1, 0, 1]), ValueError, "guidance: required"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, mode="argmax"), ValueError, "mode"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, output="v"), ValueError, "output"),
+    (lambda x, U: fastdiff.molrg_denoise(x, [torch.randn(8, 2), U[1]], 1.0, 0.5, check_orthonormal=True), ValueError, r"bases\[0\]: not orthonormal"),
+    (lambda x, U: fastdiff.molrg_denoise(x[0], U, 1.0, 0.5), ValueError, r"x: expected shape \(B, n\)"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, tau=[1.0, -1.0]), ValueError, "tau"),
+    (lambda x, U: fastdiff.molrg_denoise(x, U, 1.0, 0.5, delta=-0.1), ValueError, "delta"),
+    (lambda x, U: fastdiff.empirical_denoise(x, torch.randn(10, 7), 1.0, 0.5), ValueError, "data: expected n = 8"),
+    (lambda x, U: fastdiff.empirical_denoise(x, torch.randn(10, 8), 1.0, 0.0), ValueError, "sigma"),
+    (lambda x, U: fastdiff.nearest_neighbors(x, torch.randn(3, 8), k=4), ValueError, r"k: expected an int in \[1, N = 3\]"),
+    (lambda x, U: fastdiff.gaussian_denoise(x, torch.zeros(8), -torch.eye(8), 1.0, 0.5), ValueError, "positive semi-definite"),
+    (lambda x, U: fastdiff.gaussian_denoise(x, torch.zeros(7), torch.eye(8), 1.0, 0.5), ValueError, "mean: expected 8"),
+])
+def test_bad_input(call, exc, match):
+    U = _bases(8, [2, 2], torch.Generator().manual_seed(0), torch.float32)
+    x = torch.randn(5, 8)
+    with pytest.raises(exc, match=match):
+        call(x, U)
