@@ -44,7 +44,7 @@ def pytest_sessionfinish(session, exitstatus):
     text = harness.TABLE.markdown(DEVICE, command)
     tag = "cpu" if DEVICE == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", f"steps-{tag}.md")
+    path = os.path.join(os.path.dirname(__file__), "results", f"{tag}.md")
     with open(path, "w") as f:
         f.write(text + "\n")
     print("\n" + text + f"\n(written to {path})")

@@ -21,7 +21,7 @@ tests_rc=${PIPESTATUS[0]}
 FASTDIFF_BENCH_COMMAND="bash bench/gpu.sh" $PY -m pytest bench -q -p no:cacheprovider --benchmark-enable \
     --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench.log" | tail -40
 bench_rc=${PIPESTATUS[0]}
-cp bench/results/steps-*.md "$OUT/" 2>/dev/null
-cat bench/results/steps-*NVIDIA*.md 2>/dev/null
+cp bench/results/*NVIDIA*.md "$OUT/" 2>/dev/null
+cat bench/results/*NVIDIA*.md 2>/dev/null
 echo "tests rc=$tests_rc bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

@@ -66,6 +66,17 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     return _CEILING[key]
 
 
+def matmul_rate(device: str, size: int = 2048) -> float:
+    """Measured float32 matmul rate in FLOP/s (torch's BLAS / cuBLAS), cached per device."""
+    key = (device, "matmul")
+    if key not in _CEILING:
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
+        med = statistics.median(time_fn(lambda: a @ b, device, warmup=2, reps=10))
+        _CEILING[key] = 2 * size**3 / med
+    return _CEILING[key]
+
+
 @dataclass
 class Row:
     group: str          # the op and size, e.g. "ddpm_step n=2^22 float32"
@@ -88,9 +99,10 @@ class Table:
         for r in self.rows:
             groups.setdefault(r.group, {})[r.impl] = r
         impls = [i for i in ("fastdiff", "fastdiff out=", "eager", "compile") if any(i in g for g in groups.values())]
-        head = ["op"] + [f"{i} ms" for i in impls] + ["eager/fastdiff", "compile/fastdiff", "fastdiff GB/s", "same-bytes copy GB/s", "% of copy"]
+        head = ["op"] + [f"{i} ms" for i in impls] + ["eager/fastdiff", "compile/fastdiff", "fastdiff rate", "ceiling", "% of ceiling"]
         lines = [
-            f"Device: {describe(device)}; DRAM copy {dram / 1e9:.1f} GB/s (1 GiB, read+write, measured in this run).",
+            f"Device: {describe(device)}; DRAM copy {dram / 1e9:.1f} GB/s (1 GiB, read+write), float32 matmul "
+            f"{matmul_rate(device) / 1e9:.0f} GFLOP/s (2048^3), both measured in this run.",
             f"Command: `{command}`",
             "",
             "| " + " | ".join(head) + " |",
@@ -101,15 +113,19 @@ class Table:
             cells = [name] + [f"{g[i].seconds * 1e3:.3f}" if i in g else "-" for i in impls]
             cells.append(f"{g['eager'].seconds / fd.seconds:.2f}x" if "eager" in g and fd else "-")
             cells.append(f"{g['compile'].seconds / fd.seconds:.2f}x" if "compile" in g and fd else "-")
-            gbs = fd.bytes_moved / fd.seconds / 1e9 if fd and fd.bytes_moved else 0.0
-            ceiling = copy_bandwidth(device, fd.bytes_moved) if gbs else 0.0
-            cells.append(f"{gbs:.1f}" if gbs else "-")
-            cells.append(f"{ceiling / 1e9:.1f}" if gbs else "-")
-            cells.append(f"{100 * gbs * 1e9 / ceiling:.0f}%" if gbs else "-")
+            if fd and fd.flops:  # compute-bound op: GFLOP/s against the matmul rate
+                rate, ceiling = fd.flops / fd.seconds, matmul_rate(device)
+                cells += [f"{rate / 1e9:.1f} GFLOP/s", f"{ceiling / 1e9:.0f} GFLOP/s matmul", f"{100 * rate / ceiling:.0f}%"]
+            elif fd and fd.bytes_moved:  # memory-bound op: GB/s against a copy of the same bytes
+                rate, ceiling = fd.bytes_moved / fd.seconds, copy_bandwidth(device, fd.bytes_moved)
+                cells += [f"{rate / 1e9:.1f} GB/s", f"{ceiling / 1e9:.1f} GB/s copy", f"{100 * rate / ceiling:.0f}%"]
+            else:
+                cells += ["-", "-", "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("Ratios use the in-place (`out=`) fastdiff time where measured; both are listed. GB/s counts each "
-                     "input read once and the output written once; '% of copy' compares it with a copy moving the same bytes.")
+                     "input read once and the output written once, against a copy moving the same bytes; GFLOP/s counts "
+                     "the op's multiply-adds (2 per), against the measured matmul rate.")
         return "\n".join(lines)
 
 

@@ -216,7 +216,7 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc, uc = x.to(ct), ucat.to(ct)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)
-    impl = _molrg_backend(backend, x, ct, n * ucat.shape[1], needs_grad)
+    impl = _molrg_backend(backend, x, ct, n, ucat.shape[1], K, needs_grad)
     if impl == "torch":
         out, w = _molrg_torch(xc, uc, dims, params, labels, mode == "hard", return_weights)
     else:
@@ -225,7 +225,7 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     return (out, w) if return_weights else out
 
 
-def _molrg_backend(backend, x, ct, nd, needs_grad) -> str:
+def _molrg_backend(backend, x, ct, n, D, K, needs_grad) -> str:
     if backend not in backends.BACKENDS:
         raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
     if backend == "torch" or ct == torch.float64 or needs_grad:
@@ -233,15 +233,23 @@ def _molrg_backend(backend, x, ct, nd, needs_grad) -> str:
             raise ValueError(f"backend={backend!r} has no backward yet; use backend='torch' (or 'auto') for gradients")
         return "torch"
     if backend == "auto":
-        if x.device.type == "cpu" and nd <= CPP_FUSED_MAX_ND and _has_kernel("cpp"):
+        if x.device.type == "cpu" and n * D <= CPP_FUSED_MAX_ND and _has_kernel("cpp"):
             return "cpp"
-        if x.device.type == "cuda" and _has_kernel("triton"):
+        if x.device.type == "cuda" and _has_kernel("triton") and _fits_triton(D, K):
             return "triton"
         return "torch"
     backends.resolve(backend, x.device, torch.float32)  # raises if it cannot run here
     if not _has_kernel(backend):
         raise RuntimeError(f"backend={backend!r} has no MoLRG kernel in this build")
+    if backend == "triton" and not _fits_triton(D, K):
+        raise ValueError(f"backend='triton': the MoLRG kernel takes sum d_k <= 512 and K <= 32, got D = {D}, K = {K}")
     return backend
+
+
+def _fits_triton(D: int, K: int) -> bool:
+    from fastdiff.kernels.molrg import MAX_D, MAX_K
+
+    return D <= MAX_D and K <= MAX_K
 
 
 def _has_kernel(name: str) -> bool:
