@@ -14,6 +14,9 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
                 int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset);
 int num_threads();
 const char* simd_name();
+void molrg_forward(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t w_ptr, int64_t B, int64_t n,
+                   uintptr_t u_ptr, const std::vector<int64_t>& offsets, uintptr_t params_ptr,
+                   int64_t R, uintptr_t labels_ptr, bool hard);
 }  // namespace fastdiff
 
 PYBIND11_MODULE(_C, m) {
@@ -25,6 +28,15 @@ PYBIND11_MODULE(_C, m) {
         "out[i] = sum_{j<k} c[b,j]*in_j[i] + c[b,k]*z_i, b = (start+i)//inner.\n"
         "dtype: 0 float32, 1 float16, 2 bfloat16; noise_mode: 0 none, 1 tensor at noise_ptr,\n"
         "2 philox stream (seed, offset+start+i); coef_ptr: float32 (R, k+1) rows or 0 for coefs.");
+  m.def("molrg_forward", &fastdiff::molrg_forward, py::arg("x_ptr"), py::arg("out_ptr"),
+        py::arg("w_ptr"), py::arg("B"), py::arg("n"), py::arg("u_ptr"), py::arg("offsets"),
+        py::arg("params_ptr"), py::arg("R"), py::arg("labels_ptr"), py::arg("hard"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Fused MoLRG denoiser forward, float32.  x, out (B, n); Ucat (n, D) = [U_0|...|U_{K-1}],\n"
+        "component k = columns [offsets[k], offsets[k+1]); params (R, 3K+2) rows\n"
+        "[g(K), b(K), C(K), A, gw], R in {1, B}; labels int64 (B,) or 0; w (B, K) or 0.\n"
+        "P = U^T x, l_k = b_k + g_k |P_k|^2, w = softmax(l) (hard: one_hot(argmax)),\n"
+        "w' = (1-gw) w + gw onehot(label), out = A x + sum_k w'_k C_k U_k P_k.");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }
