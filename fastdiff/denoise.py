@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -94,6 +95,34 @@ def pack_bases(bases, n: Optional[int] = None, *, check_orthonormal: bool = Fals
     return torch.cat(mats, 1), dims
 
 
+_PACK_CACHE: dict = {}
+
+
+def _packed(bases, n, check_orthonormal):
+    """``pack_bases`` with a small cache for repeated calls with the same, unmodified tensors
+    (samplers call the denoiser thousands of times with one set of bases): an entry holds weak
+    references to the inputs and their version counters, so a freed or modified tensor misses."""
+    mats = bases.unbind(0) if isinstance(bases, torch.Tensor) and bases.ndim == 3 else bases
+    if (check_orthonormal or not isinstance(mats, (list, tuple)) or torch.is_grad_enabled() and
+            any(isinstance(t, torch.Tensor) and t.requires_grad for t in mats) or torch.compiler.is_compiling()):
+        return pack_bases(bases, n, check_orthonormal=check_orthonormal)
+    src = [bases] if isinstance(bases, torch.Tensor) else list(bases)
+    if not all(isinstance(t, torch.Tensor) for t in src):
+        return pack_bases(bases, n)
+    key = tuple((id(t), t._version) for t in src)
+    hit = _PACK_CACHE.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], src)):
+        ucat, dims = hit[1]
+        if n is not None and ucat.shape[0] != n:
+            raise ValueError(f"bases: expected n = {n} rows (x has shape (B, {n})), got {ucat.shape[0]}")
+        return ucat, dims
+    packed = pack_bases(bases, n)
+    if len(_PACK_CACHE) >= 16:
+        _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
+    _PACK_CACHE[key] = ([weakref.ref(t) for t in src], packed)
+    return packed
+
+
 def _mixture_params(K, dims, pi, tau, delta, device):
     if pi is None:
         pi_t = torch.full((K,), 1.0 / K, dtype=torch.float64, device=device)
@@ -101,22 +130,71 @@ def _mixture_params(K, dims, pi, tau, delta, device):
         pi_t = torch.as_tensor(pi, dtype=torch.float64).to(device).reshape(-1)
         if pi_t.numel() != K:
             raise ValueError(f"pi: expected {K} mixing weights (one per component), got {pi_t.numel()}")
-        if pi_t.device.type == "cpu":
+        if pi_t.device.type == "cpu" and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(pi_t).all()) or bool((pi_t < 0).any()):
                 raise ValueError("pi: expected finite non-negative mixing weights")
             if abs(pi_t.sum().item() - 1.0) > 1e-6:
                 raise ValueError(f"pi: mixing weights must sum to 1, got {pi_t.sum().item():.8g}")
     tau_t = torch.ones(K, dtype=torch.float64, device=device) if tau is None else \
         torch.as_tensor(tau, dtype=torch.float64).to(device).reshape(-1).expand(K)
-    if tau_t.device.type == "cpu" and not bool((torch.isfinite(tau_t) & (tau_t > 0)).all()):
+    if tau_t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((torch.isfinite(tau_t) & (tau_t > 0)).all()):
         raise ValueError("tau: expected finite positive component scales")
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta) or delta < 0:
         raise ValueError(f"delta: expected a finite value >= 0, got {delta!r}")
     return pi_t, tau_t, float(delta)
 
 
+def _scalar(v):
+    """v as a Python float if it is a plain number (or a one-element CPU tensor), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu" and not torch.compiler.is_compiling():
+        return float(v)
+    return None
+
+
+def _molrg_params_scalar(a, s, dims, pi, tau, delta, output, gw):
+    """The (1, 3K+2) table from Python floats: microseconds, where tensor ops would take ~0.3 ms."""
+    K = len(dims)
+    for name, v in (("alpha", a), ("sigma", s)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected finite values, got {v}")
+        if v <= 0:
+            raise ValueError(f"{name}: expected {name} > 0, got {v}")
+    pis = [1.0 / K] * K if pi is None else [float(p) for p in torch.as_tensor(pi, dtype=torch.float64).reshape(-1).tolist()]
+    if len(pis) != K:
+        raise ValueError(f"pi: expected {K} mixing weights (one per component), got {len(pis)}")
+    if not all(math.isfinite(p) and p >= 0 for p in pis):
+        raise ValueError("pi: expected finite non-negative mixing weights")
+    if abs(sum(pis) - 1.0) > 1e-6:
+        raise ValueError(f"pi: mixing weights must sum to 1, got {sum(pis):.8g}")
+    taus = [1.0] * K if tau is None else [float(t) for t in torch.as_tensor(tau, dtype=torch.float64).reshape(-1).expand(K).tolist()]
+    if not all(math.isfinite(t) and t > 0 for t in taus):
+        raise ValueError("tau: expected finite positive component scales")
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta) or delta < 0:
+        raise ValueError(f"delta: expected a finite value >= 0, got {delta!r}")
+    v_perp = a * a * delta * delta + s * s
+    p, q = {"x0": (0.0, 1.0), "eps": (1.0 / s, -a / s), "score": (-1.0 / (s * s), a / (s * s))}[output]
+    a_perp = a * delta * delta / v_perp
+    g, b, C = [], [], []
+    for k in range(K):
+        v_k = a * a * (taus[k] ** 2 + delta * delta) + s * s
+        g.append((1.0 / v_perp - 1.0 / v_k) / 2.0)
+        b.append((math.log(pis[k]) if pis[k] > 0 else -math.inf) - dims[k] / 2.0 * math.log(v_k / v_perp))
+        C.append(q * (a * (taus[k] ** 2 + delta * delta) / v_k - a_perp))
+    return torch.tensor([g + b + C + [p + q * a_perp, gw]], dtype=torch.float64)
+
+
 def molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, device):
     """The packed (R, 3K+2) float64 table ``[g | b | C | A | gw]`` (see the module docstring)."""
+    a_f, s_f = _scalar(alpha), _scalar(sigma)
+    gw_f = 0.0 if guidance is None else _scalar(guidance)
+    if a_f is not None and s_f is not None and gw_f is not None and (gw_f == 0.0 or math.isfinite(gw_f)):
+        if guidance is not None and not math.isfinite(gw_f):
+            raise ValueError("guidance: expected finite values")
+        return _molrg_params_scalar(a_f, s_f, dims, pi, tau, delta, output, gw_f).to(device)
     K = len(dims)
     a = _per_sample("alpha", alpha, B, device)
     s = _per_sample("sigma", sigma, B, device)
@@ -195,7 +273,7 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
     B, n = x.shape
-    ucat, dims = pack_bases(bases, n, check_orthonormal=check_orthonormal)
+    ucat, dims = _packed(bases, n, check_orthonormal)
     if ucat.device != x.device:
         raise ValueError(f"bases: expected tensors on {x.device} (the device of x), got {ucat.device}")
     K = len(dims)
@@ -206,7 +284,7 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
         labels = labels.reshape(-1).long()
         if labels.numel() != B:
             raise ValueError(f"labels: expected {B} labels (one per sample), got {labels.numel()}")
-        if labels.device.type == "cpu" and B and not bool(((labels >= 0) & (labels < K)).all()):
+        if labels.device.type == "cpu" and B and not torch.compiler.is_compiling() and not bool(((labels >= 0) & (labels < K)).all()):
             raise ValueError(f"labels: expected values in [0, {K}) (one per component)")
         if guidance is None:
             raise ValueError("guidance: required with labels (the CFG weight w)")
@@ -228,6 +306,8 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
 def _molrg_backend(backend, x, ct, n, D, K, needs_grad) -> str:
     if backend not in backends.BACKENDS:
         raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+    if torch.compiler.is_compiling():
+        return "torch"  # traced: the GEMM form is plain torch ops (the kernels are not library ops yet)
     if backend == "torch" or ct == torch.float64 or needs_grad:
         if backend not in ("auto", "torch") and needs_grad:
             raise ValueError(f"backend={backend!r} has no backward yet; use backend='torch' (or 'auto') for gradients")

@@ -62,3 +62,19 @@ def test_invalid_per_sample_values_poison_without_sync():
     out = torch.compile(step, fullgraph=True, backend="aot_eager")(x, t, sigma)
     assert torch.isfinite(out[0]).all()
     assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
+
+
+def test_denoisers_trace_fullgraph():
+    """molrg_denoise and empirical_denoise inside torch.compile(fullgraph=True) (traced as their
+    GEMM form) give the eager result."""
+    U = torch.linalg.qr(torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(0)))[0]
+    data = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+
+    def f(x, s):
+        return fastdiff.molrg_denoise(x, U, 1.0, s, pi=[0.2, 0.3, 0.5]) + fastdiff.empirical_denoise(x, data, 1.0, 0.5)
+
+    x = torch.randn(32, 16)
+    s = torch.full((32,), 0.5)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, s)
+    torch.testing.assert_close(got, f(x, s), rtol=1e-5, atol=1e-5)

@@ -295,3 +295,19 @@ def test_bad_input(call, exc, match):
     x = torch.randn(5, 8)
     with pytest.raises(exc, match=match):
         call(x, U)
+
+
+def test_packed_bases_cache_sees_in_place_changes():
+    """Repeated calls reuse the packed bases; modifying them in place must not return stale results."""
+    gen = torch.Generator().manual_seed(13)
+    U = torch.stack(_bases(10, [3, 3], gen, torch.float32))
+    x = torch.randn(6, 10, generator=gen)
+    pi = [0.1, 0.9]
+    first = fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=pi)
+    again = fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=pi)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    U.copy_(U.flip(0))  # swap the components in place
+    swapped = fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=pi)
+    ref = R.molrg_denoise(x.double(), [u.double() for u in U], 1.0, 0.5, pi=pi)
+    _rel_close(swapped, ref)
+    assert not torch.allclose(swapped, first)
