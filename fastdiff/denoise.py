@@ -224,33 +224,99 @@ def molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, device
 
 
 # =========================================================================== MoLRG
-def _molrg_torch(x, ucat, dims, params, labels, hard, want_w):
+_SEG_CACHE: dict = {}
+
+
+def _segment_ops(dims, device):
+    """(segsum (B, D) -> (B, K), expand (B, K) -> (B, D)) for the column segmentation ``dims``:
+    reshapes when every d_k is equal, an index map otherwise (cached per dims and device)."""
+    K = len(dims)
+    if len(set(dims)) == 1:
+        d = dims[0]
+        return (lambda t: t.reshape(t.shape[0], K, d).sum(-1),
+                lambda c: c[:, :, None].expand(c.shape[0], K, d).reshape(c.shape[0], K * d))
+    key = (tuple(dims), device)
+    seg = _SEG_CACHE.get(key)
+    if seg is None:
+        seg = _SEG_CACHE[key] = torch.repeat_interleave(torch.arange(K, device=device), torch.tensor(dims, device=device))
+    return (lambda t: torch.zeros(t.shape[0], K, dtype=t.dtype, device=t.device).index_add_(1, seg, t),
+            lambda c: c[:, seg])
+
+
+def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False):
     """GEMM formulation in torch (differentiable in x and Ucat; the large-size and autograd path)."""
     K = len(dims)
     ct = x.dtype
     params = params.to(ct)
     g, b, C, A, gw = params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K], params[:, 3 * K:3 * K + 1], params[:, 3 * K + 1:]
+    segsum, expand = _segment_ops(dims, x.device)
     P = x @ ucat                                            # (B, D)
-    if len(set(dims)) == 1:
-        s = (P * P).reshape(P.shape[0], K, dims[0]).sum(-1)  # uniform d: a reshape, no indicator matrix
-    else:
-        seg = torch.repeat_interleave(torch.arange(K, device=x.device), torch.tensor(dims, device=x.device))
-        S = torch.nn.functional.one_hot(seg, K).to(ct)       # (D, K)
-        s = (P * P) @ S
-    logits = b + g * s
+    logits = b + g * segsum(P * P)
     if hard:
         w = torch.nn.functional.one_hot(logits.argmax(1), K).to(ct)
         w = torch.where(torch.isnan(logits).any(1, keepdim=True), float("nan"), w)  # NaN in, NaN out
     else:
         w = torch.softmax(logits, 1)
     wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
-    coef = wp * C                                            # (B, K)
-    if len(set(dims)) == 1:
-        q = (P.reshape(P.shape[0], K, dims[0]) * coef[:, :, None]).reshape(P.shape)
-    else:
-        q = P * coef[:, seg]
+    q = P * expand(wp * C)                                  # (B, D)
     out = torch.addmm(A * x, q, ucat.T) if not x.requires_grad and not ucat.requires_grad else A * x + q @ ucat.T
+    if keep_p:
+        return out, w, P
     return out, (w if want_w else None)
+
+
+class _MoLRGFunction(torch.autograd.Function):
+    """Fused forward (C++ / Triton kernel, or the GEMM form) with a hand-derived backward.
+
+    With G = dL/d out, q = P * c[seg], c = w' C, P = Ucat^T x, s = segsum(P^2), l = b + g s:
+
+        dq = G Ucat                      dUcat = G^T q + x^T dP
+        dc = segsum(dq * P)              dw = (1 - gw) C dc            (w' = (1 - gw) w + gw onehot)
+        dl = w (dw - <w, dw>)  (soft; 0 for hard)
+        dP = dq * c[seg] + 2 P * (g dl)[seg]
+        dx = A G + dP Ucat^T
+
+    four GEMMs and a few (B, D) / (B, K) elementwise passes, where autograd through the einsum
+    form replays a dozen ops with B x K x d intermediates.  The weights w come out detached.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ucat, params, labels, hard, dims, impl, want_w):
+        if impl == "torch":  # the GEMM form computes P anyway: keep it for the backward
+            out, w, P = _molrg_torch(x, ucat, dims, params, labels, hard, True, keep_p=True)
+        else:                # the fused kernels keep nothing: P is recomputed (one small GEMM)
+            out, w = _molrg_kernel(impl, x.contiguous(), ucat.contiguous(), dims, params, labels, hard, True)
+            P = torch.empty(0)
+        ctx.save_for_backward(x, ucat, params, w, labels if labels is not None else torch.empty(0), P)
+        ctx.hard, ctx.dims, ctx.has_labels = hard, dims, labels is not None
+        ctx.mark_non_differentiable(w)
+        return out, w
+
+    @staticmethod
+    def backward(ctx, G, _gw):
+        x, ucat, params, w, labels, P = ctx.saved_tensors
+        dims, K = ctx.dims, len(ctx.dims)
+        ct = x.dtype
+        params = params.to(ct)
+        g, C, A, gw = params[:, :K], params[:, 2 * K:3 * K], params[:, 3 * K:3 * K + 1], params[:, 3 * K + 1:]
+        w = w.to(ct)
+        segsum, expand = _segment_ops(dims, x.device)
+        wp = w if not ctx.has_labels else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
+        if P.numel() == 0:
+            P = x @ ucat
+        c = expand(wp * C)
+        q = P * c
+        dq = G @ ucat
+        dP = dq * c
+        if not ctx.hard:
+            dw = segsum(dq * P) * C * (1 - gw)
+            dl = w * (dw - (w * dw).sum(1, keepdim=True))
+            dP.addcmul_(P, expand(g * dl), value=2.0)
+        dx = dP @ ucat.T
+        dx.add_(A * G)
+        dU = G.T @ q
+        dU.addmm_(x.T, dP)
+        return dx, dU, None, None, None, None, None, None
 
 
 @accepts_arrays
@@ -265,7 +331,8 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     (one-hot argmax, seed 002 eq. 16-17). labels (B,) ints with guidance w: classifier-free
     guidance ``(1 - w) x0_hat + w x0_hat(x | y)`` (seed 004 eq. 7.4.20). output: "x0", "eps" or
     "score". return_weights: also return the posterior responsibilities w (B, K) (before
-    guidance).  Differentiable in ``x`` and ``bases`` (torch autograd through the GEMM form).
+    guidance).  Differentiable in ``x`` and ``bases``: the fused forward with a hand-derived
+    backward (:class:`_MoLRGFunction`); the returned weights are detached.
     """
     x = _check_x(x)
     if mode not in ("soft", "hard"):
@@ -295,6 +362,10 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     xc, uc = x.to(ct), ucat.to(ct)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)
     impl = _molrg_backend(backend, x, ct, n, ucat.shape[1], K, needs_grad)
+    if needs_grad:
+        out, w = _MoLRGFunction.apply(xc, uc, params, labels, mode == "hard", dims, impl, return_weights)
+        out = out.to(x.dtype)
+        return (out, w) if return_weights else out
     if impl == "torch":
         out, w = _molrg_torch(xc, uc, dims, params, labels, mode == "hard", return_weights)
     else:
@@ -308,9 +379,7 @@ def _molrg_backend(backend, x, ct, n, D, K, needs_grad) -> str:
         raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
     if torch.compiler.is_compiling():
         return "torch"  # traced: the GEMM form is plain torch ops (the kernels are not library ops yet)
-    if backend == "torch" or ct == torch.float64 or needs_grad:
-        if backend not in ("auto", "torch") and needs_grad:
-            raise ValueError(f"backend={backend!r} has no backward yet; use backend='torch' (or 'auto') for gradients")
+    if backend == "torch" or ct == torch.float64:
         return "torch"
     if backend == "auto":
         if x.device.type == "cpu" and n * D <= CPP_FUSED_MAX_ND and _has_kernel("cpp"):
