@@ -17,6 +17,10 @@ const char* simd_name();
 void molrg_forward(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t w_ptr, int64_t B, int64_t n,
                    uintptr_t u_ptr, const std::vector<int64_t>& offsets, uintptr_t params_ptr,
                    int64_t R, uintptr_t labels_ptr, bool hard);
+void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t dx_ptr,
+                    uintptr_t du_ptr, int64_t B, int64_t n, uintptr_t u_ptr,
+                    const std::vector<int64_t>& offsets, uintptr_t params_ptr, int64_t R,
+                    uintptr_t labels_ptr, bool hard);
 }  // namespace fastdiff
 
 PYBIND11_MODULE(_C, m) {
@@ -37,6 +41,14 @@ PYBIND11_MODULE(_C, m) {
         "[g(K), b(K), C(K), A, gw], R in {1, B}; labels int64 (B,) or 0; w (B, K) or 0.\n"
         "P = U^T x, l_k = b_k + g_k |P_k|^2, w = softmax(l) (hard: one_hot(argmax)),\n"
         "w' = (1-gw) w + gw onehot(label), out = A x + sum_k w'_k C_k U_k P_k.");
+  m.def("molrg_backward", &fastdiff::molrg_backward, py::arg("x_ptr"), py::arg("g_ptr"),
+        py::arg("w_ptr"), py::arg("dx_ptr"), py::arg("du_ptr"), py::arg("B"), py::arg("n"),
+        py::arg("u_ptr"), py::arg("offsets"), py::arg("params_ptr"), py::arg("R"),
+        py::arg("labels_ptr"), py::arg("hard"), py::call_guard<py::gil_scoped_release>(),
+        "Fused MoLRG denoiser backward, float32 (the math of _MoLRGFunction.backward).\n"
+        "x, G = dL/dout, dx (B, n); w (B, K) the forward's posterior; Ucat, dU (n, D);\n"
+        "params / offsets / labels / hard as molrg_forward.  P = U^T x recomputed,\n"
+        "dx = A G + U dP, dU = G^T q + x^T dP (both overwritten; dx must not alias x / G).");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }
