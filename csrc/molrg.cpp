@@ -461,6 +461,34 @@ constexpr int64_t TILE = 24;  // columns per register tile (3 vectors)
 // the 24-wide strip of U / Ut of a block (24 KB) stays in L1 across the row groups of a chunk.
 constexpr int64_t KBLK = 256;  // multiple of IBLK
 
+// Phase 3 for rows [r0, r1): out[r, :] = A_r src[r, :] + Q[r - r0, :] Ut, over blocks of KBLK
+// values of j and register tiles of TILE columns.  The forward passes src = x with the mixed
+// projections q; the backward src = G with dP (its J.out is dx).
+void out_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q, const float* src) {
+  const int64_t n = J.n, D = J.D, D8 = J.D8;
+  float A[4];
+  for (int64_t jb = 0; jb < D; jb += KBLK) {
+    const int64_t je = std::min(D, jb + KBLK);
+    for (int64_t it = 0; it < n; it += TILE) {
+      const int64_t cols = std::min(TILE, n - it);
+      const int nv = static_cast<int>((cols + 7) / 8);
+      const bool mask = (cols & 7) != 0;
+      const __m256i m = tail_mask(mask ? (cols & 7) : 8);
+      int64_t r = r0;
+      for (; r + 4 <= r1; r += 4) {
+        for (int rr = 0; rr < 4; ++rr) A[rr] = params_row(J, r + rr)[3 * J.K];
+        out_dispatch<4>(nv, mask, Q + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
+                        src + r * n + it, J.out + r * n + it, n, A, m);
+      }
+      for (; r < r1; ++r) {
+        A[0] = params_row(J, r)[3 * J.K];
+        out_dispatch<1>(nv, mask, Q + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
+                        src + r * n + it, J.out + r * n + it, n, A, m);
+      }
+    }
+  }
+}
+
 void chunk_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
   const int64_t n = J.n, D = J.D, D8 = J.D8;
   // phase 1: P (rows of D8, padding columns 0)
@@ -483,27 +511,7 @@ void chunk_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
   // phase 2
   mix_rows_avx2(J, r0, r1, P);
   // phase 3
-  float A[4];
-  for (int64_t jb = 0; jb < D; jb += KBLK) {
-    const int64_t je = std::min(D, jb + KBLK);
-    for (int64_t it = 0; it < n; it += TILE) {
-      const int64_t cols = std::min(TILE, n - it);
-      const int nv = static_cast<int>((cols + 7) / 8);
-      const bool mask = (cols & 7) != 0;
-      const __m256i m = tail_mask(mask ? (cols & 7) : 8);
-      int64_t r = r0;
-      for (; r + 4 <= r1; r += 4) {
-        for (int rr = 0; rr < 4; ++rr) A[rr] = params_row(J, r + rr)[3 * J.K];
-        out_dispatch<4>(nv, mask, P + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
-                        J.x + r * n + it, J.out + r * n + it, n, A, m);
-      }
-      for (; r < r1; ++r) {
-        A[0] = params_row(J, r)[3 * J.K];
-        out_dispatch<1>(nv, mask, P + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
-                        J.x + r * n + it, J.out + r * n + it, n, A, m);
-      }
-    }
-  }
+  out_rows_avx2(J, r0, r1, P, J.x);
 }
 
 #pragma GCC pop_options
@@ -877,27 +885,7 @@ void bwd_chunk_avx2(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* S, double
   // phase 2
   bwd_mix_rows_avx2(Bw, r0, r1, P, Q);
   // phase 3: dx = A G + dP Ut
-  float A[4];
-  for (int64_t jb = 0; jb < D; jb += KBLK) {
-    const int64_t je = std::min(D, jb + KBLK);
-    for (int64_t it = 0; it < n; it += TILE) {
-      const int64_t cols = std::min(TILE, n - it);
-      const int nv = static_cast<int>((cols + 7) / 8);
-      const bool mask = (cols & 7) != 0;
-      const __m256i m = tail_mask(mask ? (cols & 7) : 8);
-      int64_t r = r0;
-      for (; r + 4 <= r1; r += 4) {
-        for (int rr = 0; rr < 4; ++rr) A[rr] = params_row(J, r + rr)[3 * J.K];
-        out_dispatch<4>(nv, mask, Q + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
-                        Bw.G + r * n + it, J.out + r * n + it, n, A, m);
-      }
-      for (; r < r1; ++r) {
-        A[0] = params_row(J, r)[3 * J.K];
-        out_dispatch<1>(nv, mask, Q + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
-                        Bw.G + r * n + it, J.out + r * n + it, n, A, m);
-      }
-    }
-  }
+  out_rows_avx2(J, r0, r1, Q, Bw.G);
   // phase 4: acc += G^T q + X^T dP over the chunk's rows (padding columns of q / dP are 0)
   const float* Gc = Bw.G + r0 * n;
   const float* Xc = J.x + r0 * n;
