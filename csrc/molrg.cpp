@@ -41,6 +41,8 @@
 #include <string>
 #include <vector>
 
+#include "philox.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -88,11 +90,7 @@ inline const float* params_row(const MolrgJob& J, int64_t r) {
 #define FD_MOLRG_INLINE inline
 #endif
 
-FD_MOLRG_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using philox::as_float;  // bit cast, shared with the fused-step kernel (philox.h)
 
 // exp(x) for x <= 0 (Cephes expf, <= ~1 ulp; 0 below -87.3 (a normal-range flush); x = -inf
 // gives 0).  Branch-free (float->int by truncation + fix-up, no floor) so that the loop in
@@ -104,7 +102,7 @@ FD_MOLRG_INLINE float exp_nonpos(float x) {
   std::memcpy(&xb, &x, 4);
   const uint32_t lo = 0xC2AE0000u;                              // -87.0f
   const uint32_t under = 0u - static_cast<uint32_t>(xb > 0xC2AEA8F6u);  // x < -87.33f
-  const float xc = bits_to_float(xb < lo ? xb : lo);
+  const float xc = as_float(xb < lo ? xb : lo);
   const float y = xc * 1.44269504088896341f + 0.5f;           // n = floor(y), y in [-125, .5]
   int32_t n = static_cast<int32_t>(y);                          // trunc toward 0
   n -= static_cast<int32_t>(static_cast<float>(n) > y);
@@ -117,10 +115,10 @@ FD_MOLRG_INLINE float exp_nonpos(float x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.0f;
-  const float v = p * bits_to_float(static_cast<uint32_t>(n + 127) << 23);  // n >= -126
+  const float v = p * as_float(static_cast<uint32_t>(n + 127) << 23);  // n >= -126
   uint32_t vb;
   std::memcpy(&vb, &v, 4);
-  return bits_to_float(vb & ~under);
+  return as_float(vb & ~under);
 }
 
 // float64 sum of squares of p[0, d) (four partial sums: one float64 chain would be latency
