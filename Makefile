@@ -18,4 +18,5 @@ demo: install
 	$(PY) -m fastdiff demo --out results
 
 bench: install
+	$(PIP) --no-build-isolation -e ".[bench]"
 	$(PY) -m fastdiff bench

@@ -300,6 +300,8 @@ class _MoLRGFunction(torch.autograd.Function):
         dims, K = ctx.dims, len(ctx.dims)
         if ctx.impl == "cpp" and _has_cpp_backward():
             return _molrg_backward_cpp(x, ucat, params, w, labels if ctx.has_labels else None, G, dims, ctx.hard) + (None,) * 6
+        if ctx.impl == "triton":
+            return _molrg_backward_triton(x, ucat, params, w, labels if ctx.has_labels else None, G, dims, ctx.hard) + (None,) * 6
         ct = x.dtype
         params = params.to(ct)
         g, C, A, gw = params[:, :K], params[:, 2 * K:3 * K], params[:, 3 * K:3 * K + 1], params[:, 3 * K + 1:]
@@ -345,6 +347,14 @@ def _molrg_backward_cpp(x, ucat, params, w, labels, G, dims, hard):
                       ucat.data_ptr(), offsets, p32.data_ptr(), p32.shape[0],
                       labels.data_ptr() if labels is not None else 0, hard)
     return dx, dU
+
+
+def _molrg_backward_triton(x, ucat, params, w, labels, G, dims, hard):
+    """The same backward, Triton: one fused pass per row block for dx, two library GEMMs for dUcat."""
+    from fastdiff.kernels.molrg import molrg_backward
+
+    return molrg_backward(x, G.to(torch.float32).contiguous(), ucat, _segments(dims, x.device), len(dims),
+                          params.to(torch.float32).contiguous(), labels, hard, w.contiguous())
 
 
 @accepts_arrays
@@ -463,10 +473,14 @@ def _molrg_kernel(impl, x, ucat, dims, params, labels, hard, want_w):
     else:
         from fastdiff.kernels.molrg import molrg_forward
 
-        seg = torch.repeat_interleave(torch.arange(K, device=x.device, dtype=torch.int32),
-                                      torch.tensor(dims, device=x.device))
-        molrg_forward(x, ucat, seg, K, p32, labels, hard, out, w)
+        molrg_forward(x, ucat, _segments(dims, x.device), K, p32, labels, hard, out, w)
     return out, w
+
+
+def _segments(dims, device) -> torch.Tensor:
+    """(D,) int32 component index of each column of Ucat (the Triton kernels' segmentation)."""
+    return torch.repeat_interleave(torch.arange(len(dims), device=device, dtype=torch.int32),
+                                   torch.tensor(dims, device=device))
 
 
 # =========================================================================== Gaussian

@@ -1,4 +1,4 @@
-"""Triton fused MoLRG denoiser forward: GEMM, segmented square-sum + softmax over K, GEMM.
+"""Triton fused MoLRG denoiser: forward (GEMM, segmented square-sum + softmax over K, GEMM) and backward.
 
 Per row x (n,) of X (B, n), with Ucat = [U_0 | ... | U_{K-1}] (n, D) and seg[j] the component
 of column j (component k owns columns [off[k], off[k+1]), ragged d_k allowed):
@@ -165,6 +165,125 @@ def molrg_forward(x, ucat, seg, K, params, labels, hard, out, w=None, dot_precis
     )
 
 
+@triton.jit
+def _molrg_bwd_kernel(
+    x_ptr, g_ptr, u_ptr, seg_ptr, params_ptr, labels_ptr, w_ptr, dx_ptr, q_ptr, dp_ptr,
+    B, n, D, K,
+    p_stride,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    HARD: tl.constexpr, HAS_LABELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Per row, with G = dL/d out (the math of ``fastdiff.denoise._MoLRGFunction.backward``):
+
+        P = x Ucat, dq = G Ucat, c = (w' C)[seg], q = P c
+        dw = (1 - gw) C segsum(dq P);  dl = w (dw - <w, dw>)  (soft; 0 for hard)
+        dP = dq c + 2 P (g dl)[seg];   dx = A G + dP Ucat^T
+
+    writes dx (B, n) and q, dP (B, D) float32; the launcher finishes dUcat = G^T q + x^T dP with
+    two library GEMMs (a reduction over the whole batch: cuBLAS does it deterministically and at
+    full rate, where per-program atomics would be neither).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    xrow = rows.to(tl.int64) * n
+    cols = tl.arange(0, D_PAD)
+    cmask = cols < D
+    ii = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, K_PAD)
+    kmask = kk < K
+
+    # ---- pass 1: P = x Ucat and dq = G Ucat share every U tile
+    P = tl.zeros([BLOCK_B, D_PAD], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_B, D_PAD], dtype=tl.float32)
+    for i0 in range(0, n, BLOCK_N):
+        i = i0 + ii
+        imask = i < n
+        xm = rmask[:, None] & imask[None, :]
+        ut = tl.load(u_ptr + i[:, None] * D + cols[None, :], mask=imask[:, None] & cmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + xrow[:, None] + i[None, :], mask=xm, other=0.0)
+        gt = tl.load(g_ptr + xrow[:, None] + i[None, :], mask=xm, other=0.0)
+        P = tl.dot(xt.to(tl.float32), ut, P, input_precision=DOT_PRECISION)
+        dq = tl.dot(gt.to(tl.float32), ut, dq, input_precision=DOT_PRECISION)
+
+    seg = tl.load(seg_ptr + cols, mask=cmask, other=-1)
+    S = (seg[:, None] == kk[None, :]).to(tl.float32)               # (D_PAD, K_PAD) indicator
+    prow = params_ptr + rows.to(tl.int64) * p_stride
+    pm = rmask[:, None] & kmask[None, :]
+    g = tl.load(prow[:, None] + kk[None, :], mask=pm, other=0.0)
+    C = tl.load(prow[:, None] + 2 * K + kk[None, :], mask=pm, other=0.0)
+    A = tl.load(prow + 3 * K, mask=rmask, other=0.0)
+    # the forward's posterior (saved, not recomputed: hard mode's argmax must not flip on rounding)
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :], mask=pm, other=0.0)
+    wp = w
+    keep = 1.0
+    if HAS_LABELS:
+        gw = tl.load(prow + 3 * K + 1, mask=rmask, other=0.0)
+        lab = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int32)
+        wp = (1.0 - gw)[:, None] * w + tl.where(kk[None, :] == lab[:, None], gw[:, None], 0.0)
+        keep = (1.0 - gw)[:, None]
+    c = tl.dot(tl.where(kmask[None, :], wp * C, 0.0), tl.trans(S), input_precision=DOT_PRECISION)
+    q = P * c
+    dP = dq * c
+    if not HARD:
+        dw = tl.dot(dq * P, S, input_precision=DOT_PRECISION) * C * keep          # (BLOCK_B, K_PAD)
+        dl = w * (dw - tl.sum(w * dw, axis=1)[:, None])
+        dP += 2.0 * P * tl.dot(tl.where(kmask[None, :], g * dl, 0.0), tl.trans(S), input_precision=DOT_PRECISION)
+    dm = rmask[:, None] & cmask[None, :]
+    drow = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(q_ptr + drow, q, mask=dm)
+    tl.store(dp_ptr + drow, dP, mask=dm)
+
+    # ---- pass 2: dx = A G + dP Ucat^T
+    for i0 in range(0, n, BLOCK_N):
+        i = i0 + ii
+        imask = i < n
+        xm = rmask[:, None] & imask[None, :]
+        ut = tl.load(u_ptr + i[:, None] * D + cols[None, :], mask=imask[:, None] & cmask[None, :], other=0.0)
+        gt = tl.load(g_ptr + xrow[:, None] + i[None, :], mask=xm, other=0.0).to(tl.float32)
+        o = A[:, None] * gt + tl.dot(dP, tl.trans(ut), input_precision=DOT_PRECISION)
+        tl.store(dx_ptr + xrow[:, None] + i[None, :], o.to(dx_ptr.dtype.element_ty), mask=xm)
+
+
+def _bwd_blocks(B, n, D, K):
+    """Two (BLOCK_B, D_PAD) accumulators live through pass 1: half the forward's row block."""
+    D_PAD, K_PAD = _pow2(D), _pow2(K)
+    BLOCK_B = max(16, min(32, REG_TILE // (2 * D_PAD), _pow2(B)))
+    BLOCK_N = min(64, REG_TILE // D_PAD, _pow2(n))
+    return BLOCK_B, BLOCK_N, D_PAD, K_PAD
+
+
+def molrg_backward(x, G, ucat, seg, K, params, labels, hard, w, dot_precision="ieee", *, dx=None, q=None, dP=None):
+    """Fused MoLRG backward; returns ``(dx, dUcat)`` (float32, like x / ucat).
+
+    x, G: (B, n) float32 contiguous; ucat (n, D) float32; seg, K, params, labels, hard as
+    :func:`molrg_forward`; w: (B, K) float32, the forward's posterior before guidance.  The
+    kernel writes dx and the per-row q, dP; dUcat = G^T q + x^T dP is two GEMMs on the library.
+    dx / q / dP may be given (tests pass NaN-poisoned buffers).
+    """
+    B, n = x.shape
+    D = ucat.shape[1]
+    if K < 1 or K > MAX_K or D > MAX_D:
+        raise ValueError(f"molrg_backward: K={K} (1..{MAX_K}), D={D} (<= {MAX_D}) unsupported")
+    dx = torch.empty_like(x) if dx is None else dx
+    q = torch.empty(B, D, dtype=torch.float32, device=x.device) if q is None else q
+    dP = torch.empty(B, D, dtype=torch.float32, device=x.device) if dP is None else dP
+    if B and n:
+        BLOCK_B, BLOCK_N, D_PAD, K_PAD = _bwd_blocks(B, n, D, K)
+        _molrg_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](
+            x, G, ucat, seg, params, labels if labels is not None else seg, w, dx, q, dP,
+            B, n, D, K, 0 if params.shape[0] == 1 else params.stride(0),
+            BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, D_PAD=D_PAD, K_PAD=K_PAD,
+            HARD=bool(hard), HAS_LABELS=labels is not None, DOT_PRECISION=dot_precision,
+            num_warps=NUM_WARPS,
+        )
+    else:
+        q.zero_(), dP.zero_()
+    dU = torch.mm(G.T, q)
+    dU.addmm_(x.T, dP)
+    return dx, dU
+
+
 # --------------------------------------------------------------------------- AOT variants
 def aot_variant(dtype, D, K, hard, labels, write_w, precision="ieee") -> AOTVariant:
     t = "*" + _TY[dtype]
@@ -180,6 +299,20 @@ def aot_variant(dtype, D, K, hard, labels, write_w, precision="ieee") -> AOTVari
     return AOTVariant(name, _molrg_fwd_kernel, sig, const, NUM_WARPS, aligned)
 
 
+def aot_variant_backward(D, K, hard, labels) -> AOTVariant:
+    sig = {name: "*fp32" for name in ("x_ptr", "g_ptr", "u_ptr")}
+    sig.update({"seg_ptr": "*i32", "params_ptr": "*fp32", "labels_ptr": "*i64", "w_ptr": "*fp32",
+                "dx_ptr": "*fp32", "q_ptr": "*fp32", "dp_ptr": "*fp32",
+                "B": "i32", "n": "i32", "D": "i32", "K": "i32", "p_stride": "i32"})
+    BLOCK_B, BLOCK_N, D_PAD, K_PAD = _bwd_blocks(1 << 16, 1 << 10, D, K)
+    const = {"BLOCK_B": BLOCK_B, "BLOCK_N": BLOCK_N, "D_PAD": D_PAD, "K_PAD": K_PAD, "HARD": hard,
+             "HAS_LABELS": labels, "DOT_PRECISION": "ieee"}
+    sig.update({name: "constexpr" for name in const})
+    name = f"molrg_bwd_D{D_PAD}_K{K_PAD}_{'hard' if hard else 'soft'}{'_labels' if labels else ''}"
+    aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n", "D")
+    return AOTVariant(name, _molrg_bwd_kernel, sig, const, NUM_WARPS, aligned)
+
+
 # The tile extremes (D_PAD 16 / 128 / 512, K_PAD 16 / 32) and each constexpr branch once;
 # halves differ only in the load/store conversions (one bf16 variant, at the cheap D: ~1.5 s a
 # compile against ~8 s at D_PAD 128).  128 / 8 is the benchmark shape (65536, 256, 8, 16).
@@ -189,4 +322,7 @@ AOT_KERNELS: List[AOTVariant] = [
     aot_variant(torch.float32, 512, 32, True, True, True),
     aot_variant(torch.bfloat16, 16, 3, True, False, False),
     aot_variant(torch.float32, 128, 8, False, False, False, precision="tf32x3"),
+    aot_variant_backward(16, 3, False, False),
+    aot_variant_backward(128, 8, False, True),
+    aot_variant_backward(512, 32, True, True),
 ]
