@@ -157,6 +157,15 @@ def _scalar(v):
     return None
 
 
+def _floats(v) -> List[float]:
+    """A number, sequence of numbers or CPU tensor as a list of floats (lists stay Python: traceable)."""
+    if isinstance(v, numbers.Real):
+        return [float(v)]
+    if isinstance(v, (list, tuple)) and all(isinstance(e, numbers.Real) for e in v):
+        return [float(e) for e in v]
+    return [float(e) for e in torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist()]
+
+
 def _molrg_params_scalar(a, s, dims, pi, tau, delta, output, gw):
     """The (1, 3K+2) table from Python floats: microseconds, where tensor ops would take ~0.3 ms."""
     K = len(dims)
@@ -165,14 +174,17 @@ def _molrg_params_scalar(a, s, dims, pi, tau, delta, output, gw):
             raise ValueError(f"{name}: expected finite values, got {v}")
         if v <= 0:
             raise ValueError(f"{name}: expected {name} > 0, got {v}")
-    pis = [1.0 / K] * K if pi is None else [float(p) for p in torch.as_tensor(pi, dtype=torch.float64).reshape(-1).tolist()]
+    pis = [1.0 / K] * K if pi is None else _floats(pi)
     if len(pis) != K:
         raise ValueError(f"pi: expected {K} mixing weights (one per component), got {len(pis)}")
     if not all(math.isfinite(p) and p >= 0 for p in pis):
         raise ValueError("pi: expected finite non-negative mixing weights")
     if abs(sum(pis) - 1.0) > 1e-6:
         raise ValueError(f"pi: mixing weights must sum to 1, got {sum(pis):.8g}")
-    taus = [1.0] * K if tau is None else [float(t) for t in torch.as_tensor(tau, dtype=torch.float64).reshape(-1).expand(K).tolist()]
+    taus = [1.0] * K if tau is None else _floats(tau)
+    taus = taus * K if len(taus) == 1 else taus
+    if len(taus) != K:
+        raise ValueError(f"tau: expected a scalar or {K} component scales, got {len(taus)}")
     if not all(math.isfinite(t) and t > 0 for t in taus):
         raise ValueError("tau: expected finite positive component scales")
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta) or delta < 0:
@@ -297,32 +309,82 @@ class _MoLRGFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G, _gw):
         x, ucat, params, w, labels, P = ctx.saved_tensors
-        dims, K = ctx.dims, len(ctx.dims)
-        if ctx.impl == "cpp" and _has_cpp_backward():
-            return _molrg_backward_cpp(x, ucat, params, w, labels if ctx.has_labels else None, G, dims, ctx.hard) + (None,) * 6
-        if ctx.impl == "triton":
-            return _molrg_backward_triton(x, ucat, params, w, labels if ctx.has_labels else None, G, dims, ctx.hard) + (None,) * 6
-        ct = x.dtype
-        params = params.to(ct)
-        g, C, A, gw = params[:, :K], params[:, 2 * K:3 * K], params[:, 3 * K:3 * K + 1], params[:, 3 * K + 1:]
-        w = w.to(ct)
-        segsum, expand = _segment_ops(dims, x.device)
-        wp = w if not ctx.has_labels else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
-        if P.numel() == 0:
-            P = x @ ucat
-        c = expand(wp * C)
-        q = P * c
-        dq = G @ ucat
-        dP = dq * c
-        if not ctx.hard:
-            dw = segsum(dq * P) * C * (1 - gw)
-            dl = w * (dw - (w * dw).sum(1, keepdim=True))
-            dP.addcmul_(P, expand(g * dl), value=2.0)
-        dx = dP @ ucat.T
-        dx.add_(A * G)
-        dU = G.T @ q
-        dU.addmm_(x.T, dP)
+        dx, dU = _molrg_backward(ctx.impl, x, ucat, params, w, labels if ctx.has_labels else None, G, ctx.dims,
+                                 ctx.hard, P if P.numel() else None)
         return dx, dU, None, None, None, None, None, None
+
+
+def _molrg_backward(impl, x, ucat, params, w, labels, G, dims, hard, P=None):
+    """``(dx, dUcat)``: the fused C++ / Triton backward after a kernel forward, else the GEMM form
+    below (the math of :class:`_MoLRGFunction`; P = x Ucat is recomputed when not kept)."""
+    if impl == "cpp" and _has_cpp_backward():
+        return _molrg_backward_cpp(x, ucat, params, w, labels, G, dims, hard)
+    if impl == "triton":
+        return _molrg_backward_triton(x, ucat, params, w, labels, G, dims, hard)
+    K = len(dims)
+    ct = x.dtype
+    params = params.to(ct)
+    g, C, A, gw = params[:, :K], params[:, 2 * K:3 * K], params[:, 3 * K:3 * K + 1], params[:, 3 * K + 1:]
+    w = w.to(ct)
+    segsum, expand = _segment_ops(dims, x.device)
+    wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
+    if P is None:
+        P = x @ ucat
+    c = expand(wp * C)
+    q = P * c
+    dq = G @ ucat
+    dP = dq * c
+    if not hard:
+        dw = segsum(dq * P) * C * (1 - gw)
+        dl = w * (dw - (w * dw).sum(1, keepdim=True))
+        dP.addcmul_(P, expand(g * dl), value=2.0)
+    dx = dP @ ucat.T
+    dx.add_(A * G)
+    dU = G.T @ q
+    dU.addmm_(x.T, dP)
+    return dx, dU
+
+
+# --------------------------------------------------------------------------- torch.library ops
+# Under torch.compile the fused kernels run as opaque library ops (fake impls give the shapes),
+# with the same backward registered on the forward op; eager calls skip this layer.
+@torch.library.custom_op("fastdiff::molrg_forward", mutates_args=())
+def _molrg_forward_op(x: torch.Tensor, ucat: torch.Tensor, params: torch.Tensor, labels: Optional[torch.Tensor],
+                      dims: List[int], hard: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _molrg_kernel(impl, x.contiguous(), ucat.contiguous(), dims, params, labels, hard, True)
+
+
+@_molrg_forward_op.register_fake
+def _(x, ucat, params, labels, dims, hard, impl):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], len(dims), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdiff::molrg_backward", mutates_args=())
+def _molrg_backward_op(x: torch.Tensor, ucat: torch.Tensor, params: torch.Tensor, w: torch.Tensor,
+                       labels: Optional[torch.Tensor], G: torch.Tensor, dims: List[int], hard: bool,
+                       impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    dx, dU = _molrg_backward(impl, x, ucat, params, w, labels, G.contiguous(), dims, hard)
+    return dx.contiguous(), dU.contiguous()  # the fake impl promises row-major outputs
+
+
+@_molrg_backward_op.register_fake
+def _(x, ucat, params, w, labels, G, dims, hard, impl):
+    return x.new_empty(x.shape), ucat.new_empty(ucat.shape)
+
+
+def _molrg_op_setup(ctx, inputs, output):
+    x, ucat, params, labels, dims, hard, impl = inputs
+    ctx.save_for_backward(x, ucat, params, output[1], labels)
+    ctx.dims, ctx.hard, ctx.impl = dims, hard, impl
+
+
+def _molrg_op_backward(ctx, G, _gw):
+    x, ucat, params, w, labels = ctx.saved_tensors
+    dx, dU = _molrg_backward_op(x, ucat, params, w, labels, G, ctx.dims, ctx.hard, ctx.impl)
+    return dx, dU, None, None, None, None, None
+
+
+_molrg_forward_op.register_autograd(_molrg_op_backward, setup_context=_molrg_op_setup)
 
 
 def _has_cpp_backward() -> bool:
@@ -400,6 +462,10 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     xc, uc = x.to(ct), ucat.to(ct)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)
     impl = _molrg_backend(backend, x, ct, n, ucat.shape[1], K, needs_grad)
+    if impl != "torch" and torch.compiler.is_compiling():
+        out, w = _molrg_forward_op(xc, uc, params.to(torch.float32), labels, list(dims), mode == "hard", impl)
+        out = out.to(x.dtype)
+        return (out, w) if return_weights else out
     if needs_grad:
         out, w = _MoLRGFunction.apply(xc, uc, params, labels, mode == "hard", dims, impl, return_weights)
         out = out.to(x.dtype)
@@ -415,8 +481,6 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
 def _molrg_backend(backend, x, ct, n, D, K, needs_grad) -> str:
     if backend not in backends.BACKENDS:
         raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
-    if torch.compiler.is_compiling():
-        return "torch"  # traced: the GEMM form is plain torch ops (the kernels are not library ops yet)
     if backend == "torch" or ct == torch.float64:
         return "torch"
     if backend == "auto":
