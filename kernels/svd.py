@@ -178,16 +178,18 @@ def _pow2(v: int) -> int:
     return triton.next_power_of_2(int(v))
 
 
-def _rounds(out_dtype: torch.dtype) -> int:
-    """Rounds of multisection for the bound's 2^-bits: 52 (float64 output) or 36 (float32)."""
+def rounds_for(out_dtype: torch.dtype, sections: int = SECTIONS) -> int:
+    """Multisection rounds to shrink [0, bound] to 2^-52 of it (float64 output) or 2^-36 (float32)."""
     bits = 52 if out_dtype == torch.float64 else 36
-    return math.ceil(bits / math.log2(SECTIONS + 1))
+    return math.ceil(bits / math.log2(sections + 1))
 
 
 def num_warps_for(m_pad: int, n_pad: int) -> int:
-    """About 32 tile elements per thread (64 float64 registers); 16 warps at 256 x 256 still
-    spill (128 per thread), more warps would not help the serial recurrence."""
-    return max(1, min(16, (m_pad * n_pad) // (32 * 32)))
+    """About 32 tile elements per thread.  ptxas (sm_90, float64 compute, registers / spill stack
+    per thread): 32x32 1 warp 236 / 0 B; 64x64 4 warps 254 / 0 B (8 warps: 166, 16: 108);
+    128x128 16 warps 128 / 360 B; 256x256 32 warps 3.4 KB of stack (16 warps: 11.7 KB).  Not
+    tuned on a GPU yet: bench/test_bench_svd_gpu.py sweeps num_warps and SECTIONS."""
+    return max(1, min(32, (m_pad * n_pad) // (32 * 32)))
 
 
 def _check(A: torch.Tensor, eta: Optional[float]) -> None:
@@ -243,11 +245,10 @@ def svdvals_rank(A: torch.Tensor, eta: Optional[float] = None, *, compute_f64: b
     stride_r, stride_c = (n, 1) if m >= n else (1, n)
     scratch = torch.empty((B, 2 * N), dtype=torch.float64 if compute_f64 else torch.float32, device=A.device)
     M_PAD, N_PAD = _pow2(M), _pow2(N)
-    rounds = math.ceil((52 if A.dtype == torch.float64 else 36) / math.log2(sections + 1))
     _svd_kernel[(B,)](
         A, S, rank if rank is not None else S, scratch, M, N, stride_r, stride_c,
         float(eta) ** 2 if eta is not None else 1.0,
-        M_PAD=M_PAD, N_PAD=N_PAD, SECTIONS=sections, ROUNDS=rounds,
+        M_PAD=M_PAD, N_PAD=N_PAD, SECTIONS=sections, ROUNDS=rounds_for(A.dtype, sections),
         COMPUTE_F64=compute_f64, WITH_RANK=eta is not None,
         num_warps=num_warps or num_warps_for(M_PAD, N_PAD),
     )
@@ -264,7 +265,7 @@ def aot_variant(dtype, m, n, with_rank, compute_f64=True) -> AOTVariant:
            "scratch_ptr": "*fp64" if compute_f64 else "*fp32",
            "M": "i32", "N": "i32", "stride_r": "i32", "stride_c": "i32", "eta2": "fp64"}
     const = {"M_PAD": M_PAD, "N_PAD": N_PAD, "SECTIONS": SECTIONS,
-             "ROUNDS": math.ceil((52 if dtype == torch.float64 else 36) / math.log2(SECTIONS + 1)),
+             "ROUNDS": rounds_for(dtype),
              "COMPUTE_F64": compute_f64, "WITH_RANK": with_rank}
     sig.update({name: "constexpr" for name in const})
     name = (f"svd_{_PTR[dtype][1:]}_{M_PAD}x{N_PAD}{'_rank' if with_rank else ''}"
