@@ -43,6 +43,8 @@ def pytest_sessionfinish(session, exitstatus):
     command = os.environ.get("FASTDIFF_BENCH_COMMAND", "python -m pytest bench/ --benchmark-enable")
     text = harness.TABLE.markdown(DEVICE, command)
     tag = "cpu" if DEVICE == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
+    if os.environ.get("FASTDIFF_BENCH_SVD_SMOKE") == "1":  # interpreter smoke run: not a timing table
+        tag = "cpu-smoke"
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     path = os.path.join(os.path.dirname(__file__), "results", f"{tag}.md")
     with open(path, "w") as f:

@@ -98,7 +98,7 @@ class Table:
         groups: Dict[str, Dict[str, Row]] = {}
         for r in self.rows:
             groups.setdefault(r.group, {})[r.impl] = r
-        impls = [i for i in ("fastdiff", "fastdiff out=", "eager", "compile") if any(i in g for g in groups.values())]
+        impls = [i for i in ("fastdiff", "fastdiff out=", "eager", "compile", "cupy") if any(i in g for g in groups.values())]
         head = ["op"] + [f"{i} ms" for i in impls] + ["eager/fastdiff", "compile/fastdiff", "fastdiff rate", "ceiling", "% of ceiling"]
         lines = [
             f"Device: {describe(device)}; DRAM copy {dram / 1e9:.1f} GB/s (1 GiB, read+write), float32 matmul "

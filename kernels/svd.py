@@ -1,0 +1,298 @@
+"""Triton batched singular values (and the SPEC-3 energy rank) of many small matrices.
+
+    S[b]    = singular values of A[b] (m x n), descending,        (B, min(m, n)), A's dtype
+    rank[b] = min { r : sum_{i<=r} s_i^2 > eta^2 sum_i s_i^2 }    (B,) int64, in the same kernel
+
+One program per matrix.  Let N = min(m, n), M = max(m, n); the kernel works on the tall view
+(M, N) (A itself, or A^T read through swapped strides: no copy), padded to (M_PAD, N_PAD) powers
+of two and held in registers in the compute precision (float64 by default):
+
+1. Scale: A <- A * 2^-e with 2^e the power of two at or below max|A|, exact, so no sum of squares
+   can overflow or underflow to a loss (entries are in [-2, 2)); S is scaled back at the end.
+   e is clamped to [-1000, 1000] in float64 (an all-subnormal float64 matrix is the one case
+   this does not normalize; its S then has absolute, not relative, accuracy).
+2. Householder bidiagonalization, for k = 0 .. N-1 (A = U B V^T, B upper bidiagonal):
+     x = A[k:, k]               (a masked reduction: registers cannot be indexed)
+     d_k = -sign(x_0) ||x||,    v = x - d_k e_0,   A -= (2 / v^T v) v (v^T A)
+     y = A[k, k+1:],            e_k = -sign(y_0) ||y||,   u = y - e_k e_0,   A -= (2 / u^T u) (A u) u^T
+   Each step touches the whole padded tile (about 6 passes), masked: 2-3x the flops of a
+   trailing-submatrix update, but no dynamic indexing and no shared-memory round trips.
+   Backward stable: the bidiagonal's singular values are within ~ c N eps ||A|| of A's.
+   d_k^2 and e_k^2 are written to a small global scratch row (2 N values per matrix, L1-resident)
+   because the next phase reads them one scalar at a time.
+3. All N singular values at once by multisection on the Golub-Kahan tridiagonal T (2N x 2N, zero
+   diagonal, off-diagonal d_0, e_0, d_1, e_1, ..., d_{N-1}), whose eigenvalues are +-s_i.  Its
+   Sturm count (LDL^T pivots q_0 = -x, q_i = -x - b_{i-1}^2 / q_{i-1}; count of q_i < 0) is the
+   number of eigenvalues below x, so #{s_i < x} = count(x) - N for x > 0.  Each target t (the
+   t-th smallest) keeps an interval [lo_t, hi_t], starting at [0, Gershgorin bound of T]; each
+   round evaluates SECTIONS interior points per target (vectorized over N_PAD x SECTIONS lanes,
+   one recurrence of 2N - 1 steps shared by all) and shrinks every interval by SECTIONS + 1.
+   Bisection on T is accurate to O(eps ||B||) absolute (Demmel-Kahan), without squaring the
+   singular values (B^T B would lose small ones: acceptance asks 1e-12 s_1 in float64).
+   The recurrence is a dependent chain of divisions: latency bound, so SECTIONS > 1 trades
+   otherwise idle lanes for fewer rounds (4 points: 2.3 bits a round instead of 1).
+4. Rank from the same registers: reverse cumulative sums of s^2 (the energy of the r largest),
+   rank = 1 + #{r : C_r <= eta^2 C_N}, clamped to N; 0 for an all-zero matrix.
+
+Non-finite input (any NaN or +-Inf in A[b]): S[b] is all NaN and rank[b] = -1 (the other
+matrices are unaffected).  Sizes: 1 <= m, n <= MAX_DIM = 256 (larger: ValueError; callers fall
+back to another backend).  At 256 x 256 the float64 tile (512 KiB) exceeds the register file
+and spills to local memory (L1/L2): correct, slower per element.
+
+Precision: COMPUTE_F64 (default for both input dtypes) meets 1e-12 s_1 (float64) and 1e-5 s_1
+(float32) against LAPACK float64.  float32 compute is an option for float32 inputs (half the
+registers, 2x the FP rate on H100) whose accuracy is measured in tests/test_svd_triton.py.
+Rounds: enough for 2^-52 of the bound (float64 output) or 2^-36 (float32 output; far below the
+float32 rounding of S, and keeps the rank's energy ratio error below 1e-7).
+
+Performance (an estimate: no GPU was available when this was written; bench/test_bench_svd_gpu.py
+measures it).  The kernel is latency bound, not FP64 bound: per Householder step about ten
+block-wide reductions (shuffles + a barrier each), and per multisection round a chain of 2N - 1
+dependent float64 divisions.  At 64 x 64 (4 warps, 254 registers: 2 programs per SM) that is
+roughly 0.2-0.3 ms per matrix per program, i.e. ~1M matrices/s on an H100 for (16384, 64, 64),
+about 1 TFLOP/s of float64 (bidiagonalization flops), a few % of the 34 TFLOP/s FP64 peak; torch
+and cuSOLVER loop one solver call per matrix above 32 x 32 (around a millisecond each), so the
+>= 10x target should hold by a wide margin.  Float32 compute halves the registers (more programs
+per SM) and the division latency.
+
+64-bit offsets: the matrix offset b * m * n is formed in int64 (B * m * n may pass 2^31); offsets
+within one matrix are below 2^16.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_step import AOTVariant
+
+MAX_DIM = 256
+SECTIONS = 4  # interior points per target per round (power of two: it is a tl.arange length)
+
+
+@triton.jit
+def _svd_kernel(
+    a_ptr, s_ptr, rank_ptr, scratch_ptr,
+    M, N,                 # tall view: M >= N rows x N columns
+    stride_r, stride_c,   # element strides of the tall view's rows / columns within one matrix
+    eta2: tl.float64,     # eta^2 (unused without WITH_RANK)
+    M_PAD: tl.constexpr, N_PAD: tl.constexpr, SECTIONS: tl.constexpr, ROUNDS: tl.constexpr,
+    COMPUTE_F64: tl.constexpr, WITH_RANK: tl.constexpr,
+):
+    if COMPUTE_F64:
+        cdt: tl.constexpr = tl.float64
+        PIVMIN: tl.constexpr = 1e-290     # pivots below this are replaced: b^2 / q stays finite
+    else:
+        cdt: tl.constexpr = tl.float32
+        PIVMIN: tl.constexpr = 1e-32
+    pid = tl.program_id(0).to(tl.int64)
+    ri = tl.arange(0, M_PAD)
+    cj = tl.arange(0, N_PAD)
+    rows = ri[:, None]
+    cols = cj[None, :]
+    inside = (rows < M) & (cols < N)
+    A = tl.load(a_ptr + pid * M * N + rows * stride_r + cols * stride_c, mask=inside, other=0.0).to(cdt)
+
+    # ---- 1. non-finite check and power-of-two scaling
+    finite = (A == A) & (tl.abs(A) < float("inf"))
+    nonfinite = tl.sum(tl.where(finite, 0, 1)) > 0
+    A = tl.where(finite, A, 0.0)
+    amax = tl.max(tl.max(tl.abs(A), axis=1), axis=0)
+    if COMPUTE_F64:
+        ex = ((amax.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+        ex = tl.minimum(tl.maximum(ex, -1000), 1000)
+        down = ((1023 - ex) << 52).to(tl.float64, bitcast=True)   # 2^-ex
+        up = ((1023 + ex) << 52).to(tl.float64, bitcast=True)     # 2^ex
+    else:
+        ex = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        ex = tl.minimum(tl.maximum(ex, -100), 100)
+        down = ((127 - ex) << 23).to(tl.float32, bitcast=True)
+        up = ((127 + ex) << 23).to(tl.float32, bitcast=True)
+    A = A * down
+
+    # ---- 2. Householder bidiagonalization; squares of d_k, e_k -> scratch[2k], scratch[2k+1]
+    scr = scratch_ptr + pid * (2 * N)
+    bound = tl.zeros([], dtype=cdt)    # Gershgorin bound of T: max |b_{i-1}| + |b_i|
+    prev = tl.zeros([], dtype=cdt)     # |e_{k-1}|
+    for k in range(0, N):
+        # left reflector: zero A[k+1:, k]
+        x = tl.sum(tl.where(cols == k, A, 0.0), axis=1)
+        x = tl.where(ri >= k, x, 0.0)
+        xk = tl.sum(tl.where(ri == k, x, 0.0), axis=0)
+        nx2 = tl.sum(x * x, axis=0)
+        nx = tl.sqrt(nx2)
+        d = tl.where(xk >= 0, -nx, nx)
+        v = tl.where(ri == k, xk - d, x)                 # xk - d = xk + sign(xk) ||x||: no cancellation
+        vtv = 2.0 * nx * (nx + tl.abs(xk))
+        beta = tl.where(vtv > 0, 2.0 / tl.where(vtv > 0, vtv, 1.0), 0.0)
+        w = tl.sum(v[:, None] * A, axis=0)
+        A = A - (beta * v)[:, None] * w[None, :]
+        # right reflector: zero A[k, k+2:] (a no-op at k = N-1: y = 0)
+        y = tl.sum(tl.where(rows == k, A, 0.0), axis=0)
+        y = tl.where(cj > k, y, 0.0)
+        yk = tl.sum(tl.where(cj == k + 1, y, 0.0), axis=0)
+        ny2 = tl.sum(y * y, axis=0)
+        ny = tl.sqrt(ny2)
+        e = tl.where(yk >= 0, -ny, ny)
+        u = tl.where(cj == k + 1, yk - e, y)
+        utu = 2.0 * ny * (ny + tl.abs(yk))
+        gamma = tl.where(utu > 0, 2.0 / tl.where(utu > 0, utu, 1.0), 0.0)
+        z = tl.sum(A * u[None, :], axis=1)
+        A = A - z[:, None] * (gamma * u)[None, :]
+        tl.store(scr + 2 * k, nx2)
+        tl.store(scr + 2 * k + 1, ny2)
+        bound = tl.maximum(bound, tl.maximum(prev + nx, nx + ny))
+        prev = ny
+    tl.debug_barrier()  # the scratch stores above are read back by every thread below
+
+    # ---- 3. multisection on the Golub-Kahan tridiagonal, all targets at once
+    t = tl.arange(0, N_PAD)                                     # target: the t-th smallest
+    frac = ((tl.arange(0, SECTIONS) + 1).to(cdt) / (SECTIONS + 1))[None, :]
+    lo = tl.zeros([N_PAD], dtype=cdt)
+    hi = tl.zeros([N_PAD], dtype=cdt) + bound * 1.0000001 + PIVMIN
+    for _ in range(ROUNDS):
+        xs = lo[:, None] + (hi - lo)[:, None] * frac            # (N_PAD, SECTIONS), increasing along axis 1
+        q = -xs
+        q = tl.where(tl.abs(q) < PIVMIN, -PIVMIN, q)
+        cnt = tl.where(q < 0, 1, 0)
+        for i in range(1, 2 * N):
+            b2 = tl.load(scr + (i - 1))
+            q = -xs - b2 / q
+            q = tl.where(tl.abs(q) < PIVMIN, -PIVMIN, q)
+            cnt += tl.where(q < 0, 1, 0)
+        at_or_below = (cnt - N) <= t[:, None]                   # #{s < x} <= t  <=>  x <= s_t
+        lo = tl.max(tl.where(at_or_below, xs, lo[:, None]), axis=1)
+        hi = tl.min(tl.where(at_or_below, hi[:, None], xs), axis=1)
+    s = 0.5 * (lo + hi)
+    s = tl.where(t < N, s, 0.0)
+
+    # ---- 4. output (descending) and the energy rank
+    out = tl.where(nonfinite, float("nan"), s * up)
+    tl.store(s_ptr + pid * N + (N - 1 - t), out.to(s_ptr.dtype.element_ty), mask=t < N)
+    if WITH_RANK:
+        s2 = s * s
+        tail = tl.cumsum(s2, axis=0, reverse=True)              # tail[t] = energy of the N - t largest
+        total = tl.sum(s2, axis=0)
+        below = tl.sum(tl.where((t < N) & (tail <= eta2 * total), 1, 0), axis=0)
+        r = tl.minimum(below + 1, N)
+        r = tl.where(total > 0, r, 0)
+        r = tl.where(nonfinite, -1, r)
+        tl.store(rank_ptr + pid, r.to(tl.int64))
+
+
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(int(v))
+
+
+def rounds_for(out_dtype: torch.dtype, sections: int = SECTIONS) -> int:
+    """Multisection rounds to shrink [0, bound] to 2^-52 of it (float64 output) or 2^-36 (float32)."""
+    bits = 52 if out_dtype == torch.float64 else 36
+    return math.ceil(bits / math.log2(sections + 1))
+
+
+def num_warps_for(m_pad: int, n_pad: int) -> int:
+    """About 32 tile elements per thread.  ptxas (sm_90, float64 compute, registers / spill stack
+    per thread): 32x32 1 warp 236 / 0 B; 64x64 4 warps 254 / 0 B (8 warps: 166, 16: 108);
+    128x128 16 warps 128 / 360 B; 256x256 32 warps 3.4 KB of stack (16 warps: 11.7 KB).  Not
+    tuned on a GPU yet: bench/test_bench_svd_gpu.py sweeps num_warps and SECTIONS."""
+    return max(1, min(32, (m_pad * n_pad) // (32 * 32)))
+
+
+def _check(A: torch.Tensor, eta: Optional[float]) -> None:
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A: expected a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 3:
+        raise ValueError(f"A: expected a (B, m, n) tensor, got shape {tuple(A.shape)}")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"A: expected float32 or float64, got {A.dtype}")
+    if not A.is_contiguous():
+        raise ValueError("A: expected a contiguous tensor")
+    if not (A.is_cuda or (A.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError(f"A: expected a CUDA tensor (CPU only under TRITON_INTERPRET=1), got {A.device}")
+    m, n = A.shape[1:]
+    if not (1 <= m <= MAX_DIM and 1 <= n <= MAX_DIM):
+        raise ValueError(f"A: m and n must be in 1..{MAX_DIM} for the Triton kernel, got (m, n) = ({m}, {n})")
+    if eta is not None and not (0.0 < float(eta) <= 1.0):
+        raise ValueError(f"eta: expected a value in (0, 1], got {eta}")
+
+
+def svdvals_rank(A: torch.Tensor, eta: Optional[float] = None, *, compute_f64: bool = True,
+                 out: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+                 sections: int = SECTIONS, num_warps: Optional[int] = None,
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Singular values (descending) and, if ``eta`` is given, the energy rank of each A[b].
+
+    A: (B, m, n) float32/float64 contiguous, CUDA (or CPU under TRITON_INTERPRET=1), 1 <= m, n <= 256.
+    Returns S (B, min(m, n)) in A's dtype and rank (B,) int64 (None without eta); see the module
+    docstring for the formulas, non-finite input (NaN S, rank -1) and accuracy.
+    ``out=(S, rank)`` writes into given tensors; ``compute_f64=False`` computes float32 inputs in
+    float32; ``sections`` / ``num_warps`` are tuning knobs (benchmarks).  No host-device sync.
+    """
+    _check(A, eta)
+    if not compute_f64 and A.dtype == torch.float64:
+        raise ValueError("compute_f64=False is for float32 inputs only")
+    if sections < 1 or sections & (sections - 1):
+        raise ValueError(f"sections: expected a power of two >= 1, got {sections}")
+    B, m, n = A.shape
+    N, M = min(m, n), max(m, n)
+    if out is None:
+        S = torch.empty((B, N), dtype=A.dtype, device=A.device)
+        rank = torch.empty((B,), dtype=torch.int64, device=A.device) if eta is not None else None
+    else:
+        S, rank = out
+        if S.shape != (B, N) or S.dtype != A.dtype or S.device != A.device or not S.is_contiguous():
+            raise ValueError(f"out: S must be a contiguous ({B}, {N}) {A.dtype} tensor on {A.device}")
+        if eta is not None and (rank is None or rank.shape != (B,) or rank.dtype != torch.int64
+                                or rank.device != A.device):
+            raise ValueError(f"out: rank must be a ({B},) int64 tensor on {A.device}")
+    if B == 0:
+        return S, rank
+    # tall view (M, N): A itself (rows stride n) or A^T (its rows are A's columns: stride 1)
+    stride_r, stride_c = (n, 1) if m >= n else (1, n)
+    scratch = torch.empty((B, 2 * N), dtype=torch.float64 if compute_f64 else torch.float32, device=A.device)
+    M_PAD, N_PAD = _pow2(M), _pow2(N)
+    _svd_kernel[(B,)](
+        A, S, rank if rank is not None else S, scratch, M, N, stride_r, stride_c,
+        float(eta) ** 2 if eta is not None else 1.0,
+        M_PAD=M_PAD, N_PAD=N_PAD, SECTIONS=sections, ROUNDS=rounds_for(A.dtype, sections),
+        COMPUTE_F64=compute_f64, WITH_RANK=eta is not None,
+        num_warps=num_warps or num_warps_for(M_PAD, N_PAD),
+    )
+    return S, rank
+
+
+# --------------------------------------------------------------------------- AOT variants
+_PTR = {torch.float32: "*fp32", torch.float64: "*fp64"}
+
+
+def aot_variant(dtype, m, n, with_rank, compute_f64=True) -> AOTVariant:
+    M_PAD, N_PAD = _pow2(max(m, n)), _pow2(min(m, n))
+    sig = {"a_ptr": _PTR[dtype], "s_ptr": _PTR[dtype], "rank_ptr": "*i64",
+           "scratch_ptr": "*fp64" if compute_f64 else "*fp32",
+           "M": "i32", "N": "i32", "stride_r": "i32", "stride_c": "i32", "eta2": "fp64"}
+    const = {"M_PAD": M_PAD, "N_PAD": N_PAD, "SECTIONS": SECTIONS,
+             "ROUNDS": rounds_for(dtype),
+             "COMPUTE_F64": compute_f64, "WITH_RANK": with_rank}
+    sig.update({name: "constexpr" for name in const})
+    name = (f"svd_{_PTR[dtype][1:]}_{M_PAD}x{N_PAD}{'_rank' if with_rank else ''}"
+            f"{'' if compute_f64 else '_f32compute'}")
+    aligned = ("a_ptr", "s_ptr", "rank_ptr", "scratch_ptr")
+    return AOTVariant(name, _svd_kernel, sig, const, num_warps_for(M_PAD, N_PAD), aligned)
+
+
+# Each constexpr branch once and the tile extremes: 1 x 1, tall 256 x 1, the benchmark's 64 x 64,
+# 128 x 128 and the spilling 256 x 256 (float64 and float32 inputs), float32 compute.
+AOT_KERNELS: List[AOTVariant] = [
+    aot_variant(torch.float32, 1, 1, True),
+    aot_variant(torch.float64, 256, 1, False),
+    aot_variant(torch.float32, 64, 64, True),
+    aot_variant(torch.float32, 64, 64, False),
+    aot_variant(torch.float64, 64, 64, True),
+    aot_variant(torch.float32, 128, 128, True),
+    aot_variant(torch.float64, 256, 256, True),
+    aot_variant(torch.float32, 64, 64, True, compute_f64=False),
+]
