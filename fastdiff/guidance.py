@@ -38,6 +38,7 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from fastdiff._interop import accepts_arrays
 from fastdiff.denoisers import Gaussian
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
@@ -80,6 +81,7 @@ def _measurement(A, y, device, dtype):
 
 
 # =========================================================================== the Gaussian posterior
+@accepts_arrays
 def gaussian_posterior(prior: Gaussian, A: torch.Tensor, y: torch.Tensor, noise_std: float) -> Gaussian:
     """The exact posterior ``p(x | y)`` of Gaussian data under ``y = A x + noise_std w`` (seed 004 eq.
     7.3.15), as a :class:`fastdiff.denoisers.Gaussian`: ``.sample(N)`` draws from it, and calling
@@ -172,6 +174,7 @@ def _ddim_loop(x0_fn: Callable, x, levels, eta, generator, disable, desc):
 
 
 # =========================================================================== public samplers
+@accepts_arrays
 def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: float, schedule, *, x=None,
                      num_samples: Optional[int] = None, method: str = "dps", steps: Optional[int] = None,
                      eta: float = 0.0, scale: float = 1.0, generator: Optional[Generator] = None,
@@ -187,7 +190,7 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
     conditional denoiser of :func:`gaussian_posterior`). x: (B, D) starting points, else
     ``num_samples`` fresh ones from ``generator`` (VP ``N(0, I)``, VE ``N(0, sigma_max^2 I)``).
     eta: DDIM noise (0 = Alg. 7.1). disable: the tqdm progress bar, as in k-diffusion.
-    Returns (B, D) in x's dtype (float32 for fresh samples).
+    Returns (B, D) in x's dtype (float32 for fresh samples); NumPy in (x, y or A), NumPy out.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -226,6 +229,7 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
     return _ddim_loop(dps_x0, x, levels, eta, generator, disable, "DPS")
 
 
+@accepts_arrays
 def cfg_sample(denoiser, labels, guidance, schedule, *, x=None, num_samples: Optional[int] = None,
                steps: Optional[int] = None, eta: float = 0.0, generator: Optional[Generator] = None,
                disable: Optional[bool] = None) -> torch.Tensor:

@@ -256,6 +256,18 @@ def test_same_seed_same_samples():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_numpy_in_numpy_out():
+    import numpy as np
+
+    sched = fastdiff.KarrasSchedule(10)
+    x_T = fastdiff.randn(16, 2, generator=fastdiff.Generator(1)) * 80.0
+    ref = G.posterior_sample(Gaussian(MU, SIGMA), Y.float(), A.float(), 0.5, sched, x=x_T.clone(), disable=True)
+    out = G.posterior_sample(Gaussian(MU, SIGMA), Y.numpy(), A.numpy(), 0.5, sched, x=x_T.numpy().copy(), disable=True)
+    assert isinstance(out, np.ndarray) and np.array_equal(out, ref.numpy())
+    post = G.gaussian_posterior(Gaussian(MU, SIGMA), A.numpy(), Y.numpy(), 0.5)
+    assert torch.allclose(post.mean, _posterior(0.5)[0])
+
+
 # --------------------------------------------------------------------------- errors
 def test_errors_name_the_argument():
     prior = Gaussian(MU, SIGMA)
