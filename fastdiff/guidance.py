@@ -108,8 +108,8 @@ def gaussian_posterior(prior: Gaussian, A: torch.Tensor, y: torch.Tensor, noise_
 
 # =========================================================================== the DDIM loop
 def _levels(schedule, steps):
-    """``[(alpha, sigma, step)]`` from the first (noisiest) level down; ``step(x, x0, generator)``
-    is the fused update to the next level with ``x0`` as the model output."""
+    """``([(alpha, sigma, step)], "vp" | "ve")`` from the noisiest level down; ``step(x, x0, eta, gen)``
+    is the fused update of ``x`` in place to the next level, with ``x0`` as the model output."""
     if isinstance(schedule, DDPMSchedule):
         T = schedule.T
         n = T if steps is None else steps
@@ -117,7 +117,6 @@ def _levels(schedule, steps):
             raise ValueError(f"steps: expected an int in [1, {T}] (the schedule length), got {steps!r}")
         # evenly spaced, always including t = T-1 (the noisiest level) like diffusers' "trailing"
         ts = sorted({round(T - 1 - i * T / n) for i in range(n)}, reverse=True)
-        ts = [t for t in ts if t >= 0]
         out = []
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1

@@ -97,12 +97,18 @@ def _cached(owner, key, build):
 
 # =========================================================================== DDPM
 def _ddpm_chain(self):
-    """The inference chain ``t_0 > t_1 > ... > t_{n-1}`` (``previous_timestep`` of each is the next
-    one, -1 for the last) as a DDPMSchedule indexed j = n-1-i, plus ``{t: j}``."""
+    """The inference chain ``t_0 > t_1 > ... > t_{n-1}`` as a DDPMSchedule indexed j = n-1-i, plus
+    ``{t: j}`` for the timesteps whose ``previous_timestep`` is the next one in the chain (-1 after
+    the last): diffusers' rule since it has ``previous_timestep``; any other goes to diffusers."""
     ts = [int(t) for t in self.timesteps.tolist()]
     asc = ts[::-1]
-    sched = _chain(self.alphas_cumprod.detach().double().cpu()[torch.tensor(asc)])
-    return sched, {t: j for j, t in enumerate(asc)}
+    sched = _chain(self.alphas_cumprod.detach().double().cpu()[torch.tensor(asc, dtype=torch.long)])
+    index = {}
+    for i, t in enumerate(ts):
+        expected = ts[i + 1] if i + 1 < len(ts) else -1
+        if hasattr(self, "previous_timestep") and int(self.previous_timestep(t)) == expected:
+            index[t] = len(ts) - 1 - i
+    return sched, index
 
 
 class DDPMScheduler(_DDPMScheduler):

@@ -77,7 +77,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(levels) - 1, disable=disable):
         x, sigma_hat, sh = _churn(x, sigmas, i, levels, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
+        denoised = model(x, sigma_hat * s_in, **extra_args).to(x.dtype)  # k-diffusion's arithmetic would promote
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
         x = euler_step(x, denoised, sh, levels[i + 1], prediction="x0")
@@ -95,14 +95,14 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(levels) - 1, disable=disable):
         x, sigma_hat, sh = _churn(x, sigmas, i, levels, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
+        denoised = model(x, sigma_hat * s_in, **extra_args).to(x.dtype)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
         x_pred = heun_step(x, denoised, sh, levels[i + 1], prediction="x0")
         if levels[i + 1] == 0:
             x = x_pred
         else:
-            denoised_2 = model(x_pred, sigmas[i + 1] * s_in, **extra_args)
+            denoised_2 = model(x_pred, sigmas[i + 1] * s_in, **extra_args).to(x.dtype)
             x = heun_step(x, denoised, sh, levels[i + 1], x_pred=x_pred, model_output_pred=denoised_2,
                           prediction="x0")
     return x
@@ -118,7 +118,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(levels) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised = model(x, sigmas[i] * s_in, **extra_args).to(x.dtype)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if levels[i + 1] > 0 and eta:
