@@ -245,6 +245,9 @@ def test_diffusers_unsupported_configurations_fall_back(case):
     a = orig.step(m, t, x, generator=torch.Generator().manual_seed(1), **extra)
     b = ours.step(m, t, x, generator=torch.Generator().manual_seed(1), **extra)
     assert torch.equal(a.prev_sample, b.prev_sample)
+    # a fastdiff.Generator still works there (a torch.Generator seeded from its stream), reproducibly
+    c, d = (ours.step(m, t, x, generator=fastdiff.Generator(7), **extra).prev_sample for _ in range(2))
+    assert torch.equal(c, d) and torch.isfinite(c).all()
 
 
 @needs_diffusers

@@ -27,7 +27,8 @@ learned ones, ``fixed_large_log``); a model output whose shape, dtype or device 
 sample's (DDPM, DDIM; Euler computes in float32 like diffusers); a DDPM timestep outside the
 scheduler's timesteps; DDPM ``fixed_large`` on a final step whose timestep is not 0 (diffusers then
 adds ``sqrt(1 - abar_t)`` noise, which no DDPM step of ours does); anything diffusers itself
-rejects (it raises its own error).  ``fastdiff_supports(...)`` tells which path a call takes.
+rejects (it raises its own error).  ``fastdiff_supports(...)`` tells which path a call takes; a
+fastdiff.Generator given to such a call seeds a torch.Generator from its stream (reproducible).
 """
 from __future__ import annotations
 
@@ -75,6 +76,15 @@ def _noise_source(generator, shape, like: torch.Tensor):
     if generator is None or isinstance(generator, Generator):
         return None, generator
     raise TypeError(f"generator: expected a torch.Generator, a fastdiff.Generator or None, got {type(generator).__name__}")
+
+
+def _for_diffusers(generator, like: torch.Tensor):
+    """The generator for a call handed to diffusers' own step: a fastdiff.Generator becomes a
+    torch.Generator seeded from its stream position (and advances it), so the run stays reproducible."""
+    if isinstance(generator, Generator):
+        seed = (generator.seed * 0x9E3779B97F4A7C15 + generator.draw(like.numel())) % (1 << 63)
+        return torch.Generator(device=like.device).manual_seed(seed)
+    return generator
 
 
 def _same_layout(model_output, sample) -> bool:
@@ -131,7 +141,8 @@ class DDPMScheduler(_DDPMScheduler):
              generator: Union[torch.Generator, Generator, None] = None,
              return_dict: bool = True) -> Union[DDPMSchedulerOutput, tuple]:
         if not self.fastdiff_supports(model_output, timestep, sample):
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+            return super().step(model_output, timestep, sample, generator=_for_diffusers(generator, sample),
+                                return_dict=return_dict)
         sched, index = _cached(self, (self.timesteps, self.alphas_cumprod), _ddpm_chain)
         t = int(timestep)
         j = index[t]
@@ -171,7 +182,8 @@ class DDIMScheduler(_DDIMScheduler):
              variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True) -> Union[DDIMSchedulerOutput, tuple]:
         if not self.fastdiff_supports(model_output, timestep, sample):
             return super().step(model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                                generator=generator, variance_noise=variance_noise, return_dict=return_dict)
+                                generator=_for_diffusers(generator, sample), variance_noise=variance_noise,
+                                return_dict=return_dict)
         sched = _cached(self, (self.alphas_cumprod,), _ddim_table)
         t = int(timestep)
         t_prev = t - self.config.num_train_timesteps // self.num_inference_steps
@@ -230,7 +242,7 @@ class EulerDiscreteScheduler(_EulerDiscreteScheduler):
              return_dict: bool = True) -> Union[EulerDiscreteSchedulerOutput, tuple]:
         if not self.fastdiff_supports(model_output, timestep, sample):
             return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
-                                s_noise=s_noise, generator=generator, return_dict=return_dict)
+                                s_noise=s_noise, generator=_for_diffusers(generator, sample), return_dict=return_dict)
         if not self.is_scale_input_called:
             _euler_logger.warning("The `scale_model_input` function should be called before `step` to ensure correct "
                                   "denoising. See `StableDiffusionPipeline` for a usage example.")
