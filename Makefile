@@ -9,6 +9,8 @@ install:
 	$(PIP) "torch==2.13.0"
 	$(PIP) "setuptools>=64" wheel "pybind11>=2.10"
 	$(PIP) --no-build-isolation -e ".[test,triton,plot]"
+	# the original k-diffusion samplers the adapter tests compare with; --no-deps: its requirements pull torchvision
+	$(PIP) --no-deps "k-diffusion==0.1.1.post1"
 
 test: install
 	$(PY) -m pytest -q

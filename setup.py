@@ -33,7 +33,7 @@ ext = Pybind11Extension(
 )
 
 setup(
-    packages=["fastdiff", "fastdiff.reference", "fastdiff.kernels", "fastdiff._csrc"],
+    packages=["fastdiff", "fastdiff.reference", "fastdiff.adapters", "fastdiff.kernels", "fastdiff._csrc"],
     package_dir={"fastdiff.kernels": "kernels", "fastdiff._csrc": "csrc"},
     package_data={"fastdiff._csrc": ["*.h", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=[ext],
