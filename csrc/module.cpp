@@ -56,7 +56,7 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Batched singular values (float64 arithmetic) with the energy rank fused in.\n"
         "A (B, m, n) contiguous, dtype 0 float32 / 1 float64; S (B, min(m, n)) same dtype, descending;\n"
-        "rank int64 (B,) or 0: min r with sum_{i<=r} s_i^2 > eta^2 sum s_i^2 (eta = 1: count of s_i > 0;\n"
+        "rank int64 (B,) or 0: min r with sum_{i<=r} s_i^2 > eta^2 sum s_i^2 (clamped to min(m, n);\n"
         "zero matrix: 0).  Non-finite entries: S = NaN, rank = -1.");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");

@@ -3,7 +3,7 @@
 //   for each matrix A_b (m, n) of a contiguous batch (B, m, n), float32 or float64:
 //     S_b    = singular values of A_b, descending, min(m, n) of them
 //     rank_b = min { r : sum_{i<=r} s_i^2 > eta^2 sum_i s_i^2 }          (SPEC 3)
-//              (eta = 1: the number of nonzero s_i; a zero matrix has rank 0)
+//              (clamped to N = min(m, n), which eta = 1 gives; a zero matrix has rank 0)
 //   A matrix with a NaN / Inf entry gets S = NaN and rank = -1 (also if the QR iteration does
 //   not converge, which backward-stable shifts make practically unreachable).
 //
@@ -368,18 +368,13 @@ int64_t energy_rank(const double* s, int64_t N, double eta) {
   double total = 0.0;
   for (int64_t i = 0; i < N; ++i) total += s[i] * s[i];
   if (total == 0.0) return 0;
-  if (eta >= 1.0) {
-    int64_t r = 0;
-    while (r < N && s[r] > 0.0) ++r;
-    return r;
-  }
   const double bound = eta * eta * total;
   double cum = 0.0;
   for (int64_t r = 0; r < N; ++r) {
     cum += s[r] * s[r];
     if (cum > bound) return r + 1;
   }
-  return N;  // only reachable through rounding with eta^2 ~ 1
+  return N;  // eta = 1: no prefix exceeds the total; clamped to N (as the Triton kernel does)
 }
 
 struct SvdJob {
