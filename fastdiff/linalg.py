@@ -93,8 +93,9 @@ def _svdvals_rank_cpp(A: torch.Tensor, eta: Optional[float]):
     from fastdiff import _C
 
     B, m, n = A.shape
+    # poisoned: an element the kernel skips shows up as NaN / -2 (no valid rank is -2)
     S = torch.full((B, min(m, n)), float("nan"), dtype=A.dtype)
-    rank = torch.empty(B, dtype=torch.int64) if eta is not None else None
+    rank = torch.full((B,), -2, dtype=torch.int64) if eta is not None else None
     _C.svdvals_rank(A.data_ptr(), 0 if A.dtype == torch.float32 else 1, B, m, n, S.data_ptr(),
                     rank.data_ptr() if rank is not None else 0, eta if eta is not None else 1.0)
     return S, rank
