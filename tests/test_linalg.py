@@ -76,6 +76,8 @@ def _shapes(backend, device):
         return SMALL_SHAPES
     if backend == "triton":
         return [s for s in SHAPES if max(s) <= 256]
+    if backend == "torch":  # LAPACK against LAPACK: the wrapper, not the numerics, is under test
+        return [s for s in SHAPES if max(s) <= 128]
     return SHAPES
 
 
@@ -284,7 +286,7 @@ def test_jacobian_modes_chunks_and_fallback():
 
 
 MOLRG_CASES = [  # (B, n, dims, per_sample, delta)
-    (3, 6, [1, 2], False, 0.0), (4, 20, [3, 4, 2], True, 0.1), (2, 48, [6, 6], False, 0.0),
+    (3, 6, [1, 2], False, 0.0), (4, 12, [3, 4, 2], True, 0.1), (2, 48, [6, 6], False, 0.0),
     (5, 9, [4, 4, 4], True, 0.2), (1, 1, [1], False, 0.3),
 ]
 
@@ -318,6 +320,8 @@ def test_molrg_jacobian_matches_reference_autograd_and_differences(case):
                 auto = R.jacobian(f, x)
                 scale = auto.abs().max().item() + 1.0
                 assert (J - auto).abs().max().item() <= 1e-12 * scale, (mode, output, guided)
+                if (mode, output, guided) not in (("soft", "x0", False), ("soft", "score", True), ("hard", "eps", True)):
+                    continue  # central differences on a few combinations (the reference is slow)
                 # central differences: error h^2 |f'''| ~ 1e-10 plus rounding eps |f| / h ~ 1e-11
                 h = 1e-5
                 fd = torch.stack([(f(x + h * e) - f(x - h * e)) / (2 * h) for e in torch.eye(n, dtype=torch.float64)], 2)
@@ -367,7 +371,8 @@ def test_lanczos_rank_matches_dense():
     n = 64
     U = _bases(n, [5, 7, 3], gen)
     x = torch.randn(6, n, generator=gen, dtype=torch.float64) * 2
-    for delta, sigma in ((0.0, 0.5), (0.0, 5.0), (0.02, 0.5), (0.05, 0.1)):
+    x = x[:4]
+    for delta, sigma in ((0.0, 0.5), (0.02, 0.5)):
         f = lambda z: RD.molrg_denoise(z, U, 1.0, sigma, delta=delta)  # noqa: E731
         dense = fastdiff.jacobian_rank(f, x)
         closed = fastdiff.molrg_jacobian_rank(x, U, 1.0, sigma, delta=delta)
@@ -378,7 +383,7 @@ def test_lanczos_rank_matches_dense():
         else:             # a_perp I part: the energy outside the Krylov space is estimated
             assert (lz - dense).abs().max() <= 1, (lz, dense)
     lz_f32 = fastdiff.jacobian_rank(lambda z: RD.molrg_denoise(z, [u.float() for u in U], 1.0, 0.5), x.float(),
-                                    method="lanczos")
+                                    method="lanczos", probes=4)
     assert torch.equal(lz_f32, fastdiff.molrg_jacobian_rank(x, U, 1.0, 0.5))
 
 
