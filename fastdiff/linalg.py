@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -410,7 +411,7 @@ def _lanczos_rank(fn, x, args, eta, k, probes, seed, backend):
 
 # --------------------------------------------------------------------------- MoLRG closed form
 def _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output):
-    """(A (R,), M (B, D, D), Ucat (n, D)) with J = A I + Ucat M Ucat^T (float64)."""
+    """(A (R,), M (B, D, D), Ucat (n, D) float64, x, ucat as packed) with J = A I + Ucat M Ucat^T."""
     x = _check_x(x)
     if mode not in ("soft", "hard"):
         raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
@@ -453,7 +454,7 @@ def _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
         same = (seg[:, None] == seg[None, :]).double()              # block-diagonal mask
         g2 = expand((2 * g).expand(B, K) if g.shape[0] == 1 else 2 * g)
         M = M + (1 - gw)[:, :, None] * (cp[:, :, None] * (g2 * p)[:, None, :] * same - cp[:, :, None] * hp[:, None, :])
-    return A, M, U, x
+    return A, M, U, x, ucat
 
 
 @accepts_arrays
@@ -471,8 +472,7 @@ def molrg_jacobian(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 
     the SPEC 3 form for output x0 without guidance.  mode="hard": the one-hot weights are
     piecewise constant, M = diag(w'_k C_k)[seg].  Computed in float64, returned in x's dtype.
     """
-    A, M, U, x = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output)
-    n = x.shape[1]
+    A, M, U, x, _ = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output)
     J = U @ M @ U.T
     J.diagonal(dim1=1, dim2=2).add_(A[:, None])
     return J.to(x.dtype)
@@ -481,11 +481,24 @@ def molrg_jacobian(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 
 _BASIS_CACHE: dict = {}
 
 
-def _range_basis(U: torch.Tensor):
-    """(Q (n, r) orthonormal, R (r, D)) with U = Q R, r = numerical rank of U (bases may overlap)."""
+def _range_basis(ucat: torch.Tensor):
+    """(Q (n, r) orthonormal, R (r, D)) with Ucat = Q R in float64, r = numerical rank of Ucat
+    (bases may overlap), from an SVD of Ucat.  The SVD (~80 ms at n = 768, D = 160, far more
+    than the rest of a call) is cached per packed-bases tensor (weak reference + version
+    counter, as :func:`fastdiff.denoise._packed` caches the packing itself), so a sweep over
+    many points and noise levels with one set of bases pays it once."""
+    key = (id(ucat), ucat._version, ucat.device)
+    hit = _BASIS_CACHE.get(key)
+    if hit is not None and hit[0]() is ucat:
+        return hit[1]
+    U = ucat.double()
     W, s, Vh = torch.linalg.svd(U, full_matrices=False)
     keep = s > s[0] * max(U.shape) * torch.finfo(torch.float64).eps
-    return W[:, keep], s[keep, None] * Vh[keep]
+    QR = (W[:, keep], s[keep, None] * Vh[keep])
+    if len(_BASIS_CACHE) >= 16:
+        _BASIS_CACHE.pop(next(iter(_BASIS_CACHE)))
+    _BASIS_CACHE[key] = (weakref.ref(ucat), QR)
+    return QR
 
 
 @accepts_arrays
@@ -501,9 +514,9 @@ def molrg_jacobian_rank(x, bases, alpha, sigma, *, eta: float = 0.99, pi=None, t
     values (B, n), descending, with ``return_svals``); a non-finite x gives rank -1.
     """
     eta = _check_eta(eta)
-    A, M, U, x = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output)
+    A, M, U, x, ucat = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output)
     B, n = x.shape
-    Q, R = _range_basis(U)
+    Q, R = _range_basis(ucat)
     r = Q.shape[1]
     small = R @ M @ R.T
     small.diagonal(dim1=1, dim2=2).add_(A[:, None])
