@@ -1,4 +1,4 @@
-// pybind11 module fastdiff._C: the CPU fused step kernel.  No torch linkage: the Python side
+// pybind11 module fastdiff._C: the CPU kernels (fused step, MoLRG, batched SVD).  No torch linkage: the Python side
 // passes raw data pointers (ints), sizes and floats; it validates shapes / dtypes / devices.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -21,6 +21,8 @@ void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t
                     uintptr_t du_ptr, int64_t B, int64_t n, uintptr_t u_ptr,
                     const std::vector<int64_t>& offsets, uintptr_t params_ptr, int64_t R,
                     uintptr_t labels_ptr, bool hard);
+void svdvals_rank(uintptr_t a_ptr, int dtype, int64_t B, int64_t m, int64_t n, uintptr_t s_ptr,
+                  uintptr_t rank_ptr, double eta);
 }  // namespace fastdiff
 
 PYBIND11_MODULE(_C, m) {
@@ -49,6 +51,13 @@ PYBIND11_MODULE(_C, m) {
         "x, G = dL/dout, dx (B, n); w (B, K) the forward's posterior; Ucat, dU (n, D);\n"
         "params / offsets / labels / hard as molrg_forward.  P = U^T x recomputed,\n"
         "dx = A G + U dP, dU = G^T q + x^T dP (both overwritten; dx must not alias x / G).");
+  m.def("svdvals_rank", &fastdiff::svdvals_rank, py::arg("a_ptr"), py::arg("dtype"), py::arg("B"),
+        py::arg("m"), py::arg("n"), py::arg("s_ptr"), py::arg("rank_ptr"), py::arg("eta"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Batched singular values (float64 arithmetic) with the energy rank fused in.\n"
+        "A (B, m, n) contiguous, dtype 0 float32 / 1 float64; S (B, min(m, n)) same dtype, descending;\n"
+        "rank int64 (B,) or 0: min r with sum_{i<=r} s_i^2 > eta^2 sum s_i^2 (clamped to min(m, n);\n"
+        "zero matrix: 0).  Non-finite entries: S = NaN, rank = -1.");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }

@@ -2,12 +2,23 @@
 
 Reverse steps (:mod:`fastdiff.steps`), analytic denoisers (:mod:`fastdiff.denoise`, objects in
 :mod:`fastdiff.denoisers`), schedules, the shared Philox stream, and one dispatch point
-(:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call.
+(:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call; batched SVD and
+Jacobian ranks (:mod:`fastdiff.linalg`).
 """
 from fastdiff import denoisers
 from fastdiff.backends import available, info as _info_text
 from fastdiff.denoise import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
 from fastdiff.generator import Generator, default_generator
+from fastdiff.linalg import (
+    jacobian,
+    jacobian_rank,
+    jacobian_rank_trajectory,
+    molrg_jacobian,
+    molrg_jacobian_rank,
+    svd,
+    svdvals,
+    svdvals_rank,
+)
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.steps import (
     PREDICTIONS,
@@ -44,4 +55,6 @@ __all__ = [
     "PREDICTIONS", "ddpm_step", "ddim_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step",
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
+    "svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
+    "jacobian_rank_trajectory",
 ]
