@@ -8,6 +8,7 @@ from fastdiff import denoisers
 from fastdiff.backends import available, info as _info_text
 from fastdiff.denoise import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
 from fastdiff.generator import Generator, default_generator
+from fastdiff.sampling import sample
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.steps import (
     PREDICTIONS,
@@ -43,5 +44,5 @@ __all__ = [
     "DDPMSchedule", "KarrasSchedule", "Generator", "default_generator", "manual_seed", "info", "available",
     "PREDICTIONS", "ddpm_step", "ddim_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step",
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
-    "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
+    "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers", "sample",
 ]
