@@ -32,7 +32,7 @@ import triton.language as tl
 from .fused_step import AOTVariant, _TY
 
 MAX_K = 32
-REG_TILE = 16384  # fp32 elements of U (N_PAD x D_PAD) held per program
+REG_TILE = 4096  # fp32 elements of U (N_PAD x D_PAD) held per program (32 registers per thread at 4 warps)
 NUM_WARPS = 4
 
 
@@ -141,7 +141,7 @@ def _pow2(v, lo=16):
 def _blocks(B, n, D, K):
     """(BLOCK_B, N_PAD, D_PAD, K_PAD): small row tiles (16) give more programs for the GPU."""
     N_PAD, D_PAD, K_PAD = _pow2(n), _pow2(D), _pow2(K)
-    BLOCK_B = max(16, min(32, 4096 // N_PAD, _pow2(B)))
+    BLOCK_B = max(16, min(32, 2048 // N_PAD, _pow2(B)))
     return BLOCK_B, N_PAD, D_PAD, K_PAD
 
 
@@ -204,5 +204,5 @@ def aot_variant(n, D, K, hard, labels, traj) -> AOTVariant:
 AOT_KERNELS: List[AOTVariant] = [
     aot_variant(48, 24, 3, False, False, False),
     aot_variant(48, 24, 3, True, True, True),
-    aot_variant(256, 64, 32, False, True, False),
+    aot_variant(128, 32, 32, False, True, False),
 ]
