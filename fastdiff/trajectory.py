@@ -88,6 +88,8 @@ def tables(models: Sequence[MoLRG], table, numel: int, gen, guidance, snaps, dev
         if st.churn != 0.0:
             idx[t, 0] = gen.draw(numel)
         if st.cz != 0.0:
+            # no method churns and adds step noise in one step; the Triton kernel relies on it
+            assert st.churn == 0.0, "a step with two noise draws"
             idx[t, 1] = gen.draw(numel)
         idx[t, 2] = level_row.setdefault(st.level, len(level_row))
         if st.level2 is not None:

@@ -38,14 +38,19 @@ NUM_WARPS = 4
 
 @triton.jit
 def _normals(seed, off, g_rel):
-    """The Philox normals at global indices off + g_rel (int64 tensor), tl.randn's mapping."""
+    """The Philox normals at global indices off + g_rel (int64 tensor), tl.randn's mapping: quad
+    g >> 2 gives Box-Muller pairs (u0, u1) -> lanes 0, 1 and (u2, u3) -> lanes 2, 3; only the
+    pair holding each element's lane is transformed (one log, sin and cos per element: these
+    libdevice calls are inlined per element and dominate the compiled code size)."""
     g = off + g_rel
     q = g >> 2
     lane = g & 3
     r0, r1, r2, r3 = tl.philox(seed, q.to(tl.uint32), (q >> 32).to(tl.uint32), 0, 0)
-    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
-    return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+    lo = lane < 2
+    u1 = tl.uint_to_uniform_float(tl.where(lo, r0, r2))
+    u2 = tl.uint_to_uniform_float(tl.where(lo, r1, r3))
+    na, nb = tl.pair_uniform_to_normal(u1, u2)
+    return tl.where((lane & 1) == 0, na, nb)
 
 
 @triton.jit
@@ -116,12 +121,18 @@ def _molrg_trajectory_kernel(
         off2 = tl.load(ix + 1)
         p1 = tl.load(ix + 2)
         p2 = tl.load(ix + 3)
+        # at most one of the two draws per step (fastdiff/trajectory.py checks): one call site
+        offz = tl.maximum(off1, off2)
+        if offz >= 0:
+            z = tl.where(xm, _normals(seed, offz, g_rel), 0.0)
+        else:
+            z = tl.zeros([BLOCK_B, N_PAD], dtype=tl.float32)
         if off1 >= 0:
-            x = x + tl.load(c) * tl.where(xm, _normals(seed, off1, g_rel), 0.0)
+            x = x + tl.load(c) * z
         x0 = _posterior_mean(x, U, S, pinst + p1 * pstride, kk, kmask, K, lab, HARD, HAS_LABELS, DOT_PRECISION)
         xp = tl.load(c + 1) * x + tl.load(c + 2) * x0
         if off2 >= 0:
-            xp = xp + tl.load(c + 3) * tl.where(xm, _normals(seed, off2, g_rel), 0.0)
+            xp = xp + tl.load(c + 3) * z
         if p2 >= 0:
             x0p = _posterior_mean(xp, U, S, pinst + p2 * pstride, kk, kmask, K, lab, HARD, HAS_LABELS, DOT_PRECISION)
             x = tl.load(c + 4) * x + tl.load(c + 5) * x0 + tl.load(c + 6) * xp + tl.load(c + 7) * x0p
@@ -139,9 +150,9 @@ def _pow2(v, lo=16):
 
 
 def _blocks(B, n, D, K):
-    """(BLOCK_B, N_PAD, D_PAD, K_PAD): small row tiles (16) give more programs for the GPU."""
+    """(BLOCK_B, N_PAD, D_PAD, K_PAD): 16-row tiles (tl.dot's minimum) give the most programs."""
     N_PAD, D_PAD, K_PAD = _pow2(n), _pow2(D), _pow2(K)
-    BLOCK_B = max(16, min(32, 2048 // N_PAD, _pow2(B)))
+    BLOCK_B = 16
     return BLOCK_B, N_PAD, D_PAD, K_PAD
 
 
