@@ -13,8 +13,6 @@ Acceptance targets (issue 5): CPU fused >= 4x eager at (B, n, K, d, T) = (1024, 
 256 instances x 64 samples >= 10x looping over instances; GPU fused >= 20x eager.
 GFLOP/s counts the denoiser's two products per step (4 n D FLOPs per sample per step).
 """
-import math
-
 import pytest
 import torch
 

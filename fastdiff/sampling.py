@@ -37,18 +37,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from fastdiff import backends, steps as S
+from fastdiff import steps as S
 from fastdiff._interop import accepts_arrays
-from fastdiff.denoise import _molrg_params_scalar, pack_bases
 from fastdiff.denoisers import MoLRG
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 
-__all__ = ["sample", "METHODS", "trajectory_table", "gaussian_sampler_variance"]
+__all__ = ["sample", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
 METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump")
 _SQRT2M1 = math.sqrt(2.0) - 1.0
@@ -159,9 +158,10 @@ def _levels(name: str, schedule) -> List[float]:
 
 
 def _check_number(name, v, *, lo=0.0, strict=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise TypeError(f"{name}: expected a finite number, got {v!r}") if not isinstance(v, numbers.Real) or isinstance(v, bool) \
-            else ValueError(f"{name}: expected a finite number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if (v <= lo) if strict else (v < lo):
         raise ValueError(f"{name}: expected {name} {'>' if strict else '>='} {lo}, got {v}")
     return float(v)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_step import AOTVariant, _TY
+from .fused_step import AOTVariant
 
 MAX_K = 32
 REG_TILE = 4096  # fp32 elements of U (N_PAD x D_PAD) held per program (32 registers per thread at 4 warps)
