@@ -443,3 +443,19 @@ def test_bad_input():
         MoLRG(_bases(13, (2,), 0), mode="argmax")
     with pytest.raises(ValueError, match="backend"):
         fastdiff.sample(m, (2, 13), S, backend="gpu")
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
+def test_philox_offsets_past_2_32_quads(backend, device):
+    """Noise windows straddling quad index 2^32 (64-bit counters: the high word carries)."""
+    m = _model()
+    x = fastdiff.randn(6, 13, generator=fastdiff.Generator(0)).to(device)
+    start = 2**34 - 64  # quad 2^32 - 16: the first window crosses into the high word
+    a = fastdiff.sample(m, x, fastdiff.DDPMSchedule(T=6), generator=fastdiff.Generator(3, start), backend=backend,
+                        fused=True, progress=False)
+    b = fastdiff.sample(m, x.cpu(), fastdiff.DDPMSchedule(T=6), generator=fastdiff.Generator(3, start), fused=False,
+                        progress=False)
+    _close(a, b, 1e-5)
+    c = fastdiff.sample(m, x, fastdiff.DDPMSchedule(T=6), generator=fastdiff.Generator(3, 0), backend=backend,
+                        progress=False)
+    assert not torch.allclose(a.cpu(), c.cpu())
