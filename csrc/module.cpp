@@ -23,6 +23,10 @@ void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t
                     uintptr_t labels_ptr, bool hard);
 void svdvals_rank(uintptr_t a_ptr, int dtype, int64_t B, int64_t m, int64_t n, uintptr_t s_ptr,
                   uintptr_t rank_ptr, double eta);
+void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_t u_ptr,
+                      const std::vector<int64_t>& offsets, uintptr_t params_ptr,
+                      int64_t params_istride, uintptr_t labels_ptr, bool hard, uintptr_t coef_ptr,
+                      uintptr_t idx_ptr, int64_t t0, int64_t t1, uintptr_t traj_ptr, uint64_t seed);
 }  // namespace fastdiff
 
 PYBIND11_MODULE(_C, m) {
@@ -58,6 +62,16 @@ PYBIND11_MODULE(_C, m) {
         "A (B, m, n) contiguous, dtype 0 float32 / 1 float64; S (B, min(m, n)) same dtype, descending;\n"
         "rank int64 (B,) or 0: min r with sum_{i<=r} s_i^2 > eta^2 sum s_i^2 (clamped to min(m, n);\n"
         "zero matrix: 0).  Non-finite entries: S = NaN, rank = -1.");
+  m.def("molrg_trajectory", &fastdiff::molrg_trajectory, py::arg("x_ptr"), py::arg("I"),
+        py::arg("B"), py::arg("n"), py::arg("u_ptr"), py::arg("offsets"), py::arg("params_ptr"),
+        py::arg("params_istride"), py::arg("labels_ptr"), py::arg("hard"), py::arg("coef_ptr"),
+        py::arg("idx_ptr"), py::arg("t0"), py::arg("t1"), py::arg("traj_ptr"), py::arg("seed"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Fused MoLRG sampling trajectory, float32, steps [t0, t1) (see csrc/trajectory.cpp).\n"
+        "x (I*B, n) in/out; U (I, n, D); params (I or 1, P, 3K+2) with instance stride\n"
+        "params_istride (0: shared); labels int64 (I*B) or 0; coef float32 (T, 8)\n"
+        "[s1, cx, cm, cz, hx, hm, hxp, hmp]; idx int64 (T, 5) [off1, off2, prow1, prow2, snap]\n"
+        "(-1: none); traj (S, I*B, n) or 0.");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }

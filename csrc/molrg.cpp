@@ -41,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "molrg.h"
 #include "philox.h"
 
 #ifdef _OPENMP
@@ -64,21 +65,6 @@ constexpr int64_t MOLRG_MAX_K = 1024;
 // Phase 1 sums over i in blocks of IBLK terms that are then added up: float32 rounding error
 // ~ (IBLK + n / IBLK) eps instead of ~ n eps (the logits amplify errors in P by ~ g |P|).
 constexpr int64_t IBLK = 64;
-
-struct MolrgJob {
-  const float* x;
-  float* out;
-  float* w;                 // nullptr: do not write the weights
-  int64_t B, n, D, D8, n8;
-  int K;
-  const float* U;           // (n, D)
-  const float* Ut;          // (D, n8), zero padded
-  const int64_t* off;       // K + 1
-  const float* params;
-  int64_t R, pstride;       // pstride = 3K + 2
-  const int64_t* labels;    // nullptr: no guidance
-  bool hard;
-};
 
 inline const float* params_row(const MolrgJob& J, int64_t r) {
   return J.params + (J.R == 1 ? 0 : r) * J.pstride;
@@ -535,6 +521,22 @@ int64_t chunk_rows(int64_t B, int64_t D8, int nthreads) {
 }
 
 }  // namespace
+
+void molrg_rows(const MolrgJob& J, int64_t r0, int64_t r1, float* scratch) {
+#if FD_MOLRG_X86
+  if (use_avx2()) {
+    chunk_avx2(J, r0, r1, scratch);
+    return;
+  }
+#endif
+  chunk_generic(J, r0, r1, scratch);
+}
+
+void molrg_transpose(const MolrgJob& J, float* Ut) {
+  transpose_block(J, Ut, 0, J.n);
+  for (int64_t j = 0; j < J.D; ++j)
+    for (int64_t i = J.n; i < J.n8; ++i) Ut[j * J.n8 + i] = 0.0f;
+}
 
 void molrg_forward(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t w_ptr, int64_t B, int64_t n,
                    uintptr_t u_ptr, const std::vector<int64_t>& offsets, uintptr_t params_ptr,

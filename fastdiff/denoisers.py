@@ -24,10 +24,15 @@ class MoLRG:
     """Mixture of low-rank Gaussians (SPEC 2): component k (probability ``pi_k``) is
     ``x_0 = U_k a + delta g``, ``a ~ N(0, tau_k^2 I_{d_k})``, ``g ~ N(0, I_n)``.
 
-    ``bases``: (K, n, d) tensor or list of (n, d_k) orthonormal tensors.
+    ``bases``: (K, n, d) tensor or list of (n, d_k) orthonormal tensors.  ``mode``: the
+    denoiser's weights, "soft" (posterior softmax) or "hard" (argmax), used by every call.
     """
 
-    def __init__(self, bases, pi=None, tau=None, delta: float = 0.0, *, check_orthonormal: bool = True):
+    def __init__(self, bases, pi=None, tau=None, delta: float = 0.0, *, mode: str = "soft",
+                 check_orthonormal: bool = True):
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
+        self.mode = mode
         self.ucat, self.dims = pack_bases(bases, check_orthonormal=check_orthonormal)
         self.bases = list(torch.split(self.ucat, self.dims, dim=1))
         self.K, self.n = len(self.dims), self.ucat.shape[0]
@@ -41,6 +46,7 @@ class MoLRG:
                       pi=self.pi, tau=self.tau, delta=self.delta, backend="torch")
 
     def __call__(self, x, alpha, sigma, **kwargs):
+        kwargs.setdefault("mode", self.mode)
         return molrg_denoise(x, self.bases, alpha, sigma, pi=self.pi, tau=self.tau, delta=self.delta, **kwargs)
 
     def sample(self, N: int, generator=None, *, return_labels: bool = False):
@@ -62,7 +68,7 @@ class MoLRG:
         return (x, labels.to(dev)) if return_labels else x
 
     def __repr__(self) -> str:
-        return f"MoLRG(n={self.n}, K={self.K}, dims={self.dims}, delta={self.delta})"
+        return f"MoLRG(n={self.n}, K={self.K}, dims={self.dims}, delta={self.delta}, mode={self.mode!r})"
 
 
 class Gaussian:

@@ -1,0 +1,486 @@
+"""Whole sampling trajectories: ``fastdiff.sample`` (SPEC 1 steps driven by a denoiser).
+
+A sampler alternates a denoiser evaluation ``x0_hat = D(x; alpha, sigma)`` with a reverse step.
+With ``x0_hat`` as the model output every step of SPEC 1 is, per sample, the affine map
+
+    x <- x + s1 z1                                   (EDM churn; s1 = 0: none)
+    x' = cx x + cm D(x; level) + cz z2               (the step; cz = 0: no draw)
+    x  <- hx x + hm D(x; level) + hxp x' + hmp D(x'; level2)   (Heun's corrector, else x <- x')
+
+so a trajectory is a ``(T, ...)`` table of float64 coefficients computed once on the host (the
+same expressions, in the same order, as the step functions of :mod:`fastdiff.steps`, so the
+float32 coefficients agree bit for bit), the denoiser's per-level parameter rows
+(:func:`fastdiff.denoise.molrg_params`) and the Philox offsets each step draws at (the offsets
+the step-by-step loop takes from the generator).
+
+- With a :class:`fastdiff.denoisers.MoLRG` (or a list of them / a ``(I, K, n, d)`` bases tensor:
+  ``I`` independent instances, ``x`` of shape ``(I, B, n)``) the whole trajectory runs in one
+  fused kernel (C++/OpenMP on CPU, Triton on CUDA): each thread / program keeps a tile of
+  samples on chip for all T steps, draws its noise in the kernel, and reads the bases from cache.
+- With any other callable ``denoiser(x, alpha, sigma) -> x0_hat`` it runs the loop over the
+  fused steps (:func:`fastdiff.ddpm_step`, ...), drawing from the same generator.  Both paths
+  give the same result for the same seed (to float32 rounding).
+
+Methods (``schedule`` kind):
+
+=================  ======================  ================================================
+``ddpm``           DDPMSchedule            ancestral, every t = T-1 .. 0 (``variance=``)
+``ddim``           DDPMSchedule            ``steps`` evenly spaced timesteps, ``eta``
+``euler``          KarrasSchedule          probability-flow ODE, optional ``churn``
+``euler_ancestral`` KarrasSchedule         ``eta``, ``s_noise``
+``heun``           KarrasSchedule          EDM Alg. 2 (``churn``, ``s_noise``)
+``langevin``       noise level(s) sigma    ``steps`` Langevin steps per level (annealed)
+``walk_jump``      noise level sigma       Langevin "walk", then the "jump" ``x0_hat(y)``
+=================  ======================  ================================================
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from fastdiff import steps as S
+from fastdiff._interop import accepts_arrays
+from fastdiff.denoisers import MoLRG
+from fastdiff.generator import Generator, default_generator
+from fastdiff.schedules import DDPMSchedule, KarrasSchedule
+
+__all__ = ["sample", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
+
+METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump")
+_SQRT2M1 = math.sqrt(2.0) - 1.0
+
+
+class Step(NamedTuple):
+    """One trajectory step as an affine map of x and the denoiser outputs (see the module docstring).
+
+    ``call`` is the step-function call of the loop path: ``(name, args, kwargs)``.
+    """
+    level: Tuple[float, float]            # (alpha, sigma) the denoiser sees at x (after churn)
+    churn: float                          # s1: x += s1 z1 first (0: none)
+    cx: float
+    cm: float
+    cz: float                             # 0: no draw
+    level2: Optional[Tuple[float, float]]  # Heun corrector's evaluation at x' (None: no corrector)
+    hx: float
+    hm: float
+    hxp: float
+    hmp: float
+    call: Tuple[str, tuple, dict]
+
+
+def _sqrt(v: float) -> float:
+    return math.sqrt(max(v, 0.0))
+
+
+# =========================================================================== per-step coefficients
+# The expressions below follow fastdiff.steps with prediction="x0" literally (including the
+# "+ c * 0.0" and "* 1.0" of its _terms merging), so the coefficients round to the same float32.
+def _ddpm(sched: DDPMSchedule, t: int, variance: str) -> Step:
+    beta, abar = sched.floats("beta")[t], sched.floats("abar")[t]
+    alpha, sigma = _sqrt(abar), _sqrt(1.0 - abar)
+    abar_prev = sched.floats("abar")[t - 1] if t > 0 else 1.0
+    var = beta if variance == "fixed_large" else beta * (1.0 - abar_prev) / (1.0 - abar)
+    s = _sqrt(var) if t > 0 else 0.0
+    a = 1.0 / _sqrt(1.0 - beta)
+    c = -beta / (sigma * _sqrt(1.0 - beta))
+    fx, fm = 1.0 / sigma, -alpha / sigma          # eps_hat = fx x + fm x0_hat
+    return Step((alpha, sigma), 0.0, a + c * fx, c * fm * 1.0, s, None, 0, 0, 0, 0,
+                ("ddpm_step", (t, sched), {"variance": variance}))
+
+
+def _ddim(sched: DDPMSchedule, t: int, t_prev: int, eta: float) -> Step:
+    abar = sched.floats("abar")[t]
+    abar_p = sched.floats("abar")[t_prev] if t_prev >= 0 else 1.0
+    alpha, sigma = _sqrt(abar), _sqrt(1.0 - abar)
+    alpha_p = _sqrt(abar_p)
+    s = eta * _sqrt((1.0 - abar_p) / (1.0 - abar)) * _sqrt(1.0 - abar / abar_p)
+    ce = _sqrt(1.0 - abar_p - s * s)
+    cx = (0.0 + alpha_p * 0.0) + (0.0 + ce * (1.0 / sigma))
+    cm = alpha_p * 1.0 * 1.0 + ce * (-alpha / sigma) * 1.0
+    return Step((alpha, sigma), 0.0, cx, cm, s, None, 0, 0, 0, 0,
+                ("ddim_step", (t, t_prev, sched), {"eta": eta}))
+
+
+def _euler_like(sigma: float, sigma_next: float, gamma: float, s_noise: float, method: str, eta: float) -> Step:
+    churn, sigma_hat = 0.0, sigma
+    if gamma > 0.0:  # edm_churn: sigma_hat = sigma (1 + gamma), x += sqrt(sigma_hat^2 - sigma^2) S_noise z
+        sigma_hat = sigma * (1.0 + gamma)
+        churn = _sqrt(sigma_hat * sigma_hat - sigma * sigma) * s_noise
+    if method == "euler_ancestral":
+        up = eta * _sqrt(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma))
+        sigma_up = min(sigma_next, up)
+        sigma_down = _sqrt(sigma_next * sigma_next - sigma_up * sigma_up)
+        h = (sigma_down - sigma) / sigma
+        return Step((1.0, sigma), 0.0, (1.0 + h) + (-h) * 0.0, (-h) * 1.0 * 1.0, s_noise * sigma_up, None, 0, 0, 0, 0,
+                    ("euler_ancestral_step", (sigma, sigma_next), {"eta": eta, "s_noise": s_noise}))
+    h = (sigma_next - sigma_hat) / sigma_hat
+    cx, cm = (1.0 + h) + (-h) * 0.0, (-h) * 1.0 * 1.0
+    call = ("euler_step", (sigma, sigma_next), {"gamma": gamma, "s_noise": s_noise})
+    if method == "euler" or sigma_next <= 0.0:  # EDM: the last step (sigma_next = 0) is Euler
+        return Step((1.0, sigma_hat), churn, cx, cm, 0.0, None, 0, 0, 0, 0, call)
+    dt = sigma_next - sigma_hat
+    h1, h2 = dt / (2.0 * sigma_hat), dt / (2.0 * sigma_next)
+    corr = 1.0
+    return Step((1.0, sigma_hat), churn, cx, cm, 0.0, (1.0, sigma_next),
+                corr * (1.0 + h1) + (-h1 * corr) * 0.0, (-h1 * corr) * 1.0 * 1.0,
+                (corr * h2 + (1.0 - corr)) + (-h2 * corr) * 0.0, (-h2 * corr) * 1.0 * 1.0,
+                ("heun_step", (sigma, sigma_next), {"gamma": gamma, "s_noise": s_noise}))
+
+
+def _langevin(sigma: float, g: float) -> Step:
+    # langevin_step with prediction="x0", alpha = 1: score = (x0_hat - x) / sigma^2
+    fx, fm = (1.0 * 0.0 - 1.0) / (sigma * sigma), 1.0 * 1.0 / (sigma * sigma)
+    return Step((1.0, sigma), 0.0, 1.0 + g * fx, g * fm * 1.0, _sqrt(2.0 * g), None, 0, 0, 0, 0,
+                ("langevin_step", (g,), {"sigma": sigma}))
+
+
+def _jump(sigma: float) -> Step:
+    # predict_x0 with prediction="x0": 0 x + 1 x0_hat
+    return Step((1.0, sigma), 0.0, 0.0 + 1.0 * 0.0, 1.0 * 1.0, 0.0, None, 0, 0, 0, 0, ("jump", (sigma,), {}))
+
+
+def _levels(name: str, schedule) -> List[float]:
+    if isinstance(schedule, bool):
+        raise TypeError(f"{name}: expected a noise level or a sequence of levels, got bool")
+    if isinstance(schedule, numbers.Real):
+        vals = [float(schedule)]
+    elif isinstance(schedule, (list, tuple, torch.Tensor)):
+        vals = [float(v) for v in torch.as_tensor(schedule, dtype=torch.float64).reshape(-1).tolist()]
+    else:
+        raise TypeError(f"{name}: expected a noise level sigma (float) or a sequence of levels for this method, "
+                        f"got {type(schedule).__name__}")
+    if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(f"{name}: expected finite noise levels > 0, got {vals}")
+    return vals
+
+
+def _check_number(name, v, *, lo=0.0, strict=False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if (v <= lo) if strict else (v < lo):
+        raise ValueError(f"{name}: expected {name} {'>' if strict else '>='} {lo}, got {v}")
+    return float(v)
+
+
+def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
+                     churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
+                     step_size: Optional[float] = None) -> List[Step]:
+    """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
+
+    ``steps``: ddpm: None or T; ddim: number of timesteps (default T); euler / heun /
+    euler_ancestral: None or the schedule's n; langevin / walk_jump: Langevin steps per level
+    (default 100).  ``eta``: DDIM stochasticity (default 0), Euler-ancestral's (default 1).
+    ``churn``: EDM's S_churn, ``gamma_i = min(churn / n, sqrt 2 - 1)``.  ``step_size``: Langevin
+    gamma (default ``0.1 sigma^2`` per level).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+        raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
+    churn = _check_number("churn", churn)
+    s_noise = _check_number("s_noise", s_noise)
+    if method in ("ddpm", "ddim"):
+        if not isinstance(schedule, DDPMSchedule):
+            raise TypeError(f"schedule: method={method!r} expects a fastdiff.DDPMSchedule, got {type(schedule).__name__}")
+        T = schedule.T
+        if method == "ddpm":
+            if variance not in ("fixed_small", "fixed_large"):
+                raise ValueError(f"variance: expected 'fixed_small' or 'fixed_large', got {variance!r}")
+            if steps not in (None, T):
+                raise ValueError(f"steps: DDPM takes every timestep of its schedule (None or {T}), got {steps}; "
+                                 "use method='ddim' for fewer steps")
+            return [_ddpm(schedule, t, variance) for t in range(T - 1, -1, -1)]
+        n = T if steps is None else int(steps)
+        if n > T:
+            raise ValueError(f"steps: expected at most T = {T} DDIM steps, got {n}")
+        eta = 0.0 if eta is None else _check_number("eta", eta)
+        # evenly spaced from T-1 down to 0 (distinct: the spacing is >= 1)
+        ts = [round((T - 1) * (1.0 - i / (n - 1))) if n > 1 else T - 1 for i in range(n)]
+        return [_ddim(schedule, t, ts[i + 1] if i + 1 < n else -1, eta) for i, t in enumerate(ts)]
+    if method in ("euler", "euler_ancestral", "heun"):
+        if not isinstance(schedule, KarrasSchedule):
+            raise TypeError(f"schedule: method={method!r} expects a fastdiff.KarrasSchedule, got {type(schedule).__name__}")
+        if steps not in (None, schedule.n):
+            raise ValueError(f"steps: expected None or the schedule's n = {schedule.n}, got {steps}")
+        if method == "euler_ancestral" and churn:
+            raise ValueError("churn: not used by euler_ancestral (its noise is set by eta)")
+        eta = 1.0 if eta is None else _check_number("eta", eta)
+        if method != "euler_ancestral" and eta != 1.0:
+            raise ValueError(f"eta: only used by ddim and euler_ancestral, got eta={eta} with method={method!r}")
+        sig = schedule.floats("sigmas")
+        gamma = min(churn / schedule.n, _SQRT2M1) if churn > 0 else 0.0
+        return [_euler_like(sig[i], sig[i + 1], gamma, s_noise, method, eta) for i in range(schedule.n)]
+    levels = _levels("schedule", schedule)
+    if method == "walk_jump" and len(levels) != 1:
+        raise ValueError(f"schedule: walk_jump runs at one noise level, got {len(levels)}")
+    n = 100 if steps is None else int(steps)
+    table = []
+    for sigma in levels:
+        g = 0.1 * sigma * sigma if step_size is None else _check_number("step_size", step_size, strict=True)
+        table += [_langevin(sigma, g)] * n
+    if method == "walk_jump":
+        table.append(_jump(levels[0]))
+    return table
+
+
+# =========================================================================== denoisers
+class _Instances:
+    """I independent MoLRG problems with the same n and component dims (x: (I, B, n))."""
+
+    def __init__(self, models: List[MoLRG]):
+        if not models:
+            raise ValueError("denoiser: expected at least one MoLRG instance")
+        m0 = models[0]
+        for i, m in enumerate(models):
+            if not isinstance(m, MoLRG):
+                raise TypeError(f"denoiser[{i}]: expected a fastdiff.denoisers.MoLRG, got {type(m).__name__}")
+            if m.n != m0.n or m.dims != m0.dims:
+                raise ValueError(f"denoiser[{i}]: expected n = {m0.n} and dims {m0.dims} like denoiser[0], "
+                                 f"got n = {m.n}, dims {m.dims}")
+            if m.ucat.device != m0.ucat.device:
+                raise ValueError(f"denoiser[{i}]: expected bases on {m0.ucat.device} like denoiser[0]")
+        self.models = models
+        self.I, self.n, self.dims = len(models), m0.n, m0.dims
+        self.mode = getattr(m0, "mode", "soft")
+
+    def __call__(self, x, alpha, sigma, labels=None, guidance=None, **kwargs):
+        outs = []
+        for i, m in enumerate(self.models):
+            kw = {} if labels is None else {"labels": labels[i], "guidance": guidance}
+            outs.append(m(x[i], alpha, sigma, **kw, **kwargs))
+        return torch.stack(outs)
+
+
+def _as_denoiser(denoiser):
+    """(models or None, callable): ``models`` is a list of MoLRG when the fused kernels apply."""
+    if isinstance(denoiser, torch.Tensor) and denoiser.ndim == 4:
+        return _Instances([MoLRG(b) for b in denoiser.unbind(0)])
+    if isinstance(denoiser, (list, tuple)):
+        return _Instances(list(denoiser))
+    if isinstance(denoiser, MoLRG):
+        return denoiser
+    if not callable(denoiser):
+        raise TypeError(f"denoiser: expected a callable denoiser(x, alpha, sigma) -> x0_hat, a fastdiff.denoisers.MoLRG, "
+                        f"a list of them or a (I, K, n, d) bases tensor, got {type(denoiser).__name__}")
+    return denoiser
+
+
+# =========================================================================== the sampler
+@accepts_arrays
+def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] = None,
+           generator: Optional[Generator] = None, eta: Optional[float] = None, churn: float = 0.0,
+           s_noise: float = 1.0, variance: str = "fixed_small", step_size: Optional[float] = None,
+           labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
+           device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
+           disable: Optional[bool] = None):
+    """Run a whole sampling trajectory; returns the final x (and the trajectory, if asked).
+
+    denoiser: a :class:`fastdiff.denoisers.MoLRG` (fused kernel), a list of them or a (I, K, n, d)
+        bases tensor (I instances in one call; ``x`` is (I, B, n)), or any callable
+        ``denoiser(x, alpha, sigma[, labels=, guidance=]) -> x0_hat`` (loop over fused steps).
+    x: the initial state x_T (a tensor, not modified), or a shape: then x_T is drawn from
+        ``generator`` as ``scale * N(0, I)`` (scale 1 for ddpm/ddim, sigma_max for the Karras
+        methods, sqrt(1 + sigma^2) for langevin/walk_jump) in ``dtype`` on ``device``.
+    schedule, method, steps, eta, churn, s_noise, variance, step_size: see :func:`trajectory_table`.
+    generator: :class:`fastdiff.Generator` (default :data:`fastdiff.default_generator`); each
+        stochastic step draws ``x.numel()`` normals from it, exactly as the step-by-step loop.
+    labels, guidance: per-sample class labels ((B,), or (I, B) for instances) and the CFG weight
+        w: ``x0 = (1 - w) x0_hat + w x0_hat(x | y)`` (passed to the denoiser).
+    return_trajectory: None; True (every state 0..T); or step indices k (state after k steps,
+        0 = x_T).  Then returns ``(x, trajectory)`` with trajectory (len(indices), *x.shape).
+    fused: None (fused kernel when the denoiser is a MoLRG and a kernel runs here), True
+        (required), False (the loop).  backend: for the kernels and steps (``"torch"``: pure torch).
+    progress / disable: tqdm progress bar (``disable=True`` hides it, as in k-diffusion); it
+        only appears for runs longer than a second.
+    """
+    table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
+                             variance=variance, step_size=step_size)
+    den = _as_denoiser(denoiser)
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
+    gen = generator if generator is not None else default_generator
+    x = _initial(x, table, method, schedule, gen, dtype, device, den)
+    labels, guidance = _check_labels(labels, guidance, x, den)
+    snaps = _snapshots(return_trajectory, len(table))
+    show = progress and not disable
+    use_fused = _use_fused(fused, den, x, backend)
+    if use_fused:
+        from fastdiff import trajectory as fused_impl
+
+        out, traj = fused_impl.run(den, x, table, gen, labels, guidance, snaps, backend, show)
+    else:
+        out, traj = _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show)
+    return (out, traj) if snaps is not None else out
+
+
+def _initial(x, table, method, schedule, gen, dtype, device, den):
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        xt = x.clone(memory_format=torch.contiguous_format)
+    else:
+        if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+            x = (int(x),)
+        if not isinstance(x, (tuple, list, torch.Size)) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in x):
+            raise TypeError(f"x: expected the initial tensor x_T or a shape (tuple of ints), got {x!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        if device is None:
+            device = den.models[0].ucat.device if isinstance(den, _Instances) else \
+                (den.ucat.device if isinstance(den, MoLRG) else "cpu")
+        if method in ("ddpm", "ddim"):
+            scale = 1.0
+        elif method in ("euler", "euler_ancestral", "heun"):
+            scale = schedule.floats("sigmas")[0]
+        else:
+            scale = math.sqrt(1.0 + table[0].level[1] ** 2)
+        xt = S.randn(tuple(int(v) for v in x), generator=gen, dtype=dtype, device=device)
+        if scale != 1.0:
+            xt.mul_(scale)
+    want_ndim = 3 if isinstance(den, _Instances) else None
+    if want_ndim and (xt.ndim != 3 or xt.shape[0] != den.I or xt.shape[2] != den.n):
+        raise ValueError(f"x: expected shape (I, B, n) = ({den.I}, B, {den.n}) for {den.I} instances, got {tuple(xt.shape)}")
+    if isinstance(den, MoLRG) and (xt.ndim != 2 or xt.shape[1] != den.n):
+        raise ValueError(f"x: expected shape (B, n) with n = {den.n} for this MoLRG, got {tuple(xt.shape)}")
+    if xt.ndim < 1:
+        raise ValueError("x: expected a tensor of shape (B, ...), got a 0-d tensor")
+    return xt
+
+
+def _check_labels(labels, guidance, x, den):
+    if labels is None:
+        if guidance is not None:
+            raise ValueError("guidance: given without labels (the CFG weight needs per-sample labels)")
+        return None, None
+    if guidance is None:
+        raise ValueError("guidance: required with labels (the CFG weight w)")
+    guidance = _check_number("guidance", guidance, lo=-math.inf)
+    labels = torch.as_tensor(labels, device=x.device)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected integer class labels, got {labels.dtype}")
+    want = tuple(x.shape[:-1])
+    if labels.numel() != math.prod(want):
+        raise ValueError(f"labels: expected shape {want} (one per sample), got {tuple(labels.shape)}")
+    labels = labels.reshape(want).long().contiguous()
+    K = len(den.dims) if isinstance(den, (_Instances, MoLRG)) else None
+    if K is not None and labels.numel() and not bool(((labels >= 0) & (labels < K)).all()):
+        raise ValueError(f"labels: expected values in [0, {K}) (one per component)")
+    return labels, guidance
+
+
+def _snapshots(spec, nsteps) -> Optional[List[int]]:
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return list(range(nsteps + 1))
+    idx = torch.as_tensor(spec).reshape(-1)
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise TypeError(f"return_trajectory: expected True or integer step indices, got dtype {idx.dtype}")
+    idx = idx.tolist()
+    if not all(0 <= k <= nsteps for k in idx):
+        raise ValueError(f"return_trajectory: expected step indices in [0, {nsteps}] (state after k steps), got {idx}")
+    return idx
+
+
+def _use_fused(fused, den, x, backend) -> bool:
+    if fused is False:
+        return False
+    from fastdiff import trajectory as fused_impl
+
+    ok, why = fused_impl.supported(den, x, backend)
+    if fused and not ok:
+        raise ValueError(f"fused: the fused trajectory kernel cannot run this call: {why}")
+    return ok
+
+
+def _progress(total, show):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, delay=1.0, unit="step", leave=False)
+
+
+def _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show):
+    """The step-by-step loop: one denoiser call and one fused step call per step (two for Heun)."""
+    kw = {} if labels is None else {"labels": labels, "guidance": guidance}
+    mb = {} if backend == "auto" or not isinstance(den, (MoLRG, _Instances)) else {"backend": backend}
+    step_backend = backend
+
+    def D(x, level):
+        return den(x, level[0], level[1], **kw, **mb)
+
+    traj = None
+    if snaps is not None:
+        traj = torch.empty((len(snaps),) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        _save(traj, snaps, 0, x)
+    bar = _progress(len(table), show)
+    for k, st in enumerate(table):
+        name, args, skw = st.call
+        if name == "ddpm_step":
+            x = S.ddpm_step(x, D(x, st.level), *args, prediction="x0", generator=gen, backend=step_backend, **skw)
+        elif name == "ddim_step":
+            x = S.ddim_step(x, D(x, st.level), *args, prediction="x0", generator=gen, backend=step_backend, **skw)
+        elif name == "euler_ancestral_step":
+            x = S.euler_ancestral_step(x, D(x, st.level), *args, generator=gen, backend=step_backend, **skw)
+        elif name in ("euler_step", "heun_step"):
+            sigma, sigma_next = args
+            sigma_hat = sigma
+            if skw["gamma"] > 0:
+                x, sigma_hat = S.edm_churn(x, sigma, skw["gamma"], s_noise=skw["s_noise"], generator=gen, backend=step_backend)
+            m = D(x, st.level)
+            x_pred = S.euler_step(x, m, sigma_hat, sigma_next, backend=step_backend)
+            if st.level2 is not None:
+                x_pred = S.heun_step(x, m, sigma_hat, sigma_next, x_pred=x_pred, model_output_pred=D(x_pred, st.level2),
+                                     backend=step_backend)
+            x = x_pred
+        elif name == "langevin_step":
+            x = S.langevin_step(x, D(x, st.level), args[0], prediction="x0", sigma=skw["sigma"], generator=gen,
+                                backend=step_backend)
+        else:  # the jump of walk-jump: x = x0_hat(y)
+            x = D(x, st.level)
+        if traj is not None:
+            _save(traj, snaps, k + 1, x)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return x, traj
+
+
+def _save(traj, snaps, k, x):
+    for j, s in enumerate(snaps):
+        if s == k:
+            traj[j].copy_(x)
+
+
+# =========================================================================== Gaussian data: exact prediction (SPEC 4)
+def gaussian_sampler_variance(eigenvalues, table: Sequence[Step], init_var=1.0) -> torch.Tensor:
+    """Exact per-eigenmode variance of what a sampler produces for zero-mean Gaussian data.
+
+    Every step is linear for Gaussian data: in the eigenbasis of the covariance (eigenvalue l)
+    the denoiser is ``x0_hat = g x`` with ``g = alpha l / (alpha^2 l + sigma^2)``, so each mode
+    evolves as ``x <- m x + s z`` with independent noise and its variance as ``v <- m^2 v + s^2``
+    (churn adds ``s1^2`` first; Heun: ``m = hx + hm g1 + (hxp + hmp g2)(cx + cm g1)``).
+    eigenvalues: (n,) float64; init_var: variance of x_T per mode (scalar or (n,)).  O(T n).
+    """
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1).clamp(min=0)
+    v = torch.as_tensor(init_var, dtype=torch.float64).expand_as(lam).clone()
+
+    def gain(level):
+        a, s = level
+        return a * lam / (a * a * lam + s * s)
+
+    for st in table:
+        v = v + st.churn ** 2
+        g1 = gain(st.level)
+        m = st.cx + st.cm * g1
+        if st.level2 is not None:
+            m = st.hx + st.hm * g1 + (st.hxp + st.hmp * gain(st.level2)) * m
+        v = m * m * v + st.cz ** 2
+    return v

@@ -1,0 +1,160 @@
+"""The fused MoLRG trajectory: host-side tables and the launch (C++ on CPU, Triton on CUDA).
+
+:func:`fastdiff.sample` calls :func:`run` for MoLRG denoisers.  The tables (see
+``csrc/trajectory.cpp`` and ``kernels/trajectory.py`` for the per-step program they encode):
+
+- ``coef`` (T, 8) float32 ``[s1, cx, cm, cz, hx, hm, hxp, hmp]``: the step's affine map (float64 on
+  the host, :func:`fastdiff.sampling.trajectory_table`, rounded once);
+- ``idx`` (T, 5) int64 ``[off1, off2, prow1, prow2, snap]``: the Philox offsets of the churn noise
+  and of the step noise (-1: no draw), taken from the generator in the order the step-by-step
+  loop takes them; the denoiser's parameter rows of the step's evaluation(s) (-1: no Heun
+  corrector); the trajectory slot the state after the step goes to (-1: none);
+- ``params`` (I or 1, P, 3K + 2) float32: one MoLRG parameter row (:func:`fastdiff.denoise.molrg_params`)
+  per distinct noise level, per instance when the instances' pi / tau / delta differ.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from fastdiff import backends
+from fastdiff.denoise import _molrg_params_scalar
+from fastdiff.denoisers import MoLRG
+
+__all__ = ["supported", "run", "tables"]
+
+NCOEF, NIDX = 8, 5
+# steps per launch while a progress bar is shown (~50 updates per run)
+PROGRESS_UPDATES = 50
+
+
+def _models(den) -> Optional[List[MoLRG]]:
+    if isinstance(den, MoLRG):
+        return [den]
+    models = getattr(den, "models", None)
+    return models if isinstance(models, list) and all(isinstance(m, MoLRG) for m in models) else None
+
+
+def _impl(x: torch.Tensor, backend: str) -> Tuple[Optional[str], str]:
+    """The kernel that runs here, or (None, why not)."""
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+    if x.dtype not in backends.KERNEL_DTYPES:
+        return None, f"x has dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
+    if backend == "torch":
+        return None, "backend='torch' runs the loop in torch"
+    if backend in ("auto", "cpp") and x.device.type == "cpu" and backends._works("cpp"):
+        from fastdiff import _C
+
+        if hasattr(_C, "molrg_trajectory"):
+            return "cpp", ""
+        return None, "fastdiff._C has no molrg_trajectory (rebuild the extension)"
+    triton_here = x.device.type == "cuda" or (x.device.type == "cpu" and backend == "triton" and
+                                              os.environ.get("TRITON_INTERPRET") == "1")
+    if backend in ("auto", "triton") and triton_here and backends._works("triton"):
+        return "triton", ""
+    return None, f"no trajectory kernel for backend={backend!r} on {x.device}"
+
+
+def supported(den, x: torch.Tensor, backend: str) -> Tuple[bool, str]:
+    models = _models(den)
+    if models is None:
+        return False, "the denoiser is not a fastdiff.denoisers.MoLRG (or a list of them)"
+    impl, why = _impl(x, backend)
+    if impl is None:
+        return False, why
+    if impl == "triton":
+        from fastdiff.kernels.trajectory import fits
+
+        ok, why = fits(models[0].n, sum(models[0].dims), len(models[0].dims))
+        if not ok:
+            return False, why
+    return True, ""
+
+
+def tables(models: Sequence[MoLRG], table, numel: int, gen, guidance, snaps, device):
+    """(coef, idx, params, params_istride, dup) for the kernels; advances ``gen`` as the loop would."""
+    K = len(models[0].dims)
+    level_row = {}
+    coef = torch.zeros(len(table), NCOEF, dtype=torch.float64)
+    idx = torch.full((len(table), NIDX), -1, dtype=torch.int64)
+    first_slot = {}
+    for j, k in enumerate(snaps or []):
+        first_slot.setdefault(k, j)
+    for t, st in enumerate(table):
+        coef[t] = torch.tensor([st.churn, st.cx, st.cm, st.cz, st.hx, st.hm, st.hxp, st.hmp], dtype=torch.float64)
+        if st.churn != 0.0:
+            idx[t, 0] = gen.draw(numel)
+        if st.cz != 0.0:
+            # no method churns and adds step noise in one step; the Triton kernel relies on it
+            assert st.churn == 0.0, "a step with two noise draws"
+            idx[t, 1] = gen.draw(numel)
+        idx[t, 2] = level_row.setdefault(st.level, len(level_row))
+        if st.level2 is not None:
+            idx[t, 3] = level_row.setdefault(st.level2, len(level_row))
+        idx[t, 4] = first_slot.get(t + 1, -1)
+    gw = 0.0 if guidance is None else float(guidance)
+    shared = all(m is models[0] or (torch.equal(m.pi, models[0].pi) and torch.equal(m.tau, models[0].tau) and
+                                    m.delta == models[0].delta) for m in models)
+    per = [models[0]] if shared else list(models)
+    params = torch.stack([
+        torch.cat([_molrg_params_scalar(a, s, m.dims, m.pi, m.tau, m.delta, "x0", gw) for (a, s) in level_row])
+        for m in per]).to(torch.float32)
+    istride = 0 if shared else len(level_row) * (3 * K + 2)
+    return (coef.to(torch.float32).to(device), idx.to(device), params.contiguous().to(device), istride)
+
+
+def run(den, x: torch.Tensor, table, gen, labels, guidance, snaps, backend: str, show: bool):
+    """The fused trajectory from ``x`` (not modified); returns (x_final, trajectory or None)."""
+    from fastdiff.sampling import _progress
+
+    models = _models(den)
+    impl, _ = _impl(x, backend)
+    m0 = models[0]
+    I = len(models)
+    n = m0.n
+    B = x.numel() // (I * n)
+    coef, idx, params, istride = tables(models, table, x.numel(), gen, guidance, snaps, x.device)
+    ucat = torch.stack([m.ucat for m in models]).to(x.device, torch.float32).contiguous()  # (I, n, D)
+    state = x.to(torch.float32).contiguous().view(I * B, n)
+    if state.data_ptr() == x.data_ptr():
+        state = state.clone()
+    lab = labels.reshape(-1).to(x.device).contiguous() if labels is not None else None
+    traj = None
+    if snaps is not None:
+        traj = torch.empty((len(snaps), I * B, n), dtype=torch.float32, device=x.device)
+    offsets = [0]
+    for d in m0.dims:
+        offsets.append(offsets[-1] + d)
+    T = len(table)
+    chunk = T if not show else max(1, -(-T // PROGRESS_UPDATES))
+    bar = _progress(T, show)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        if impl == "cpp":
+            from fastdiff import _C
+
+            _C.molrg_trajectory(state.data_ptr(), I, B, n, ucat.data_ptr(), offsets, params.data_ptr(), istride,
+                                lab.data_ptr() if lab is not None else 0, m0.mode == "hard", coef.data_ptr(),
+                                idx.data_ptr(), t0, t1, traj.data_ptr() if traj is not None else 0, gen.seed)
+        else:
+            from fastdiff.kernels.trajectory import molrg_trajectory
+
+            molrg_trajectory(state, I, B, ucat, offsets, params, istride, lab, m0.mode == "hard", coef, idx, t0, t1,
+                             traj, gen.seed)
+        if bar is not None:
+            bar.update(t1 - t0)
+    if bar is not None:
+        bar.close()
+    out = state.view(x.shape).to(x.dtype)
+    if traj is None:
+        return out, None
+    traj = traj.view((len(snaps),) + tuple(x.shape))
+    for j, k in enumerate(snaps):
+        if k == 0:
+            traj[j].copy_(x)
+        elif snaps.index(k) != j:  # a repeated index: the kernel wrote its first slot only
+            traj[j].copy_(traj[snaps.index(k)])
+    return out, traj.to(x.dtype)
