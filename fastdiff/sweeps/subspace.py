@@ -22,7 +22,7 @@ Learners, each batched over every instance of a batch of cells (no Python loop o
   GEMM form (per-instance bases as a batched matmul); ``"fused"`` calls
   :func:`fastdiff.molrg_denoise` (its fused forward/backward kernels) once per instance.
 
-Trial ``t`` of a cell reads fixed windows of the cell's Philox stream (``stream << 40`` offsets,
+Trial ``t`` of a cell reads fixed windows of the cell's Philox stream (``stream << 52`` offsets,
 ``t``-major), so it is the same instance whichever batch, executor or trial count runs it.
 """
 from __future__ import annotations
@@ -43,13 +43,13 @@ LEARNERS = ("pca", "ksubspaces", "sgd")
 BASES = ("orthogonal", "random")
 DT = torch.float64
 
-# Philox stream windows of a cell (offset = stream << 40; each holds trials * per-trial normals)
+# Philox stream windows of a cell (offset = stream << 52; each holds trials * per-trial normals)
 _S_BASES, _S_COEF, _S_LABEL, _S_NOISE, _S_INIT, _S_SGD = range(6)
 
 
 def normals(seed: int, stream: int, *shape, step: int = 0) -> torch.Tensor:
-    """Float64 normals from the Philox stream ``(seed, (stream << 40) + step * 2^32)`` (SPEC 0)."""
-    gen = Generator(seed, (stream << 40) + (step << 32))
+    """Float64 normals from the Philox stream ``(seed, (stream << 52) + step * 2^32)`` (SPEC 0)."""
+    gen = Generator(seed, (stream << 52) + (step << 32))
     return fastdiff.randn(*shape, generator=gen).to(DT)
 
 
@@ -79,6 +79,14 @@ def molrg_instances(n: int, K: int, d: int, N: int, delta: float, bases: str, se
 # =========================================================================== learners
 def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y).Q
+
+
+def _retract(Y: torch.Tensor) -> torch.Tensor:
+    """The QR retraction onto orthonormal columns with R's diagonal made positive, so an already
+    orthonormal Y maps to itself (LAPACK may flip column signs, which would reverse Adam's momentum)."""
+    Q, R = torch.linalg.qr(Y)
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    return Q * torch.where(sign == 0, 1.0, sign).unsqueeze(-2)
 
 
 def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: float = 1e-10, max_iter: int = 60) -> torch.Tensor:
@@ -203,7 +211,7 @@ def _denoise_batched(xt, U, sigma, K, d):
 
 
 def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_row: Sequence[Tuple[int, int]], *,
-              steps: int = 400, lr: float = 0.05, sigma_min: float = 0.05, sigma_max: float = 2.0,
+              steps: int = 300, lr: float = 0.1, sigma_min: float = 0.002, sigma_max: float = 0.1,
               engine: str = "batched", init: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bases (B, K, n, d) trained on the diffusion loss of each instance's data X (B, N, n) (rows past
     ``counts[b]`` are padding and do not enter the loss).
@@ -217,6 +225,8 @@ def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_r
         raise ValueError(f"sgd_engine: expected 'batched' or 'fused', got {engine!r}")
     U = _orth(init.to(DT).permute(0, 2, 1, 3).reshape(B, n, K * d)).float().requires_grad_()
     opt = torch.optim.Adam([U], lr=lr)
+    # cosine decay to 0: at a constant rate the fresh noise of every step leaves an error floor ~ lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     valid = (torch.arange(N)[None, :] < counts[:, None]).float()       # (B, N)
     Xf = X.float()
     by_cell: Dict[int, List[Tuple[int, int]]] = {}
@@ -244,8 +254,9 @@ def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_r
                 x0 = fastdiff.molrg_denoise(xt[b, :m], Ub, 1.0, sigma[b, :m, 0])
                 ((x0 - Xf[b, :m]).square().sum() / m).backward()
         opt.step()
+        sched.step()
         with torch.no_grad():
-            U.copy_(_orth(U.reshape(B, n, K, d).permute(0, 2, 1, 3)).permute(0, 2, 1, 3).reshape(B, n, K * d))
+            U.copy_(_retract(U.reshape(B, n, K, d).permute(0, 2, 1, 3)).permute(0, 2, 1, 3).reshape(B, n, K * d))
     return U.detach().to(DT).reshape(B, n, K, d).permute(0, 2, 1, 3).contiguous()
 
 
@@ -297,6 +308,7 @@ def fit_bases(learner: str, X: torch.Tensor, counts: torch.Tensor, K: int, d: in
         V0 = seed_bases(X, counts, K, d, torch.special.ndtr(init))
         return ksubspaces(X, K, V0, max_iter=params["max_iter"])[0]
     return sgd_bases(X, counts, K, d, cells_seeds, steps=params["sgd_steps"], lr=params["sgd_lr"],
+                     sigma_min=params["sgd_sigma_max"] / 50, sigma_max=params["sgd_sigma_max"],
                      engine=params["sgd_engine"], init=init)
 
 
@@ -337,8 +349,9 @@ def _check(c: Dict) -> None:
         raise ValueError(f"--delta: expected delta >= 0, got {c['delta']}")
     if not 0 < c["threshold"]:
         raise ValueError(f"--threshold: expected a positive error threshold, got {c['threshold']}")
-    if c["restarts"] < 1 or c["max_iter"] < 1 or c["sgd_steps"] < 1 or c["sgd_lr"] <= 0:
-        raise ValueError("--restarts, --max_iter, --sgd_steps, --sgd_lr: expected positive values")
+    for name in ("restarts", "max_iter", "sgd_steps", "sgd_lr", "sgd_sigma_max"):
+        if not c[name] > 0:
+            raise ValueError(f"--{name}: expected a positive value, got {c[name]}")
 
 
 def _applicable(c: Dict) -> Optional[str]:
@@ -371,8 +384,10 @@ register(Experiment(
         Param("threshold", float, (0.1,), "success when the error is at most this"),
         Param("restarts", int, (4,), "ksubspaces: random starts per instance"),
         Param("max_iter", int, (40,), "ksubspaces: assignment/refit iterations"),
-        Param("sgd_steps", int, (400,), "sgd: Adam steps"),
-        Param("sgd_lr", float, (0.05,), "sgd: learning rate"),
+        Param("sgd_steps", int, (300,), "sgd: Adam steps"),
+        Param("sgd_sigma_max", float, (0.1,), "sgd: noise levels log-uniform in [sgd_sigma_max / 50, sgd_sigma_max] "
+              "(the SGD noise floor of the error grows with it: ~0.01 at 0.1, 0.02 at 0.5, 0.04 at 2)"),
+        Param("sgd_lr", float, (0.1,), "sgd: learning rate"),
         Param("sgd_engine", str, ("batched",), "sgd: batched GEMM form or the fused molrg_denoise per instance",
               ("batched", "fused")),
     ),
