@@ -10,6 +10,6 @@ Experiments (``EXPERIMENTS``): ``subspace-recovery`` (:mod:`.subspace`), ``linea
 """
 from fastdiff.sweeps.runner import EXPERIMENTS, Experiment, Param, build_grid, parse_values, plan, run_sweep
 from fastdiff.sweeps.store import Store
-from fastdiff.sweeps import subspace  # noqa: F401  (registers subspace-recovery)
+from fastdiff.sweeps import linear, subspace  # noqa: F401  (register their experiments)
 
 __all__ = ["EXPERIMENTS", "Experiment", "Param", "Store", "build_grid", "parse_values", "plan", "run_sweep"]
