@@ -10,6 +10,7 @@ Experiments (``EXPERIMENTS``): ``subspace-recovery`` (:mod:`.subspace`), ``linea
 """
 from fastdiff.sweeps.runner import EXPERIMENTS, Experiment, Param, build_grid, parse_values, plan, run_sweep
 from fastdiff.sweeps.store import Store
-from fastdiff.sweeps import linear, subspace  # noqa: F401  (register their experiments)
+from fastdiff.sweeps.plots import plot_store
+from fastdiff.sweeps import linear, memorization, subspace  # noqa: F401  (register their experiments)
 
-__all__ = ["EXPERIMENTS", "Experiment", "Param", "Store", "build_grid", "parse_values", "plan", "run_sweep"]
+__all__ = ["EXPERIMENTS", "Experiment", "Param", "Store", "build_grid", "parse_values", "plan", "plot_store", "run_sweep"]
