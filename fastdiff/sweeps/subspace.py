@@ -27,6 +27,7 @@ Trial ``t`` of a cell reads fixed windows of the cell's Philox stream (``stream 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +38,7 @@ import fastdiff
 from fastdiff.generator import Generator
 from fastdiff.sweeps.runner import Experiment, Param, register
 
-__all__ = ["molrg_instances", "top_subspace", "seed_bases", "ksubspaces", "sgd_bases", "subspace_errors", "fit_bases", "LEARNERS"]
+__all__ = ["molrg_instances", "top_subspace", "seed_bases", "ksubspaces", "sgd_bases", "subspace_errors", "bottleneck_assignment", "fit_bases", "LEARNERS"]
 
 LEARNERS = ("pca", "ksubspaces", "sgd")
 BASES = ("orthogonal", "random")
@@ -120,7 +121,7 @@ def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: float = 1e-10, max_i
 
 
 def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.Tensor) -> torch.Tensor:
-    """Data-driven K-subspaces starts (B, R, K, n, d) for X (B, N, n), ``u`` (B, R) uniforms.
+    """Data-driven K-subspaces starts (B, R, K, n, d), orthonormal, for X (B, N, n); ``u`` (B, R) uniforms.
 
     Greedy neighbourhood seeding (k-means++ in spirit): start ``r`` picks a random seed point
     (``u``), takes the d points with the largest ``|cos|`` to it (the seed included) and spans
@@ -131,69 +132,68 @@ def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.T
     """
     B, N, n = X.shape
     R = u.shape[1]
-    valid = torch.arange(N)[None, :] < counts[:, None].long()                  # (B, N)
+    valid = (torch.arange(N)[None, :] < counts[:, None].long())[:, None]        # (B, 1, N)
     Xn = X / X.norm(dim=-1, keepdim=True).clamp(min=1e-300)
     C = (Xn @ Xn.mT).abs()                                                     # (B, N, N)
-    BR = B * R
-    Cr = C[:, None].expand(B, R, N, N).reshape(BR, N, N)
-    Xr = X[:, None].expand(B, R, N, n).reshape(BR, N, n)
-    Xnr = Xn[:, None].expand(B, R, N, n).reshape(BR, N, n)
-    validr = valid[:, None].expand(B, R, N).reshape(BR, N)
-    seed = (u.reshape(BR) * counts[:, None].expand(B, R).reshape(BR)).long().clamp(max=N - 1)
-    explained = torch.zeros(BR, N, dtype=DT)
-    rows = torch.arange(BR)
-    out = torch.empty(BR, K, n, d, dtype=DT)
+    seed = (u * counts[:, None]).long().clamp(max=N - 1)                       # (B, R)
+    bidx = torch.arange(B)[:, None].expand(B, R)
+    explained = torch.zeros(B, R, N, dtype=DT)
+    out = torch.empty(B, R, K, n, d, dtype=DT)
     for k in range(K):
         if k:
-            seed = explained.masked_fill(~validr, math.inf).argmin(1)
-        nb = torch.topk(Cr[rows, seed].masked_fill(~validr, -1.0), min(d, N), dim=1).indices    # (BR, d)
-        pts = Xr[rows[:, None], nb]                                              # (BR, d', n)
-        if pts.shape[1] < d:
-            pts = torch.cat([pts, torch.zeros(BR, d - pts.shape[1], n, dtype=DT)], 1)
-        Uk = _orth(pts.mT)                                                       # (BR, n, d)
-        out[:, k] = Uk
-        explained += (Xnr @ Uk).square().sum(-1)
-    return out.reshape(B, R, K, n, d)
+            seed = explained.masked_fill(~valid, math.inf).argmin(-1)
+        nb = torch.topk(C[bidx, seed].masked_fill(~valid, -1.0), min(d, N), dim=-1).indices   # (B, R, d')
+        pts = X[bidx[..., None], nb]                                           # (B, R, d', n)
+        if pts.shape[2] < d:
+            pts = torch.cat([pts, torch.zeros(B, R, d - pts.shape[2], n, dtype=DT)], 2)
+        Uk = _orth(pts.mT)                                                     # (B, R, n, d)
+        out[:, :, k] = Uk
+        proj = Xn @ Uk.permute(0, 2, 1, 3).reshape(B, n, R * d)                # (B, N, R d)
+        explained += proj.reshape(B, N, R, d).square().sum(-1).mT
+    return out
 
 
 def ksubspaces(X: torch.Tensor, K: int, V0: torch.Tensor, *, max_iter: int = 40) -> Tuple[torch.Tensor, torch.Tensor]:
-    """K-subspaces clustering of X (B, N, n) from R starts V0 (B, R, K, n, d): bases (B, K, n, d), labels (B, N).
+    """K-subspaces clustering of X (B, N, n) from R orthonormal starts V0 (B, R, K, n, d):
+    bases (B, K, n, d) and labels (B, N) of the best start.
 
-    Zero rows (padding) are assigned to component 0 and change nothing.
+    The R K bases of an instance sit side by side as the columns of one (n, R K d) matrix, so each
+    iteration is two batched GEMMs over instances (no copy of X per start) and one batched QR.  An
+    instance leaves the batch once none of its starts changes an assignment.  Zero rows (padding)
+    are assigned to component 0 and change nothing.
     """
     B, N, n = X.shape
     R, d = V0.shape[1], V0.shape[-1]
     if K == 1:
         return top_subspace(X, V0[:, 0, 0])[:, None], torch.zeros(B, N, dtype=torch.long)
-    BR = B * R
-    Xr = X[:, None].expand(B, R, N, n).reshape(BR, N, n)
-    V = _orth(V0.to(DT).reshape(BR, K, n, d)).permute(0, 2, 1, 3).reshape(BR, n, K * d)   # Ucat per start
-    labels = torch.full((BR, N), -1, dtype=torch.long)
-    active = torch.arange(BR)
-    Xa, Va = Xr, V
+    W = R * K * d
+    V = V0.to(DT).permute(0, 3, 1, 2, 4).reshape(B, n, W)                      # columns ordered (start, k, j)
+    labels = torch.full((B, N, R), -1, dtype=torch.long)
+    active = torch.arange(B)
+    Xa, Va = X, V
     for _ in range(max_iter):
-        P = Xa @ Va                                                    # (m, N, K d) projections
-        lab = P.reshape(-1, N, K, d).square().sum(-1).argmax(-1)
-        moved = (lab != labels[active]).any(1)
+        P = Xa @ Va                                                            # (m, N, R K d)
+        lab = P.reshape(-1, N, R, K, d).square().sum(-1).argmax(-1)            # (m, N, R)
+        moved = (lab != labels[active]).flatten(1).any(1)
         labels[active] = lab
         if not bool(moved.any()):
             break
         if not bool(moved.all()):
             active, Xa, P, lab = active[moved], Xa[moved], P[moved], lab[moved]
         # refit: one subspace-iteration step of C_k = X^T diag(1[lab = k]) X from the current U_k
-        Pm = P.reshape(-1, N, K, d) * torch.nn.functional.one_hot(lab, K).to(DT)[..., None]
-        Y = Xa.mT @ Pm.reshape(-1, N, K * d)                           # (m, n, K d) = [C_k U_k]
-        Q = _orth(Y.reshape(-1, n, K, d).permute(0, 2, 1, 3))          # (m, K, n, d)
-        Va = Q.permute(0, 2, 1, 3).reshape(-1, n, K * d)
+        Pm = P.reshape(-1, N, R, K, d) * torch.nn.functional.one_hot(lab, K).to(DT)[..., None]
+        Y = Xa.mT @ Pm.reshape(-1, N, W)                                       # (m, n, R K d) = [C_k U_k]
+        Q = _orth(Y.reshape(-1, n, R * K, d).transpose(1, 2))                  # (m, R K, n, d)
+        Va = Q.transpose(1, 2).reshape(-1, n, W)
         V[active] = Va
-    E = (Xr @ V).reshape(BR, N, K, d).square().sum(-1)                 # energies with the final bases
-    best = E.amax(-1).sum(-1).reshape(B, R).argmax(1)                  # objective of each start
-    pick = torch.arange(B) * R + best
-    lab, Xb = E[pick].argmax(-1), X
+    E = (X @ V).reshape(B, N, R, K, d).square().sum(-1)                        # energies with the final bases
+    best = E.amax(-1).sum(1).argmax(1)                                         # (B,): the start of largest objective
+    b = torch.arange(B)
+    lab = E.permute(0, 2, 1, 3)[b, best].argmax(-1)                            # (B, N)
     # exact PCA of each final cluster, warm-started from that cluster's basis
-    mask = torch.nn.functional.one_hot(lab, K).to(DT).permute(0, 2, 1)  # (B, K, N)
-    Xk = (Xb[:, None] * mask[..., None]).reshape(B * K, N, n)
-    Vk = V[pick].reshape(B, n, K, d).permute(0, 2, 1, 3).reshape(B * K, n, d)
+    mask = torch.nn.functional.one_hot(lab, K).to(DT).permute(0, 2, 1)         # (B, K, N)
+    Xk = (X[:, None] * mask[..., None]).reshape(B * K, N, n)
+    Vk = V.reshape(B, n, R, K, d).permute(0, 2, 3, 1, 4)[b, best].reshape(B * K, n, d)
     U = top_subspace(Xk, Vk).reshape(B, K, n, d)
     return U, lab
 
@@ -263,18 +263,25 @@ def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_r
 # =========================================================================== scoring
 def subspace_errors(U_hat: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """Per instance ``min_P max_k ||Uh_{P(k)} Uh_{P(k)}^T - U_k U_k^T||_F / sqrt(2 d)`` for bases
-    (B, K, n, d) (orthonormal, equal d): the bottleneck assignment, found with scipy's
-    ``linear_sum_assignment`` on thresholded costs."""
+    (B, K, n, d) (orthonormal, equal d): a bottleneck assignment.  K <= 4: every permutation at
+    once (vectorized over instances); larger K: per instance, the smallest threshold admitting a
+    perfect matching, found by bisection with scipy's ``linear_sum_assignment``."""
     B, K, n, d = U.shape
     overlap = (U_hat.reshape(B, K, 1, n, d).mT @ U.reshape(B, 1, K, n, d)).square().sum((-1, -2))  # ||Uh_j^T U_k||_F^2
     cost = (1.0 - overlap / d).clamp(min=0).sqrt()                     # (B, K, K): ||.||_F / sqrt(2d)
-    if K == 1:
-        return cost[:, 0, 0]
+    if K <= 4:
+        perms = torch.tensor(list(itertools.permutations(range(K))))  # (P, K): P(k) = perms[p, k]
+        return cost[:, perms, torch.arange(K)].amax(-1).amin(-1)
+    return bottleneck_assignment(cost)
+
+
+def bottleneck_assignment(cost: torch.Tensor) -> torch.Tensor:
+    """``min_P max_k cost[b, P(k), k]`` per instance of cost (B, K, K), with scipy's assignment solver."""
     from scipy.optimize import linear_sum_assignment
 
     c = cost.numpy()
-    out = np.empty(B)
-    for b in range(B):
+    out = np.empty(c.shape[0])
+    for b in range(c.shape[0]):
         vals = np.unique(c[b])
         lo, hi = 0, len(vals) - 1
         while lo < hi:                           # smallest threshold admitting a perfect matching
