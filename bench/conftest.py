@@ -19,10 +19,10 @@ def device():
 
 @pytest.fixture
 def record(benchmark):
-    """``record(group, impl, fn, bytes_moved=..., flops=...)``: time ``fn`` with pytest-benchmark
-    (warm-up rounds, then the median of many) and add the row to the table."""
+    """``record(group, impl, fn, bytes_moved=..., flops=..., rounds=20, warmup=3)``: time ``fn`` with
+    pytest-benchmark (warm-up rounds, then the median of ``rounds``) and add the row to the table."""
 
-    def run(group, impl, fn, bytes_moved=0, flops=0, rounds=20):
+    def run(group, impl, fn, bytes_moved=0, flops=0, rounds=20, warmup=3):
         benchmark.group = group
         benchmark.name = impl
         if DEVICE.startswith("cuda"):
@@ -31,7 +31,7 @@ def record(benchmark):
                 torch.cuda.synchronize()
         else:
             timed = fn
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=3, iterations=1)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
         harness.TABLE.add(harness.Row(group, impl, benchmark.stats.stats.median, bytes_moved, flops))
 
     return run

@@ -241,16 +241,9 @@ def execute_batch(name: str, cells: List[Dict], seeds: List[int], trials: int, t
 def _store_rows(exp, cells, seeds, batch, rows, backend, seconds, vers):
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     share = seconds / max(len(rows), 1)  # the batch's wall time, shared over its instances
-    out = []
-    for r in rows:
-        cell = cells[batch[r["cell_index"]]]
-        row = {"cell": cell_key(cell), "trial": int(r["trial"]), **cell,
-               "seed": seeds[batch[r["cell_index"]]], "backend": backend, "versions": vers,
-               "seconds": share, "finished_at": now}
-        for m, _ in exp.metrics:
-            row[m] = r[m]
-        out.append(row)
-    return out
+    base = [{"cell": cell_key(cells[i]), **cells[i], "seed": seeds[i], "backend": backend, "versions": vers,
+             "seconds": share, "finished_at": now} for i in batch]
+    return [{**base[r["cell_index"]], **r} for r in rows]
 
 
 def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, trials: int = 20, seed: int = 0,

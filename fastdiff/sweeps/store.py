@@ -136,17 +136,17 @@ class Store:
         pairs; returns the number inserted.  Nothing is written if any row is malformed."""
         if not rows:
             return 0
-        for r in rows:
-            missing = [c for c in self.columns if c not in r]
-            if missing:
-                raise ValueError(f"rows: missing columns {missing}")
+        try:
+            values = [tuple(r[c] for c in self.columns) for r in rows]
+        except KeyError as e:
+            raise ValueError(f"rows: missing column {e}") from None
         quoted = ", ".join(f'"{self._sql[c]}"' for c in self.columns)
         marks = ", ".join("?" for _ in self.columns)
         before = self._db.total_changes
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(f"INSERT OR IGNORE INTO results ({quoted}) VALUES ({marks})",
-                                 [tuple(_sql_value(r[c]) for c in self.columns) for r in rows])
+                                 values)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -194,10 +194,3 @@ class Store:
         pq.write_table(table, path)
         return path
 
-
-def _sql_value(v):
-    if isinstance(v, bool):
-        return int(v)
-    if hasattr(v, "item"):  # numpy / torch scalars
-        return v.item()
-    return v
