@@ -204,17 +204,18 @@ def test_molrg_batch_structure_and_reproducibility():
     U, X, lab = S.molrg_batch(n, K, d, [5, 9], 0.0, "orthogonal", [11, 12], 4)
     assert U.shape == (8, K, n, d) and X.shape == (8, 9, n) and lab.shape == (8, 9)
     Uc = U.permute(0, 2, 1, 3).reshape(8, n, K * d)
-    assert torch.allclose(Uc.mT @ Uc, torch.eye(K * d, dtype=torch.float64).expand(8, -1, -1), atol=1e-12)
+    eye = torch.eye(K * d).expand(8, -1, -1)
+    assert torch.allclose(Uc.mT @ Uc, eye, atol=1e-5)             # float32 QR
     assert bool((lab[:4, 5:] == -1).all()) and bool((X[:4, 5:] == 0).all())        # padding
     for b in range(8):                                   # every point lies in its component's subspace
         for i in range(5 if b < 4 else 9):
             P = _proj(U[b, lab[b, i]])
-            assert torch.allclose(P @ X[b, i], X[b, i], atol=1e-12)
+            assert torch.allclose(P @ X[b, i], X[b, i], atol=1e-5)
     # the same cell alone, or with fewer trials, gives the same instances (counter-based stream)
     U1, X1, lab1 = S.molrg_batch(n, K, d, [9], 0.0, "orthogonal", [12], 2)
     assert torch.equal(X1, X[4:6]) and torch.equal(U1, U[4:6]) and torch.equal(lab1, lab[4:6])
     Ur, _, _ = S.molrg_batch(n, K, d, [3], 0.0, "random", [5], 3)
-    assert torch.allclose(Ur.mT @ Ur, torch.eye(d, dtype=torch.float64).expand(3, K, d, d), atol=1e-12)
+    assert torch.allclose(Ur.mT @ Ur, torch.eye(d).expand(3, K, d, d), atol=1e-5)
     assert (Ur[:, 0].mT @ Ur[:, 1]).abs().max() > 1e-3   # random bases overlap
 
 
@@ -227,19 +228,19 @@ def test_molrg_labels_are_uniform():
 def test_ksubspaces_recovers_well_sampled_mixtures_and_matches_reference():
     n, K, d, N, T = 30, 3, 3, 60, 6
     U, X, _ = S.molrg_batch(n, K, d, [N], 0.0, "random", [4], T)
-    counts = torch.full((T,), float(N), dtype=torch.float64)
-    u = torch.rand(T, 3, generator=_gen(0), dtype=torch.float64)
+    counts = torch.full((T,), float(N))
+    u = torch.rand(T, 3, generator=_gen(0))
     V0 = S.seed_bases(X, counts, K, d, u)
     Uh, lab = S.ksubspaces(X, K, V0)
-    # exact recovery; the error is sqrt(1 - ||Uh^T U||^2 / d), so float64 rounding leaves ~sqrt(eps) = 1.5e-8
-    assert bool((S.subspace_errors(Uh, U) < 1e-7).all())
+    # exact recovery up to float32 rounding (the sweep computes in float32)
+    assert bool((S.subspace_errors(Uh, U) < 1e-3).all())
     for t in range(T):                                  # the per-instance SVD reference from the same starts
         starts = [R.seed_bases(X[t], K, d, int(u[t, r] * N)) for r in range(3)]
         for r in range(3):                              # the batched seeding equals the reference's
             for k in range(K):
-                assert torch.allclose(_proj(V0[t, r, k]), _proj(starts[r][k]), atol=1e-10)
-        ref = R.ksubspaces(X[t], K, starts)
-        assert R.subspace_error(ref, list(U[t])) < 1e-7
+                assert torch.allclose(_proj(V0[t, r, k]), _proj(starts[r][k]), atol=1e-5)
+        ref = R.ksubspaces(X[t].double(), K, [[u.double() for u in st] for st in starts])
+        assert R.subspace_error(ref, [u.double() for u in U[t]]) < 1e-3
 
 
 # =========================================================================== subspace recovery: acceptance 1
@@ -259,7 +260,7 @@ def test_acceptance_pca_phase_transition_is_sharp(tmp_path):
     for r in rows:
         assert r["success"] == int(r["N"] >= r["d"]), r
         if r["N"] >= r["d"]:
-            assert r["error"] < 1e-6
+            assert r["error"] < 1e-2     # exact up to float32 rounding amplified by cond(X) near N = d
 
 
 def test_acceptance_ksubspaces_boundary_near_n_k_equal_d(tmp_path):
@@ -296,8 +297,8 @@ def test_sgd_engines_agree():
     """The fused per-instance engine (fastdiff.molrg_denoise forward/backward) and the batched GEMM form."""
     n, K, d, N = 10, 2, 2, 12
     U, X, _ = S.molrg_batch(n, K, d, [N], 0.0, "orthogonal", [9], 2)
-    counts = torch.full((2,), float(N), dtype=torch.float64)
-    init = torch.randn(2, K, n, d, generator=_gen(1), dtype=torch.float64)
+    counts = torch.full((2,), float(N))
+    init = torch.randn(2, K, n, d, generator=_gen(1))
     out = {e: S.sgd_bases(X, counts, K, d, [(9, 0), (9, 1)], steps=40, engine=e, init=init) for e in ("batched", "fused")}
     # same noise, same start; float32 kernels vs torch float32 GEMMs differ by rounding only
     assert (out["batched"] - out["fused"]).abs().max() < 1e-3

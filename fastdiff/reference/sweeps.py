@@ -68,21 +68,23 @@ def subspace_error(U_hat: List[torch.Tensor], U: List[torch.Tensor]) -> float:
 
 
 def subspace_recovery_loop(cells: List[Dict], trials: int, seed: int = 0, restarts: int = 4,
-                           threshold: float = 0.1, generator: Optional[torch.Generator] = None) -> List[Dict]:
+                           threshold: float = 0.1, generator: Optional[torch.Generator] = None,
+                           dtype: torch.dtype = torch.float32) -> List[Dict]:
     """The benchmark baseline: every instance of every cell on its own, in a Python loop —
     draw the data (torch's generator), fit with ``torch.linalg.svd`` (pca, or K-subspaces with
-    exact SVD refits from ``restarts`` seeded starts), score by brute force."""
+    exact SVD refits from ``restarts`` seeded starts), score by brute force.  ``dtype``: float32 like
+    the batched sweep, so the benchmark compares the same arithmetic."""
     gen = generator or torch.Generator().manual_seed(seed)
     rows = []
     for c in cells:
         n, K, d, N = c["n"], c["K"], c["d"], c["N"]
         for t in range(trials):
-            G = torch.randn(n, K * d, generator=gen, dtype=torch.float64)
+            G = torch.randn(n, K * d, generator=gen, dtype=dtype)
             Q = torch.linalg.qr(G).Q
             U = [Q[:, k * d:(k + 1) * d] for k in range(K)]
             lab = torch.randint(0, K, (N,), generator=gen)
-            a = torch.randn(N, d, generator=gen, dtype=torch.float64)
-            A = torch.zeros(N, K, d, dtype=torch.float64)
+            a = torch.randn(N, d, generator=gen, dtype=dtype)
+            A = torch.zeros(N, K, d, dtype=dtype)
             A[torch.arange(N), lab] = a
             X = A.reshape(N, K * d) @ Q.T
             if c["learner"] == "pca" or K == 1:
