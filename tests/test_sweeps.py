@@ -1,6 +1,5 @@
 """Phase-diagram sweeps (issue 6): the store, grids, the batched learners against one-instance
 references, the experiments' acceptance criteria, resume after kill -9, Ray vs local."""
-import itertools
 import math
 import os
 import signal

@@ -23,7 +23,7 @@ sampled distribution is exactly ``N(V mean, V diag(var) V^T)`` from the O(T n) r
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

@@ -18,7 +18,7 @@ import itertools
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -58,7 +58,6 @@ class Experiment:
     run_batch: Callable
     check: Callable[[Dict], None]
     batch_key: Callable[[Dict], Tuple]
-    plot: Optional[Callable] = None
     applicable: Callable[[Dict], Optional[str]] = lambda cell: None
     instance_cost: Callable[[Dict], float] = lambda cell: 1.0
     max_cost: float = 4096.0
