@@ -1,4 +1,4 @@
-# The two commands of the README work on a fresh clone: `make demo` (the main job) and
+# The two commands of the README work on a fresh clone: `make demo` (the main job: the Fig. 4 sweep) and
 # `make test` (what .ci/run calls).  Both install what they need first.
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
@@ -8,16 +8,17 @@ install:
 	# torch first and pinned: anything that pulls an unpinned torch would fetch GBs of CUDA wheels
 	$(PIP) "torch==2.13.0"
 	$(PIP) "setuptools>=64" wheel "pybind11>=2.10"
-	$(PIP) --no-build-isolation -e ".[test,triton,plot]"
+	$(PIP) --no-build-isolation -e ".[test,triton,plot,sweeps]"
 	# the original k-diffusion samplers the adapter tests compare with; --no-deps: its requirements pull torchvision
 	$(PIP) --no-deps "k-diffusion==0.1.1.post1"
 
 test: install
 	$(PY) -m pytest -q
 
+# the main job: seed 002's Fig. 4 phase diagram -> results/subspace-recovery.{sqlite,rows.csv,csv,png}
 demo: install
 	$(PY) -m fastdiff info
-	$(PY) -m fastdiff demo --out results
+	$(PY) -m fastdiff sweep subspace-recovery --out results
 
 bench: install
 	$(PIP) --no-build-isolation -e ".[bench]"

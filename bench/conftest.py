@@ -19,8 +19,8 @@ def device():
 
 @pytest.fixture
 def record(benchmark):
-    """``record(group, impl, fn, bytes_moved=..., flops=...)``: time ``fn`` with pytest-benchmark
-    (warm-up rounds, then the median of many) and add the row to the table."""
+    """``record(group, impl, fn, bytes_moved=..., flops=..., rounds=20, warmup=3)``: time ``fn`` with
+    pytest-benchmark (warm-up rounds, then the median of ``rounds``) and add the row to the table."""
 
     def run(group, impl, fn, bytes_moved=0, flops=0, rounds=20, warmup=3):
         benchmark.group = group

@@ -1,4 +1,10 @@
-"""Command line: ``fastdiff info | demo | bench``."""
+"""Command line: ``fastdiff sweep <experiment> ... | plot | info | demo | bench``.
+
+``fastdiff sweep subspace-recovery`` (the main job) runs the seed 002 Fig. 4 grid with its defaults;
+every experiment parameter is an option taking a value list or range (``--d 1:12 --N 2:48:2
+--K 1,2``).  Results go to an SQLite store (``--store``, default ``results/<experiment>.sqlite``;
+re-running resumes), exported as CSV (and Parquet with pyarrow) and plotted into ``--out``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +26,24 @@ def main(argv=None) -> int:
     d.add_argument("--backend", default="auto")
     b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) and print the table of ratios")
     b.add_argument("args", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    _add_sweep_parsers(sub)
+    pl = sub.add_parser("plot", help="plot a sweep store: <experiment>.png and the table it shows (.csv)")
+    pl.add_argument("store", help="the .sqlite store written by fastdiff sweep")
+    pl.add_argument("--out", default="results")
     a = p.parse_args(argv)
+
+    if a.cmd == "sweep":
+        return _sweep(a)
+    if a.cmd == "plot":
+        from fastdiff.sweeps.plots import plot_store
+
+        try:
+            r = plot_store(a.store, a.out)
+        except (ValueError, RuntimeError) as e:
+            print(f"fastdiff plot: error: {e}", file=sys.stderr)
+            return 2
+        print(f"plot:  {r['plot']}\ntable: {r['table']}")
+        return 0
 
     if a.cmd == "info":
         import fastdiff
@@ -44,6 +67,66 @@ def main(argv=None) -> int:
         env = dict(os.environ, FASTDIFF_BENCH_COMMAND="fastdiff bench")
         return subprocess.call(cmd, env=env)
     return 2
+
+
+def _add_sweep_parsers(sub) -> None:
+    from fastdiff.sweeps import EXPERIMENTS
+
+    sw = sub.add_parser("sweep", help="run a phase-diagram sweep (resumable), then export and plot it")
+    exps = sw.add_subparsers(dest="experiment", required=True, metavar="experiment")
+    for name, exp in EXPERIMENTS.items():
+        e = exps.add_parser(name, help=exp.description, description=exp.description,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for prm in exp.params:
+            default = ",".join(str(v) for v in prm.default)
+            e.add_argument(f"--{prm.name}", default=None, metavar="VALUES",
+                           help=f"{prm.help} (list a,b or range start:stop[:step]; default {default})")
+        e.add_argument("--trials", type=int, default=20, help="random instances per cell")
+        e.add_argument("--seed", type=int, default=0, help="sweep seed (each cell's seed is derived from it)")
+        e.add_argument("--store", default=None, help="SQLite store (default <out>/<experiment>.sqlite)")
+        e.add_argument("--out", default="results", help="directory for the exported table and the plot")
+        e.add_argument("--executor", default="local", choices=("local", "ray"))
+        e.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+        e.add_argument("--threads", type=int, default=1, help="torch threads per batch")
+        e.add_argument("--no-plot", action="store_true", help="skip the plot")
+        e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sweep(a) -> int:
+    import os
+    import time
+
+    from fastdiff import sweeps
+    from fastdiff.sweeps.plots import plot_store
+
+    exp = sweeps.EXPERIMENTS[a.experiment]
+    grid = {p.name: getattr(a, p.name) for p in exp.params if getattr(a, p.name) is not None}
+    store = a.store or os.path.join(a.out, f"{a.experiment}.sqlite")
+    t0 = time.perf_counter()
+    try:
+        st = sweeps.run_sweep(a.experiment, grid, trials=a.trials, seed=a.seed, store=store, executor=a.executor,
+                              address=a.address, progress=not a.no_progress, threads=a.threads)
+    except (ValueError, RuntimeError) as e:
+        print(f"fastdiff sweep {a.experiment}: error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    stem = os.path.splitext(store)[0]
+    with st:
+        rows = len(st)
+        print(f"{a.experiment}: {rows} rows in {store} ({seconds:.1f} s)")
+        print(f"rows:  {st.export_csv(stem + '.rows.csv')}")
+        try:
+            print(f"rows:  {st.export_parquet(stem + '.rows.parquet')}")
+        except RuntimeError as e:
+            print(f"(no Parquet export: {e})")
+    if not a.no_plot:
+        try:
+            r = plot_store(store, a.out)
+        except RuntimeError as e:  # matplotlib missing: the sweep itself succeeded
+            print(f"(no plot: {e})")
+        else:
+            print(f"table: {r['table']}\nplot:  {r['plot']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,16 @@
+"""Phase-diagram sweeps (issue 6, SPEC 4): experiments run over grids of parameters as a few large
+batched computations, stored in a resumable SQLite file, on this process or a Ray cluster.
+
+>>> from fastdiff import sweeps
+>>> store = sweeps.run_sweep("subspace-recovery", {"K": 1, "d": "1:12", "N": "2:48:2"}, store="results/sr.sqlite")
+>>> sweeps.plot_store("results/sr.sqlite", "results")
+
+Experiments (``EXPERIMENTS``): ``subspace-recovery`` (:mod:`.subspace`), ``linear-diffusion``
+(:mod:`.linear`), ``memorization`` (:mod:`.memorization`).
+"""
+from fastdiff.sweeps.runner import EXPERIMENTS, Experiment, Param, build_grid, parse_values, plan, run_sweep
+from fastdiff.sweeps.store import Store
+from fastdiff.sweeps.plots import plot_store
+from fastdiff.sweeps import linear, memorization, subspace  # noqa: F401  (register their experiments)
+
+__all__ = ["EXPERIMENTS", "Experiment", "Param", "Store", "build_grid", "parse_values", "plan", "plot_store", "run_sweep"]

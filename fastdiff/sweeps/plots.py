@@ -1,0 +1,169 @@
+"""Plots of a sweep store (matplotlib, PNG), each with the CSV of exactly what it shows beside it.
+
+- subspace-recovery: success-rate heat map over (d, N), one panel per other varying parameter
+  (K, learner, ...), with the lines N = d and N = K d (seed 002 Fig. 4);
+- linear-diffusion: covariance error (and its (d_eff + 1)/N prediction), KL and test loss against N/d_eff;
+- memorization: memorized fraction against N/d, one curve per denoiser.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Dict, List, Sequence, Tuple
+
+from fastdiff.sweeps.store import Store
+
+__all__ = ["aggregate", "plot_store"]
+
+
+def aggregate(rows: Sequence[Dict], params: Sequence[str], metrics: Sequence[str]) -> List[Dict]:
+    """One row per cell: its parameters, ``trials`` and the mean (and standard error) of each metric."""
+    cells: Dict[Tuple, List[Dict]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r[p] for p in params), []).append(r)
+    out = []
+    for key, rs in cells.items():
+        row = dict(zip(params, key))
+        row["trials"] = len(rs)
+        for m in metrics:
+            vals = [r[m] for r in rs if r[m] is not None and not (isinstance(r[m], float) and math.isnan(r[m]))]
+            mean = sum(vals) / len(vals) if vals else float("nan")
+            var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else float("nan")
+            row[f"{m}_mean"] = mean
+            row[f"{m}_se"] = math.sqrt(var / len(vals)) if len(vals) > 1 else float("nan")
+        out.append(row)
+    return out
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plots need matplotlib (pip install 'fastdiff[plot]' or pip install matplotlib)") from None
+    return plt
+
+
+def _panels(agg, params, fixed):
+    """Group aggregated rows by the parameters (other than ``fixed``) that take several values."""
+    varying = [p for p in params if p not in fixed and len({r[p] for r in agg}) > 1]
+    panels: Dict[Tuple, List[Dict]] = {}
+    for r in agg:
+        panels.setdefault(tuple((p, r[p]) for p in varying), []).append(r)
+    return panels
+
+
+def _subspace(plt, agg, params, path):
+    panels = _panels(agg, params, ("d", "N"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.0), squeeze=False, constrained_layout=True)
+    for ax, (key, rs) in zip(axes[0], sorted(panels.items())):
+        ds = sorted({r["d"] for r in rs})
+        Ns = sorted({r["N"] for r in rs})
+        grid = [[float("nan")] * len(Ns) for _ in ds]
+        for r in rs:
+            grid[ds.index(r["d"])][Ns.index(r["N"])] = r["success_mean"]
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="gray", vmin=0, vmax=1,
+                       extent=(Ns[0] - 0.5 * _step(Ns), Ns[-1] + 0.5 * _step(Ns), ds[0] - 0.5, ds[-1] + 0.5))
+        K = rs[0]["K"]
+        dd = [ds[0] - 0.5, ds[-1] + 0.5]
+        ax.plot(dd, dd, "r-", lw=1.2, label="N = d")
+        if K > 1:
+            ax.plot([K * v for v in dd], dd, "c--", lw=1.2, label=f"N = {K} d")
+        ax.set_xlim(Ns[0] - 0.5 * _step(Ns), Ns[-1] + 0.5 * _step(Ns))
+        ax.set_ylim(ds[0] - 0.5, ds[-1] + 0.5)
+        ax.set_xlabel("N (training samples)")
+        ax.set_ylabel("d (subspace dimension)")
+        ax.set_title(", ".join(f"{k}={v}" for k, v in key) or f"K={K}", fontsize=9)
+        ax.legend(loc="upper left", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), label="success rate")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _step(vals):
+    return min(b - a for a, b in zip(vals, vals[1:])) if len(vals) > 1 else 1
+
+
+def _linear(plt, agg, params, path):
+    panels = _panels(agg, params, ("N",))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for i, (key, rs) in enumerate(sorted(panels.items())):
+        rs = sorted(rs, key=lambda r: r["N"])
+        deff = rs[0]["d_eff_mean"]
+        x = [r["N"] / deff for r in rs]
+        lab = ", ".join(f"{k}={v}" for k, v in key)
+        c = f"C{i % 10}"
+        axes[0].errorbar(x, [r["cov_error_mean"] for r in rs], yerr=[r["cov_error_se"] for r in rs], fmt="o-", color=c,
+                         ms=3, label=lab or "measured")
+        axes[0].plot(x, [r["expected_cov_error_mean"] for r in rs], "--", color=c, label="(d_eff + 1)/N")
+        axes[1].errorbar(x, [r["kl_mean"] for r in rs], yerr=[r["kl_se"] for r in rs], fmt="o-", color=c, ms=3, label=lab)
+        if any(not math.isnan(r["kl_mc_mean"]) for r in rs):
+            axes[1].plot(x, [r["kl_mc_mean"] for r in rs], "x", color=c, label="Monte Carlo (fused ddpm_step)")
+        axes[2].plot(x, [r["test_loss_mean"] for r in rs], "o-", color=c, ms=3, label=lab)
+    for ax, name in zip(axes, ("||Sigma - Sigma_0||_F^2 / ||Sigma||_F^2", "KL(sampled || data)", "test loss E||eps - eps_hat||^2")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N / d_eff")
+        ax.set_title(name, fontsize=9)
+        ax.axvline(1.0, color="gray", lw=0.8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _memorization(plt, agg, params, path):
+    panels = _panels(agg, params, ("N",))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (key, rs) in enumerate(sorted(panels.items())):
+        rs = sorted(rs, key=lambda r: r["N"])
+        ax.errorbar([r["N_over_d_mean"] for r in rs], [r["memorized_mean"] for r in rs],
+                    yerr=[r["memorized_se"] for r in rs], fmt="o-", ms=3, color=f"C{i % 10}",
+                    label=", ".join(f"{k}={v}" for k, v in key) or "memorized")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("N / d")
+    ax.set_ylabel("memorized fraction (||x - y1|| / ||x - y2|| < 1/3)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memorization": _memorization}
+
+
+def plot_store(store_path: str, out_dir: str = "results") -> Dict[str, str]:
+    """Write ``<experiment>.png`` and ``<experiment>.csv`` (the aggregated table it shows) for the store
+    at ``store_path`` into ``out_dir``; returns ``{"plot": ..., "table": ...}``."""
+    experiment, params, metrics = Store.read_experiment(store_path)
+    if experiment not in PLOTTERS:
+        raise ValueError(f"plot: no plot for experiment {experiment!r} (have {sorted(PLOTTERS)})")
+    st = Store(store_path, experiment, params, metrics)
+    try:
+        rows = st.rows()
+    finally:
+        st.close()
+    if not rows:
+        raise ValueError(f"plot: {store_path} holds no rows yet")
+    pnames = [p for p, _ in params]
+    agg = aggregate(rows, pnames, [m for m, _ in metrics])
+    os.makedirs(out_dir, exist_ok=True)
+    table = _write_csv(os.path.join(out_dir, f"{experiment}.csv"), agg)
+    plt = _pyplot()
+    plot = os.path.join(out_dir, f"{experiment}.png")
+    PLOTTERS[experiment](plt, agg, pnames, plot)
+    return {"plot": plot, "table": table}

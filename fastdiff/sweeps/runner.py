@@ -1,0 +1,309 @@
+"""Experiments, grids, batching plans and executors: how a sweep runs.
+
+A sweep is an experiment evaluated on every cell of a grid (the cartesian product of its
+parameters' value lists), ``trials`` random instances per cell.  Cells whose ``batch_key`` agree
+(every parameter that fixes tensor shapes or algorithm, typically all but the sample size) are run
+together as one batched computation, at most ``max_instances`` instances per batch.  The plan is
+a pure function of the grid, so a re-run after an interruption recomputes exactly the batches
+that had not been committed, with exactly the same inputs.
+
+Randomness: each cell draws from the counter-based Philox stream (SPEC 0) keyed by
+``cell_seed(experiment, seed, params)``; trial ``t`` uses a fixed window of that stream, so its
+numbers do not depend on which other cells share its batch, on the executor, or on ``trials``.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+from fastdiff.sweeps.store import SQL_TYPES, Store, cell_key
+
+__all__ = ["Param", "Experiment", "EXPERIMENTS", "register", "parse_values", "build_grid", "plan", "run_sweep",
+           "cell_seed", "versions"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of an experiment: a sweep takes a list of values for it (the default if absent)."""
+
+    name: str
+    type: type
+    default: Tuple
+    help: str = ""
+    choices: Optional[Tuple] = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment of the phase-diagram sweeps.
+
+    ``run_batch(cells, seeds, trials)`` evaluates a list of cells sharing one ``batch_key`` as one
+    batched computation and returns ``(rows, backend)``: rows are dicts with ``cell_index``,
+    ``trial`` and every metric.  ``check(cell)`` raises ``ValueError`` for an invalid cell;
+    ``applicable(cell)`` returns ``None`` or the reason a cell of the product is skipped (e.g. a
+    learner that does not apply to K).  ``instance_cost(cell)`` is the batching weight.
+    """
+
+    name: str
+    params: Tuple[Param, ...]
+    metrics: Tuple[Tuple[str, type], ...]
+    run_batch: Callable
+    check: Callable[[Dict], None]
+    batch_key: Callable[[Dict], Tuple]
+    applicable: Callable[[Dict], Optional[str]] = lambda cell: None
+    instance_cost: Callable[[Dict], float] = lambda cell: 1.0
+    max_cost: float = 4096.0
+    description: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ValueError(f"{name}: not a parameter of {self.name!r} (expected one of {[p.name for p in self.params]})")
+
+
+# The experiment registry (SPEC 4).  subspace-recovery, linear-diffusion and memorization register
+# themselves from their modules (fastdiff/sweeps/__init__.py imports them); the Jacobian-rank
+# experiment (seed 002 Fig. 3b: rank ratio vs SNR along trajectories) belongs here too once
+# fastdiff.jacobian_rank and fastdiff.sample exist: a module defining an Experiment and calling
+# register(), plus its import in fastdiff/sweeps/__init__.py.
+EXPERIMENTS: Dict[str, Experiment] = {}
+
+
+def register(exp: Experiment) -> Experiment:
+    if exp.name in EXPERIMENTS:
+        raise ValueError(f"experiment {exp.name!r} is already registered")
+    EXPERIMENTS[exp.name] = exp
+    return exp
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"experiment: expected one of {sorted(EXPERIMENTS)}, got {name!r}")
+    return EXPERIMENTS[name]
+
+
+# --------------------------------------------------------------------------- grids
+def parse_values(name: str, text, typ: type) -> List:
+    """Values of one parameter from text: ``"5"``, ``"1,2,4"``, ``"1:12"`` (inclusive), ``"2:48:2"``
+    (start:stop:step, inclusive), or a mix ``"1:4,8"``; a list or scalar is taken as given."""
+    if not isinstance(text, str):
+        vals = list(text) if isinstance(text, (list, tuple, range)) else [text]
+    else:
+        vals = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                raise ValueError(f"--{name}: empty value in {text!r}")
+            if ":" in part:
+                if typ not in (int, float):
+                    raise ValueError(f"--{name}: ranges need a numeric parameter, got {part!r}")
+                bits = part.split(":")
+                if len(bits) not in (2, 3) or not all(b.strip() for b in bits):
+                    raise ValueError(f"--{name}: expected start:stop or start:stop:step, got {part!r}")
+                start, stop = _convert(name, bits[0], typ), _convert(name, bits[1], typ)
+                step = _convert(name, bits[2], typ) if len(bits) == 3 else typ(1)
+                if step <= 0:
+                    raise ValueError(f"--{name}: step must be positive, got {part!r}")
+                if stop < start:
+                    raise ValueError(f"--{name}: inverted range {part!r} (stop {stop} < start {start})")
+                count = int(math.floor((stop - start) / step + 1e-9)) + 1
+                vals += [typ(start + i * step) if typ is int else round(start + i * step, 12) for i in range(count)]
+            else:
+                vals.append(_convert(name, part, typ))
+    out = []
+    for v in vals:
+        v = _convert(name, v, typ)
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise ValueError(f"--{name}: empty list of values")
+    return out
+
+
+def _convert(name, v, typ):
+    if typ is bool:
+        if isinstance(v, str):
+            if v.lower() in ("1", "true", "yes"):
+                return True
+            if v.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(f"--{name}: expected true/false, got {v!r}")
+        return bool(v)
+    try:
+        if typ is int:
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            if isinstance(v, str) and not v.strip().lstrip("+-").isdigit():
+                raise ValueError
+            return int(v)
+        if typ is float:
+            f = float(v)
+            if not math.isfinite(f):
+                raise ValueError
+            return f
+        return typ(v).strip() if typ is str else typ(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name}: expected {typ.__name__} values, got {v!r}") from None
+
+
+def build_grid(exp: Experiment, values: Dict[str, object]) -> Tuple[List[Dict], List[str]]:
+    """``(cells, skipped_reasons)``: the product of the parameter lists (defaults where absent),
+    every cell checked; cells that do not apply are dropped (their reasons returned)."""
+    for k in values:
+        exp.param(k)  # unknown name -> ValueError
+    lists = []
+    for p in exp.params:
+        vals = parse_values(p.name, values[p.name], p.type) if p.name in values and values[p.name] is not None \
+            else list(p.default)
+        if p.choices is not None:
+            bad = [v for v in vals if v not in p.choices]
+            if bad:
+                raise ValueError(f"--{p.name}: expected values in {list(p.choices)}, got {bad[0]!r}")
+        lists.append(vals)
+    cells, skipped = [], []
+    for combo in itertools.product(*lists):
+        cell = dict(zip([p.name for p in exp.params], combo))
+        reason = exp.applicable(cell)
+        if reason:
+            skipped.append(reason)
+            continue
+        exp.check(cell)
+        cells.append(cell)
+    if not cells:
+        raise ValueError(f"{exp.name}: no cell of the grid applies: {skipped[0] if skipped else 'empty grid'}")
+    return cells, skipped
+
+
+def cell_seed(experiment: str, seed: int, cell: Dict) -> int:
+    """A 63-bit seed for one cell: a hash of (experiment, sweep seed, parameters)."""
+    h = hashlib.blake2b(f"{experiment}|{seed}|{cell_key(cell)}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def plan(exp: Experiment, cells: Sequence[Dict], trials: int) -> List[List[int]]:
+    """Batches of cell indices: cells grouped by ``batch_key`` (in grid order), each group cut into
+    runs of total cost ``trials * instance_cost <= max_cost`` (at least one cell per batch)."""
+    groups: Dict[Tuple, List[int]] = {}
+    for i, c in enumerate(cells):
+        groups.setdefault(exp.batch_key(c), []).append(i)
+    batches = []
+    for idx in groups.values():
+        cur, cost = [], 0.0
+        for i in idx:
+            w = trials * exp.instance_cost(cells[i])
+            if cur and cost + w > exp.max_cost:
+                batches.append(cur)
+                cur, cost = [], 0.0
+            cur.append(i)
+            cost += w
+        if cur:
+            batches.append(cur)
+    return batches
+
+
+def versions() -> str:
+    import numpy
+    import torch
+
+    import fastdiff
+
+    return f"fastdiff {fastdiff.__version__}; torch {torch.__version__}; numpy {numpy.__version__}; python {platform.python_version()}"
+
+
+# --------------------------------------------------------------------------- executors
+def execute_batch(name: str, cells: List[Dict], seeds: List[int], trials: int, threads: int = 1):
+    """Run one batch (in this process or a Ray worker) on ``threads`` threads: ``(rows, backend, seconds)``."""
+    import torch
+
+    import fastdiff.sweeps  # noqa: F401  (a fresh Ray worker registers the experiments here)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        exp = get_experiment(name)
+        t0 = time.perf_counter()
+        rows, backend = exp.run_batch(cells, seeds, trials)
+        return rows, backend, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
+
+
+def _store_rows(exp, cells, seeds, batch, rows, backend, seconds, vers):
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    share = seconds / max(len(rows), 1)  # the batch's wall time, shared over its instances
+    base = [{"cell": cell_key(cells[i]), **cells[i], "seed": seeds[i], "backend": backend, "versions": vers,
+             "seconds": share, "finished_at": now} for i in batch]
+    return [{**base[r["cell_index"]], **r} for r in rows]
+
+
+def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, trials: int = 20, seed: int = 0,
+              store: str = "results/sweep.sqlite", executor: str = "local", address: Optional[str] = None,
+              progress: bool = True, threads: int = 1, max_retries: int = 3) -> Store:
+    """Run (or resume) a sweep and return its open :class:`Store`.
+
+    ``grid``: ``{param: values}`` (lists, scalars or range text like ``"2:48:2"``; defaults for absent
+    parameters).  Cells already in the store are skipped.  ``executor``: ``"local"`` (this process)
+    or ``"ray"`` (each batch a Ray task with a CPU hint, retried up to ``max_retries`` times;
+    ``address`` of a running cluster, or a local instance).  ``threads``: torch/OpenMP threads per
+    batch (1 by default: a batch is many small batched ops, and measured on the 2-core machine the
+    default sweep ran 3x slower on 2 threads than on 1 when the cores were shared; scale out with
+    more batches in parallel, i.e. Ray, instead).
+    """
+    exp = get_experiment(experiment)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials: expected an int >= 1, got {trials!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor: expected 'local' or 'ray', got {executor!r}")
+    cells, _ = build_grid(exp, grid or {})         # every input error is raised before the store is touched
+    seeds = [cell_seed(exp.name, seed, c) for c in cells]
+    st = Store(store, exp.name, [(p.name, SQL_TYPES[p.type]) for p in exp.params],
+               [(m, SQL_TYPES[t]) for m, t in exp.metrics])
+    done = st.finished(cell_key(c) for c in cells)
+    batches = [b for b in plan(exp, cells, trials)
+               if any((cell_key(cells[i]), t) not in done for i in b for t in range(trials))]
+    total = sum(len(b) for b in batches) * trials
+    vers = versions()
+    bar = tqdm(total=total, desc=f"{exp.name} ({executor})", unit="inst", disable=not progress, smoothing=0.05)
+    try:
+        if executor == "local":
+            for b in batches:
+                rows, backend, secs = execute_batch(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads)
+                st.write(_store_rows(exp, cells, seeds, b, rows, backend, secs, vers))
+                bar.update(len(b) * trials)
+        else:
+            _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries)
+    finally:
+        bar.close()
+    return st
+
+
+def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries):
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("executor='ray' needs ray (pip install 'fastdiff[ray]' or pip install ray)") from None
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    task = ray.remote(execute_batch).options(num_cpus=threads, max_retries=max_retries, retry_exceptions=True)
+    pending = {task.remote(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads): b
+               for b in batches}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            b = pending.pop(ref)
+            rows, backend, secs = ray.get(ref)
+            st.write(_store_rows(exp, cells, seeds, b, rows, backend, secs, vers))
+            bar.update(len(b) * trials)

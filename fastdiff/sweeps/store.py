@@ -1,0 +1,196 @@
+"""The results store of a sweep: one embedded SQLite file (standard library), one row per
+(experiment, parameters, trial).
+
+Schema (``SCHEMA_VERSION``)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)     -- experiment, schema_version, columns (JSON)
+    results(cell TEXT, trial INTEGER,          -- cell = the parameters as canonical JSON
+            <one column per parameter>, <one column per metric>,
+            seed INTEGER, backend TEXT, versions TEXT, seconds REAL, finished_at TEXT,
+            PRIMARY KEY (cell, trial))
+
+Every write is one transaction (a whole batch of cells), so a process killed at any moment leaves
+either all rows of a batch or none of them (SQLite rolls an interrupted transaction back the next
+time the file is opened); a re-run skips the (cell, trial) pairs already stored.  A store remembers
+which experiment and columns it was created for and refuses to be reused by another.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+__all__ = ["Store", "SCHEMA_VERSION", "cell_key"]
+
+SCHEMA_VERSION = 1
+SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bool: "INTEGER"}
+RUN_COLUMNS = (("seed", "INTEGER"), ("backend", "TEXT"), ("versions", "TEXT"), ("seconds", "REAL"),
+               ("finished_at", "TEXT"))
+
+
+def cell_key(params: Dict[str, object]) -> str:
+    """The canonical text of one cell's parameters (sorted keys): the store's cell identifier."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+class Store:
+    """Open (or create) the store at ``path`` for ``experiment``.
+
+    ``params`` and ``metrics`` are ``[(name, sql_type)]`` in column order.  An existing file written
+    for another experiment or other columns raises ``ValueError`` and is left untouched.
+    """
+
+    def __init__(self, path: str, experiment: str, params: Sequence[Tuple[str, str]],
+                 metrics: Sequence[Tuple[str, str]]):
+        self.path = str(path)
+        self.experiment = experiment
+        self.params = [tuple(c) for c in params]
+        self.metrics = [tuple(c) for c in metrics]
+        names = [c[0] for c in self.params + self.metrics] + [c[0] for c in RUN_COLUMNS]
+        if len(set(names)) != len(names) or {"cell", "trial"} & set(names):
+            raise ValueError(f"columns: names must be unique and not 'cell'/'trial', got {names}")
+        self.columns = ["cell", "trial"] + names
+        # SQLite column names are case-insensitive (n and N would clash): later clashes get a suffix
+        self._sql, seen = {}, set()
+        for c in self.columns:
+            q = c
+            while q.lower() in seen:
+                q += "_"
+            seen.add(q.lower())
+            self._sql[c] = q
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            # WAL: a commit is one append, no fsync per batch with synchronous=NORMAL; a killed
+            # process still loses at most the uncommitted batch (an OS crash could lose the last commits)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._open_or_create()
+        except BaseException:
+            self._db.close()
+            raise
+
+    # ------------------------------------------------------------------ schema
+    def _signature(self) -> str:
+        return json.dumps({"params": self.params, "metrics": self.metrics}, separators=(",", ":"))
+
+    def _open_or_create(self) -> None:
+        db = self._db
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" in tables:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            if meta.get("experiment") != self.experiment:
+                raise ValueError(f"store: {self.path} holds results of experiment {meta.get('experiment')!r}, "
+                                 f"not {self.experiment!r}; use another --store path")
+            if meta.get("schema_version") != str(SCHEMA_VERSION):
+                raise ValueError(f"store: {self.path} has schema version {meta.get('schema_version')}, this fastdiff "
+                                 f"writes version {SCHEMA_VERSION}; use another --store path")
+            if meta.get("columns") != self._signature():
+                raise ValueError(f"store: {self.path} was written with other columns for {self.experiment!r} "
+                                 f"({meta.get('columns')}); use another --store path")
+            return
+        if tables:
+            raise ValueError(f"store: {self.path} is an SQLite file but not a fastdiff sweep store (tables {sorted(tables)})")
+        cols = ", ".join(f'"{self._sql[n]}" {t}' for n, t in self.params + self.metrics + list(RUN_COLUMNS))
+        db.execute("BEGIN")
+        try:
+            db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("experiment", self.experiment), ("schema_version", str(SCHEMA_VERSION)),
+                ("columns", self._signature())])
+            db.execute(f"CREATE TABLE results (cell TEXT NOT NULL, trial INTEGER NOT NULL, {cols}, "
+                       "PRIMARY KEY (cell, trial))")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def read_experiment(path: str) -> Tuple[str, List[Tuple[str, str]], List[Tuple[str, str]]]:
+        """``(experiment, params, metrics)`` recorded in an existing store (for ``fastdiff plot``)."""
+        if not os.path.exists(path):
+            raise ValueError(f"store: {path} does not exist")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"store: {path} is not a fastdiff sweep store ({e})") from None
+        finally:
+            db.close()
+        cols = json.loads(meta["columns"])
+        return meta["experiment"], [tuple(c) for c in cols["params"]], [tuple(c) for c in cols["metrics"]]
+
+    # ------------------------------------------------------------------ rows
+    def finished(self, cells: Optional[Iterable[str]] = None) -> Set[Tuple[str, int]]:
+        """The stored ``(cell, trial)`` pairs (of ``cells`` if given)."""
+        rows = self._db.execute("SELECT cell, trial FROM results").fetchall()
+        keep = None if cells is None else set(cells)
+        return {(c, t) for c, t in rows if keep is None or c in keep}
+
+    def write(self, rows: Sequence[Dict[str, object]]) -> int:
+        """Insert ``rows`` (dicts with every column) in one transaction, skipping stored (cell, trial)
+        pairs; returns the number inserted.  Nothing is written if any row is malformed."""
+        if not rows:
+            return 0
+        try:
+            values = [tuple(r[c] for c in self.columns) for r in rows]
+        except KeyError as e:
+            raise ValueError(f"rows: missing column {e}") from None
+        quoted = ", ".join(f'"{self._sql[c]}"' for c in self.columns)
+        marks = ", ".join("?" for _ in self.columns)
+        before = self._db.total_changes
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(f"INSERT OR IGNORE INTO results ({quoted}) VALUES ({marks})",
+                                 values)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return self._db.total_changes - before
+
+    def rows(self) -> List[Dict[str, object]]:
+        """Every stored row as a dict, ordered by cell then trial."""
+        quoted = ", ".join(f'"{self._sql[c]}"' for c in self.columns)
+        cur = self._db.execute(f"SELECT {quoted} FROM results ORDER BY cell, trial")
+        return [dict(zip(self.columns, r)) for r in cur.fetchall()]
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ export
+    def export_csv(self, path: str) -> str:
+        rows = self.rows()
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns)
+            w.writeheader()
+            w.writerows(rows)
+        return path
+
+    def export_parquet(self, path: str) -> str:
+        """Parquet through pyarrow (``pip install pyarrow``, the ``sweeps`` extra)."""
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError("export_parquet: needs pyarrow (pip install 'fastdiff[sweeps]' or pip install pyarrow)") from None
+        rows = self.rows()
+        arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
+        types = {"cell": "TEXT", "trial": "INTEGER", **dict(self.params + self.metrics), **dict(RUN_COLUMNS)}
+        table = pa.table({c: pa.array([r[c] for r in rows], type=arrow[types[c]]) for c in self.columns})
+        pq.write_table(table, path)
+        return path
+
