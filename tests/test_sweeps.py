@@ -126,7 +126,7 @@ def test_bad_grids_raise_before_touching_the_store(tmp_path, grid, match):
 
 def test_unknown_experiment_and_options(tmp_path):
     with pytest.raises(ValueError, match="experiment: expected one of"):
-        sweeps.run_sweep("jacobian-rank", {}, store=str(tmp_path / "s.sqlite"))
+        sweeps.run_sweep("jacobian-ranks", {}, store=str(tmp_path / "s.sqlite"))
     for kw, match in (({"trials": 0}, "trials"), ({"seed": -1}, "seed"), ({"executor": "dask"}, "executor"),
                       ({"threads": 0}, "threads")):
         with pytest.raises(ValueError, match=match):
@@ -367,6 +367,27 @@ def test_acceptance_memorization(tmp_path):
             assert r["memorized"] > 0.95, r
         if r["denoiser"] == "molrg" and r["N"] > 4:
             assert r["memorized"] < 0.1, r
+
+
+def test_jacobian_rank_sweep_reproduces_fig3b_and_levels_are_independent_of_the_grid(tmp_path):
+    """Seed 002 Fig. 3b: rank / n = K d / n at the lowest SNR, d / n at the highest; a level's rows
+    are the same whether it is swept alone or with every other level (shared trajectories)."""
+    with sweeps.run_sweep("jacobian-rank", {}, trials=3, store=str(tmp_path / "all.sqlite"), progress=False) as st:
+        rows = st.rows()
+    by_level = {}
+    for r in rows:
+        by_level.setdefault(r["level"], []).append(r)
+    assert sorted(by_level) == list(range(18))
+    assert all(r["ratio"] == pytest.approx(2 * 6 / 48) for r in by_level[0])
+    assert all(r["ratio"] == pytest.approx(6 / 48) for r in by_level[17])
+    snr = [by_level[lv][0]["snr"] for lv in range(18)]
+    assert snr == sorted(snr)
+    with sweeps.run_sweep("jacobian-rank", {"level": "9,17"}, trials=3, store=str(tmp_path / "two.sqlite"),
+                          progress=False) as st:
+        alone = {(r["level"], r["trial"]): r["ratio"] for r in st.rows()}
+    assert alone == {(r["level"], r["trial"]): r["ratio"] for r in rows if r["level"] in (9, 17)}
+    with pytest.raises(ValueError, match="--level"):
+        sweeps.run_sweep("jacobian-rank", {"level": 18}, store=str(tmp_path / "bad.sqlite"), progress=False)
 
 
 # =========================================================================== CLI, resume, Ray

@@ -6,11 +6,11 @@ batched computations, stored in a resumable SQLite file, on this process or a Ra
 >>> sweeps.plot_store("results/sr.sqlite", "results")
 
 Experiments (``EXPERIMENTS``): ``subspace-recovery`` (:mod:`.subspace`), ``linear-diffusion``
-(:mod:`.linear`), ``memorization`` (:mod:`.memorization`).
+(:mod:`.linear`), ``memorization`` (:mod:`.memorization`), ``jacobian-rank`` (:mod:`.jacobian`).
 """
 from fastdiff.sweeps.runner import EXPERIMENTS, Experiment, Param, build_grid, parse_values, plan, run_sweep
 from fastdiff.sweeps.store import Store
 from fastdiff.sweeps.plots import plot_store
-from fastdiff.sweeps import linear, memorization, subspace  # noqa: F401  (register their experiments)
+from fastdiff.sweeps import jacobian, linear, memorization, subspace  # noqa: F401  (register their experiments)
 
 __all__ = ["EXPERIMENTS", "Experiment", "Param", "Store", "build_grid", "parse_values", "plan", "plot_store", "run_sweep"]

@@ -3,7 +3,8 @@
 - subspace-recovery: success-rate heat map over (d, N), one panel per other varying parameter
   (K, learner, ...), with the lines N = d and N = K d (seed 002 Fig. 4);
 - linear-diffusion: covariance error (and its (d_eff + 1)/N prediction), KL and test loss against N/d_eff;
-- memorization: memorized fraction against N/d, one curve per denoiser.
+- memorization: memorized fraction against N/d, one curve per denoiser;
+- jacobian-rank: rank ratio against SNR = 1/sigma, with the d/n and K d/n levels (seed 002 Fig. 3b).
 """
 from __future__ import annotations
 
@@ -143,7 +144,28 @@ def _memorization(plt, agg, params, path):
     plt.close(fig)
 
 
-PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memorization": _memorization}
+def _jacobian_rank(plt, agg, params, path):
+    panels = _panels(agg, params, ("level",))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (key, rs) in enumerate(sorted(panels.items())):
+        rs = sorted(rs, key=lambda r: r["snr_mean"])
+        color = f"C{i % 10}"
+        ax.errorbar([r["snr_mean"] for r in rs], [r["ratio_mean"] for r in rs], yerr=[r["ratio_se"] for r in rs],
+                    fmt="o-", ms=3, color=color, label=", ".join(f"{k}={v}" for k, v in key) or "rank / n")
+        n, K, d = rs[0]["n"], rs[0]["K"], rs[0]["d"]
+        ax.axhline(d / n, color=color, ls=":", lw=0.8)
+        ax.axhline(K * d / n, color=color, ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("SNR = 1 / sigma")
+    ax.set_ylabel("Jacobian rank / n   (dotted d/n, dashed Kd/n)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memorization": _memorization,
+            "jacobian-rank": _jacobian_rank}
 
 
 def plot_store(store_path: str, out_dir: str = "results") -> Dict[str, str]:

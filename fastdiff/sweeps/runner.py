@@ -62,6 +62,7 @@ class Experiment:
     instance_cost: Callable[[Dict], float] = lambda cell: 1.0
     max_cost: float = 4096.0
     description: str = ""
+    seed_params: Callable[[Dict], Dict] = lambda cell: cell  # the parameters a cell's stream is keyed by
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -70,11 +71,8 @@ class Experiment:
         raise ValueError(f"{name}: not a parameter of {self.name!r} (expected one of {[p.name for p in self.params]})")
 
 
-# The experiment registry (SPEC 4).  subspace-recovery, linear-diffusion and memorization register
-# themselves from their modules (fastdiff/sweeps/__init__.py imports them); the Jacobian-rank
-# experiment (seed 002 Fig. 3b: rank ratio vs SNR along trajectories) belongs here too once
-# fastdiff.jacobian_rank and fastdiff.sample exist: a module defining an Experiment and calling
-# register(), plus its import in fastdiff/sweeps/__init__.py.
+# The experiment registry (SPEC 4): subspace-recovery, linear-diffusion, memorization and
+# jacobian-rank register themselves from their modules (fastdiff/sweeps/__init__.py imports them).
 EXPERIMENTS: Dict[str, Experiment] = {}
 
 
@@ -268,7 +266,7 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
     if executor not in ("local", "ray"):
         raise ValueError(f"executor: expected 'local' or 'ray', got {executor!r}")
     cells, _ = build_grid(exp, grid or {})         # every input error is raised before the store is touched
-    seeds = [cell_seed(exp.name, seed, c) for c in cells]
+    seeds = [cell_seed(exp.name, seed, exp.seed_params(c)) for c in cells]
     st = Store(store, exp.name, [(p.name, SQL_TYPES[p.type]) for p in exp.params],
                [(m, SQL_TYPES[t]) for m, t in exp.metrics])
     done = st.finished(cell_key(c) for c in cells)
