@@ -146,6 +146,11 @@ def _levels(schedule, steps):
             for s, s_next in zip(sigmas[:-1], sigmas[1:])], "ve"
 
 
+def _device(*candidates) -> torch.device:
+    """Where fresh samples go: the device of the first tensor among the arguments (CPU if none)."""
+    return next((c.device for c in candidates if isinstance(c, torch.Tensor)), torch.device("cpu"))
+
+
 def _initial(x, num_samples, n, levels, kind, generator, device, dtype):
     if x is not None:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
@@ -199,7 +204,7 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
         raise TypeError(f"denoiser: expected a callable den(x, alpha, sigma), got {type(denoiser).__name__}")
     levels, kind = _levels(schedule, steps)
     n = A.shape[1] if isinstance(A, torch.Tensor) and A.ndim == 2 else getattr(denoiser, "n", None)
-    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    device = _device(x, A, y)
     dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
     x = _initial(x, num_samples, n, levels, kind, generator, device, dtype)
     h, y_b = _measurement(A, y, x.device, x.dtype)
@@ -244,7 +249,7 @@ def cfg_sample(denoiser, labels, guidance, schedule, *, x=None, num_samples: Opt
     if not callable(denoiser):
         raise TypeError(f"denoiser: expected a callable den(x, alpha, sigma, labels=, guidance=), got {type(denoiser).__name__}")
     levels, kind = _levels(schedule, steps)
-    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    device = _device(x, getattr(denoiser, "ucat", None), labels)
     dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
     x = _initial(x, num_samples, getattr(denoiser, "n", None), levels, kind, generator, device, dtype)
     if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
