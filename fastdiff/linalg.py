@@ -411,7 +411,8 @@ def _lanczos_rank(fn, x, args, eta, k, probes, seed, backend):
 
 # --------------------------------------------------------------------------- MoLRG closed form
 def _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output):
-    """(A (R,), M (B, D, D), Ucat (n, D) float64, x, ucat as packed) with J = A I + Ucat M Ucat^T."""
+    """(A (R,), terms of M, Ucat (n, D) float64, x, ucat as packed, dims) with J = A I + Ucat M Ucat^T
+    (:func:`_molrg_m` assembles M; :func:`molrg_jacobian_rank` uses the terms without it)."""
     x = _check_x(x)
     if mode not in ("soft", "hard"):
         raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
@@ -445,16 +446,29 @@ def _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
     else:
         w = torch.softmax(logits, 1)
     wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).double()
-    M = torch.diag_embed(expand(wp * C).expand(B, -1))              # sum_k w'_k C_k P_k
+    # M = diag(e[seg]) + (1 - gw) [blockdiag_k(cp_k (2 g_k p_k)^T) - cp hp^T]  (soft; diag only for hard)
+    e = (wp * C).expand(B, K)                                     # sum_k w'_k C_k P_k
+    soft = None
     if mode == "soft":
-        # (1 - gw) sum_k C_k (P_k x) dw_k^T,  dw_k = w_k (2 g_k P_k x - sum_j w_j 2 g_j P_j x)
         cp = expand(w * C) * p                                      # coefficients of sum_k w_k C_k P_k x
         hp = expand(w * 2 * g) * p                                  # ... of sum_j w_j 2 g_j P_j x
-        seg = torch.repeat_interleave(torch.arange(K, device=x.device), torch.tensor(dims, device=x.device))
+        g2p = expand((2 * g).expand(B, K)) * p
+        soft = ((1 - gw).expand(B, 1), cp, g2p, hp, w)
+    return A, (e, soft), U, x, ucat, dims
+
+
+def _molrg_m(terms, dims):
+    """The (B, D, D) middle factor M of J = A I + Ucat M Ucat^T from :func:`_molrg_parts`' pieces."""
+    (e, soft) = terms
+    _, expand = _segment_ops(dims, e.device)
+    M = torch.diag_embed(expand(e))
+    if soft is not None:
+        scale, cp, g2p, hp, _ = soft
+        K = len(dims)
+        seg = torch.repeat_interleave(torch.arange(K, device=e.device), torch.tensor(dims, device=e.device))
         same = (seg[:, None] == seg[None, :]).double()              # block-diagonal mask
-        g2 = expand((2 * g).expand(B, K) if g.shape[0] == 1 else 2 * g)
-        M = M + (1 - gw)[:, :, None] * (cp[:, :, None] * (g2 * p)[:, None, :] * same - cp[:, :, None] * hp[:, None, :])
-    return A, M, U, x, ucat
+        M = M + scale[:, :, None] * (cp[:, :, None] * g2p[:, None, :] * same - cp[:, :, None] * hp[:, None, :])
+    return M
 
 
 @accepts_arrays
@@ -472,8 +486,8 @@ def molrg_jacobian(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 
     the SPEC 3 form for output x0 without guidance.  mode="hard": the one-hot weights are
     piecewise constant, M = diag(w'_k C_k)[seg].  Computed in float64, returned in x's dtype.
     """
-    A, M, U, x, _ = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output)
-    J = U @ M @ U.T
+    A, terms, U, x, _, dims = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output)
+    J = U @ _molrg_m(terms, dims) @ U.T
     J.diagonal(dim1=1, dim2=2).add_(A[:, None])
     return J.to(x.dtype)
 
@@ -481,20 +495,23 @@ def molrg_jacobian(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 
 _BASIS_CACHE: dict = {}
 
 
-def _range_basis(ucat: torch.Tensor):
-    """(Q (n, r) orthonormal, R (r, D)) with Ucat = Q R in float64, r = numerical rank of Ucat
+def _range_basis(ucat: torch.Tensor, dims):
+    """(Q (n, r) orthonormal, R (r, D), G (K, r, r) = R_k R_k^T per component) with Ucat = Q R in
+    float64, r = numerical rank of Ucat
     (bases may overlap), from an SVD of Ucat.  The SVD (~80 ms at n = 768, D = 160, far more
     than the rest of a call) is cached per packed-bases tensor (weak reference + version
     counter, as :func:`fastdiff.denoise._packed` caches the packing itself), so a sweep over
     many points and noise levels with one set of bases pays it once."""
-    key = (id(ucat), ucat._version, ucat.device)
+    key = (id(ucat), ucat._version, ucat.device, tuple(dims))
     hit = _BASIS_CACHE.get(key)
     if hit is not None and hit[0]() is ucat:
         return hit[1]
     U = ucat.double()
     W, s, Vh = torch.linalg.svd(U, full_matrices=False)
     keep = s > s[0] * max(U.shape) * torch.finfo(torch.float64).eps
-    QR = (W[:, keep], s[keep, None] * Vh[keep])
+    R = s[keep, None] * Vh[keep]
+    G = torch.stack([Rk @ Rk.T for Rk in torch.split(R, list(dims), dim=1)])
+    QR = (W[:, keep], R, G)
     if len(_BASIS_CACHE) >= 16:
         _BASIS_CACHE.pop(next(iter(_BASIS_CACHE)))
     _BASIS_CACHE[key] = (weakref.ref(ucat), QR)
@@ -514,11 +531,27 @@ def molrg_jacobian_rank(x, bases, alpha, sigma, *, eta: float = 0.99, pi=None, t
     values (B, n), descending, with ``return_svals``); a non-finite x gives rank -1.
     """
     eta = _check_eta(eta)
-    A, M, U, x, ucat = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output)
+    A, (e, soft), U, x, ucat, dims = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
+                                                  output)
     B, n = x.shape
-    Q, R = _range_basis(ucat)
+    Q, R, G = _range_basis(ucat, dims)
     r = Q.shape[1]
-    small = R @ M @ R.T
+    # small = R M R^T from M's structure, O(B K r^2) instead of two (r, D) x (D, D) products:
+    #   R diag(e[seg]) R^T = sum_k e_k G_k;  R [blockdiag_k(cp_k g2p_k^T) - cp hp^T] R^T below
+    small = (e @ G.reshape(len(dims), r * r)).reshape(B, r, r)
+    if soft is not None:
+        scale, cp, g2p, hp, _ = soft
+        segsum, _ = _segment_ops(dims, x.device)
+        uc = segsum((R[None] * cp[:, None, :]).reshape(B * r, -1)).reshape(B, r, -1)   # (B, r, K): R_k cp_k
+        ug = segsum((R[None] * g2p[:, None, :]).reshape(B * r, -1)).reshape(B, r, -1)
+        # blockdiag_k(cp_k g2p_k^T) - cp hp^T = sum_k (R_k cp_k)(sum_j c_kj R_j g2p_j)^T with
+        # c_kj = [j = k] - w_j.  Where one w_k ~ 1 the two terms nearly cancel; writing 1 - w_k as the
+        # sum of the other weights keeps every coefficient exact to rounding (float64 accuracy).
+        w = soft[4]
+        eye = torch.eye(len(dims), dtype=w.dtype, device=w.device)
+        coef = torch.diag_embed((w[:, None, :] * (1 - eye)).sum(-1)) - (1 - eye) * w[:, None, :]   # (B, K, K)
+        low = uc @ (ug @ coef.transpose(1, 2)).transpose(1, 2)
+        small = small + scale[:, :, None] * low
     small.diagonal(dim1=1, dim2=2).add_(A[:, None])
     S, _ = _svdvals_rank(small.contiguous(), None, backend)       # float64 (B, r)
     if r < n:
