@@ -273,7 +273,13 @@ def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False):
         w = torch.softmax(logits, 1)
     wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
     q = P * expand(wp * C)                                  # (B, D)
-    out = torch.addmm(A * x, q, ucat.T) if not x.requires_grad and not ucat.requires_grad else A * x + q @ ucat.T
+    if params.shape[0] == 1 and params.device.type == "cpu" and not torch.compiler.is_compiling():
+        a = float(params[0, 3 * K])  # one A for the batch, read on the host: no sync, and the GEMM applies it
+        out = q @ ucat.T if a == 0.0 else torch.addmm(x, q, ucat.T, beta=a)
+    elif x.requires_grad or ucat.requires_grad:
+        out = A * x + q @ ucat.T
+    else:
+        out = torch.addmm(A * x, q, ucat.T)
     if keep_p:
         return out, w, P
     return out, (w if want_w else None)

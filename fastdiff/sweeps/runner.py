@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -245,7 +246,7 @@ def _store_rows(exp, cells, seeds, batch, rows, backend, seconds, vers):
 
 def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, trials: int = 20, seed: int = 0,
               store: str = "results/sweep.sqlite", executor: str = "local", address: Optional[str] = None,
-              progress: bool = True, threads: int = 1, max_retries: int = 3) -> Store:
+              progress: bool = True, threads: int = 1, max_retries: int = 3, workers: Optional[int] = None) -> Store:
     """Run (or resume) a sweep and return its open :class:`Store`.
 
     ``grid``: ``{param: values}`` (lists, scalars or range text like ``"2:48:2"``; defaults for absent
@@ -254,7 +255,10 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
     ``address`` of a running cluster, or a local instance).  ``threads``: torch/OpenMP threads per
     batch (1 by default: a batch is many small batched ops, and measured on the 2-core machine the
     default sweep ran 3x slower on 2 threads than on 1 when the cores were shared; scale out with
-    more batches in parallel, i.e. Ray, instead).
+    more batches in parallel instead).  ``workers``: batches run side by side in this process (local
+    executor; default: one per core with ``threads = 1``): torch releases the GIL inside its kernels,
+    so two single-threaded batches use two cores; the store is written from this thread only, each
+    batch in one transaction as it finishes (their order does not change any row).
     """
     exp = get_experiment(experiment)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -265,6 +269,10 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
         raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
     if executor not in ("local", "ray"):
         raise ValueError(f"executor: expected 'local' or 'ray', got {executor!r}")
+    if workers is None:
+        workers = max(1, (os.cpu_count() or 1) // threads)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     cells, _ = build_grid(exp, grid or {})         # every input error is raised before the store is touched
     seeds = [cell_seed(exp.name, seed, exp.seed_params(c)) for c in cells]
     st = Store(store, exp.name, [(p.name, SQL_TYPES[p.type]) for p in exp.params],
@@ -276,16 +284,51 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
     vers = versions()
     bar = tqdm(total=total, desc=f"{exp.name} ({executor})", unit="inst", disable=not progress, smoothing=0.05)
     try:
-        if executor == "local":
+        if executor == "local" and workers == 1:
             for b in batches:
                 rows, backend, secs = execute_batch(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads)
                 st.write(_store_rows(exp, cells, seeds, b, rows, backend, secs, vers))
                 bar.update(len(b) * trials)
+        elif executor == "local":
+            _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers)
         else:
             _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries)
     finally:
         bar.close()
     return st
+
+
+def _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers):
+    """Local batches on ``workers`` Python threads, torch at one intra-op thread for the duration."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = {pool.submit(_timed_batch, exp, [cells[i] for i in b], [seeds[i] for i in b], trials): b
+                       for b in batches}
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        b = pending.pop(f)
+                        rows, backend, secs = f.result()
+                        st.write(_store_rows(exp, cells, seeds, b, rows, backend, secs, vers))
+                        bar.update(len(b) * trials)
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed_batch(exp, cells, seeds, trials):
+    t0 = time.perf_counter()
+    rows, backend = exp.run_batch(cells, seeds, trials)
+    return rows, backend, time.perf_counter() - t0
 
 
 def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries):
