@@ -87,6 +87,9 @@ class Row:
 
 
 @dataclass
+PEERS = ("cupy", "keops")  # peer libraries that rows may be measured against
+
+
 class Table:
     rows: List[Row] = field(default_factory=list)
 
@@ -98,8 +101,8 @@ class Table:
         groups: Dict[str, Dict[str, Row]] = {}
         for r in self.rows:
             groups.setdefault(r.group, {})[r.impl] = r
-        impls = [i for i in ("fastdiff", "fastdiff out=", "eager", "compile", "cupy") if any(i in g for g in groups.values())]
-        head = ["op"] + [f"{i} ms" for i in impls] + ["eager/fastdiff", "compile/fastdiff", "fastdiff rate", "ceiling", "% of ceiling"]
+        impls = [i for i in ("fastdiff", "fastdiff out=", "eager", "compile", *PEERS) if any(i in g for g in groups.values())]
+        head = ["op"] + [f"{i} ms" for i in impls] + ["eager/fastdiff", "compile/fastdiff", "peer/fastdiff", "fastdiff rate", "ceiling", "% of ceiling"]
         lines = [
             f"Device: {describe(device)}; DRAM copy {dram / 1e9:.1f} GB/s (1 GiB, read+write), float32 matmul "
             f"{matmul_rate(device) / 1e9:.0f} GFLOP/s (2048^3), both measured in this run.",
@@ -113,6 +116,8 @@ class Table:
             cells = [name] + [f"{g[i].seconds * 1e3:.3f}" if i in g else "-" for i in impls]
             cells.append(f"{g['eager'].seconds / fd.seconds:.2f}x" if "eager" in g and fd else "-")
             cells.append(f"{g['compile'].seconds / fd.seconds:.2f}x" if "compile" in g and fd else "-")
+            peer = next((g[p] for p in PEERS if p in g), None)   # the peer library the issue names
+            cells.append(f"{peer.seconds / fd.seconds:.2f}x ({peer.impl})" if peer and fd else "-")
             if fd and fd.flops:  # compute-bound op: GFLOP/s against the matmul rate
                 rate, ceiling = fd.flops / fd.seconds, matmul_rate(device)
                 cells += [f"{rate / 1e9:.1f} GFLOP/s", f"{ceiling / 1e9:.0f} GFLOP/s matmul", f"{100 * rate / ceiling:.0f}%"]
