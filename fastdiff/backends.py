@@ -71,6 +71,26 @@ def _works(name: str) -> bool:
     return _probe(name)[0]
 
 
+def has_kernel(name: str, cpp_symbol: str, triton_module: str) -> bool:
+    """Whether backend ``name`` runs here and has the op: ``fastdiff._C.<cpp_symbol>`` for "cpp",
+    the module ``fastdiff.kernels.<triton_module>`` for "triton" (an older build may lack either)."""
+    if not _works(name):
+        return False
+    if name == "cpp":
+        from fastdiff import _C
+
+        return hasattr(_C, cpp_symbol)
+    if name == "triton":
+        import importlib
+
+        try:
+            importlib.import_module(f"fastdiff.kernels.{triton_module}")
+        except ImportError:
+            return False
+        return True
+    return False
+
+
 def available() -> Dict[str, Tuple[bool, str]]:
     """``{backend: (works_here, detail)}`` for every concrete backend."""
     return {name: _probe(name) for name in BACKENDS[1:]}

@@ -109,19 +109,7 @@ def _svdvals_rank_triton(A: torch.Tensor, eta: Optional[float]):
 
 
 def _has_svd_kernel(name: str) -> bool:
-    if not backends._works(name):
-        return False
-    if name == "cpp":
-        from fastdiff import _C
-
-        return hasattr(_C, "svdvals_rank")
-    if name == "triton":
-        try:
-            from fastdiff.kernels import svd  # noqa: F401  (written alongside; absent in older builds)
-        except ImportError:
-            return False
-        return True
-    return False
+    return backends.has_kernel(name, "svdvals_rank", "svd")
 
 
 def _triton_fits(m: int, n: int) -> bool:
