@@ -86,10 +86,10 @@ class Row:
     flops: int = 0
 
 
-@dataclass
 PEERS = ("cupy", "keops")  # peer libraries that rows may be measured against
 
 
+@dataclass
 class Table:
     rows: List[Row] = field(default_factory=list)
 
