@@ -430,6 +430,27 @@ def _molrg_backward_triton(x, ucat, params, w, labels, G, dims, hard):
                           params.to(torch.float32).contiguous(), labels, hard, w.contiguous())
 
 
+def _check_labels(labels, guidance, B: int, K: int, device) -> Optional[torch.Tensor]:
+    """CFG labels as a (B,) int64 tensor on ``device`` (or None), validated against K components;
+    guidance must come with labels and only with them.  Values are range-checked on the host only
+    (a CUDA or traced check would synchronize)."""
+    if labels is None:
+        if guidance is not None:
+            raise ValueError("guidance: given without labels")
+        return None
+    labels = torch.as_tensor(labels, device=device)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected integer class labels, got {labels.dtype}")
+    labels = labels.reshape(-1).long()
+    if labels.numel() != B:
+        raise ValueError(f"labels: expected {B} labels (one per sample), got {labels.numel()}")
+    if labels.device.type == "cpu" and B and not torch.compiler.is_compiling() and not bool(((labels >= 0) & (labels < K)).all()):
+        raise ValueError(f"labels: expected values in [0, {K}) (one per component)")
+    if guidance is None:
+        raise ValueError("guidance: required with labels (the CFG weight w)")
+    return labels
+
+
 @accepts_arrays
 def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0.0, mode: str = "soft",
                   labels=None, guidance=None, output: str = "x0", return_weights: bool = False,
@@ -455,19 +476,7 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     if ucat.device != x.device:
         raise ValueError(f"bases: expected tensors on {x.device} (the device of x), got {ucat.device}")
     K = len(dims)
-    if labels is not None:
-        labels = torch.as_tensor(labels, device=x.device)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels: expected integer class labels, got {labels.dtype}")
-        labels = labels.reshape(-1).long()
-        if labels.numel() != B:
-            raise ValueError(f"labels: expected {B} labels (one per sample), got {labels.numel()}")
-        if labels.device.type == "cpu" and B and not torch.compiler.is_compiling() and not bool(((labels >= 0) & (labels < K)).all()):
-            raise ValueError(f"labels: expected values in [0, {K}) (one per component)")
-        if guidance is None:
-            raise ValueError("guidance: required with labels (the CFG weight w)")
-    elif guidance is not None:
-        raise ValueError("guidance: given without labels")
+    labels = _check_labels(labels, guidance, B, K, x.device)
     params = molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, x.device)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc, uc = x.to(ct), ucat.to(ct)

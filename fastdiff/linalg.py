@@ -34,7 +34,7 @@ import torch
 
 from fastdiff import backends
 from fastdiff._interop import accepts_arrays
-from fastdiff.denoise import _check_x, _packed, _segment_ops, molrg_params
+from fastdiff.denoise import _check_labels, _check_x, _packed, _segment_ops, molrg_params
 
 __all__ = ["svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
            "jacobian_rank_trajectory", "TrajectoryRanks"]
@@ -411,17 +411,7 @@ def _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
     if ucat.device != x.device:
         raise ValueError(f"bases: expected tensors on {x.device} (the device of x), got {ucat.device}")
     K = len(dims)
-    if (labels is None) != (guidance is None):
-        raise ValueError("labels and guidance: give both (classifier-free guidance) or neither")
-    if labels is not None:
-        labels = torch.as_tensor(labels, device=x.device)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels: expected integer class labels, got {labels.dtype}")
-        labels = labels.reshape(-1).long()
-        if labels.numel() != B:
-            raise ValueError(f"labels: expected {B} labels (one per sample), got {labels.numel()}")
-        if not bool(((labels >= 0) & (labels < K)).all()):
-            raise ValueError(f"labels: expected values in [0, {K}) (one per component)")
+    labels = _check_labels(labels, guidance, B, K, x.device)
     params = molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, x.device)  # (R, 3K+2) float64
     g, b, C, A, gw = params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K], params[:, 3 * K], params[:, 3 * K + 1:]
     segsum, expand = _segment_ops(dims, x.device)
