@@ -430,6 +430,19 @@ def _molrg_backward_triton(x, ucat, params, w, labels, G, dims, hard):
                           params.to(torch.float32).contiguous(), labels, hard, w.contiguous())
 
 
+def _molrg_inputs(x, bases, mode: str, output: str, labels, guidance, check_orthonormal: bool):
+    """The checks every MoLRG entry point shares: ``(x, ucat, dims, labels)`` validated and packed."""
+    x = _check_x(x)
+    if mode not in ("soft", "hard"):
+        raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+    ucat, dims = _packed(bases, x.shape[1], check_orthonormal)
+    if ucat.device != x.device:
+        raise ValueError(f"bases: expected tensors on {x.device} (the device of x), got {ucat.device}")
+    return x, ucat, dims, _check_labels(labels, guidance, x.shape[0], len(dims), x.device)
+
+
 def _check_labels(labels, guidance, B: int, K: int, device) -> Optional[torch.Tensor]:
     """CFG labels as a (B,) int64 tensor on ``device`` (or None), validated against K components;
     guidance must come with labels and only with them.  Values are range-checked on the host only
@@ -466,17 +479,9 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     guidance).  Differentiable in ``x`` and ``bases``: the fused forward with a hand-derived
     backward (:class:`_MoLRGFunction`); the returned weights are detached.
     """
-    x = _check_x(x)
-    if mode not in ("soft", "hard"):
-        raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+    x, ucat, dims, labels = _molrg_inputs(x, bases, mode, output, labels, guidance, check_orthonormal)
     B, n = x.shape
-    ucat, dims = _packed(bases, n, check_orthonormal)
-    if ucat.device != x.device:
-        raise ValueError(f"bases: expected tensors on {x.device} (the device of x), got {ucat.device}")
     K = len(dims)
-    labels = _check_labels(labels, guidance, B, K, x.device)
     params = molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, x.device)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc, uc = x.to(ct), ucat.to(ct)

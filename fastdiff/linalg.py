@@ -34,7 +34,7 @@ import torch
 
 from fastdiff import backends
 from fastdiff._interop import accepts_arrays
-from fastdiff.denoise import _check_labels, _check_x, _packed, _segment_ops, molrg_params
+from fastdiff.denoise import _check_x, _molrg_inputs, _segment_ops, molrg_params
 
 __all__ = ["svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
            "jacobian_rank_trajectory", "TrajectoryRanks"]
@@ -401,17 +401,9 @@ def _lanczos_rank(fn, x, args, eta, k, probes, seed, backend):
 def _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance, output):
     """(A (R,), terms of M, Ucat (n, D) float64, x, ucat as packed, dims) with J = A I + Ucat M Ucat^T
     (:func:`_molrg_m` assembles M; :func:`molrg_jacobian_rank` uses the terms without it)."""
-    x = _check_x(x)
-    if mode not in ("soft", "hard"):
-        raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
-    if output not in ("x0", "eps", "score"):
-        raise ValueError(f"output: expected 'x0', 'eps' or 'score', got {output!r}")
+    x, ucat, dims, labels = _molrg_inputs(x, bases, mode, output, labels, guidance, False)
     B, n = x.shape
-    ucat, dims = _packed(bases, n, False)
-    if ucat.device != x.device:
-        raise ValueError(f"bases: expected tensors on {x.device} (the device of x), got {ucat.device}")
     K = len(dims)
-    labels = _check_labels(labels, guidance, B, K, x.device)
     params = molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, x.device)  # (R, 3K+2) float64
     g, b, C, A, gw = params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K], params[:, 3 * K], params[:, 3 * K + 1:]
     segsum, expand = _segment_ops(dims, x.device)
