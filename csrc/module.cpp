@@ -21,6 +21,12 @@ void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t
                     uintptr_t du_ptr, int64_t B, int64_t n, uintptr_t u_ptr,
                     const std::vector<int64_t>& offsets, uintptr_t params_ptr, int64_t R,
                     uintptr_t labels_ptr, bool hard);
+void molrg_mix(uintptr_t p_ptr, uintptr_t q_ptr, uintptr_t w_ptr, int64_t B,
+               const std::vector<int64_t>& offsets, uintptr_t params_ptr, int64_t R,
+               uintptr_t labels_ptr, bool hard);
+void molrg_mix_backward(uintptr_t p_ptr, uintptr_t dq_ptr, uintptr_t w_ptr, uintptr_t q_ptr,
+                        int64_t B, const std::vector<int64_t>& offsets, uintptr_t params_ptr,
+                        int64_t R, uintptr_t labels_ptr, bool hard);
 void svdvals_rank(uintptr_t a_ptr, int dtype, int64_t B, int64_t m, int64_t n, uintptr_t s_ptr,
                   uintptr_t rank_ptr, double eta);
 void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_t u_ptr,
@@ -55,6 +61,19 @@ PYBIND11_MODULE(_C, m) {
         "x, G = dL/dout, dx (B, n); w (B, K) the forward's posterior; Ucat, dU (n, D);\n"
         "params / offsets / labels / hard as molrg_forward.  P = U^T x recomputed,\n"
         "dx = A G + U dP, dU = G^T q + x^T dP (both overwritten; dx must not alias x / G).");
+  m.def("molrg_mix", &fastdiff::molrg_mix, py::arg("p_ptr"), py::arg("q_ptr"), py::arg("w_ptr"),
+        py::arg("B"), py::arg("offsets"), py::arg("params_ptr"), py::arg("R"),
+        py::arg("labels_ptr"), py::arg("hard"), py::call_guard<py::gil_scoped_release>(),
+        "The MoLRG forward's per-row mix, float32: P = x Ucat (B, D) given (row-major);\n"
+        "writes q (B, D) = w'_{k(j)} C_{k(j)} P_j and w (B, K) (or 0).  params / offsets /\n"
+        "labels / hard as molrg_forward.");
+  m.def("molrg_mix_backward", &fastdiff::molrg_mix_backward, py::arg("p_ptr"), py::arg("dq_ptr"),
+        py::arg("w_ptr"), py::arg("q_ptr"), py::arg("B"), py::arg("offsets"),
+        py::arg("params_ptr"), py::arg("R"), py::arg("labels_ptr"), py::arg("hard"),
+        py::call_guard<py::gil_scoped_release>(),
+        "The MoLRG backward's per-row mix, float32: P (B, D), dq = G Ucat (B, D) in, dP out\n"
+        "(in place); w (B, K) the forward's posterior; writes q (B, D).  Then\n"
+        "dx = A G + dP Ucat^T and dU = G^T q + x^T dP are library GEMMs.");
   m.def("svdvals_rank", &fastdiff::svdvals_rank, py::arg("a_ptr"), py::arg("dtype"), py::arg("B"),
         py::arg("m"), py::arg("n"), py::arg("s_ptr"), py::arg("rank_ptr"), py::arg("eta"),
         py::call_guard<py::gil_scoped_release>(),

@@ -520,6 +520,41 @@ int64_t chunk_rows(int64_t B, int64_t D8, int nthreads) {
   return m;
 }
 
+// The checks and fields every entry point shares (sizes, offsets, params, labels); the callers
+// set the data pointers.  B == 0 passes (the caller returns early); labels are range-checked.
+MolrgJob molrg_job(const char* fn, int64_t B, int64_t n, const std::vector<int64_t>& offsets,
+                   uintptr_t params_ptr, int64_t R, uintptr_t labels_ptr, bool hard) {
+  const std::string f(fn);
+  const int64_t K = static_cast<int64_t>(offsets.size()) - 1;
+  if (K < 1) throw std::invalid_argument(f + ": need K >= 1 components (K + 1 offsets)");
+  if (K > MOLRG_MAX_K) throw std::invalid_argument(f + ": at most 1024 components");
+  if (offsets[0] != 0) throw std::invalid_argument(f + ": offsets[0] must be 0");
+  for (int64_t k = 0; k < K; ++k)
+    if (offsets[k + 1] <= offsets[k])
+      throw std::invalid_argument(f + ": offsets must be strictly increasing");
+  if (B < 0 || n < 0) throw std::invalid_argument(f + ": negative size");
+  if (R != 1 && R != B) throw std::invalid_argument(f + ": R must be 1 or B");
+  if (B > 0 && params_ptr == 0) throw std::invalid_argument(f + ": null pointer");
+  MolrgJob J{};
+  J.B = B;
+  J.n = n;
+  J.K = static_cast<int>(K);
+  J.D = offsets[K];
+  J.D8 = (J.D + 7) & ~int64_t(7);
+  J.n8 = (n + 7) & ~int64_t(7);
+  J.off = offsets.data();
+  J.params = reinterpret_cast<const float*>(params_ptr);
+  J.R = R;
+  J.pstride = 3 * K + 2;
+  J.labels = reinterpret_cast<const int64_t*>(labels_ptr);
+  J.hard = hard;
+  if (J.labels)
+    for (int64_t r = 0; r < B; ++r)
+      if (J.labels[r] < 0 || J.labels[r] >= K)
+        throw std::invalid_argument(f + ": label out of range [0, K)");
+  return J;
+}
+
 }  // namespace
 
 void molrg_rows(const MolrgJob& J, int64_t r0, int64_t r1, float* scratch) {
@@ -541,40 +576,14 @@ void molrg_transpose(const MolrgJob& J, float* Ut) {
 void molrg_forward(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t w_ptr, int64_t B, int64_t n,
                    uintptr_t u_ptr, const std::vector<int64_t>& offsets, uintptr_t params_ptr,
                    int64_t R, uintptr_t labels_ptr, bool hard) {
-  const int64_t K = static_cast<int64_t>(offsets.size()) - 1;
-  if (K < 1) throw std::invalid_argument("molrg_forward: need K >= 1 components (K + 1 offsets)");
-  if (K > MOLRG_MAX_K) throw std::invalid_argument("molrg_forward: at most 1024 components");
-  if (offsets[0] != 0) throw std::invalid_argument("molrg_forward: offsets[0] must be 0");
-  for (int64_t k = 0; k < K; ++k)
-    if (offsets[k + 1] <= offsets[k])
-      throw std::invalid_argument("molrg_forward: offsets must be strictly increasing");
-  if (B < 0 || n < 0) throw std::invalid_argument("molrg_forward: negative size");
-  if (R != 1 && R != B) throw std::invalid_argument("molrg_forward: R must be 1 or B");
+  MolrgJob J = molrg_job("molrg_forward", B, n, offsets, params_ptr, R, labels_ptr, hard);
   if (B == 0) return;
-  if (x_ptr == 0 || out_ptr == 0 || u_ptr == 0 || params_ptr == 0)
+  if (x_ptr == 0 || out_ptr == 0 || u_ptr == 0)
     throw std::invalid_argument("molrg_forward: null pointer");
-
-  MolrgJob J;
   J.x = reinterpret_cast<const float*>(x_ptr);
   J.out = reinterpret_cast<float*>(out_ptr);
   J.w = reinterpret_cast<float*>(w_ptr);
-  J.B = B;
-  J.n = n;
-  J.K = static_cast<int>(K);
-  J.D = offsets[K];
-  J.D8 = (J.D + 7) & ~int64_t(7);
-  J.n8 = (n + 7) & ~int64_t(7);
   J.U = reinterpret_cast<const float*>(u_ptr);
-  J.off = offsets.data();
-  J.params = reinterpret_cast<const float*>(params_ptr);
-  J.R = R;
-  J.pstride = 3 * K + 2;
-  J.labels = reinterpret_cast<const int64_t*>(labels_ptr);
-  J.hard = hard;
-  if (J.labels)
-    for (int64_t r = 0; r < B; ++r)
-      if (J.labels[r] < 0 || J.labels[r] >= K)
-        throw std::invalid_argument("molrg_forward: label out of range [0, K)");
 
   std::unique_ptr<float[]> ut(new float[static_cast<size_t>(std::max<int64_t>(1, J.D * J.n8))]);
   J.Ut = ut.get();
@@ -908,16 +917,10 @@ void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t
                     uintptr_t du_ptr, int64_t B, int64_t n, uintptr_t u_ptr,
                     const std::vector<int64_t>& offsets, uintptr_t params_ptr, int64_t R,
                     uintptr_t labels_ptr, bool hard) {
-  const int64_t K = static_cast<int64_t>(offsets.size()) - 1;
-  if (K < 1) throw std::invalid_argument("molrg_backward: need K >= 1 components (K + 1 offsets)");
-  if (K > MOLRG_MAX_K) throw std::invalid_argument("molrg_backward: at most 1024 components");
-  if (offsets[0] != 0) throw std::invalid_argument("molrg_backward: offsets[0] must be 0");
-  for (int64_t k = 0; k < K; ++k)
-    if (offsets[k + 1] <= offsets[k])
-      throw std::invalid_argument("molrg_backward: offsets must be strictly increasing");
-  if (B < 0 || n < 0) throw std::invalid_argument("molrg_backward: negative size");
-  if (R != 1 && R != B) throw std::invalid_argument("molrg_backward: R must be 1 or B");
-  const int64_t D = offsets[K];
+  MolrgBwd Bw;
+  MolrgJob& J = Bw.J;
+  J = molrg_job("molrg_backward", B, n, offsets, params_ptr, R, labels_ptr, hard);
+  const int64_t K = J.K, D = J.D;
   if (n == 0) return;
   if (du_ptr == 0) throw std::invalid_argument("molrg_backward: null pointer");
   float* dU = reinterpret_cast<float*>(du_ptr);
@@ -925,33 +928,13 @@ void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t
     std::fill(dU, dU + n * D, 0.0f);
     return;
   }
-  if (x_ptr == 0 || g_ptr == 0 || w_ptr == 0 || dx_ptr == 0 || u_ptr == 0 || params_ptr == 0)
+  if (x_ptr == 0 || g_ptr == 0 || w_ptr == 0 || dx_ptr == 0 || u_ptr == 0)
     throw std::invalid_argument("molrg_backward: null pointer");
-
-  MolrgBwd Bw;
-  MolrgJob& J = Bw.J;
   J.x = reinterpret_cast<const float*>(x_ptr);
   J.out = reinterpret_cast<float*>(dx_ptr);
-  J.w = nullptr;
-  J.B = B;
-  J.n = n;
-  J.K = static_cast<int>(K);
-  J.D = D;
-  J.D8 = (D + 7) & ~int64_t(7);
-  J.n8 = (n + 7) & ~int64_t(7);
   J.U = reinterpret_cast<const float*>(u_ptr);
-  J.off = offsets.data();
-  J.params = reinterpret_cast<const float*>(params_ptr);
-  J.R = R;
-  J.pstride = 3 * K + 2;
-  J.labels = reinterpret_cast<const int64_t*>(labels_ptr);
-  J.hard = hard;
   Bw.G = reinterpret_cast<const float*>(g_ptr);
   Bw.w = reinterpret_cast<const float*>(w_ptr);
-  if (J.labels)
-    for (int64_t r = 0; r < B; ++r)
-      if (J.labels[r] < 0 || J.labels[r] >= K)
-        throw std::invalid_argument("molrg_backward: label out of range [0, K)");
 
   std::unique_ptr<float[]> ut(new float[static_cast<size_t>(J.D * J.n8)]);
   J.Ut = ut.get();
@@ -1018,6 +1001,70 @@ void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t
     }
   }
   (void)avx2;
+}
+
+
+// =======================================================================================
+// The per-row mix alone (phase 2 of the forward and of the backward), for callers that do
+// the big products with a library GEMM: denoise._molrg_torch on large CPU problems, where
+// oneDNN's GEMM outruns the register tiles above and the mix is what torch would otherwise
+// spread over a dozen (B, D) passes.  P = x Ucat (B, D), row-major with stride D (the masked /
+// generic row routines take any stride); rows in blocks of 64 over OpenMP threads.
+namespace {
+
+constexpr int64_t MIX_BLOCK = 64;
+
+template <class F>
+void for_row_blocks(int64_t B, int64_t D, F&& f) {
+  const int64_t nb = (B + MIX_BLOCK - 1) / MIX_BLOCK;
+  const bool par = nb > 1 && B * D >= (int64_t(1) << 14);
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t b = 0; b < nb; ++b) f(b * MIX_BLOCK, std::min(B, (b + 1) * MIX_BLOCK));
+}
+
+}  // namespace
+
+void molrg_mix(uintptr_t p_ptr, uintptr_t q_ptr, uintptr_t w_ptr, int64_t B,
+               const std::vector<int64_t>& offsets, uintptr_t params_ptr, int64_t R,
+               uintptr_t labels_ptr, bool hard) {
+  MolrgJob J = molrg_job("molrg_mix", B, 0, offsets, params_ptr, R, labels_ptr, hard);
+  if (B == 0) return;
+  if (p_ptr == 0 || q_ptr == 0) throw std::invalid_argument("molrg_mix: null pointer");
+  J.w = reinterpret_cast<float*>(w_ptr);
+  J.D8 = J.D;  // row stride
+  const float* P = reinterpret_cast<const float*>(p_ptr);
+  float* Q = reinterpret_cast<float*>(q_ptr);
+  const bool avx2 = use_avx2();
+  for_row_blocks(B, J.D, [&](int64_t r0, int64_t r1) {
+    float* q = Q + r0 * J.D;
+    std::memcpy(q, P + r0 * J.D, static_cast<size_t>((r1 - r0) * J.D) * sizeof(float));
+#if FD_MOLRG_X86
+    if (avx2) return mix_rows_avx2(J, r0, r1, q);
+#endif
+    mix_rows_generic(J, r0, r1, q);
+  });
+  (void)avx2;
+}
+
+void molrg_mix_backward(uintptr_t p_ptr, uintptr_t dq_ptr, uintptr_t w_ptr, uintptr_t q_ptr,
+                        int64_t B, const std::vector<int64_t>& offsets, uintptr_t params_ptr,
+                        int64_t R, uintptr_t labels_ptr, bool hard) {
+  MolrgBwd Bw{};
+  MolrgJob& J = Bw.J;
+  J = molrg_job("molrg_mix_backward", B, 0, offsets, params_ptr, R, labels_ptr, hard);
+  if (B == 0) return;
+  if (p_ptr == 0 || dq_ptr == 0 || w_ptr == 0 || q_ptr == 0)
+    throw std::invalid_argument("molrg_mix_backward: null pointer");
+  J.D8 = J.D;  // row stride
+  Bw.w = reinterpret_cast<const float*>(w_ptr);
+  const float* P = reinterpret_cast<const float*>(p_ptr);
+  float* dQ = reinterpret_cast<float*>(dq_ptr);
+  float* Q = reinterpret_cast<float*>(q_ptr);
+  for_row_blocks(B, J.D, [&](int64_t r0, int64_t r1) {
+    float* q = Q + r0 * J.D;
+    std::memcpy(q, P + r0 * J.D, static_cast<size_t>((r1 - r0) * J.D) * sizeof(float));
+    bwd_mix_rows(Bw, r0, r1, q, dQ + r0 * J.D);
+  });
 }
 
 }  // namespace fastdiff

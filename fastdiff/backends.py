@@ -127,6 +127,48 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
+# --------------------------------------------------------------------------- CPU GEMM
+# torch.mm sends float32 CPU products to MKL's sgemm; the oneDNN build bundled with x86 torch
+# (``torch.ops.mkldnn._linear_pointwise``, the op inductor lowers linear layers to) runs the same
+# products 1.2-1.3x faster on this project's 2-core AMD EPYC (bench/RESULTS.md: 200 vs 150 GFLOP/s
+# at (256, 3072) x (3072, 640)).  Its ~15 us call overhead loses below a few million multiply-adds.
+ONEDNN_MIN_MACS = 1 << 22
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear() -> Optional[Callable]:
+    """oneDNN's ``a @ w.T`` if this torch build has it and it runs here (probed once), else None."""
+    if os.environ.get("FASTDIFF_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        a, w = torch.arange(6.0).reshape(2, 3), torch.arange(12.0).reshape(4, 3)
+        if not torch.equal(op(a, w, None, "none", [None], ""), a @ w.T):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return op
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D tensors, on the fastest GEMM this build has for them.
+
+    Large float32 CPU products with a row-major ``a`` and a row- or column-major ``b`` go to
+    oneDNN; everything else (other dtypes and devices, small or strided operands, tensors that
+    autograd is tracking, code being traced by torch.compile) is plain ``a @ b``.  Results agree to
+    float32 rounding (the two libraries sum in different orders).
+    """
+    if (a.device.type == "cpu" and a.dtype == torch.float32 and b.dtype == torch.float32
+            and a.shape[0] * a.shape[1] * b.shape[1] >= ONEDNN_MIN_MACS
+            and a.is_contiguous() and (b.is_contiguous() or b.T.is_contiguous())
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+            and not torch.compiler.is_compiling()):
+        op = _onednn_linear()
+        if op is not None:
+            return op(a, b.T, None, "none", [None], "")
+    return a @ b
+
+
 # --------------------------------------------------------------------------- implementations
 # Each takes (out, ins, coefs, inner, noise_mode, noise, seed, offset[, start]) on flat contiguous
 # tensors; ``start`` (kernel backends) is the global index of out[0] within a larger logical tensor.

@@ -94,6 +94,8 @@ def pack_bases(bases, n: Optional[int] = None, *, check_orthonormal: bool = Fals
             if not err <= atol:
                 raise ValueError(f"bases[{i}]: not orthonormal (max |U^T U - I| = {err:.3g} > {atol})")
     dims = [int(U.shape[1]) for U in mats]
+    if isinstance(bases, torch.Tensor):  # one strided copy; its backward is a view (no stack of dU)
+        return bases.permute(1, 0, 2).reshape(n_b, -1), dims
     return torch.cat(mats, 1), dims
 
 
@@ -258,31 +260,62 @@ def _segment_ops(dims, device):
 
 
 def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False):
-    """GEMM formulation in torch (differentiable in x and Ucat; the large-size and autograd path)."""
+    """GEMM formulation (the large-size and autograd path): P = x Ucat and out = A x + q Ucat^T on
+    the library GEMM (:func:`fastdiff.backends.mm`), the per-row mix between them fused in C++
+    (float32 CPU) or as torch ops (differentiable in x and Ucat; float64, CUDA, traced code)."""
     K = len(dims)
     ct = x.dtype
     params = params.to(ct)
-    g, b, C, A, gw = params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K], params[:, 3 * K:3 * K + 1], params[:, 3 * K + 1:]
-    segsum, expand = _segment_ops(dims, x.device)
-    P = x @ ucat                                            # (B, D)
-    logits = b + g * segsum(P * P)
-    if hard:
-        w = torch.nn.functional.one_hot(logits.argmax(1), K).to(ct)
-        w = torch.where(torch.isnan(logits).any(1, keepdim=True), float("nan"), w)  # NaN in, NaN out
+    A = params[:, 3 * K:3 * K + 1]
+    P = backends.mm(x, ucat)                                # (B, D)
+    if _cpp_mix_ok(x, ucat):
+        from fastdiff import _C
+
+        q = torch.empty_like(P)
+        w = torch.empty(x.shape[0], K, dtype=ct, device=x.device)
+        _C.molrg_mix(P.data_ptr(), q.data_ptr(), w.data_ptr(), x.shape[0], _offsets(dims), params.contiguous().data_ptr(),
+                     params.shape[0], labels.data_ptr() if labels is not None else 0, hard)
     else:
-        w = torch.softmax(logits, 1)
-    wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
-    q = P * expand(wp * C)                                  # (B, D)
+        g, b, C, gw = params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K], params[:, 3 * K + 1:]
+        segsum, expand = _segment_ops(dims, x.device)
+        logits = b + g * segsum(P * P)
+        if hard:
+            w = torch.nn.functional.one_hot(logits.argmax(1), K).to(ct)
+            w = torch.where(torch.isnan(logits).any(1, keepdim=True), float("nan"), w)  # NaN in, NaN out
+        else:
+            w = torch.softmax(logits, 1)
+        wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
+        q = P * expand(wp * C)                              # (B, D)
     if params.shape[0] == 1 and params.device.type == "cpu" and not torch.compiler.is_compiling():
-        a = float(params[0, 3 * K])  # one A for the batch, read on the host: no sync, and the GEMM applies it
-        out = q @ ucat.T if a == 0.0 else torch.addmm(x, q, ucat.T, beta=a)
+        a = float(params[0, 3 * K])  # one A for the batch, read on the host: no sync; skipped when 0
+        out = backends.mm(q, ucat.T)
+        if a != 0.0:
+            out.add_(x, alpha=a)
     elif x.requires_grad or ucat.requires_grad:
         out = A * x + q @ ucat.T
     else:
-        out = torch.addmm(A * x, q, ucat.T)
+        out = backends.mm(q, ucat.T).addcmul_(A, x)
     if keep_p:
         return out, w, P
     return out, (w if want_w else None)
+
+
+def _cpp_mix_ok(x, ucat) -> bool:
+    """The C++ per-row mix applies: float32 CPU tensors autograd is not tracking, eager mode."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)) and _has_cpp_mix())
+
+
+def _has_cpp_mix() -> bool:
+    return backends.has_kernel("cpp", "molrg_mix", "molrg")
+
+
+def _offsets(dims) -> List[int]:
+    """K + 1 column offsets of the components (the C++ kernels' segmentation)."""
+    offsets = [0]
+    for d in dims:
+        offsets.append(offsets[-1] + d)
+    return offsets
 
 
 class _MoLRGFunction(torch.autograd.Function):
@@ -330,21 +363,31 @@ def _molrg_backward(impl, x, ucat, params, w, labels, G, dims, hard, P=None):
     K = len(dims)
     ct = x.dtype
     params = params.to(ct)
-    g, C, A, gw = params[:, :K], params[:, 2 * K:3 * K], params[:, 3 * K:3 * K + 1], params[:, 3 * K + 1:]
-    w = w.to(ct)
-    segsum, expand = _segment_ops(dims, x.device)
-    wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
+    A = params[:, 3 * K:3 * K + 1]
     if P is None:
-        P = x @ ucat
-    c = expand(wp * C)
-    q = P * c
-    dq = G @ ucat
-    dP = dq * c
-    if not hard:
-        dw = segsum(dq * P) * C * (1 - gw)
-        dl = w * (dw - (w * dw).sum(1, keepdim=True))
-        dP.addcmul_(P, expand(g * dl), value=2.0)
-    dx = dP @ ucat.T
+        P = backends.mm(x, ucat)
+    dP = backends.mm(G, ucat)                                # dq = G Ucat, becomes dP
+    if _cpp_mix_ok(x, ucat) and G.dtype == ct:
+        from fastdiff import _C
+
+        q = torch.empty_like(P)
+        _C.molrg_mix_backward(P.data_ptr(), dP.data_ptr(), w.to(ct).contiguous().data_ptr(), q.data_ptr(), x.shape[0],
+                              _offsets(dims), params.contiguous().data_ptr(), params.shape[0],
+                              labels.data_ptr() if labels is not None else 0, hard)
+    else:
+        g, C, gw = params[:, :K], params[:, 2 * K:3 * K], params[:, 3 * K + 1:]
+        w = w.to(ct)
+        segsum, expand = _segment_ops(dims, x.device)
+        wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
+        c = expand(wp * C)
+        q = P * c
+        dq = dP
+        dP = dq * c
+        if not hard:
+            dw = segsum(dq * P) * C * (1 - gw)
+            dl = w * (dw - (w * dw).sum(1, keepdim=True))
+            dP.addcmul_(P, expand(g * dl), value=2.0)
+    dx = backends.mm(dP, ucat.T)
     if params.shape[0] == 1 and params.device.type == "cpu" and not torch.compiler.is_compiling():
         a = float(params[0, 3 * K])     # batch-wide A: one scaled add, none when A = 0 (x0 output, delta = 0)
         if a != 0.0:
@@ -413,9 +456,7 @@ def _molrg_backward_cpp(x, ucat, params, w, labels, G, dims, hard):
     dx = torch.empty_like(x)
     dU = torch.empty_like(ucat)
     p32 = params.to(torch.float32).contiguous()
-    offsets = [0]
-    for d in dims:
-        offsets.append(offsets[-1] + d)
+    offsets = _offsets(dims)
     _C.molrg_backward(x.data_ptr(), G.data_ptr(), w.data_ptr(), dx.data_ptr(), dU.data_ptr(), x.shape[0], x.shape[1],
                       ucat.data_ptr(), offsets, p32.data_ptr(), p32.shape[0],
                       labels.data_ptr() if labels is not None else 0, hard)
@@ -454,7 +495,7 @@ def _check_labels(labels, guidance, B: int, K: int, device) -> Optional[torch.Te
     labels = torch.as_tensor(labels, device=device)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels: expected integer class labels, got {labels.dtype}")
-    labels = labels.reshape(-1).long()
+    labels = labels.reshape(-1).long().contiguous()  # the kernels read it as a flat int64 array
     if labels.numel() != B:
         raise ValueError(f"labels: expected {B} labels (one per sample), got {labels.numel()}")
     if labels.device.type == "cpu" and B and not torch.compiler.is_compiling() and not bool(((labels >= 0) & (labels < K)).all()):
@@ -539,9 +580,7 @@ def _molrg_kernel(impl, x, ucat, dims, params, labels, hard, want_w):
     out = torch.empty_like(x)
     w = torch.empty(B, K, dtype=torch.float32, device=x.device) if want_w else None
     p32 = params.to(torch.float32).contiguous()
-    offsets = [0]
-    for d in dims:
-        offsets.append(offsets[-1] + d)
+    offsets = _offsets(dims)
     if impl == "cpp":
         from fastdiff import _C
 
@@ -651,13 +690,13 @@ def empirical_denoise(x, data, alpha, sigma, *, output: str = "x0", chunk: Optio
     step = _chunk(B, N, n, chunk)
     for j in range(0, N, step):
         Y = yc[j:j + step]
-        S = xs @ Y.T                                     # (B, c)
+        S = backends.mm(xs, Y.T)                         # (B, c)
         S.sub_(bias * ysq[j:j + step])
         m_new = torch.maximum(m, S.amax(1, keepdim=True))
         scale = torch.exp(m - m_new)                     # exp(-inf) = 0 on the first chunk
         S.sub_(m_new).exp_()
         l.mul_(scale).add_(S.sum(1, keepdim=True))
-        acc.mul_(scale).addmm_(S, Y)
+        acc.mul_(scale).add_(backends.mm(S, Y))
         m = m_new
     x0 = (acc / l).to(x.dtype)
     if output == "x0":

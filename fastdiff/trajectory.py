@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from fastdiff import backends
-from fastdiff.denoise import _molrg_params_scalar
+from fastdiff.denoise import _molrg_params_scalar, _offsets
 from fastdiff.denoisers import MoLRG
 
 __all__ = ["supported", "run", "tables"]
@@ -125,9 +125,7 @@ def run(den, x: torch.Tensor, table, gen, labels, guidance, snaps, backend: str,
     traj = None
     if snaps is not None:
         traj = torch.empty((len(snaps), I * B, n), dtype=torch.float32, device=x.device)
-    offsets = [0]
-    for d in m0.dims:
-        offsets.append(offsets[-1] + d)
+    offsets = _offsets(m0.dims)
     T = len(table)
     chunk = T if not show else max(1, -(-T // PROGRESS_UPDATES))
     bar = _progress(T, show)

@@ -91,15 +91,19 @@ def test_molrg_forward_backward_compiles_with_the_fused_ops(backend):
     def loss(x, U):
         return (fastdiff.molrg_denoise(x, U, 0.9, 0.4, pi=[0.3, 0.7], backend=backend) ** 2).sum()
 
-    def grads(fn):
-        x, U = x0.clone().requires_grad_(), U0.clone().requires_grad_()
+    def grads(fn, dtype=torch.float32):
+        x, U = x0.to(dtype).requires_grad_(), U0.to(dtype).requires_grad_()
         return torch.autograd.grad(fn(x, U), (x, U))
 
+    ref = grads(loss, torch.float64)
     eager = grads(loss)
     torch._dynamo.reset()
     compiled = grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # eager may run the fused C++ mix where the trace runs torch ops: each is float32-accurate
+    # against float64 (1e-5 of the largest gradient), not bitwise equal to the other
+    for got in (eager, compiled):
+        for a, b in zip(got, ref):
+            assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_molrg_ops_pass_opcheck():

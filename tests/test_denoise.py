@@ -390,3 +390,108 @@ def test_molrg_triton_backward_kernel_writes_everything(case):
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         assert (a.double().cpu() - b).abs().max() <= 1e-4 * (b.abs().max() + 1e-3)
+
+
+# --------------------------------------------------------------------------- the CPU GEMM helper
+@pytest.mark.parametrize("shape", [(1, 3, 2), (300, 3072, 7), (257, 129, 640), (4096, 48, 24)], ids=str)
+def test_backends_mm_matches_float64_every_layout(shape):
+    """``backends.mm`` (oneDNN above ONEDNN_MIN_MACS, torch below) equals the float64 product to
+    float32 rounding for row- and column-major ``b``; strided ``a`` and float64 go to torch."""
+    from fastdiff import backends
+
+    M, K, N = shape
+    gen = torch.Generator().manual_seed(30)
+    a = torch.randn(M, K, generator=gen)
+    b = torch.randn(K, N, generator=gen)
+    ref = a.double() @ b.double()
+    bound = 1e-5 * (a.abs().double() @ b.abs().double()).max()  # float32 summation error, K terms
+    for bb in (b, b.T.contiguous().T):
+        assert (backends.mm(a, bb).double() - ref).abs().max() <= bound
+    assert (backends.mm(a.T.contiguous().T, b).double() - ref).abs().max() <= bound
+    torch.testing.assert_close(backends.mm(a.double(), b.double()), ref, rtol=1e-12, atol=1e-12)
+    ag = a.clone().requires_grad_()
+    out = backends.mm(ag, b)
+    assert out.requires_grad  # autograd-tracked operands take torch's differentiable path
+    out.sum().backward()
+    torch.testing.assert_close(ag.grad, b.sum(1).expand(M, K))
+
+
+def test_molrg_large_gradients_and_empirical_on_the_library_gemm():
+    """Sizes past ONEDNN_MIN_MACS: the GEMM form's forward and backward and the empirical
+    denoiser's streamed products, float32 against float64 references (1e-5 / 1e-4 relative)."""
+    from fastdiff import backends
+
+    gen = torch.Generator().manual_seed(31)
+    dims = [48, 40, 40]
+    B, n = 300, 400
+    assert B * n * sum(dims) >= backends.ONEDNN_MIN_MACS
+    U64 = _bases(n, dims, gen)
+    x64 = torch.randn(B, n, generator=gen, dtype=torch.float64) * 0.3
+    sig = torch.rand(B, generator=gen, dtype=torch.float64) + 0.3
+    G = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    for kw in (dict(), dict(output="eps", delta=0.1, pi=[0.2, 0.3, 0.5]), dict(output="score", sigma=0.7)):
+        kw = dict(kw)
+        s = kw.pop("sigma", sig)
+
+        def grads(fn, dtype, **extra):
+            U = [u.to(dtype).requires_grad_() for u in U64]
+            x = x64.to(dtype).requires_grad_()
+            out = fn(x, U, 0.9, s, **kw, **extra)
+            return (out, *torch.autograd.grad((out * G.to(dtype)).sum(), [x, *U]))
+
+        got = grads(fastdiff.molrg_denoise, torch.float32, backend="torch")
+        ref = grads(R.molrg_denoise, torch.float64)
+        _rel_close(got[0], ref[0])
+        _rel_close(fastdiff.molrg_denoise(x64.float(), [u.float() for u in U64], 0.9, s, backend="torch", **kw), ref[0])
+        for a, b in zip(got[1:], ref[1:]):
+            assert (a.double() - b).abs().max() <= 1e-4 * (b.abs().max() + 1e-3)
+    data = torch.randn(5000, 100, generator=gen, dtype=torch.float64)
+    x = torch.randn(64, 100, generator=gen, dtype=torch.float64)
+    _rel_close(fastdiff.empirical_denoise(x.float(), data.float(), 0.9, sig[:64] + 2), R.empirical_denoise(x, data, 0.9, sig[:64] + 2))
+
+
+@pytest.mark.skipif(not denoise._has_cpp_mix(), reason="fastdiff._C without molrg_mix")
+@pytest.mark.parametrize("opts", [dict(), dict(hard=True), dict(labels=True), dict(per_sample=True), dict(labels=True, hard=True)],
+                         ids=["soft", "hard", "cfg", "per-sample", "cfg-hard"])
+@pytest.mark.parametrize("B,dims", [(1, [1]), (130, [3, 5, 1]), (67, [16] * 9)], ids=str)
+def test_cpp_mix_matches_torch_ops_and_writes_everything(B, dims, opts, monkeypatch):
+    """The C++ per-row mix between the library GEMMs (forward: q and w; backward: dq -> dP and q)
+    against the same math as torch ops, float64; NaN-poisoned outputs must be overwritten."""
+    from fastdiff import _C
+
+    gen = torch.Generator().manual_seed(32)
+    K, D = len(dims), sum(dims)
+    n = D + 3
+    ucat = torch.cat(_bases(n, dims, gen), 1)
+    x = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    G = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    sig = torch.rand(B, generator=gen, dtype=torch.float64) + 0.3 if opts.get("per_sample") else 0.6
+    labels = torch.randint(0, K, (B,), generator=gen) if opts.get("labels") else None
+    params = denoise.molrg_params(0.9, sig, dims, [1.0 / K] * K, None, 0.1, "eps", 1.5 if labels is not None else None,
+                                  B, x.device)
+    hard = bool(opts.get("hard"))
+    _, w_ref, P = denoise._molrg_torch(x, ucat, dims, params, labels, hard, True, keep_p=True)
+    q_ref = P * denoise._segment_ops(dims, x.device)[1](
+        (w_ref if labels is None else (1 - params[:, -1:]) * w_ref + params[:, -1:] * torch.nn.functional.one_hot(labels, K))
+        * params[:, 2 * K:3 * K])
+    dx_ref, dU_ref = denoise._molrg_backward("torch", x, ucat, params, w_ref, labels, G, dims, hard, P)
+
+    p32 = params.float().contiguous()
+    P32 = P.float()
+    q = torch.full((B, D), float("nan"))
+    w = torch.full((B, K), float("nan"))
+    lab = labels.data_ptr() if labels is not None else 0
+    _C.molrg_mix(P32.data_ptr(), q.data_ptr(), w.data_ptr(), B, denoise._offsets(dims), p32.data_ptr(), p32.shape[0], lab, hard)
+    _rel_close(w, w_ref)
+    _rel_close(q, q_ref)
+    dq = (G @ ucat).float()
+    q2 = torch.full((B, D), float("nan"))
+    _C.molrg_mix_backward(P32.data_ptr(), dq.data_ptr(), w.data_ptr(), q2.data_ptr(), B, denoise._offsets(dims), p32.data_ptr(),
+                          p32.shape[0], lab, hard)
+    _rel_close(q2, q_ref)
+    # dP, through the float32 path end to end: the GEMM form with the C++ mix (float32) vs float64 torch ops
+    dx, dU = denoise._molrg_backward("torch", x.float(), ucat.float(), params.float(), w, labels, G.float(), dims, hard, P32)
+    _rel_close(dx, dx_ref, 1e-4)
+    _rel_close(dU, dU_ref, 1e-4)
+    with pytest.raises(ValueError, match="molrg_mix: offsets must be strictly increasing"):
+        _C.molrg_mix(P32.data_ptr(), q.data_ptr(), 0, B, [0, 2, 2], p32.data_ptr(), 1, 0, hard)
