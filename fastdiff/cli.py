@@ -114,11 +114,11 @@ def _sweep(a) -> int:
     with st:
         rows = len(st)
         print(f"{a.experiment}: {rows} rows in {store} ({seconds:.1f} s)")
-        print(f"rows:  {st.export_csv(stem + '.rows.csv')}")
-        try:
-            print(f"rows:  {st.export_parquet(stem + '.rows.parquet')}")
-        except RuntimeError as e:
-            print(f"(no Parquet export: {e})")
+        paths = st.export(stem)
+        for path in paths:
+            print(f"rows:  {path}")
+        if len(paths) == 1:
+            print("(no Parquet export: needs pyarrow; pip install 'fastdiff[sweeps]' or pip install pyarrow)")
     if not a.no_plot:
         try:
             r = plot_store(store, a.out)

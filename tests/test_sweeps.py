@@ -1,5 +1,6 @@
 """Phase-diagram sweeps (issue 6): the store, grids, the batched learners against one-instance
 references, the experiments' acceptance criteria, resume after kill -9, Ray vs local."""
+import csv
 import math
 import os
 import signal
@@ -46,7 +47,7 @@ def _row(a, t, m=1.0):
             "versions": "v", "seconds": 0.1, "finished_at": "now"}
 
 
-def test_store_roundtrip_skip_and_export(tmp_path):
+def test_store_roundtrip_skip_and_export(tmp_path, monkeypatch):
     p = str(tmp_path / "s.sqlite")
     with Store(p, "exp", PARAMS, METRICS) as st:
         assert st.write([_row(1, 0), _row(1, 1, 2.0)]) == 2
@@ -56,7 +57,15 @@ def test_store_roundtrip_skip_and_export(tmp_path):
         assert [(r["a"], r["A"], r["trial"], r["m"]) for r in rows] == [(1, 0.5, 0, 1.0), (1, 0.5, 1, 2.0), (2, 0.5, 0, 1.0)]
         assert len(st.finished()) == 3
         st.export_csv(str(tmp_path / "s.csv"))
-        assert open(tmp_path / "s.csv").read().splitlines()[0].startswith("cell,trial,a,A,m,seed")
+        with open(tmp_path / "s.csv", newline="") as f:
+            header, *body = list(csv.reader(f))
+        assert header[:6] == ["cell", "trial", "a", "A", "m", "seed"] and header == st.columns
+        assert [(int(r[2]), float(r[3]), int(r[1]), float(r[4])) for r in body] == [(1, 0.5, 0, 1.0), (1, 0.5, 1, 2.0), (2, 0.5, 0, 1.0)]
+        monkeypatch.setattr(sweeps.store, "_pyarrow", lambda: None)   # the csv-module fallback writes the same table
+        assert st.export(str(tmp_path / "t")) == [str(tmp_path / "t.rows.csv")]
+        with open(tmp_path / "t.rows.csv", newline="") as f:
+            assert [r[:4] + [float(r[4])] for r in list(csv.reader(f))[1:]] == [r[:4] + [float(r[4])] for r in body]
+        monkeypatch.undo()
         pq = pytest.importorskip("pyarrow.parquet")
         st.export_parquet(str(tmp_path / "s.parquet"))
         t = pq.read_table(str(tmp_path / "s.parquet"))

@@ -45,15 +45,18 @@ def _write_csv(path, rows):
     return path
 
 
-def _pyplot():
+def _figure_class():
+    """matplotlib's ``Figure`` (no pyplot: no GUI backend or figure manager to import, nothing to close)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise RuntimeError("plots need matplotlib (pip install 'fastdiff[plot]' or pip install matplotlib)") from None
-    return plt
+    return Figure
+
+
+def _save(fig, path):
+    # zlib level 1: a third of the default's encode time, for a PNG a few percent larger
+    fig.savefig(path, dpi=110, pil_kwargs={"compress_level": 1})
 
 
 def _panels(agg, params, fixed):
@@ -65,9 +68,13 @@ def _panels(agg, params, fixed):
     return panels
 
 
-def _subspace(plt, agg, params, path):
+def _subspace(Figure, agg, params, path):
     panels = _panels(agg, params, ("d", "N"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.0), squeeze=False, constrained_layout=True)
+    width = 4.2 * len(panels) + 1
+    fig = Figure(figsize=(width, 4.0))
+    # fixed margins (in inches) instead of constrained layout, which cost half the plot's time
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.3 / width, bottom=0.13, top=0.92, wspace=0.25)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (key, rs) in zip(axes[0], sorted(panels.items())):
         ds = sorted({r["d"] for r in rs})
         Ns = sorted({r["N"] for r in rs})
@@ -87,18 +94,18 @@ def _subspace(plt, agg, params, path):
         ax.set_ylabel("d (subspace dimension)")
         ax.set_title(", ".join(f"{k}={v}" for k, v in key) or f"K={K}", fontsize=9)
         ax.legend(loc="upper left", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), label="success rate")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.colorbar(im, ax=axes[0].tolist(), label="success rate", fraction=0.9 / width, pad=0.15 / width)
+    _save(fig, path)
 
 
 def _step(vals):
     return min(b - a for a, b in zip(vals, vals[1:])) if len(vals) > 1 else 1
 
 
-def _linear(plt, agg, params, path):
+def _linear(Figure, agg, params, path):
     panels = _panels(agg, params, ("N",))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig = Figure(figsize=(13, 4))
+    axes = fig.subplots(1, 3)
     for i, (key, rs) in enumerate(sorted(panels.items())):
         rs = sorted(rs, key=lambda r: r["N"])
         deff = rs[0]["d_eff_mean"]
@@ -121,13 +128,13 @@ def _linear(plt, agg, params, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _memorization(plt, agg, params, path):
+def _memorization(Figure, agg, params, path):
     panels = _panels(agg, params, ("N",))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for i, (key, rs) in enumerate(sorted(panels.items())):
         rs = sorted(rs, key=lambda r: r["N"])
         ax.errorbar([r["N_over_d_mean"] for r in rs], [r["memorized_mean"] for r in rs],
@@ -140,13 +147,13 @@ def _memorization(plt, agg, params, path):
     ax.set_ylabel("memorized fraction (||x - y1|| / ||x - y2|| < 1/3)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _jacobian_rank(plt, agg, params, path):
+def _jacobian_rank(Figure, agg, params, path):
     panels = _panels(agg, params, ("level",))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for i, (key, rs) in enumerate(sorted(panels.items())):
         rs = sorted(rs, key=lambda r: r["snr_mean"])
         color = f"C{i % 10}"
@@ -160,8 +167,7 @@ def _jacobian_rank(plt, agg, params, path):
     ax.set_ylabel("Jacobian rank / n   (dotted d/n, dashed Kd/n)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memorization": _memorization,
@@ -185,7 +191,6 @@ def plot_store(store_path: str, out_dir: str = "results") -> Dict[str, str]:
     agg = aggregate(rows, pnames, [m for m, _ in metrics])
     os.makedirs(out_dir, exist_ok=True)
     table = _write_csv(os.path.join(out_dir, f"{experiment}.csv"), agg)
-    plt = _pyplot()
     plot = os.path.join(out_dir, f"{experiment}.png")
-    PLOTTERS[experiment](plt, agg, pnames, plot)
+    PLOTTERS[experiment](_figure_class(), agg, pnames, plot)
     return {"plot": plot, "table": table}

@@ -155,9 +155,16 @@ class Store:
 
     def rows(self) -> List[Dict[str, object]]:
         """Every stored row as a dict, ordered by cell then trial."""
+        return [dict(zip(self.columns, r)) for r in self._fetch()]
+
+    def table(self) -> Dict[str, List[object]]:
+        """Every stored row, column-wise ``{column: values}``, ordered by cell then trial."""
+        rows = self._fetch()
+        return {c: list(v) for c, v in zip(self.columns, zip(*rows))} if rows else {c: [] for c in self.columns}
+
+    def _fetch(self) -> List[Tuple]:
         quoted = ", ".join(f'"{self._sql[c]}"' for c in self.columns)
-        cur = self._db.execute(f"SELECT {quoted} FROM results ORDER BY cell, trial")
-        return [dict(zip(self.columns, r)) for r in cur.fetchall()]
+        return self._db.execute(f"SELECT {quoted} FROM results ORDER BY cell, trial").fetchall()
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
@@ -172,25 +179,48 @@ class Store:
         self.close()
 
     # ------------------------------------------------------------------ export
-    def export_csv(self, path: str) -> str:
-        rows = self.rows()
+    def export(self, stem: str) -> List[str]:
+        """``<stem>.rows.csv`` and, where pyarrow is installed, ``<stem>.rows.parquet``, from one read of
+        the table (pyarrow writes both; without it the csv module writes the CSV).  Returns the paths."""
+        table = self.table()
+        paths = [self.export_csv(stem + ".rows.csv", table)]
+        if _pyarrow() is not None:
+            paths.append(self.export_parquet(stem + ".rows.parquet", table))
+        return paths
+
+    def export_csv(self, path: str, table: Optional[Dict[str, List[object]]] = None) -> str:
+        table = self.table() if table is None else table
+        pa = _pyarrow()
+        if pa is not None:
+            import pyarrow.csv
+
+            pyarrow.csv.write_csv(self._arrow(table), path)
+            return path
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns)
-            w.writeheader()
-            w.writerows(rows)
+            w = csv.writer(f)
+            w.writerow(self.columns)
+            w.writerows(zip(*(table[c] for c in self.columns)))
         return path
 
-    def export_parquet(self, path: str) -> str:
+    def export_parquet(self, path: str, table: Optional[Dict[str, List[object]]] = None) -> str:
         """Parquet through pyarrow (``pip install pyarrow``, the ``sweeps`` extra)."""
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise RuntimeError("export_parquet: needs pyarrow (pip install 'fastdiff[sweeps]' or pip install pyarrow)") from None
-        rows = self.rows()
+        if _pyarrow() is None:
+            raise RuntimeError("export_parquet: needs pyarrow (pip install 'fastdiff[sweeps]' or pip install pyarrow)")
+        import pyarrow.parquet as pq
+
+        pq.write_table(self._arrow(self.table() if table is None else table), path)
+        return path
+
+    def _arrow(self, table: Dict[str, List[object]]):
+        pa = _pyarrow()
         arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
         types = {"cell": "TEXT", "trial": "INTEGER", **dict(self.params + self.metrics), **dict(RUN_COLUMNS)}
-        table = pa.table({c: pa.array([r[c] for r in rows], type=arrow[types[c]]) for c in self.columns})
-        pq.write_table(table, path)
-        return path
+        return pa.table({c: pa.array(table[c], type=arrow[types[c]]) for c in self.columns})
 
+
+def _pyarrow():
+    try:
+        import pyarrow
+    except ImportError:
+        return None
+    return pyarrow
