@@ -271,10 +271,11 @@ def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False):
     if _cpp_mix_ok(x, ucat):
         from fastdiff import _C
 
+        P, pc = P.contiguous(), params.contiguous()         # (bound: the kernel reads raw pointers)
         q = torch.empty_like(P)
         w = torch.empty(x.shape[0], K, dtype=ct, device=x.device)
-        _C.molrg_mix(P.data_ptr(), q.data_ptr(), w.data_ptr(), x.shape[0], _offsets(dims), params.contiguous().data_ptr(),
-                     params.shape[0], labels.data_ptr() if labels is not None else 0, hard)
+        _C.molrg_mix(P.data_ptr(), q.data_ptr(), w.data_ptr(), x.shape[0], _offsets(dims), pc.data_ptr(), pc.shape[0],
+                     labels.data_ptr() if labels is not None else 0, hard)
     else:
         g, b, C, gw = params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K], params[:, 3 * K + 1:]
         segsum, expand = _segment_ops(dims, x.device)
@@ -370,10 +371,10 @@ def _molrg_backward(impl, x, ucat, params, w, labels, G, dims, hard, P=None):
     if _cpp_mix_ok(x, ucat) and G.dtype == ct:
         from fastdiff import _C
 
+        P, dP, wc, pc = P.contiguous(), dP.contiguous(), w.to(ct).contiguous(), params.contiguous()
         q = torch.empty_like(P)
-        _C.molrg_mix_backward(P.data_ptr(), dP.data_ptr(), w.to(ct).contiguous().data_ptr(), q.data_ptr(), x.shape[0],
-                              _offsets(dims), params.contiguous().data_ptr(), params.shape[0],
-                              labels.data_ptr() if labels is not None else 0, hard)
+        _C.molrg_mix_backward(P.data_ptr(), dP.data_ptr(), wc.data_ptr(), q.data_ptr(), x.shape[0], _offsets(dims),
+                              pc.data_ptr(), pc.shape[0], labels.data_ptr() if labels is not None else 0, hard)
     else:
         g, C, gw = params[:, :K], params[:, 2 * K:3 * K], params[:, 3 * K + 1:]
         w = w.to(ct)
