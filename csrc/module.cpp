@@ -13,6 +13,13 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
                 int64_t inner, int64_t start, uintptr_t coef_ptr, const std::vector<float>& coefs,
                 int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset);
 int num_threads();
+void ksubspaces(uintptr_t x_ptr, int64_t B, int64_t N, int64_t n, uintptr_t counts_ptr, int64_t K,
+                int64_t d, int64_t R, uintptr_t u_ptr, uintptr_t starts_ptr, int64_t max_iter,
+                uintptr_t bases_ptr, uintptr_t labels_ptr, uintptr_t converged_ptr, double tol,
+                int64_t refit_iter, uintptr_t iters_ptr, int threads);
+void top_subspace(uintptr_t x_ptr, int64_t B, int64_t N, int64_t n, uintptr_t counts_ptr, int64_t d,
+                  uintptr_t v0_ptr, double tol, int64_t max_iter, uintptr_t v_ptr, uintptr_t converged_ptr,
+                  int threads);
 const char* simd_name();
 void molrg_forward(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t w_ptr, int64_t B, int64_t n,
                    uintptr_t u_ptr, const std::vector<int64_t>& offsets, uintptr_t params_ptr,
@@ -91,6 +98,23 @@ PYBIND11_MODULE(_C, m) {
         "params_istride (0: shared); labels int64 (I*B) or 0; coef float32 (T, 8)\n"
         "[s1, cx, cm, cz, hx, hm, hxp, hmp]; idx int64 (T, 5) [off1, off2, prow1, prow2, snap]\n"
         "(-1: none); traj (S, I*B, n) or 0.");
+  m.def("ksubspaces", &fastdiff::ksubspaces, py::arg("x_ptr"), py::arg("B"), py::arg("N"), py::arg("n"),
+        py::arg("counts_ptr"), py::arg("K"), py::arg("d"), py::arg("R"), py::arg("u_ptr"),
+        py::arg("starts_ptr"), py::arg("max_iter"), py::arg("bases_ptr"), py::arg("labels_ptr"),
+        py::arg("converged_ptr"), py::arg("tol"), py::arg("refit_iter"), py::arg("iters_ptr"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "K-subspaces of the subspace-recovery sweep, float32 (see csrc/ksubspaces.cpp).\n"
+        "X (B, N, n), the first counts[b] (int64, >= 1) rows of instance b are points; u float32\n"
+        "(B, R) uniforms: seed the starts (B, R, K, n, d) into starts_ptr (0: read them from there);\n"
+        "bases (B, K, n, d): each cluster of the best start refitted by top_subspace (tol,\n"
+        "refit_iter), converged uint8 (B, K), labels int64 (B, N) (bases 0: seeding only);\n"
+        "iters int64 (B,) assignment refits done, or 0; threads: OpenMP threads.");
+  m.def("top_subspace", &fastdiff::top_subspace, py::arg("x_ptr"), py::arg("B"), py::arg("N"), py::arg("n"),
+        py::arg("counts_ptr"), py::arg("d"), py::arg("v0_ptr"), py::arg("tol"), py::arg("max_iter"),
+        py::arg("v_ptr"), py::arg("converged_ptr"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "Top-d right singular subspaces by subspace iteration, float32 (see csrc/ksubspaces.cpp).\n"
+        "X (B, N, n) of which the first counts[b] (int64) rows count; V0, V (B, n, d); converged\n"
+        "uint8 (B,): 0 where max_iter updates did not reach ||C V - V V^T C V|| <= tol ||X||_F^2.");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }

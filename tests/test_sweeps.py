@@ -189,6 +189,93 @@ def test_top_subspace_matches_svd(N, n, d, delta):
             assert (Vr - V[b] @ (V[b].T @ Vr)).norm() < 1e-5
 
 
+CPP = pytest.mark.skipif(not S.backends.has_kernel("cpp", "ksubspaces", ""), reason="fastdiff._C without ksubspaces")
+
+
+def _padded(X, counts):
+    """Zero the rows of each instance past its count (the sweep's padding)."""
+    keep = torch.arange(X.shape[1])[None, :, None] < counts[:, None, None]
+    return torch.where(keep, X, 0.0)
+
+
+@CPP
+@pytest.mark.parametrize("N,n,d,delta", [(1, 5, 1, 0.1), (3, 7, 5, 0.0), (9, 9, 9, 0.3), (40, 17, 3, 0.2),
+                                         (6, 48, 6, 0.0), (25, 31, 12, 1.0), (2, 3, 3, 0.05), (48, 48, 12, 0.0)])
+def test_cpp_top_subspace_matches_torch_and_svd(N, n, d, delta):
+    """The C++ subspace iteration (float32) against the torch one and the exact SVD: projectors agree
+    to float32 rounding wherever the data determine the subspace (a gap after the d-th value)."""
+    g = _gen(N * 1000 + n * 10 + d)
+    B = 7
+    U = torch.linalg.qr(torch.randn(B, n, d, generator=g)).Q
+    counts = torch.randint(1, N + 1, (B,), generator=g)
+    counts[0] = N
+    X = _padded(torch.randn(B, N, d, generator=g) @ U.mT + delta * torch.randn(B, N, n, generator=g), counts)
+    V0 = torch.randn(B, n, d, generator=g)
+    for max_iter in (60, 1, 0):                      # 0 and 1: the exact-SVD finish takes most or all
+        Vc = S.top_subspace(X, V0, max_iter=max_iter, counts=counts, backend="cpp")
+        Vt = S.top_subspace(X, V0, max_iter=max_iter, backend="torch")
+        assert torch.isfinite(Vc).all()              # the wrapper poisons with NaN
+        assert torch.allclose(Vc.mT @ Vc, torch.eye(d).expand(B, d, d), atol=2e-5)
+        for b in range(B):
+            s = torch.linalg.svdvals(X[b].double())
+            r = min(int(counts[b]), d)
+            nxt = s[r].item() if r < len(s) else 0.0
+            if s[r - 1].item() ** 2 - nxt ** 2 < 1e-2 * s[0].item() ** 2:
+                continue                             # not determined by the data (no gap)
+            Vr = R.pca(X[b].double(), r).float()
+            assert (Vr - Vc[b] @ (Vc[b].T @ Vr)).norm() < 2e-3, (b, max_iter)
+            assert (_proj(Vc[b]) @ Vr - _proj(Vt[b]) @ Vr).norm() < 2e-3, (b, max_iter)
+
+
+@CPP
+@pytest.mark.parametrize("n,K,d,Ns,delta,bases", [(30, 3, 3, [60], 0.0, "random"), (48, 2, 6, [9, 20, 48], 0.05, "orthogonal"),
+                                                   (17, 3, 5, [3, 9, 40], 0.1, "random"), (48, 2, 12, [24, 48], 0.01, "orthogonal"),
+                                                   (8, 2, 1, [1, 2, 5], 0.2, "random"), (24, 4, 3, [7, 40], 0.0, "random")])
+def test_cpp_seeding_and_ksubspaces_match_torch(n, K, d, Ns, delta, bases):
+    """The C++ K-subspaces (seeding, iteration, exact refit) against the batched torch form from the
+    same uniforms / starts, on padded batches of several sample sizes.  Data in general position
+    (noise or random bases): no exact ties in |cos| or energies, so both make the same choices."""
+    T = 6
+    U, X, _ = S.molrg_batch(n, K, d, Ns, delta, bases, list(range(3, 3 + len(Ns))), T)
+    counts = torch.tensor([float(N) for N in Ns]).repeat_interleave(T)
+    u = torch.rand(X.shape[0], 4, generator=_gen(sum(Ns)))
+    V0c = S.seed_bases(X, counts, K, d, u, backend="cpp")
+    V0t = S.seed_bases(X, counts, K, d, u, backend="torch")
+    assert torch.isfinite(V0c).all()
+    # where some component has fewer than d points, every point ends up fully explained and the next
+    # seed is an argmin over values equal up to rounding: the two may pick differently (both valid)
+    determined = counts >= K * d
+    assert bool(determined.any())
+    assert torch.allclose(_proj(V0c[determined]), _proj(V0t[determined]), atol=1e-3)
+    Uc, lc = S.ksubspaces(X, K, V0t, counts=counts, backend="cpp")
+    Ut, lt = S.ksubspaces(X, K, V0t, backend="torch")
+    assert torch.isfinite(Uc).all() and bool((lc >= 0).all()) and bool((lc < K).all())
+    assert bool((lc[counts[:, None] <= torch.arange(X.shape[1])] == 0).all())      # padding rows: component 0
+    # compare where the clustering is well determined: with about d points per cluster (N ~ K d) a
+    # point near two subspaces can go either way on rounding, and a cluster of fewer than d points
+    # has no unique top-d subspace
+    well = counts >= 2 * K * d
+    assert bool(well.any())
+    ec, et = S.subspace_errors(Uc, U)[well], S.subspace_errors(Ut, U)[well]
+    assert torch.allclose(ec, et, atol=2e-3), (ec - et).abs().max()
+    # the fitted bases of the two agree component by component up to the order of the components
+    assert bool((S.subspace_errors(Uc, Ut)[well] < 2e-3).all())
+
+
+@CPP
+def test_cpp_ksubspaces_input_errors():
+    X = torch.randn(2, 5, 6)
+    V0 = torch.linalg.qr(torch.randn(2, 3, 2, 6, 2)).Q
+    with pytest.raises(ValueError, match="counts"):
+        S.ksubspaces(X, 2, V0, counts=torch.tensor([5, 6]), backend="cpp")
+    with pytest.raises(ValueError, match="counts"):
+        S.seed_bases(X, torch.tensor([0, 5]), 2, 2, torch.rand(2, 3), backend="cpp")
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        S.ksubspaces(X.double(), 2, V0.double(), backend="cpp")
+    with pytest.raises(ValueError, match="backend"):
+        S.top_subspace(X, V0[:, 0, 0], backend="triton")
+
+
 def test_subspace_errors_match_brute_force():
     g = _gen(3)
     for K, d, n in ((1, 3, 8), (2, 2, 9), (3, 4, 20), (4, 1, 6), (5, 2, 13), (6, 1, 7)):

@@ -15,26 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from fastdiff.sweeps.store import Store
 
-__all__ = ["aggregate", "plot_store"]
-
-
-def aggregate(rows: Sequence[Dict], params: Sequence[str], metrics: Sequence[str]) -> List[Dict]:
-    """One row per cell: its parameters, ``trials`` and the mean (and standard error) of each metric."""
-    cells: Dict[Tuple, List[Dict]] = {}
-    for r in rows:
-        cells.setdefault(tuple(r[p] for p in params), []).append(r)
-    out = []
-    for key, rs in cells.items():
-        row = dict(zip(params, key))
-        row["trials"] = len(rs)
-        for m in metrics:
-            vals = [r[m] for r in rs if r[m] is not None and not (isinstance(r[m], float) and math.isnan(r[m]))]
-            mean = sum(vals) / len(vals) if vals else float("nan")
-            var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else float("nan")
-            row[f"{m}_mean"] = mean
-            row[f"{m}_se"] = math.sqrt(var / len(vals)) if len(vals) > 1 else float("nan")
-        out.append(row)
-    return out
+__all__ = ["plot_store"]
 
 
 def _write_csv(path, rows):
@@ -180,15 +161,11 @@ def plot_store(store_path: str, out_dir: str = "results") -> Dict[str, str]:
     experiment, params, metrics = Store.read_experiment(store_path)
     if experiment not in PLOTTERS:
         raise ValueError(f"plot: no plot for experiment {experiment!r} (have {sorted(PLOTTERS)})")
-    st = Store(store_path, experiment, params, metrics)
-    try:
-        rows = st.rows()
-    finally:
-        st.close()
-    if not rows:
+    with Store(store_path, experiment, params, metrics) as st:
+        agg = st.aggregate()
+    if not agg:
         raise ValueError(f"plot: {store_path} holds no rows yet")
     pnames = [p for p, _ in params]
-    agg = aggregate(rows, pnames, [m for m, _ in metrics])
     os.makedirs(out_dir, exist_ok=True)
     table = _write_csv(os.path.join(out_dir, f"{experiment}.csv"), agg)
     plot = os.path.join(out_dir, f"{experiment}.png")

@@ -16,6 +16,13 @@ Learners, each batched over every instance of a batch of cells (no Python loop o
   all run as one batch; alternate ``assign x_i to argmax_k ||U_k^T x_i||`` and one subspace-iteration
   refit of each U_k on its points until no assignment changes; the restart with the largest
   objective ``sum_i max_k ||U_k^T x_i||^2`` wins and its clusters get an exact PCA refit.
+
+  Both run on the C++ kernels ``fastdiff._C.top_subspace`` / ``ksubspaces`` (csrc/ksubspaces.cpp)
+  for float32 CPU data: one instance per OpenMP task, held in L1, the GIL released for the whole
+  batch (the batched torch form spends its time in per-matrix LAPACK calls and masked GEMMs over
+  every component, between which it holds the GIL); ``backend="torch"`` keeps the batched torch
+  form (any device or dtype; the CUDA path).  The two agree to float32 rounding wherever the data
+  determine the answer (tests/test_sweeps.py).
 - ``sgd`` (seed 002 Alg. 1): the MoLRG denoiser's bases trained on the diffusion loss
   ``E ||x0_hat(x_0 + sigma eps) - x_0||^2`` (Adam, a QR retraction onto orthonormal bases after
   each step).  ``sgd_engine="batched"`` evaluates the denoiser of all instances at once in the
@@ -35,6 +42,7 @@ import numpy as np
 import torch
 
 import fastdiff
+from fastdiff import backends
 from fastdiff.generator import Generator
 from fastdiff.sweeps.runner import Experiment, Param, register
 
@@ -111,17 +119,60 @@ def _retract(Y: torch.Tensor) -> torch.Tensor:
     return Q * torch.where(sign == 0, 1.0, sign).unsqueeze(-2)
 
 
-def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: Optional[float] = None, max_iter: int = 60) -> torch.Tensor:
+def _default_tol(dtype: torch.dtype) -> float:
+    # ~1e5 eps for float64, ~150 eps for float32: well above the rounding floor of the residual
+    return 1e-10 if dtype == torch.float64 else 2e-5
+
+
+def _sweep_backend(backend: str, X: torch.Tensor) -> str:
+    """``"cpp"`` (``fastdiff._C.ksubspaces`` / ``top_subspace``: float32 CPU tensors) or ``"torch"``."""
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'cpp' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    ok = X.device.type == "cpu" and X.dtype == torch.float32 and backends.has_kernel("cpp", "ksubspaces", "")
+    if backend == "cpp" and not ok:
+        raise RuntimeError(f"backend='cpp': needs float32 CPU data and fastdiff._C.ksubspaces, got {X.dtype} on "
+                           f"{X.device} ({backends.available()['cpp'][1]})")
+    return "cpp" if ok else "torch"
+
+
+def _counts(counts: Optional[torch.Tensor], B: int, N: int) -> torch.Tensor:
+    return torch.full((B,), N, dtype=torch.int64) if counts is None else counts.to(torch.int64).contiguous()
+
+
+def _svd_finish(X: torch.Tensor, V: torch.Tensor, converged: torch.Tensor) -> torch.Tensor:
+    """V with the instances not ``converged`` replaced by the exact top-d right singular vectors of X."""
+    todo = (~converged).nonzero().flatten()
+    if todo.numel():
+        V[todo] = torch.linalg.svd(X[todo], full_matrices=True).Vh[:, :V.shape[-1]].mT.to(V.dtype)
+    return V
+
+
+def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: Optional[float] = None, max_iter: int = 60,
+                 counts: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Orthonormal bases (B, n, d) of the top-d right singular subspaces of X (B, N, n), from starts V0.
 
     Block subspace iteration with per-instance convergence (see the module docstring); rank-deficient
     X (N < d) converges too (the extra columns land in the null space).  Instances not converged
-    after ``max_iter`` iterations are finished with an exact SVD.
+    after ``max_iter`` iterations are finished with an exact SVD.  ``counts`` (B,): only the first
+    ``counts[b]`` rows of instance b are data (the rest must be zero padding; the C++ kernel skips it).
+    ``backend``: ``"cpp"`` (``fastdiff._C.top_subspace``, float32 CPU, one instance per OpenMP task;
+    the default there) or ``"torch"`` (batched GEMMs and QRs).
     """
     B, N, n = X.shape
     d = V0.shape[-1]
-    if tol is None:  # ~1e5 eps for float64, ~150 eps for float32: well above the rounding floor of the residual
-        tol = 1e-10 if X.dtype == torch.float64 else 2e-5
+    tol = _default_tol(X.dtype) if tol is None else tol
+    if _sweep_backend(backend, X) == "cpp":
+        from fastdiff import _C
+
+        X, V0 = X.contiguous(), V0.to(DT).contiguous()
+        counts = _counts(counts, B, N)
+        V = torch.full((B, n, d), float("nan"), dtype=DT)          # poisoned: unwritten shows as NaN
+        converged = torch.zeros(B, dtype=torch.bool)
+        _C.top_subspace(X.data_ptr(), B, N, n, counts.data_ptr(), d, V0.data_ptr(), tol, max_iter, V.data_ptr(),
+                        converged.data_ptr(), torch.get_num_threads())
+        return _svd_finish(X, V, converged)
     V = _orth(V0.to(X.dtype))
     # (vector_norm: one reduction pass; .square().sum() is 7x slower here on float64)
     scale = torch.linalg.vector_norm(X, dim=(1, 2)).square()           # ||X||_F^2 >= ||X^T X||_2
@@ -138,13 +189,44 @@ def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: Optional[float] = No
             active, Xa, Y = active[todo], Xa[todo], Y[todo]
         Va = _orth(Y)
         V[active] = Va
+    converged = torch.ones(B, dtype=torch.bool)
+    converged[active] = False
+    return _svd_finish(X, V, converged)
+
+
+def _ksubspaces_cpp(X, counts, K, d, R, *, u=None, starts=None, max_iter=None):
+    """``fastdiff._C.ksubspaces``: seed the starts from uniforms ``u`` (B, R) or take ``starts``; with
+    ``max_iter`` also iterate and refit.  Returns (starts, refitted bases (B, K, n, d) or None, labels
+    (B, N) or None); clusters whose refit did not converge are finished with an exact SVD."""
+    from fastdiff import _C
+
+    B, N, n = X.shape
+    X = X.contiguous()
+    counts = _counts(counts, B, N)
+    if u is not None:
+        u = u.to(DT).contiguous()
+        starts = torch.full((B, R, K, n, d), float("nan"), dtype=DT)   # poisoned: unwritten shows as NaN
     else:
-        if active.numel():
-            V[active] = torch.linalg.svd(X[active], full_matrices=True).Vh[:, :d].mT
-    return V
+        starts = starts.to(DT).contiguous()
+    if max_iter is None:
+        _C.ksubspaces(X.data_ptr(), B, N, n, counts.data_ptr(), K, d, R, u.data_ptr(), starts.data_ptr(), 0,
+                      0, 0, 0, 0.0, 0, 0, torch.get_num_threads())
+        return starts, None, None
+    bases = torch.full((B, K, n, d), float("nan"), dtype=DT)
+    labels = torch.full((B, N), -2, dtype=torch.long)
+    converged = torch.zeros(B, K, dtype=torch.bool)
+    _C.ksubspaces(X.data_ptr(), B, N, n, counts.data_ptr(), K, d, R, u.data_ptr() if u is not None else 0,
+                  starts.data_ptr(), max_iter, bases.data_ptr(), labels.data_ptr(), converged.data_ptr(),
+                  _default_tol(DT), 60, 0, torch.get_num_threads())
+    if not bool(converged.all()):
+        mask = torch.nn.functional.one_hot(labels, K).to(DT).permute(0, 2, 1)         # (B, K, N)
+        Xk = (X[:, None] * mask[..., None]).reshape(B * K, N, n)
+        _svd_finish(Xk, bases.view(B * K, n, d), converged.flatten())
+    return starts, bases, labels
 
 
-def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.Tensor) -> torch.Tensor:
+def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.Tensor, *,
+               backend: str = "auto") -> torch.Tensor:
     """Data-driven K-subspaces starts (B, R, K, n, d), orthonormal, for X (B, N, n); ``u`` (B, R) uniforms.
 
     Greedy neighbourhood seeding (k-means++ in spirit): start ``r`` picks a random seed point
@@ -156,6 +238,8 @@ def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.T
     """
     B, N, n = X.shape
     R = u.shape[1]
+    if _sweep_backend(backend, X) == "cpp":
+        return _ksubspaces_cpp(X, counts, K, d, R, u=u)[0]
     valid = (torch.arange(N)[None, :] < counts[:, None].long())[:, None]        # (B, 1, N)
     Xn = X / X.norm(dim=-1, keepdim=True).clamp(min=1e-300)
     C = (Xn @ Xn.mT).abs()                                                     # (B, N, N)
@@ -177,19 +261,37 @@ def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.T
     return out
 
 
-def ksubspaces(X: torch.Tensor, K: int, V0: torch.Tensor, *, max_iter: int = 40) -> Tuple[torch.Tensor, torch.Tensor]:
+def ksubspaces(X: torch.Tensor, K: int, V0: torch.Tensor, *, max_iter: int = 40, counts: Optional[torch.Tensor] = None,
+               backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """K-subspaces clustering of X (B, N, n) from R orthonormal starts V0 (B, R, K, n, d):
     bases (B, K, n, d) and labels (B, N) of the best start.
 
-    The R K bases of an instance sit side by side as the columns of one (n, R K d) matrix, so each
-    iteration is two batched GEMMs over instances (no copy of X per start) and one batched QR.  An
-    instance leaves the batch once none of its starts changes an assignment.  Zero rows (padding)
-    are assigned to component 0 and change nothing.
+    ``backend="cpp"`` (the default for float32 CPU data): ``fastdiff._C.ksubspaces``, one instance
+    per OpenMP task in L1 with the GIL released; ``counts`` (B,) (points per instance, the rest
+    padding) saves it the padding rows.  ``"torch"``: the R K bases of an instance sit side by side
+    as the columns of one (n, R K d) matrix, so each iteration is two batched GEMMs over instances
+    (no copy of X per start) and one batched QR; an instance leaves the batch once none of its
+    starts changes an assignment.  Both: zero rows (padding) are assigned to component 0 and
+    change nothing; the best start's clusters get an exact PCA refit (:func:`top_subspace`).
     """
     B, N, n = X.shape
     R, d = V0.shape[1], V0.shape[-1]
     if K == 1:
-        return top_subspace(X, V0[:, 0, 0])[:, None], torch.zeros(B, N, dtype=torch.long)
+        return top_subspace(X, V0[:, 0, 0], counts=counts, backend=backend)[:, None], torch.zeros(B, N, dtype=torch.long)
+    if _sweep_backend(backend, X) == "cpp":
+        return _ksubspaces_cpp(X, counts, K, d, R, starts=V0, max_iter=max_iter)[1:]
+    Vbest, lab = _ksubspaces_torch(X, K, V0, max_iter)
+    # exact PCA of each final cluster, warm-started from that cluster's basis
+    mask = torch.nn.functional.one_hot(lab, K).to(DT).permute(0, 2, 1)         # (B, K, N)
+    Xk = (X[:, None] * mask[..., None]).reshape(B * K, N, n)
+    U = top_subspace(Xk, Vbest.reshape(B * K, n, d), backend="torch").reshape(B, K, n, d)
+    return U, lab
+
+
+def _ksubspaces_torch(X, K, V0, max_iter):
+    """The batched torch iteration of :func:`ksubspaces`: (bases (B, K, n, d), labels (B, N)) of the best start."""
+    B, N, n = X.shape
+    R, d = V0.shape[1], V0.shape[-1]
     W = R * K * d
     V = V0.to(DT).permute(0, 3, 1, 2, 4).reshape(B, n, W)                      # columns ordered (start, k, j)
     labels = torch.full((B, N, R), -1, dtype=torch.long)
@@ -219,12 +321,7 @@ def ksubspaces(X: torch.Tensor, K: int, V0: torch.Tensor, *, max_iter: int = 40)
     best = E.amax(-1).square().sum(1).argmax(1)                                         # (B,): the start of largest objective
     b = torch.arange(B)
     lab = E.permute(0, 2, 1, 3)[b, best].argmax(-1)                            # (B, N)
-    # exact PCA of each final cluster, warm-started from that cluster's basis
-    mask = torch.nn.functional.one_hot(lab, K).to(DT).permute(0, 2, 1)         # (B, K, N)
-    Xk = (X[:, None] * mask[..., None]).reshape(B * K, N, n)
-    Vk = V.reshape(B, n, R, K, d).permute(0, 2, 3, 1, 4)[b, best].reshape(B * K, n, d)
-    U = top_subspace(Xk, Vk).reshape(B, K, n, d)
-    return U, lab
+    return V.reshape(B, n, R, K, d).permute(0, 2, 3, 1, 4)[b, best], lab
 
 
 def _denoise_batched(xt, U, sigma, K, d):
@@ -297,7 +394,9 @@ def subspace_errors(U_hat: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     perfect matching, found by bisection with scipy's ``linear_sum_assignment``."""
     B, K, n, d = U.shape
     U_hat, U = U_hat.double(), U.double()  # sqrt(1 - overlap / d) loses half the digits: keep 8 of them
-    overlap = torch.linalg.vector_norm(U_hat.reshape(B, K, 1, n, d).mT @ U.reshape(B, 1, K, n, d), dim=(-1, -2)).square()
+    # all K^2 products Uh_a^T U_c of an instance as one (K d, n) x (n, K d) GEMM
+    M = U_hat.permute(0, 1, 3, 2).reshape(B, K * d, n) @ U.permute(0, 2, 1, 3).reshape(B, n, K * d)
+    overlap = M.reshape(B, K, d, K, d).square().sum((2, 4))            # [b, a, c] = ||Uh_a^T U_c||_F^2
     cost = (1.0 - overlap / d).clamp(min=0).sqrt()                     # (B, K, K): ||.||_F / sqrt(2d)
     if K <= 4:
         perms = torch.tensor(list(itertools.permutations(range(K))))  # (P, K): P(k) = perms[p, k]
@@ -334,8 +433,10 @@ def fit_bases(learner: str, X: torch.Tensor, counts: torch.Tensor, K: int, d: in
     R = params["restarts"] if learner == "ksubspaces" and K > 1 else 1
     shape = (R,) if learner == "ksubspaces" and K > 1 else (K, n, d)
     init = torch.empty(B, *shape, dtype=DT)
-    for s in {s for s, _ in cells_seeds}:        # the learner's random numbers, per cell, trial-major
-        rows = [(b, t) for b, (s2, t) in enumerate(cells_seeds) if s2 == s]
+    by_seed: Dict[int, List[Tuple[int, int]]] = {}
+    for b, (s, t) in enumerate(cells_seeds):
+        by_seed.setdefault(s, []).append((b, t))
+    for s, rows in by_seed.items():              # the learner's random numbers, per cell, trial-major
         tmax = max(t for _, t in rows) + 1
         draw = normals(s, _S_INIT, tmax, *shape)
         init[torch.tensor([b for b, _ in rows])] = draw[torch.tensor([t for _, t in rows])]
@@ -346,10 +447,10 @@ def fit_bases(learner: str, X: torch.Tensor, counts: torch.Tensor, K: int, d: in
         pts = torch.zeros(B, n, d, dtype=DT)
         pts[:, :, :Nd] = X[:, :Nd].mT
         use = (torch.arange(d)[None, :] < counts[:, None])[:, None, :]
-        return top_subspace(X, torch.where(use, pts, init[:, 0, :, :]))[:, None]
+        return top_subspace(X, torch.where(use, pts, init[:, 0, :, :]), counts=counts)[:, None]
     if learner == "ksubspaces":
         V0 = seed_bases(X, counts, K, d, torch.special.ndtr(init))
-        return ksubspaces(X, K, V0, max_iter=params["max_iter"])[0]
+        return ksubspaces(X, K, V0, max_iter=params["max_iter"], counts=counts)[0]
     return sgd_bases(X, counts, K, d, cells_seeds, steps=params["sgd_steps"], lr=params["sgd_lr"],
                      sigma_min=params["sgd_sigma_max"] / 50, sigma_max=params["sgd_sigma_max"],
                      engine=params["sgd_engine"], init=init)
@@ -363,8 +464,9 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int):
     owner = [(s, t) for s in seeds for t in range(trials)]
     U_hat = fit_bases(p0["learner"], X, counts, K, d, owner, p0)
     err = subspace_errors(U_hat, U)
-    rows = [{"cell_index": b // trials, "trial": b % trials, "error": float(err[b]),
-             "success": int(err[b] <= cells[b // trials]["threshold"])} for b in range(len(owner))]
+    threshold = torch.tensor([c["threshold"] for c in cells], dtype=err.dtype).repeat_interleave(trials)
+    rows = [{"cell_index": b // trials, "trial": b % trials, "error": e, "success": ok}
+            for b, (e, ok) in enumerate(zip(err.tolist(), (err <= threshold).int().tolist()))]
     backend = "torch"
     if p0["learner"] == "sgd" and p0["sgd_engine"] == "fused":
         backend = fastdiff.denoise._molrg_backend("auto", torch.empty(1, n), torch.float32, n, K * d, K, True)
