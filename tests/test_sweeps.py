@@ -72,6 +72,45 @@ def test_store_roundtrip_skip_and_export(tmp_path, monkeypatch):
         assert t.num_rows == 3 and t.column("m").to_pylist() == [1.0, 2.0, 1.0]
 
 
+def test_store_aggregate_matches_statistics(tmp_path):
+    """Store.aggregate (two passes in SQLite) against the statistics module: per-cell mean and standard
+    error over the finite values (NaN is stored as NULL and skipped), many chunks of rows (the
+    multi-row INSERT), a cell whose metric is never finite, a cell with one finite value."""
+    import statistics
+
+    g = _gen(11)
+    metrics = [("m", "REAL"), ("ok", "INTEGER")]
+    values = {}
+    rows = []
+    for a in range(40):
+        trials = 1 + a % 7
+        for t in range(trials):
+            m = float("nan") if (a == 3 or (a % 5 == 1 and t % 2)) else 1e4 + torch.randn(1, generator=g).item()
+            cell = {"a": a, "A": 0.5}
+            rows.append({"cell": sweeps.store.cell_key(cell), "trial": t, **cell, "m": m, "ok": t % 2, "seed": 7,
+                         "backend": "cpp", "versions": "v", "seconds": 0.1, "finished_at": "now"})
+            values.setdefault(a, []).append((m, t % 2))
+    with Store(str(tmp_path / "s.sqlite"), "exp", PARAMS, metrics) as st:
+        st._max_variables = 200                       # several INSERT chunks per write
+        assert st.write(rows) == len(rows)
+        agg = st.aggregate()
+    assert [r["a"] for r in agg] == sorted(values, key=lambda a: sweeps.store.cell_key({"a": a, "A": 0.5}))
+    for r in agg:
+        ms = [m for m, _ in values[r["a"]] if not math.isnan(m)]
+        oks = [o for _, o in values[r["a"]]]
+        assert r["trials"] == len(values[r["a"]]) and r["A"] == 0.5
+        for name, vals in (("m", ms), ("ok", oks)):
+            mean, se = r[f"{name}_mean"], r[f"{name}_se"]
+            if not vals:
+                assert math.isnan(mean) and math.isnan(se)
+                continue
+            assert mean == pytest.approx(statistics.fmean(vals), rel=1e-12)
+            if len(vals) < 2:
+                assert math.isnan(se)
+            else:   # the deviations pass keeps the digits a sum-of-squares formula would lose at mean 1e4
+                assert se == pytest.approx(statistics.stdev(vals) / math.sqrt(len(vals)), rel=1e-9)
+
+
 def test_store_refuses_other_schema_and_stays_intact(tmp_path):
     p = str(tmp_path / "s.sqlite")
     with Store(p, "exp", PARAMS, METRICS) as st:
