@@ -98,34 +98,36 @@ def _sweep(a) -> int:
 
     from fastdiff import sweeps
     from fastdiff.sweeps.plots import plot_store
+    from fastdiff.sweeps.runner import gc_frozen
 
     exp = sweeps.EXPERIMENTS[a.experiment]
     grid = {p.name: getattr(a, p.name) for p in exp.params if getattr(a, p.name) is not None}
     store = a.store or os.path.join(a.out, f"{a.experiment}.sqlite")
-    t0 = time.perf_counter()
-    try:
-        st = sweeps.run_sweep(a.experiment, grid, trials=a.trials, seed=a.seed, store=store, executor=a.executor,
-                              address=a.address, progress=not a.no_progress, threads=a.threads)
-    except (ValueError, RuntimeError) as e:
-        print(f"fastdiff sweep {a.experiment}: error: {e}", file=sys.stderr)
-        return 2
-    seconds = time.perf_counter() - t0
-    stem = os.path.splitext(store)[0]
-    with st:
-        rows = len(st)
-        print(f"{a.experiment}: {rows} rows in {store} ({seconds:.1f} s)")
-        paths = st.export(stem)
-        for path in paths:
-            print(f"rows:  {path}")
-        if len(paths) == 1:
-            print("(no Parquet export: needs pyarrow; pip install 'fastdiff[sweeps]' or pip install pyarrow)")
-    if not a.no_plot:
+    with gc_frozen():   # the sweep, the export and the plot
+        t0 = time.perf_counter()
         try:
-            r = plot_store(store, a.out)
-        except RuntimeError as e:  # matplotlib missing: the sweep itself succeeded
-            print(f"(no plot: {e})")
-        else:
-            print(f"table: {r['table']}\nplot:  {r['plot']}")
+            st = sweeps.run_sweep(a.experiment, grid, trials=a.trials, seed=a.seed, store=store, executor=a.executor,
+                                  address=a.address, progress=not a.no_progress, threads=a.threads)
+        except (ValueError, RuntimeError) as e:
+            print(f"fastdiff sweep {a.experiment}: error: {e}", file=sys.stderr)
+            return 2
+        seconds = time.perf_counter() - t0
+        stem = os.path.splitext(store)[0]
+        with st:
+            rows = len(st)
+            print(f"{a.experiment}: {rows} rows in {store} ({seconds:.1f} s)")
+            paths = st.export(stem)
+            for path in paths:
+                print(f"rows:  {path}")
+            if len(paths) == 1:
+                print("(no Parquet export: needs pyarrow; pip install 'fastdiff[sweeps]' or pip install pyarrow)")
+        if not a.no_plot:
+            try:
+                r = plot_store(store, a.out)
+            except RuntimeError as e:  # matplotlib missing: the sweep itself succeeded
+                print(f"(no plot: {e})")
+            else:
+                print(f"table: {r['table']}\nplot:  {r['plot']}")
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 from fastdiff.sweeps.store import Store
 

@@ -13,6 +13,8 @@ numbers do not depend on which other cells share its batch, on the executor, or 
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import itertools
 import math
@@ -244,6 +246,28 @@ def _store_rows(exp, cells, seeds, batch, rows, backend, seconds, vers):
     return [{**base[r["cell_index"]], **r} for r in rows]
 
 
+_GC_FROZEN = False
+
+
+@contextlib.contextmanager
+def gc_frozen():
+    """Move the objects alive on entry (torch's and the user's, ~350k after ``import torch``) out of the
+    garbage collector's view until exit (``gc.freeze`` / ``gc.unfreeze``): a sweep allocates enough
+    rows and tensors to trigger full collections, and each traversed them all (measured 0.18 s, a
+    sixth of the default sweep).  Objects made inside are collected as usual.  Reentrant."""
+    global _GC_FROZEN
+    if _GC_FROZEN or not gc.isenabled():
+        yield
+        return
+    _GC_FROZEN = True
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        _GC_FROZEN = False
+
+
 def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, trials: int = 20, seed: int = 0,
               store: str = "results/sweep.sqlite", executor: str = "local", address: Optional[str] = None,
               progress: bool = True, threads: int = 1, max_retries: int = 3, workers: Optional[int] = None) -> Store:
@@ -260,6 +284,12 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
     so two single-threaded batches use two cores; the store is written from this thread only, each
     batch in one transaction as it finishes (their order does not change any row).
     """
+    with gc_frozen():
+        return _run_sweep(experiment, grid, trials, seed, store, executor, address, progress, threads, max_retries,
+                          workers)
+
+
+def _run_sweep(experiment, grid, trials, seed, store, executor, address, progress, threads, max_retries, workers):
     exp = get_experiment(experiment)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials: expected an int >= 1, got {trials!r}")
