@@ -73,6 +73,41 @@ FD_INLINE void axpy(float* y, float a, const float* x, int64_t m) {
   for (int64_t i = 0; i < m; ++i) y[i] += a * x[i];
 }
 
+// Rows of a small GEMM with the accumulators in registers: out (rows, ldb) = A B, A(r, k) = a[r ar + k ak],
+// B (K, ldb) row-major, ldb a multiple of 8; up to 8 vectors of 8 columns accumulate across all of k
+// (an axpy per k would load and store the output row K times: measured the kernel's hot spot).
+typedef float v8f __attribute__((vector_size(32)));
+
+FD_INLINE int64_t padded(int64_t w) { return (w + 7) / 8 * 8; }
+
+template <int NV>
+FD_INLINE void gemm_cols(float* out, const float* a, int64_t ar, int64_t ak, const float* B, int64_t ldb,
+                         int64_t rows, int64_t K, int64_t w0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    v8f acc[NV];
+    for (int c = 0; c < NV; ++c) acc[c] = v8f{};
+    for (int64_t k = 0; k < K; ++k) {
+      const float s = a[r * ar + k * ak];
+      const float* b = B + k * ldb + w0;
+      for (int c = 0; c < NV; ++c) {
+        v8f v;
+        std::memcpy(&v, b + 8 * c, sizeof v);
+        acc[c] += s * v;
+      }
+    }
+    std::memcpy(out + r * ldb + w0, acc, sizeof acc);
+  }
+}
+
+FD_INLINE void gemm_rows(float* out, const float* a, int64_t ar, int64_t ak, const float* B, int64_t ldb,
+                         int64_t rows, int64_t K) {
+  int64_t w0 = 0;
+  for (; ldb - w0 >= 64; w0 += 64) gemm_cols<8>(out, a, ar, ak, B, ldb, rows, K, w0);
+  if (ldb - w0 >= 32) gemm_cols<4>(out, a, ar, ak, B, ldb, rows, K, w0), w0 += 32;
+  if (ldb - w0 >= 16) gemm_cols<2>(out, a, ar, ak, B, ldb, rows, K, w0), w0 += 16;
+  if (ldb - w0 >= 8) gemm_cols<1>(out, a, ar, ak, B, ldb, rows, K, w0);
+}
+
 // Q (m, d) column-major of the Householder QR of A (m, d) column-major (overwritten), m >= d.
 FD_INLINE void householder_q(float* A, int64_t m, int64_t d, float* tau, float* Q) {
   for (int64_t j = 0; j < d; ++j) {
@@ -161,7 +196,7 @@ struct Workspace {
   explicit Workspace(const Job& J) : sub(J.N, J.n, J.d) {
     V.resize(J.n * J.d);
     Xk.resize(J.N * J.n);
-    const int64_t W = J.R * J.K * J.d;
+    const int64_t W = padded(J.R * J.K * J.d);
     A.resize(J.n * J.d);
     Q.resize(J.n * J.d);
     tau.resize(J.d);
@@ -205,14 +240,13 @@ FD_INLINE void seed_instance(const Job& J, int64_t b, Workspace& ws) {
       for (int64_t l = 0; l < n; ++l)
         for (int64_t j = 0; j < d; ++j) U[l * d + j] = ws.Q[j * n + l];
       if (k + 1 == J.K) break;                                  // the last component's energies pick nothing
-      for (int64_t i = 0; i < cnt; ++i) {
-        float e = 0.f;
-        for (int64_t j = 0; j < d; ++j) {
-          const float p = dot(xn + i * n, &ws.Q[j * n], n);
-          e += p * p;
-        }
-        ws.explained[i] += e;
-      }
+      const int64_t dp = padded(d);                             // Xn U as register-blocked rows
+      float* Up = ws.Y.data();                                  // (n, dp), zero padding
+      float* Pr = ws.P.data();                                  // (cnt, dp)
+      std::fill(Up, Up + n * dp, 0.f);
+      for (int64_t l = 0; l < n; ++l) std::memcpy(Up + l * dp, U + l * d, d * sizeof(float));
+      gemm_rows(Pr, xn, n, 1, Up, dp, cnt, n);
+      for (int64_t i = 0; i < cnt; ++i) ws.explained[i] += dot(Pr + i * dp, Pr + i * dp, d);
     }
   }
 }
@@ -220,31 +254,28 @@ FD_INLINE void seed_instance(const Job& J, int64_t b, Workspace& ws) {
 template <int ISA>
 FD_INLINE void iterate_instance(const Job& J, int64_t b, Workspace& ws) {
   const int64_t N = J.N, n = J.n, d = J.d, K = J.K, R = J.R, cnt = J.counts[b];
-  const int64_t W = R * K * d;
+  const int64_t W = R * K * d, Wp = padded(W);   // Vt, P, Y rows: W columns, stride Wp (zero padding)
   const float* X = J.X + b * N * n;
-  float* Vt = ws.Vt.data();  // (n, W), column (r K + k) d + j
+  float* Vt = ws.Vt.data();  // (n, Wp), column (r K + k) d + j
+  std::fill(Vt, Vt + n * Wp, 0.f);
   for (int64_t rk = 0; rk < R * K; ++rk) {
     const float* U = J.starts + (b * R * K + rk) * n * d;
-    for (int64_t l = 0; l < n; ++l) std::memcpy(Vt + l * W + rk * d, U + l * d, d * sizeof(float));
+    for (int64_t l = 0; l < n; ++l) std::memcpy(Vt + l * Wp + rk * d, U + l * d, d * sizeof(float));
   }
   int64_t* lab = ws.lab.data();  // (cnt, R)
   std::fill(lab, lab + cnt * R, int64_t(-1));
-  float* P = ws.P.data();        // (cnt, W) = X Vt
-  float* Y = ws.Y.data();        // (n, W)
+  float* P = ws.P.data();        // (cnt, Wp) = X Vt
+  float* Y = ws.Y.data();        // (n, Wp)
   int64_t it = 0;
   for (;; ++it) {
-    for (int64_t i = 0; i < cnt; ++i) {
-      float* p = P + i * W;
-      std::fill(p, p + W, 0.f);
-      for (int64_t l = 0; l < n; ++l) axpy(p, X[i * n + l], Vt + l * W, W);
-    }
+    gemm_rows(P, X, n, 1, Vt, Wp, cnt, n);
     bool moved = false;
     for (int64_t i = 0; i < cnt; ++i)
       for (int64_t r = 0; r < R; ++r) {
         int64_t best = 0;
         float top = -1.f;
         for (int64_t k = 0; k < K; ++k) {
-          const float* p = P + i * W + (r * K + k) * d;
+          const float* p = P + i * Wp + (r * K + k) * d;
           const float e = dot(p, p, d);
           ws.E[(i * R + r) * K + k] = e;
           if (e > top) top = e, best = k;
@@ -254,20 +285,18 @@ FD_INLINE void iterate_instance(const Job& J, int64_t b, Workspace& ws) {
       }
     if (!moved || it == J.max_iter) break;
     // refit: Y_{r,k} = sum over the points of cluster k of start r of x_i (x_i^T U_{r,k}) = X^T Pm,
-    // Pm = P with every block but the assigned one of each start zeroed (full-width axpys)
+    // Pm = P with every block but the assigned one of each start zeroed (full-width register-blocked rows)
     for (int64_t i = 0; i < cnt; ++i)
       for (int64_t r = 0; r < R; ++r)
         for (int64_t k = 0; k < K; ++k)
-          if (k != lab[i * R + r]) std::fill(P + i * W + (r * K + k) * d, P + i * W + (r * K + k + 1) * d, 0.f);
-    std::fill(Y, Y + n * W, 0.f);
-    for (int64_t l = 0; l < n; ++l)
-      for (int64_t i = 0; i < cnt; ++i) axpy(Y + l * W, X[i * n + l], P + i * W, W);
+          if (k != lab[i * R + r]) std::fill(P + i * Wp + (r * K + k) * d, P + i * Wp + (r * K + k + 1) * d, 0.f);
+    gemm_rows(Y, X, 1, n, P, Wp, n, cnt);
     for (int64_t rk = 0; rk < R * K; ++rk) {  // Vt block <- Q of the QR of the Y block
       for (int64_t j = 0; j < d; ++j)
-        for (int64_t l = 0; l < n; ++l) ws.A[j * n + l] = Y[l * W + rk * d + j];
+        for (int64_t l = 0; l < n; ++l) ws.A[j * n + l] = Y[l * Wp + rk * d + j];
       householder_q(ws.A.data(), n, d, ws.tau.data(), ws.Q.data());
       for (int64_t l = 0; l < n; ++l)
-        for (int64_t j = 0; j < d; ++j) Vt[l * W + rk * d + j] = ws.Q[j * n + l];
+        for (int64_t j = 0; j < d; ++j) Vt[l * Wp + rk * d + j] = ws.Q[j * n + l];
     }
   }
   // the start of largest objective, its bases and labels
@@ -292,7 +321,7 @@ FD_INLINE void iterate_instance(const Job& J, int64_t b, Workspace& ws) {
       if (labels[i] == k) std::memcpy(Xk + (m++) * n, X + i * n, n * sizeof(float));
     float* V = ws.V.data();
     for (int64_t j = 0; j < d; ++j)
-      for (int64_t l = 0; l < n; ++l) V[j * n + l] = Vt[l * W + (best * K + k) * d + j];
+      for (int64_t l = 0; l < n; ++l) V[j * n + l] = Vt[l * Wp + (best * K + k) * d + j];
     J.converged[b * K + k] = top_subspace_rows(Xk, m, n, d, V, J.tol, J.refit_iter, ws.sub);
     float* out = J.bases + (b * K + k) * n * d;
     for (int64_t l = 0; l < n; ++l)
