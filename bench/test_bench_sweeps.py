@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import harness
+import pytest
 import torch
 
 from fastdiff import cli, sweeps
@@ -68,3 +69,91 @@ def test_fig4_sweep_one_instance_at_a_time(record, benchmark):
         torch.set_num_threads(before)
     # the same loop is the baseline of the compute-only row (measured once: it takes ~20 s)
     harness.TABLE.add(harness.Row(COMPUTE, "eager", benchmark.stats.stats.median))
+
+
+# --------------------------------------------------------------------------- acceptance 7: image-sized sgd
+# n = 3072 (a 32 x 32 x 3 image), the sgd learner (300 Adam steps on the diffusion loss per instance),
+# 20 trials.  On a GPU a subgrid of the Fig. 4 grid (the full one is 576 cells) reports the time per
+# cell; on the CPU one cell, for scale.  Useful FLOPs per instance and step: the four (N, n) x (n, K d)
+# GEMMs of the forward and backward passes and the two of the gradient, 12 N n K d, plus the QR
+# retraction, ~4 n (K d)^2.
+SGD_N = 3072
+SGD_GRID = {"cuda": {"K": "1,2", "d": "1,4,8,12", "N": "2,12,24,36,48"}, "cpu": {"K": "2", "d": "4", "N": "24"}}
+SGD_CELL = {"K": 2, "d": 4, "N": 24}            # the one cell timed against one instance at a time
+
+
+def _sgd_flops(cells, trials=20, steps=300):
+    return sum(trials * steps * (12 * c["N"] * SGD_N * c["K"] * c["d"] + 4 * SGD_N * (c["K"] * c["d"]) ** 2)
+               for c in cells)
+
+
+def _sgd_sweep(grid, device):
+    out = tempfile.mkdtemp(prefix="fastdiff-sgd-")
+    try:
+        sweeps.run_sweep("subspace-recovery", {"n": SGD_N, "learner": "sgd", **grid}, store=os.path.join(out, "s.sqlite"),
+                         progress=False, device=device).close()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _per_cell(benchmark, group, impl, fn, cells, flops):
+    benchmark.group, benchmark.name = group, impl
+    benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
+    harness.TABLE.add(harness.Row(group, impl, benchmark.stats.stats.median / cells, 0, flops // cells))
+
+
+def test_sgd_n3072_sweep_time_per_cell(benchmark, device):
+    grid = SGD_GRID["cuda" if device.startswith("cuda") else "cpu"]
+    cells, _ = build_grid(EXPERIMENTS["subspace-recovery"], {"n": SGD_N, "learner": "sgd", **grid})
+    _sgd_sweep({"K": "1,2", "d": 2, "N": 4, "sgd_steps": 2}, device)     # warm-up: kernels, cuBLAS/cuSOLVER handles
+    group = f"sgd sweep n={SGD_N}, 20 trials, 300 steps: time per cell ({len(cells)} cells: " \
+            f"K {grid['K']}, d {grid['d']}, N {grid['N']})"
+    _per_cell(benchmark, group, "fastdiff", lambda: _sgd_sweep(grid, device), len(cells), _sgd_flops(cells))
+    per = harness.TABLE.rows[-1].seconds
+    print(f"\nsgd n={SGD_N} on {device}: {per:.3f} s per cell of 20 instances; the full Fig. 4 grid "
+          f"(576 cells) would take ~{576 * per / 60:.1f} min at this rate")
+
+
+ONE_CELL = f"sgd n={SGD_N} one cell (K 2, d 4, N 24, 20 trials, 300 steps)"
+
+
+def test_sgd_n3072_one_cell(benchmark, device):
+    _sgd_sweep({"K": 2, "d": 2, "N": 4, "sgd_steps": 2}, device)
+    grid = {k: str(v) for k, v in SGD_CELL.items()}
+    _per_cell(benchmark, ONE_CELL, "fastdiff", lambda: _sgd_sweep(grid, device), 1, _sgd_flops([SGD_CELL]))
+
+
+def test_sgd_n3072_one_cell_one_instance_at_a_time(benchmark, device):
+    """The same 20 instances through the same learner (sgd_bases), one instance per call."""
+    from fastdiff.sweeps import subspace as S
+
+    K, d, N = SGD_CELL["K"], SGD_CELL["d"], SGD_CELL["N"]
+    _, X, _ = S.molrg_batch(SGD_N, K, d, [N], 0.0, "orthogonal", [1], 20)
+    X = X.to(device)
+    init = torch.randn(20, K, SGD_N, d)
+    counts = torch.full((1,), float(N))
+    S.sgd_bases(X[:1], counts, K, d, [(1, 0)], steps=2, init=init[:1])
+
+    def loop():
+        for t in range(20):
+            S.sgd_bases(X[t:t + 1], counts, K, d, [(1, t)], init=init[t:t + 1])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    _per_cell(benchmark, ONE_CELL, "eager", loop, 1, 0)
+
+
+@pytest.mark.parametrize("method", ["householder", "cholesky"])
+def test_sgd_retraction(record, device, method):
+    """The sgd learner's per-step QR retraction at the shape of a GPU batch (240 instances of K = 2
+    bases, n = 3072, d = 12): Householder (cuSOLVER per matrix on CUDA) against CholeskyQR2 (batched
+    GEMMs, Cholesky, triangular solve).  ``_retract("auto")`` takes CholeskyQR2 on CUDA, Householder
+    on the CPU; this row is where that choice is measured."""
+    from fastdiff.sweeps import subspace as S
+
+    B = 240 if device.startswith("cuda") else 20
+    U = S._orth(torch.randn(B, 2, SGD_N, 12, device=device))
+    Y = U - 0.01 * torch.randn_like(U).sign()
+    flops = B * 2 * (2 * 2 * SGD_N * 12 ** 2 + 2 * 2 * SGD_N * 12 ** 2)   # two (Gram + solve) passes
+    record(f"sgd retraction: QR of ({B}, 2, {SGD_N}, 12) float32", "fastdiff" if method == "cholesky" else "eager",
+           lambda: S._retract(Y, method), flops=flops, rounds=10, warmup=2)

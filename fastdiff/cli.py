@@ -88,6 +88,8 @@ def _add_sweep_parsers(sub) -> None:
         e.add_argument("--executor", default="local", choices=("local", "ray"))
         e.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
         e.add_argument("--threads", type=int, default=1, help="torch threads per batch")
+        e.add_argument("--device", default="cpu",
+                       help="where the batches compute: cpu (default) or cuda[:i] (large n, e.g. --n 3072 --learner sgd)")
         e.add_argument("--no-plot", action="store_true", help="skip the plot")
         e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -107,7 +109,8 @@ def _sweep(a) -> int:
         t0 = time.perf_counter()
         try:
             st = sweeps.run_sweep(a.experiment, grid, trials=a.trials, seed=a.seed, store=store, executor=a.executor,
-                                  address=a.address, progress=not a.no_progress, threads=a.threads)
+                                  address=a.address, progress=not a.no_progress, threads=a.threads,
+                                  device=a.device)
         except (ValueError, RuntimeError) as e:
             print(f"fastdiff sweep {a.experiment}: error: {e}", file=sys.stderr)
             return 2

@@ -36,7 +36,7 @@ def rank_ratios(bases: torch.Tensor, noise: torch.Tensor, steps: int, eta: float
     return sigmas[:levels], (tr.ranks.double().mean(1) / bases.shape[1]).tolist()
 
 
-def _run_batch(cells: List[Dict], seeds: List[int], trials: int):
+def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.device("cpu")):
     groups: Dict[int, List[int]] = {}
     for ci, seed in enumerate(seeds):
         groups.setdefault(seed, []).append(ci)
@@ -47,12 +47,13 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int):
         U, _, _ = molrg_instances(c["n"], c["K"], c["d"], 1, 0.0, "orthogonal", seed, trials)
         z = normals(seed, _S_NOISE, trials, c["samples"], c["n"])
         for t in range(trials):
-            sigmas, ratios = rank_ratios(U[t].float(), z[t].float(), c["steps"], c["eta"], levels)
+            sigmas, ratios = rank_ratios(U[t].to(device, torch.float32), z[t].to(device, torch.float32), c["steps"],
+                                         c["eta"], levels)
             for ci in members:
                 lv = cells[ci]["level"]
                 rows.append({"cell_index": ci, "trial": t, "sigma": sigmas[lv], "snr": 1.0 / sigmas[lv],
                              "ratio": ratios[lv]})
-    return rows, fastdiff.backends.resolve("auto", torch.device("cpu"), torch.float32)
+    return rows, fastdiff.backends.resolve("auto", device, torch.float32)
 
 
 def _check(c: Dict) -> None:

@@ -33,11 +33,12 @@ _S_SAMPLE = 7
 
 
 def sample_ddpm(denoisers: Sequence[Callable], n: int, M: int, sched: fastdiff.DDPMSchedule,
-                generator: fastdiff.Generator) -> torch.Tensor:
+                generator: fastdiff.Generator, device="cpu") -> torch.Tensor:
     """``M`` DDPM samples (I, M, n) from each of the I denoisers ``den(x, alpha, sigma) -> x0_hat``,
-    all I x M chains advanced by one fused ``ddpm_step`` per timestep (noise from ``generator``)."""
+    all I x M chains advanced by one fused ``ddpm_step`` per timestep (noise from ``generator``), on
+    ``device``."""
     I = len(denoisers)
-    x = fastdiff.randn(I * M, n, generator=generator)
+    x = fastdiff.randn(I * M, n, generator=generator, device=device)
     alpha, sigma = sched.floats("alpha"), sched.floats("sigma")
     for t in range(sched.T - 1, -1, -1):
         x0 = torch.cat([den(xi, alpha[t], sigma[t]) for den, xi in zip(denoisers, x.view(I, M, n))])
@@ -67,17 +68,19 @@ def _denoisers(kind: str, c: Dict, X: torch.Tensor, seed: int) -> List[Callable]
     return [fastdiff.denoisers.MoLRG(U[t].float()) for t in range(T)]
 
 
-def _run_batch(cells: List[Dict], seeds: List[int], trials: int):
+def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.device("cpu")):
     rows = []
     for ci, (c, seed) in enumerate(zip(cells, seeds)):
         _, X, _ = molrg_instances(c["n"], c["K"], c["d"], c["N"], 0.0, "orthogonal", seed, trials)
+        X = X.to(device)
         dens = _denoisers(c["denoiser"], c, X, seed)
-        x = sample_ddpm(dens, c["n"], c["samples"], _schedule(c["T"]), fastdiff.Generator(seed, _S_SAMPLE << 52))
+        x = sample_ddpm(dens, c["n"], c["samples"], _schedule(c["T"]), fastdiff.Generator(seed, _S_SAMPLE << 52),
+                        device)
         for t in range(trials):
             mem = memorized_fraction(x[t], X[t])
             rows.append({"cell_index": ci, "trial": t, "memorized": mem, "generalization": 1.0 - mem,
                          "N_over_d": c["N"] / c["d"]})
-    return rows, fastdiff.backends.resolve("auto", torch.device("cpu"), torch.float32)
+    return rows, fastdiff.backends.resolve("auto", device, torch.float32)
 
 
 def _check(c: Dict) -> None:

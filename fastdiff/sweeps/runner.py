@@ -48,9 +48,10 @@ class Param:
 class Experiment:
     """An experiment of the phase-diagram sweeps.
 
-    ``run_batch(cells, seeds, trials)`` evaluates a list of cells sharing one ``batch_key`` as one
-    batched computation and returns ``(rows, backend)``: rows are dicts with ``cell_index``,
-    ``trial`` and every metric.  ``check(cell)`` raises ``ValueError`` for an invalid cell;
+    ``run_batch(cells, seeds, trials, device)`` evaluates a list of cells sharing one ``batch_key``
+    as one batched computation on ``device`` (a ``torch.device``; the data are drawn on the CPU and
+    moved, so a table does not depend on the device beyond rounding) and returns ``(rows, backend)``:
+    rows are dicts with ``cell_index``, ``trial`` and every metric.  ``check(cell)`` raises ``ValueError`` for an invalid cell;
     ``applicable(cell)`` returns ``None`` or the reason a cell of the product is skipped (e.g. a
     learner that does not apply to K).  ``instance_cost(cell)`` is the batching weight.
     """
@@ -190,9 +191,11 @@ def cell_seed(experiment: str, seed: int, cell: Dict) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-def plan(exp: Experiment, cells: Sequence[Dict], trials: int) -> List[List[int]]:
+def plan(exp: Experiment, cells: Sequence[Dict], trials: int, max_cost: Optional[float] = None) -> List[List[int]]:
     """Batches of cell indices: cells grouped by ``batch_key`` (in grid order), each group cut into
-    runs of total cost ``trials * instance_cost <= max_cost`` (at least one cell per batch)."""
+    runs of total cost ``trials * instance_cost <= max_cost`` (at least one cell per batch;
+    ``max_cost`` defaults to the experiment's)."""
+    max_cost = exp.max_cost if max_cost is None else max_cost
     groups: Dict[Tuple, List[int]] = {}
     for i, c in enumerate(cells):
         groups.setdefault(exp.batch_key(c), []).append(i)
@@ -201,7 +204,7 @@ def plan(exp: Experiment, cells: Sequence[Dict], trials: int) -> List[List[int]]
         cur, cost = [], 0.0
         for i in idx:
             w = trials * exp.instance_cost(cells[i])
-            if cur and cost + w > exp.max_cost:
+            if cur and cost + w > max_cost:
                 batches.append(cur)
                 cur, cost = [], 0.0
             cur.append(i)
@@ -221,8 +224,10 @@ def versions() -> str:
 
 
 # --------------------------------------------------------------------------- executors
-def execute_batch(name: str, cells: List[Dict], seeds: List[int], trials: int, threads: int = 1):
-    """Run one batch (in this process or a Ray worker) on ``threads`` threads: ``(rows, backend, seconds)``."""
+def execute_batch(name: str, cells: List[Dict], seeds: List[int], trials: int, threads: int = 1,
+                  device: str = "cpu"):
+    """Run one batch (in this process or a Ray worker) on ``threads`` threads and ``device``:
+    ``(rows, backend, seconds)``."""
     import torch
 
     import fastdiff.sweeps  # noqa: F401  (a fresh Ray worker registers the experiments here)
@@ -230,12 +235,20 @@ def execute_batch(name: str, cells: List[Dict], seeds: List[int], trials: int, t
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        exp = get_experiment(name)
-        t0 = time.perf_counter()
-        rows, backend = exp.run_batch(cells, seeds, trials)
-        return rows, backend, time.perf_counter() - t0
+        return _timed_batch(get_experiment(name), cells, seeds, trials, device)
     finally:
         torch.set_num_threads(before)
+
+
+def _timed_batch(exp, cells, seeds, trials, device):
+    import torch
+
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    rows, backend = exp.run_batch(cells, seeds, trials, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)   # the rows are host values already; this only closes the timing
+    return rows, backend if dev.type == "cpu" else f"{backend} on {dev}", time.perf_counter() - t0
 
 
 def _store_rows(exp, cells, seeds, batch, rows, backend, seconds, vers):
@@ -270,7 +283,8 @@ def gc_frozen():
 
 def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, trials: int = 20, seed: int = 0,
               store: str = "results/sweep.sqlite", executor: str = "local", address: Optional[str] = None,
-              progress: bool = True, threads: int = 1, max_retries: int = 3, workers: Optional[int] = None) -> Store:
+              progress: bool = True, threads: int = 1, max_retries: int = 3, workers: Optional[int] = None,
+              device: str = "cpu") -> Store:
     """Run (or resume) a sweep and return its open :class:`Store`.
 
     ``grid``: ``{param: values}`` (lists, scalars or range text like ``"2:48:2"``; defaults for absent
@@ -283,14 +297,41 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
     executor; default: one per core with ``threads = 1``): torch releases the GIL inside its kernels,
     so two single-threaded batches use two cores; the store is written from this thread only, each
     batch in one transaction as it finishes (their order does not change any row).
+    ``device``: where the batches compute (``"cpu"``, ``"cuda"``, ``"cuda:1"``; with Ray each task
+    asks for one GPU).  The instances are drawn on the CPU from the same Philox windows and moved,
+    so a table does not depend on the device beyond float rounding; on a GPU the batches are
+    ``GPU_BATCH_SCALE`` times larger and run one at a time (``workers = 1``).
     """
     with gc_frozen():
         return _run_sweep(experiment, grid, trials, seed, store, executor, address, progress, threads, max_retries,
-                          workers)
+                          workers, device)
 
 
-def _run_sweep(experiment, grid, trials, seed, store, executor, address, progress, threads, max_retries, workers):
+GPU_BATCH_SCALE = 16  # batch cost budget on a GPU relative to the experiment's (CPU-tuned) max_cost
+
+
+def _check_device(device) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or a CUDA device, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={device!r}: CUDA is not available here (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} is out of range ({torch.cuda.device_count()} CUDA devices)")
+    return str(dev)
+
+
+def _run_sweep(experiment, grid, trials, seed, store, executor, address, progress, threads, max_retries, workers,
+               device):
     exp = get_experiment(experiment)
+    device = _check_device(device)
+    on_gpu = device != "cpu"
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials: expected an int >= 1, got {trials!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -300,7 +341,7 @@ def _run_sweep(experiment, grid, trials, seed, store, executor, address, progres
     if executor not in ("local", "ray"):
         raise ValueError(f"executor: expected 'local' or 'ray', got {executor!r}")
     if workers is None:
-        workers = max(1, (os.cpu_count() or 1) // threads)
+        workers = 1 if on_gpu else max(1, (os.cpu_count() or 1) // threads)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     cells, _ = build_grid(exp, grid or {})         # every input error is raised before the store is touched
@@ -308,27 +349,28 @@ def _run_sweep(experiment, grid, trials, seed, store, executor, address, progres
     st = Store(store, exp.name, [(p.name, SQL_TYPES[p.type]) for p in exp.params],
                [(m, SQL_TYPES[t]) for m, t in exp.metrics])
     done = st.finished(cell_key(c) for c in cells)
-    batches = [b for b in plan(exp, cells, trials)
+    batches = [b for b in plan(exp, cells, trials, exp.max_cost * (GPU_BATCH_SCALE if on_gpu else 1))
                if any((cell_key(cells[i]), t) not in done for i in b for t in range(trials))]
     total = sum(len(b) for b in batches) * trials
     vers = versions()
-    bar = tqdm(total=total, desc=f"{exp.name} ({executor})", unit="inst", disable=not progress, smoothing=0.05)
+    bar = tqdm(total=total, desc=f"{exp.name} ({executor}, {device})", unit="inst", disable=not progress, smoothing=0.05)
     try:
         if executor == "local" and workers == 1:
             for b in batches:
-                rows, backend, secs = execute_batch(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads)
+                rows, backend, secs = execute_batch(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads,
+                                                    device)
                 st.write(_store_rows(exp, cells, seeds, b, rows, backend, secs, vers))
                 bar.update(len(b) * trials)
         elif executor == "local":
-            _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers)
+            _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers, device)
         else:
-            _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries)
+            _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries, device)
     finally:
         bar.close()
     return st
 
 
-def _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers):
+def _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers, device):
     """Local batches on ``workers`` Python threads, torch at one intra-op thread for the duration."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -338,7 +380,7 @@ def _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers):
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = {pool.submit(_timed_batch, exp, [cells[i] for i in b], [seeds[i] for i in b], trials): b
+            pending = {pool.submit(_timed_batch, exp, [cells[i] for i in b], [seeds[i] for i in b], trials, device): b
                        for b in batches}
             try:
                 while pending:
@@ -355,21 +397,16 @@ def _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers):
         torch.set_num_threads(before)
 
 
-def _timed_batch(exp, cells, seeds, trials):
-    t0 = time.perf_counter()
-    rows, backend = exp.run_batch(cells, seeds, trials)
-    return rows, backend, time.perf_counter() - t0
-
-
-def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries):
+def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries, device):
     try:
         import ray
     except ImportError:
         raise RuntimeError("executor='ray' needs ray (pip install 'fastdiff[ray]' or pip install ray)") from None
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    task = ray.remote(execute_batch).options(num_cpus=threads, max_retries=max_retries, retry_exceptions=True)
-    pending = {task.remote(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads): b
+    task = ray.remote(execute_batch).options(num_cpus=threads, num_gpus=0 if device == "cpu" else 1,
+                                             max_retries=max_retries, retry_exceptions=True)
+    pending = {task.remote(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads, device): b
                for b in batches}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)

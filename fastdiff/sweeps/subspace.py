@@ -58,10 +58,11 @@ DT = torch.float32
 _S_DATA, _S_INIT, _S_SGD = range(3)
 
 
-def normals(seed: int, stream: int, *shape, step: int = 0) -> torch.Tensor:
-    """Normals (float32) from the Philox stream ``(seed, (stream << 52) + step * 2^32)`` (SPEC 0)."""
+def normals(seed: int, stream: int, *shape, step: int = 0, device="cpu") -> torch.Tensor:
+    """Normals (float32) from the Philox stream ``(seed, (stream << 52) + step * 2^32)`` (SPEC 0), drawn
+    on ``device`` (the CPU and Triton generators give the same numbers)."""
     gen = Generator(seed, (stream << 52) + (step << 32))
-    return fastdiff.randn(*shape, generator=gen).to(DT)
+    return fastdiff.randn(*shape, generator=gen, device=device).to(DT)
 
 
 # =========================================================================== data
@@ -111,9 +112,32 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y).Q
 
 
-def _retract(Y: torch.Tensor) -> torch.Tensor:
-    """The QR retraction onto orthonormal columns with R's diagonal made positive, so an already
-    orthonormal Y maps to itself (LAPACK may flip column signs, which would reverse Adam's momentum)."""
+def _retract(Y: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """The QR retraction onto orthonormal columns, Y = Q R with R's diagonal positive, so an already
+    orthonormal Y maps to itself (LAPACK may flip column signs, which would reverse Adam's momentum).
+
+    ``method``: ``"householder"`` (LAPACK / cuSOLVER QR, signs fixed) or ``"cholesky"`` (CholeskyQR2:
+    twice ``L L^T = Q^T Q``, ``Q <- Q L^-T``: batched GEMMs, a batched Cholesky and a batched
+    triangular solve, where torch's QR of a batch of tall matrices on CUDA is cuSOLVER calls per
+    matrix).  Both give the same Q up to rounding; CholeskyQR2 is accurate while cond(Y) << 1/sqrt(eps)
+    (Y here is an orthonormal U plus one Adam step, cond ~1.1) and falls back to Householder when a
+    Gram matrix is not numerically positive definite.  ``"auto"``: Cholesky on CUDA, Householder on
+    the CPU (measured there at n = 3072, K d = 8: 1.0 ms Householder, 2.7 ms CholeskyQR2).
+    """
+    if method == "auto":
+        method = "cholesky" if Y.is_cuda else "householder"
+    if method == "cholesky":
+        Q = Y
+        for _ in range(2):
+            L = torch.linalg.cholesky_ex(Q.mT @ Q).L
+            Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT
+        # a nearly singular Gram matrix can pass Cholesky with a tiny pivot and leave Q inaccurate:
+        # check the result itself (one batched GEMM, one host sync per retraction)
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        if bool(((Q.mT @ Q - eye).abs().amax() <= 1e-4).all()):   # False for NaN too
+            return Q
+    elif method != "householder":
+        raise ValueError(f"method: expected 'auto', 'householder' or 'cholesky', got {method!r}")
     Q, R = torch.linalg.qr(Y)
     sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     return Q * torch.where(sign == 0, 1.0, sign).unsqueeze(-2)
@@ -176,7 +200,7 @@ def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: Optional[float] = No
     V = _orth(V0.to(X.dtype))
     # (vector_norm: one reduction pass; .square().sum() is 7x slower here on float64)
     scale = torch.linalg.vector_norm(X, dim=(1, 2)).square()           # ||X||_F^2 >= ||X^T X||_2
-    active = torch.arange(B)
+    active = torch.arange(B, device=X.device)
     Xa, Va = X, V
     for _ in range(max_iter):
         Y = Xa.mT @ (Xa @ Va)                                          # C V without forming C
@@ -189,7 +213,7 @@ def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: Optional[float] = No
             active, Xa, Y = active[todo], Xa[todo], Y[todo]
         Va = _orth(Y)
         V[active] = Va
-    converged = torch.ones(B, dtype=torch.bool)
+    converged = torch.ones(B, dtype=torch.bool, device=X.device)
     converged[active] = False
     return _svd_finish(X, V, converged)
 
@@ -240,20 +264,21 @@ def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.T
     R = u.shape[1]
     if _sweep_backend(backend, X) == "cpp":
         return _ksubspaces_cpp(X, counts, K, d, R, u=u)[0]
-    valid = (torch.arange(N)[None, :] < counts[:, None].long())[:, None]        # (B, 1, N)
-    Xn = X / X.norm(dim=-1, keepdim=True).clamp(min=1e-300)
+    dev = X.device
+    valid = (torch.arange(N, device=dev)[None, :] < counts[:, None].long())[:, None]   # (B, 1, N)
+    Xn = X / X.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(X.dtype).tiny)   # zero rows stay 0 (not 0 / 0)
     C = (Xn @ Xn.mT).abs()                                                     # (B, N, N)
     seed = (u * counts[:, None]).long().clamp(max=N - 1)                       # (B, R)
-    bidx = torch.arange(B)[:, None].expand(B, R)
-    explained = torch.zeros(B, R, N, dtype=DT)
-    out = torch.empty(B, R, K, n, d, dtype=DT)
+    bidx = torch.arange(B, device=dev)[:, None].expand(B, R)
+    explained = torch.zeros(B, R, N, dtype=DT, device=dev)
+    out = torch.empty(B, R, K, n, d, dtype=DT, device=dev)
     for k in range(K):
         if k:
             seed = explained.masked_fill(~valid, math.inf).argmin(-1)
         nb = torch.topk(C[bidx, seed].masked_fill(~valid, -1.0), min(d, N), dim=-1).indices   # (B, R, d')
         pts = X[bidx[..., None], nb]                                           # (B, R, d', n)
         if pts.shape[2] < d:
-            pts = torch.cat([pts, torch.zeros(B, R, d - pts.shape[2], n, dtype=DT)], 2)
+            pts = torch.cat([pts, torch.zeros(B, R, d - pts.shape[2], n, dtype=DT, device=dev)], 2)
         Uk = _orth(pts.mT)                                                     # (B, R, n, d)
         out[:, :, k] = Uk
         proj = Xn @ Uk.permute(0, 2, 1, 3).reshape(B, n, R * d)                # (B, N, R d)
@@ -277,7 +302,8 @@ def ksubspaces(X: torch.Tensor, K: int, V0: torch.Tensor, *, max_iter: int = 40,
     B, N, n = X.shape
     R, d = V0.shape[1], V0.shape[-1]
     if K == 1:
-        return top_subspace(X, V0[:, 0, 0], counts=counts, backend=backend)[:, None], torch.zeros(B, N, dtype=torch.long)
+        return (top_subspace(X, V0[:, 0, 0], counts=counts, backend=backend)[:, None],
+                torch.zeros(B, N, dtype=torch.long, device=X.device))
     if _sweep_backend(backend, X) == "cpp":
         return _ksubspaces_cpp(X, counts, K, d, R, starts=V0, max_iter=max_iter)[1:]
     Vbest, lab = _ksubspaces_torch(X, K, V0, max_iter)
@@ -294,9 +320,10 @@ def _ksubspaces_torch(X, K, V0, max_iter):
     R, d = V0.shape[1], V0.shape[-1]
     W = R * K * d
     V = V0.to(DT).permute(0, 3, 1, 2, 4).reshape(B, n, W)                      # columns ordered (start, k, j)
-    labels = torch.full((B, N, R), -1, dtype=torch.long)
-    E = torch.empty(B, N, R, K, dtype=DT)                                      # energies with the final bases
-    active = torch.arange(B)
+    dev = X.device
+    labels = torch.full((B, N, R), -1, dtype=torch.long, device=dev)
+    E = torch.empty(B, N, R, K, dtype=DT, device=dev)                          # energies with the final bases
+    active = torch.arange(B, device=dev)
     Xa, Va = X, V
     for it in range(max_iter + 1):
         P = Xa @ Va                                                            # (m, N, R K d)
@@ -319,7 +346,7 @@ def _ksubspaces_torch(X, K, V0, max_iter):
         Va = Q.transpose(1, 2).reshape(-1, n, W)
         V[active] = Va
     best = E.amax(-1).square().sum(1).argmax(1)                                         # (B,): the start of largest objective
-    b = torch.arange(B)
+    b = torch.arange(B, device=dev)
     lab = E.permute(0, 2, 1, 3)[b, best].argmax(-1)                            # (B, N)
     return V.reshape(B, n, R, K, d).permute(0, 2, 3, 1, 4)[b, best], lab
 
@@ -338,34 +365,40 @@ def _denoise_batched(xt, U, sigma, K, d):
 
 def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_row: Sequence[Tuple[int, int]], *,
               steps: int = 300, lr: float = 0.1, sigma_min: float = 0.002, sigma_max: float = 0.1,
-              engine: str = "batched", init: Optional[torch.Tensor] = None) -> torch.Tensor:
+              engine: str = "batched", init: Optional[torch.Tensor] = None, retraction: str = "auto") -> torch.Tensor:
     """Bases (B, K, n, d) trained on the diffusion loss of each instance's data X (B, N, n) (rows past
     ``counts[b]`` are padding and do not enter the loss).
 
     Each step: every training point gets a fresh noise level ``sigma`` (log-uniform in
     [sigma_min, sigma_max]) and noise ``eps`` from its cell's Philox stream
-    (``seeds_per_row[b] = (cell seed, trial)``); Adam on U, then U <- qr(U).
+    (``seeds_per_row[b] = (cell seed, trial)``; step s of a cell with N points reads a
+    (trials, N, n + 1) window, whatever the batch's padding), drawn on X's device; Adam on U,
+    then U <- qr(U) (``retraction``: see :func:`_retract`).  Runs on X's device (the CUDA path of
+    the sweep).
     """
     B, N, n = X.shape
+    dev = X.device
     if engine not in ("batched", "fused"):
         raise ValueError(f"sgd_engine: expected 'batched' or 'fused', got {engine!r}")
-    U = _orth(init.to(DT).permute(0, 2, 1, 3).reshape(B, n, K * d)).float().requires_grad_()
+    U = _orth(init.to(dev, DT).permute(0, 2, 1, 3).reshape(B, n, K * d)).float().requires_grad_()
     opt = torch.optim.Adam([U], lr=lr)
     # cosine decay to 0: at a constant rate the fresh noise of every step leaves an error floor ~ lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    valid = (torch.arange(N)[None, :] < counts[:, None]).float()       # (B, N)
+    counts = counts.to(dev)
+    valid = (torch.arange(N, device=dev)[None, :] < counts[:, None]).float()   # (B, N)
     Xf = X.float()
     by_cell: Dict[int, List[Tuple[int, int]]] = {}
     for row, (s, t) in enumerate(seeds_per_row):
         by_cell.setdefault(s, []).append((row, t))
+    sizes = [int(c) for c in counts.tolist()]
+    draws = [(s, max(t for _, t in rows) + 1, sizes[rows[0][0]],             # seed, trials, the cell's N
+              torch.tensor([r for r, _ in rows], device=dev), torch.tensor([t for _, t in rows], device=dev))
+             for s, rows in by_cell.items()]
     lo, hi = math.log(sigma_min), math.log(sigma_max)
     for step in range(steps):
-        z = torch.empty(B, N, n + 1)
-        for s, rows in by_cell.items():          # one Philox draw per cell and step (trial-major windows)
-            tmax = max(t for _, t in rows) + 1
-            draw = normals(s, _S_SGD, tmax, N, n + 1, step=step).float()
-            idx = torch.tensor([r for r, _ in rows])
-            z[idx] = draw[torch.tensor([t for _, t in rows])]
+        z = torch.zeros(B, N, n + 1, device=dev)
+        for s, tmax, Nc, idx, tri in draws:      # one Philox draw per cell and step (trial-major windows)
+            z[idx, :Nc] = normals(s, _S_SGD, tmax, Nc, n + 1, step=step, device=dev).float()[tri]
         sigma = torch.exp(lo + (hi - lo) * torch.special.ndtr(z[..., n:]))   # (B, N, 1)
         xt = Xf + sigma * z[..., :n]
         opt.zero_grad(set_to_none=True)
@@ -382,7 +415,8 @@ def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_r
         opt.step()
         sched.step()
         with torch.no_grad():
-            U.copy_(_retract(U.reshape(B, n, K, d).permute(0, 2, 1, 3)).permute(0, 2, 1, 3).reshape(B, n, K * d))
+            Y = U.reshape(B, n, K, d).permute(0, 2, 1, 3)
+            U.copy_(_retract(Y, retraction).permute(0, 2, 1, 3).reshape(B, n, K * d))
     return U.detach().to(DT).reshape(B, n, K, d).permute(0, 2, 1, 3).contiguous()
 
 
@@ -399,9 +433,9 @@ def subspace_errors(U_hat: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     overlap = M.reshape(B, K, d, K, d).square().sum((2, 4))            # [b, a, c] = ||Uh_a^T U_c||_F^2
     cost = (1.0 - overlap / d).clamp(min=0).sqrt()                     # (B, K, K): ||.||_F / sqrt(2d)
     if K <= 4:
-        perms = torch.tensor(list(itertools.permutations(range(K))))  # (P, K): P(k) = perms[p, k]
-        return cost[:, perms, torch.arange(K)].amax(-1).amin(-1)
-    return bottleneck_assignment(cost)
+        perms = torch.tensor(list(itertools.permutations(range(K))), device=cost.device)  # (P, K): P(k) = perms[p, k]
+        return cost[:, perms, torch.arange(K, device=cost.device)].amax(-1).amin(-1)
+    return bottleneck_assignment(cost.cpu())
 
 
 def bottleneck_assignment(cost: torch.Tensor) -> torch.Tensor:
@@ -428,8 +462,10 @@ def bottleneck_assignment(cost: torch.Tensor) -> torch.Tensor:
 # =========================================================================== the experiment
 def fit_bases(learner: str, X: torch.Tensor, counts: torch.Tensor, K: int, d: int, cells_seeds: List[Tuple[int, int]],
               params: Dict) -> torch.Tensor:
-    """Bases (B, K, n, d) from ``learner`` on the batch X (B, N, n); ``cells_seeds[b] = (seed, trial)``."""
+    """Bases (B, K, n, d) from ``learner`` on the batch X (B, N, n); ``cells_seeds[b] = (seed, trial)``.
+    Runs on X's device (the starts are drawn on the CPU and moved)."""
     B, N, n = X.shape
+    dev = X.device
     R = params["restarts"] if learner == "ksubspaces" and K > 1 else 1
     shape = (R,) if learner == "ksubspaces" and K > 1 else (K, n, d)
     init = torch.empty(B, *shape, dtype=DT)
@@ -440,13 +476,14 @@ def fit_bases(learner: str, X: torch.Tensor, counts: torch.Tensor, K: int, d: in
         tmax = max(t for _, t in rows) + 1
         draw = normals(s, _S_INIT, tmax, *shape)
         init[torch.tensor([b for b, _ in rows])] = draw[torch.tensor([t for _, t in rows])]
+    init, counts = init.to(dev), counts.to(dev)
     if learner == "pca" or (learner == "ksubspaces" and K == 1):    # K-subspaces with K = 1 is PCA
         # start from the span of the first d data points (a range finder), Gaussian columns where N < d:
         # with delta = 0 that is already the answer and one iteration confirms it
         Nd = min(N, d)
-        pts = torch.zeros(B, n, d, dtype=DT)
+        pts = torch.zeros(B, n, d, dtype=DT, device=dev)
         pts[:, :, :Nd] = X[:, :Nd].mT
-        use = (torch.arange(d)[None, :] < counts[:, None])[:, None, :]
+        use = (torch.arange(d, device=dev)[None, :] < counts[:, None])[:, None, :]
         return top_subspace(X, torch.where(use, pts, init[:, 0, :, :]), counts=counts)[:, None]
     if learner == "ksubspaces":
         V0 = seed_bases(X, counts, K, d, torch.special.ndtr(init))
@@ -456,20 +493,23 @@ def fit_bases(learner: str, X: torch.Tensor, counts: torch.Tensor, K: int, d: in
                      engine=params["sgd_engine"], init=init)
 
 
-def _run_batch(cells: List[Dict], seeds: List[int], trials: int):
+def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.device("cpu")):
     p0 = cells[0]
     n, K, d = p0["n"], p0["K"], p0["d"]
     U, X, _ = molrg_batch(n, K, d, [c["N"] for c in cells], p0["delta"], p0["bases"], seeds, trials)
+    X = X.to(device)
     counts = torch.tensor([float(c["N"]) for c in cells], dtype=DT).repeat_interleave(trials)
     owner = [(s, t) for s in seeds for t in range(trials)]
     U_hat = fit_bases(p0["learner"], X, counts, K, d, owner, p0)
-    err = subspace_errors(U_hat, U)
+    err = subspace_errors(U_hat, U.to(device)).cpu()
     threshold = torch.tensor([c["threshold"] for c in cells], dtype=err.dtype).repeat_interleave(trials)
     rows = [{"cell_index": b // trials, "trial": b % trials, "error": e, "success": ok}
             for b, (e, ok) in enumerate(zip(err.tolist(), (err <= threshold).int().tolist()))]
-    backend = "torch"
-    if p0["learner"] == "sgd" and p0["sgd_engine"] == "fused":
-        backend = fastdiff.denoise._molrg_backend("auto", torch.empty(1, n), torch.float32, n, K * d, K, True)
+    if p0["learner"] == "sgd":
+        backend = "torch" if p0["sgd_engine"] == "batched" else \
+            fastdiff.denoise._molrg_backend("auto", X[:1, 0], torch.float32, n, K * d, K, True)
+    else:
+        backend = _sweep_backend("auto", X)
     return rows, backend
 
 
