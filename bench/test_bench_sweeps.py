@@ -122,7 +122,8 @@ def test_n3072_sweep_time_per_cell(benchmark, device):
         shutil.rmtree(out, ignore_errors=True)
     for learner, seconds, count, rate in per:
         mine = [c for c in cells if c["learner"] == learner]
-        group = f"Fig. 4 sweep n={SGD_N}, {learner}, 20 trials: time per cell ({count} cells: K {grid['K']}, " \
+        ks = ",".join(str(k) for k in sorted({c["K"] for c in mine}))
+        group = f"Fig. 4 sweep n={SGD_N}, {learner}, 20 trials: time per cell ({count} cells: K {ks}, " \
                 f"d {grid['d']}, N {grid['N']})"
         harness.TABLE.add(harness.Row(group, "fastdiff", seconds / count, 0,
                                       _sgd_flops(mine) // count if learner == "sgd" else 0))
