@@ -761,3 +761,5 @@ def test_sgd_with_cholesky_retraction_matches_householder():
     assert (S.subspace_errors(house, chol) < 1e-3).all()
     assert (S.subspace_errors(house, U) - S.subspace_errors(chol, U)).abs().max() < 1e-3
     assert (S.subspace_errors(house, U) < 0.1).all()
+    with pytest.raises(ValueError, match="retraction: expected"):
+        S.sgd_bases(X, counts, K, d, rows, init=init, retraction="svd")

@@ -51,7 +51,8 @@ class Experiment:
     ``run_batch(cells, seeds, trials, device)`` evaluates a list of cells sharing one ``batch_key``
     as one batched computation on ``device`` (a ``torch.device``; the data are drawn on the CPU and
     moved, so a table does not depend on the device beyond rounding) and returns ``(rows, backend)``:
-    rows are dicts with ``cell_index``, ``trial`` and every metric.  ``check(cell)`` raises ``ValueError`` for an invalid cell;
+    rows are dicts with ``cell_index``, ``trial`` and every metric.  ``check(cell)`` raises
+    ``ValueError`` for an invalid cell;
     ``applicable(cell)`` returns ``None`` or the reason a cell of the product is skipped (e.g. a
     learner that does not apply to K).  ``instance_cost(cell)`` is the batching weight.
     """
@@ -353,12 +354,13 @@ def _run_sweep(experiment, grid, trials, seed, store, executor, address, progres
                if any((cell_key(cells[i]), t) not in done for i in b for t in range(trials))]
     total = sum(len(b) for b in batches) * trials
     vers = versions()
-    bar = tqdm(total=total, desc=f"{exp.name} ({executor}, {device})", unit="inst", disable=not progress, smoothing=0.05)
+    bar = tqdm(total=total, desc=f"{exp.name} ({executor}, {device})", unit="inst", disable=not progress,
+               smoothing=0.05)
     try:
         if executor == "local" and workers == 1:
             for b in batches:
-                rows, backend, secs = execute_batch(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads,
-                                                    device)
+                rows, backend, secs = execute_batch(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials,
+                                                    threads, device)
                 st.write(_store_rows(exp, cells, seeds, b, rows, backend, secs, vers))
                 bar.update(len(b) * trials)
         elif executor == "local":

@@ -380,6 +380,8 @@ def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_r
     dev = X.device
     if engine not in ("batched", "fused"):
         raise ValueError(f"sgd_engine: expected 'batched' or 'fused', got {engine!r}")
+    if retraction not in ("auto", "householder", "cholesky"):
+        raise ValueError(f"retraction: expected 'auto', 'householder' or 'cholesky', got {retraction!r}")
     U = _orth(init.to(dev, DT).permute(0, 2, 1, 3).reshape(B, n, K * d)).float().requires_grad_()
     opt = torch.optim.Adam([U], lr=lr)
     # cosine decay to 0: at a constant rate the fresh noise of every step leaves an error floor ~ lr
