@@ -9,7 +9,7 @@ import os
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _openmp_flags():
@@ -32,8 +32,11 @@ ext = Pybind11Extension(
     extra_link_args=omp_link,
 )
 
+# Every package under fastdiff/ is found, not listed by hand: a hand-written list once left out
+# fastdiff.sweeps, and a non-editable install had no `fastdiff sweep` (tests/test_packaging.py
+# builds the wheel and runs the CLI from it).  kernels/ and csrc/ sit outside fastdiff/ and are mapped in.
 setup(
-    packages=["fastdiff", "fastdiff.reference", "fastdiff.adapters", "fastdiff.kernels", "fastdiff._csrc"],
+    packages=[*find_packages(include=["fastdiff", "fastdiff.*"]), "fastdiff.kernels", "fastdiff._csrc"],
     package_dir={"fastdiff.kernels": "kernels", "fastdiff._csrc": "csrc"},
     package_data={"fastdiff._csrc": ["*.h", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=[ext],

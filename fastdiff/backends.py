@@ -65,10 +65,15 @@ def _probe(name: str) -> Tuple[bool, str]:
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
 
 
-@torch.compiler.assume_constant_result
 def _works(name: str) -> bool:
     """Whether ``name`` runs here; a constant to torch.compile (it never traces the probe)."""
     return _probe(name)[0]
+
+
+# What ``torch.compiler.assume_constant_result`` does, without its ``import torch._dynamo``: that
+# import alone took ~0.9 s of every ``import fastdiff`` (and so of ``fastdiff --help``).
+# tests/test_compile.py checks that the decorator still only sets this flag.
+_works._dynamo_marked_constant = True
 
 
 def has_kernel(name: str, cpp_symbol: str, triton_module: str) -> bool:

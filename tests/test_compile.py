@@ -120,3 +120,28 @@ def test_molrg_ops_pass_opcheck():
     G = torch.randn(6, 9, generator=gen)
     torch.library.opcheck(torch.ops.fastdiff.molrg_backward, (x, ucat, params, w, None, G, [2, 3], False, impl),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backend_probe_is_marked_constant_without_importing_dynamo():
+    """backends._works sets by hand the flag that torch.compiler.assume_constant_result sets (so that
+    ``import fastdiff`` does not import torch._dynamo); if torch ever changes what the decorator does,
+    this fails and the hand-set flag must follow."""
+    from fastdiff import backends
+
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and vars(probe) == {"_dynamo_marked_constant": True}
+    assert backends._works._dynamo_marked_constant is True
+
+
+def test_import_does_not_load_dynamo():
+    """``import fastdiff`` (and so ``fastdiff --help``) stays about as cheap as ``import torch``."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastdiff; print(sorted(m for m in ('torch._dynamo', 'scipy', 'matplotlib') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
