@@ -38,23 +38,49 @@ def _kernels_package():
     return kernels
 
 
+def _ptxas_resources(ptxas, ptx, cc, tmp):
+    """Registers, spills and stack of one kernel from ``ptxas -v`` (what the driver reports as
+    n_regs / n_spills on a GPU), for the same PTX Triton compiled."""
+    src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+    with open(src, "w") as f:
+        f.write(ptx)
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    r = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", out], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas -v failed: {r.stderr[-2000:]}")
+    text = r.stdout + r.stderr
+
+    def grab(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+
+    return {"regs": grab(r"Used (\d+) registers"), "spill_stores": grab(r"(\d+) bytes spill stores"),
+            "spill_loads": grab(r"(\d+) bytes spill loads"), "stack": grab(r"(\d+) bytes stack frame")}
+
+
 def _compile_all(cc):
-    """Worker: compile every AOT variant for one cc; {name: cubin size or error text}."""
+    """Worker: compile every AOT variant for one cc; {name: {cubin, regs, spills, smem, ...} or error text}."""
+    import tempfile
+
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
+    ptxas = get_ptxas(cc).path
     results = {}
-    for v in _kernels_package().AOT_KERNELS:
-        # mark what the JIT sees as multiples of 16 (aligned pointers, n), so this compiles the
-        # code a GPU run gets: vectorized loads and stores
-        attrs = {(v.fn.arg_names.index(a),): BaseBackend.parse_attr("D") for a in v.divisible_by_16}
-        try:
-            src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
-            k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": v.num_warps})
-            results[v.name] = len(k.asm["cubin"])
-        except Exception as e:  # reported by that variant's test
-            results[v.name] = f"{type(e).__name__}: {e}"
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in _kernels_package().AOT_KERNELS:
+            # mark what the JIT sees as multiples of 16 (aligned pointers, n), so this compiles the
+            # code a GPU run gets: vectorized loads and stores
+            attrs = {(v.fn.arg_names.index(a),): BaseBackend.parse_attr("D") for a in v.divisible_by_16}
+            try:
+                src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
+                k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": v.num_warps})
+                results[v.name] = {"cubin": len(k.asm["cubin"]), "smem": int(k.metadata.shared),
+                                   "num_warps": v.num_warps, **_ptxas_resources(ptxas, k.asm["ptx"], cc, tmp)}
+            except Exception as e:  # reported by that variant's test
+                results[v.name] = f"{type(e).__name__}: {e}"
     return results
 
 
@@ -62,9 +88,8 @@ def _compile_all(cc):
 AOT_NAMES = [v.name for v in _kernels_package().AOT_KERNELS]
 
 
-@pytest.fixture(scope="module")
-def triton_cubins():
-    pytest.importorskip("triton")
+def _compile_everywhere():
+    """{cc: worker result}, the workers of every cc side by side, without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = {cc: subprocess.Popen([sys.executable, __file__, str(cc)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for cc in CCS}
@@ -76,11 +101,75 @@ def triton_cubins():
     return out
 
 
+@pytest.fixture(scope="module")
+def triton_cubins():
+    pytest.importorskip("triton")
+    return _compile_everywhere()
+
+
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
 @pytest.mark.parametrize("name", AOT_NAMES)
 def test_triton_aot(triton_cubins, name, cc):
     res = triton_cubins[cc].get(name, "not compiled")
-    assert isinstance(res, int) and res > 0, res
+    assert isinstance(res, dict) and res["cubin"] > 0, res
+
+
+# ---------------------------------------------------------------- Triton resources, per variant
+# Shared memory a block may use, opt-in maximum (CUDA C Programming Guide, "Technical
+# Specifications per Compute Capability"): 163 KB on sm_80 (A100), 227 KB on sm_90 (H100/H200).
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+RESOURCE_TABLE = REPO / "bench" / "results" / "triton-resources.md"
+_RESOURCE_COLUMNS = ("regs", "spill_stores", "spill_loads", "stack", "smem")
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
+@pytest.mark.parametrize("name", AOT_NAMES)
+def test_triton_shared_memory_fits(triton_cubins, name, cc):
+    res = triton_cubins[cc].get(name)
+    assert isinstance(res, dict), res
+    assert res["smem"] <= SMEM_LIMIT[cc], f"{name} needs {res['smem']} B of shared memory, sm_{cc} has {SMEM_LIMIT[cc]}"
+
+
+def _resource_table(results, triton_version) -> str:
+    lines = ["# Triton kernels: registers, spills and shared memory per variant", "",
+             f"What `ptxas -v` reports for the PTX of every `fastdiff.kernels.AOT_KERNELS` variant (the code a",
+             f"GPU run compiles), made without a GPU by `python tests/test_aot.py --table`; triton {triton_version}.",
+             "`tests/test_aot.py` recompiles every variant in CI and fails when this table is stale (same triton",
+             "version) or a variant's shared memory exceeds the architecture's limit. Spills are bytes per thread",
+             "(local memory traffic); `regs` is per thread (255 is the ceiling).", "",
+             "| variant | warps | " + " | ".join(f"sm_{cc} {c}" for cc in CCS for c in _RESOURCE_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * (len(CCS) * len(_RESOURCE_COLUMNS))]
+    for name in AOT_NAMES:
+        row = [results[cc][name] for cc in CCS]
+        lines.append(f"| {name} | {row[0]['num_warps']} | " + " | ".join(str(r[c]) for r in row for c in _RESOURCE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _parse_resource_table(text):
+    version = re.search(r"triton ([\w.+-]+)\.", text)
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 + len(CCS) * len(_RESOURCE_COLUMNS) and cells[1].isdigit():
+            vals = [int(c) for c in cells[2:]]
+            rows[cells[0]] = {cc: dict(zip(_RESOURCE_COLUMNS, vals[i * len(_RESOURCE_COLUMNS):(i + 1) * len(_RESOURCE_COLUMNS)]))
+                              for i, cc in enumerate(CCS)}
+    return (version.group(1) if version else None), rows
+
+
+def test_triton_resource_table_is_current(triton_cubins):
+    """bench/results/triton-resources.md lists every variant; with the triton it was made with, its
+    numbers are what the compiler gives now (regenerate: python tests/test_aot.py --table)."""
+    import triton
+
+    assert RESOURCE_TABLE.exists(), f"{RESOURCE_TABLE} missing: run python tests/test_aot.py --table"
+    version, rows = _parse_resource_table(RESOURCE_TABLE.read_text())
+    assert sorted(rows) == sorted(AOT_NAMES), "the table's variants differ from AOT_KERNELS: regenerate it"
+    if version != triton.__version__:
+        pytest.skip(f"table made with triton {version}, this is {triton.__version__}: numbers not compared")
+    stale = [(name, cc) for name in AOT_NAMES for cc in CCS
+             if any(rows[name][cc][c] != triton_cubins[cc][name][c] for c in _RESOURCE_COLUMNS)]
+    assert not stale, f"stale rows (regenerate with python tests/test_aot.py --table): {stale[:8]}"
 
 
 # --------------------------------------------------------------------------------------- CUDA
@@ -122,5 +211,15 @@ def test_nvcc(cu, cc, tmp_path):
         assert entry.encode() + b"\0" in binary, f"{entry} missing from the cubin"
 
 
-if __name__ == "__main__":  # AOT worker: python tests/test_aot.py CC  ->  one JSON line
-    print(json.dumps(_compile_all(int(sys.argv[1]))))
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--table"]:  # python tests/test_aot.py --table: rewrite the committed table
+        import triton
+
+        results = _compile_everywhere()
+        bad = {(n, cc): r for cc in CCS for n, r in results[cc].items() if not isinstance(r, dict)}
+        if bad:
+            sys.exit(f"variants that do not compile: {bad}")
+        RESOURCE_TABLE.write_text(_resource_table(results, triton.__version__))
+        print(f"wrote {RESOURCE_TABLE}")
+    else:  # AOT worker: python tests/test_aot.py CC  ->  one JSON line
+        print(json.dumps(_compile_all(int(sys.argv[1]))))
