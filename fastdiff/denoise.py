@@ -339,7 +339,9 @@ class _MoLRGFunction(torch.autograd.Function):
         if impl == "torch":  # the GEMM form computes P anyway: keep it for the backward
             out, w, P = _molrg_torch(x, ucat, dims, params, labels, hard, True, keep_p=True)
         else:                # the fused kernels keep nothing: P is recomputed (one small GEMM)
-            out, w = _molrg_kernel(impl, x.contiguous(), ucat.contiguous(), dims, params, labels, hard, True)
+            # the kernels (forward and backward) read row-major: save the copies they read
+            x, ucat = x.contiguous(), ucat.contiguous()
+            out, w = _molrg_kernel(impl, x, ucat, dims, params, labels, hard, True)
             P = torch.empty(0)
         ctx.save_for_backward(x, ucat, params, w, labels if labels is not None else torch.empty(0), P)
         ctx.hard, ctx.dims, ctx.has_labels, ctx.impl = hard, dims, labels is not None, impl
