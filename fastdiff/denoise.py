@@ -259,7 +259,19 @@ def _segment_ops(dims, device):
             lambda c: c[:, seg])
 
 
-def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False):
+def _under_transform(*ts) -> bool:
+    """Some tensor is a functorch wrapper (inside torch.func.vjp / jvp / vmap / grad) or carries a
+    forward-mode tangent (torch.autograd.forward_ad)."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch.autograd import forward_ad
+
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in ts)
+
+
+def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False, plain=False):
     """GEMM formulation (the large-size and autograd path): P = x Ucat and out = A x + q Ucat^T on
     the library GEMM (:func:`fastdiff.backends.mm`), the per-row mix between them fused in C++
     (float32 CPU) or as torch ops (differentiable in x and Ucat; float64, CUDA, traced code)."""
@@ -267,8 +279,8 @@ def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False):
     ct = x.dtype
     params = params.to(ct)
     A = params[:, 3 * K:3 * K + 1]
-    P = backends.mm(x, ucat)                                # (B, D)
-    if _cpp_mix_ok(x, ucat):
+    P = x @ ucat if plain else backends.mm(x, ucat)         # (B, D)
+    if not plain and _cpp_mix_ok(x, ucat):
         from fastdiff import _C
 
         P, pc = P.contiguous(), params.contiguous()         # (bound: the kernel reads raw pointers)
@@ -287,7 +299,9 @@ def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False):
             w = torch.softmax(logits, 1)
         wp = w if labels is None else (1 - gw) * w + gw * torch.nn.functional.one_hot(labels, K).to(ct)
         q = P * expand(wp * C)                              # (B, D)
-    if params.shape[0] == 1 and params.device.type == "cpu" and not torch.compiler.is_compiling():
+    if plain:  # differentiable plain torch ops only (see _under_transform)
+        out = A * x + q @ ucat.T
+    elif params.shape[0] == 1 and params.device.type == "cpu" and not torch.compiler.is_compiling():
         a = float(params[0, 3 * K])  # one A for the batch, read on the host: no sync; skipped when 0
         out = backends.mm(q, ucat.T)
         if a != 0.0:
@@ -531,6 +545,13 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     xc, uc = x.to(ct), ucat.to(ct)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)
     impl = _molrg_backend(backend, x, ct, n, ucat.shape[1], K, needs_grad)
+    if _under_transform(x, ucat):
+        # torch.func (jvp / vjp / vmap, e.g. jacobian_rank(..., method="lanczos")) and forward-mode
+        # AD: the fused kernels read raw pointers and _MoLRGFunction has no jvp / vmap rule; the
+        # GEMM form in plain torch ops is what these transforms can trace
+        out, w = _molrg_torch(xc, uc, dims, params, labels, mode == "hard", return_weights, plain=True)
+        out = out.to(x.dtype)
+        return (out, w.detach() if w is not None else None) if return_weights else out
     if impl != "torch" and torch.compiler.is_compiling():
         out, w = _molrg_forward_op(xc, uc, params.to(torch.float32), labels, list(dims), mode == "hard", impl)
         out = out.to(x.dtype)
