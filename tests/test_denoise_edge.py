@@ -52,3 +52,41 @@ def test_molrg_under_torch_func(backend):
     assert_close_scaled(vjp_fn(v)[0], torch.einsum("bij,bi->bj", J, v.double()), torch.float32)
     batched = torch.func.vmap(f)(torch.stack([x, v]))
     assert_close_scaled(batched[1], R.molrg_denoise(v.double(), list(bases.double().unbind(0)), 0.9, 0.5), torch.float32)
+
+
+# --------------------------------------------------------------------------- item 5
+def _brute_nearest(x, data, k):
+    """float64 differences (torch.cdist expands ||x||^2 - 2 x.y + ||y||^2 too, in float64: at
+    |y| ~ 1e6 that is ~1e-2 off at distance 0)."""
+    d2 = ((x.double()[:, None, :] - data.double()[None]) ** 2).sum(-1)
+    v, i = torch.topk(d2, k, dim=1, largest=False)
+    return v.sqrt(), i
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+def test_nearest_neighbors_far_from_origin(offset):
+    """Data at |y| ~ offset with spread 1: the float32 ``||y||^2 - 2 x.y`` candidates were wrong
+    for every row at 1e4 (the exact re-rank only sees 2k + 2 of them)."""
+    gen = torch.Generator().manual_seed(5)
+    N, n, B = 2000, 16, 40
+    data = (torch.randn(N, n, generator=gen, dtype=torch.float64) + offset).float()
+    queries = [(data[:B].double() + 0.3 * torch.randn(B, n, generator=gen, dtype=torch.float64)).float(),
+               data[B:2 * B].clone(),                                  # memorized: distance 0
+               torch.randn(B, n, generator=gen)]                       # far from every point
+    for x in queries:
+        for chunk in (None, 300):
+            d, i = fastdiff.nearest_neighbors(x, data, 3, chunk=chunk)
+            dr, ir = _brute_nearest(x, data, 3)
+            assert torch.equal(i, ir), f"{(i != ir).any(1).sum().item()} rows with wrong neighbours"
+            assert torch.allclose(d.double(), dr, rtol=1e-6, atol=1e-30)
+
+
+def test_nearest_neighbors_ties_fall_back_exact():
+    """A tie band wider than the candidate set: the rows failing the bound are brute-forced."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(1, 8, generator=gen) + 1e3
+    data = torch.cat([base.expand(50, 8), base + 5.0, base - 0.25])    # 50 identical points, then two more
+    x = base - 0.3
+    d, i = fastdiff.nearest_neighbors(x, data, 2)
+    dr, ir = _brute_nearest(x, data, 2)
+    assert i[0, 0].item() == 51 and torch.allclose(d.double(), dr, rtol=1e-6)
