@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -100,12 +101,49 @@ def pack_bases(bases, n: Optional[int] = None, *, check_orthonormal: bool = Fals
 
 
 _PACK_CACHE: dict = {}
+_PACK_LOCK = threading.Lock()  # sweeps call the denoisers from worker threads: eviction must not race
+
+
+def _tensor_key(ts, extra=()):
+    """A cache key for the current contents of the tensors ``ts``: identity, storage pointer,
+    version counter (bumped by every in-place write, the kernels' included), layout and dtype;
+    None for inference tensors (they have no version counter, so an in-place write could not be
+    seen: they are never cached)."""
+    if any(t.is_inference() for t in ts):
+        return None
+    return tuple((id(t), t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device)
+                 for t in ts) + tuple(extra)
+
+
+def cache_get(cache: dict, key, ts):
+    """The value cached under ``key`` for the tensors ``ts`` (held by weak reference: a freed
+    tensor whose id was reused misses), or None.  Thread-safe (``_PACK_LOCK``)."""
+    if key is None:
+        return None
+    with _PACK_LOCK:
+        hit = cache.get(key)
+    if hit is not None and len(hit[0]) == len(ts) and all(r() is t for r, t in zip(hit[0], ts)):
+        return hit[1]
+    return None
+
+
+def cache_put(cache: dict, key, ts, value, size: int = 16) -> None:
+    """Store ``value`` under ``key`` (oldest entries evicted beyond ``size``).  Nothing is stored
+    under torch.inference_mode: a value made there is an inference tensor, which a later call
+    outside it could not save for backward."""
+    if key is None or torch.is_inference_mode_enabled():
+        return
+    refs = [weakref.ref(t) for t in ts]
+    with _PACK_LOCK:
+        while len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[key] = (refs, value)
 
 
 def _packed(bases, n, check_orthonormal):
     """``pack_bases`` with a small cache for repeated calls with the same, unmodified tensors
-    (samplers call the denoiser thousands of times with one set of bases): an entry holds weak
-    references to the inputs and their version counters, so a freed or modified tensor misses."""
+    (samplers call the denoiser thousands of times with one set of bases): keyed by
+    :func:`_tensor_key`, so a freed or modified tensor misses."""
     mats = bases.unbind(0) if isinstance(bases, torch.Tensor) and bases.ndim == 3 else bases
     if (check_orthonormal or not isinstance(mats, (list, tuple)) or torch.is_grad_enabled() and
             any(isinstance(t, torch.Tensor) and t.requires_grad for t in mats) or torch.compiler.is_compiling()):
@@ -113,17 +151,15 @@ def _packed(bases, n, check_orthonormal):
     src = [bases] if isinstance(bases, torch.Tensor) else list(bases)
     if not all(isinstance(t, torch.Tensor) for t in src):
         return pack_bases(bases, n)
-    key = tuple((id(t), t._version) for t in src)
-    hit = _PACK_CACHE.get(key)
-    if hit is not None and all(r() is t for r, t in zip(hit[0], src)):
-        ucat, dims = hit[1]
+    key = _tensor_key(src)
+    hit = cache_get(_PACK_CACHE, key, src)
+    if hit is not None:
+        ucat, dims = hit
         if n is not None and ucat.shape[0] != n:
             raise ValueError(f"bases: expected n = {n} rows (x has shape (B, {n})), got {ucat.shape[0]}")
         return ucat, dims
     packed = pack_bases(bases, n)
-    if len(_PACK_CACHE) >= 16:
-        _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
-    _PACK_CACHE[key] = ([weakref.ref(t) for t in src], packed)
+    cache_put(_PACK_CACHE, key, src, packed)
     return packed
 
 

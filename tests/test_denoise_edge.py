@@ -1,6 +1,9 @@
 """Denoiser edge cases of issue 13: torch.func transforms of MoLRG (the README's lanczos line),
 exact nearest neighbours far from the origin, the packed-bases cache under threads and in-place
 writes, torch.inference_mode, low-rank float32 covariances, per-sample guidance, K > 1024."""
+import threading
+import time
+
 import pytest
 import torch
 
@@ -90,3 +93,84 @@ def test_nearest_neighbors_ties_fall_back_exact():
     d, i = fastdiff.nearest_neighbors(x, data, 2)
     dr, ir = _brute_nearest(x, data, 2)
     assert i[0, 0].item() == 51 and torch.allclose(d.double(), dr, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- item 7
+class _SlowEvictDict(dict):
+    """Widens the window between picking the oldest key and evicting it, as a busy worker
+    thread would: an unlocked check-then-pop raises KeyError in the second thread."""
+
+    def pop(self, *args):
+        time.sleep(2e-4)
+        return super().pop(*args)
+
+
+def test_packed_bases_cache_thread_safe(monkeypatch):
+    """The memorization sweep's worker threads raced on the cache eviction (KeyError)."""
+    monkeypatch.setattr(denoise, "_PACK_CACHE", _SlowEvictDict())
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 8, generator=gen)
+    bases = [_qr_bases(2, 8, 2, gen) for _ in range(40)]
+    refs = [R.molrg_denoise(x.double(), list(b.double().unbind(0)), 1.0, 0.5) for b in bases]
+    errors = []
+
+    def work(t):
+        try:
+            for r in range(60):
+                i = (7 * t + r) % len(bases)
+                out = fastdiff.molrg_denoise(x, bases[i], 1.0, 0.5, backend="torch")
+                if not torch.allclose(out.double(), refs[i], atol=1e-5):
+                    errors.append(f"thread {t}: wrong result for bases {i}")
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(f"thread {t}: {e!r}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(12)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]
+    assert len(denoise._PACK_CACHE) <= 16
+
+
+def test_packed_bases_cache_not_stale_after_version_bump():
+    """Kernel writes bump _version without a torch op: the cache must see the bump."""
+    gen = torch.Generator().manual_seed(17)
+    U = _qr_bases(2, 10, 3, gen).contiguous()
+    x = torch.randn(4, 10, generator=gen)
+    fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=[0.2, 0.8])
+    new = U.flip(0).clone()
+    U.view(-1).numpy()[:] = new.view(-1).numpy()    # a raw write, as a kernel's out= would do ...
+    torch.autograd.graph.increment_version(U)      # ... followed by the version bump
+    got = fastdiff.molrg_denoise(x, U, 1.0, 0.5, pi=[0.2, 0.8])
+    assert_close_scaled(got, R.molrg_denoise(x.double(), list(new.double().unbind(0)), 1.0, 0.5, pi=[0.2, 0.8]),
+                        torch.float32)
+
+
+def _kernel_backends():
+    out = ["torch", "auto"]
+    out += [b for b in ("cpp", "triton") if denoise._has_kernel(b) and not (b == "triton" and torch.cuda.is_available())]
+    return out
+
+
+@pytest.mark.parametrize("backend", _kernel_backends())
+def test_molrg_under_inference_mode(backend):
+    """Inference tensors have no version counter: every MoLRG call failed in the cache key."""
+    gen = torch.Generator().manual_seed(71)
+    x0 = torch.randn(5, 12, generator=gen)
+    U0 = _qr_bases(3, 12, 2, gen)
+    want = R.molrg_denoise(x0.double(), list(U0.double().unbind(0)), 0.9, 0.4)
+    with torch.inference_mode():
+        x, U = x0.clone(), U0.clone()                 # inference tensors
+        for bases in (U, list(U.unbind(0)), U0):
+            got = fastdiff.molrg_denoise(x, bases, 0.9, 0.4, backend=backend)
+            assert_close_scaled(got, want, torch.float32)
+        U.copy_(U.flip(0))                            # in place, no version counter: not served stale
+        assert_close_scaled(fastdiff.molrg_denoise(x, U, 0.9, 0.4, backend=backend),
+                            R.molrg_denoise(x0.double(), list(U0.flip(0).double().unbind(0)), 0.9, 0.4), torch.float32)
+        r = fastdiff.molrg_jacobian_rank(x, U, 0.9, 0.4)
+        assert r.shape == (5,)
+    # nothing made under inference mode is served afterwards (it could not be saved for backward)
+    xg = x0.clone().requires_grad_()
+    fastdiff.molrg_denoise(xg, U0, 0.9, 0.4, backend=backend).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
