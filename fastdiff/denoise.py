@@ -660,6 +660,29 @@ def _segments(dims, device) -> torch.Tensor:
 
 
 # =========================================================================== Gaussian
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values (got NaN or Inf)")
+
+
+def psd_eigenvalues(lam: torch.Tensor, dtype=torch.float64, name: str = "cov") -> torch.Tensor:
+    """The eigenvalues of a covariance, clamped at 0, after checking it is positive semi-definite
+    to rounding: a low-rank covariance formed in ``dtype`` has eigenvalues down to about
+    ``-n eps lambda_max`` (float32: ~-7e-8 at unit scale), which are zeros; anything below
+    ``-max(1e-10, 4 n eps) lambda_max`` is a genuinely indefinite matrix and is rejected."""
+    if lam.numel() == 0:
+        return lam
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    top = float(lam.max().clamp(min=0))
+    tol = max(1e-10, 4 * lam.numel() * eps) * top
+    low = float(lam.min())
+    if low < -tol:
+        raise ValueError(f"{name}: expected a positive semi-definite matrix, got eigenvalue {low:.3g} "
+                         f"(below the rounding tolerance -{tol:.3g} = -max(1e-10, 4 n eps) lambda_max)")
+    return lam.clamp(min=0)
+
+
 @accepts_arrays
 def gaussian_denoise(x, mean, cov=None, alpha=1.0, sigma=1.0, *, eig=None, output: str = "x0"):
     """Posterior mean for Gaussian data ``N(mean, cov)`` (seed 001, seed 004 Ex. 7.4)::
@@ -673,23 +696,27 @@ def gaussian_denoise(x, mean, cov=None, alpha=1.0, sigma=1.0, *, eig=None, outpu
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
     B, n = x.shape
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1)
+    mean = torch.as_tensor(mean, device=x.device)
+    _check_finite("mean", mean)
+    mean = mean.to(x.dtype).reshape(-1)
     if mean.numel() != n:
         raise ValueError(f"mean: expected {n} entries (x has n = {n}), got {mean.numel()}")
     if eig is None:
         if cov is None:
             raise ValueError("cov: required unless eig=(eigenvalues, eigenvectors) is given")
-        cov = torch.as_tensor(cov, dtype=torch.float64, device=x.device)
+        cov = torch.as_tensor(cov, device=x.device)
+        _check_finite("cov", cov)
+        cov_dtype, cov = cov.dtype, cov.to(torch.float64)
         if cov.shape != (n, n):
             raise ValueError(f"cov: expected shape ({n}, {n}), got {tuple(cov.shape)}")
         if not torch.allclose(cov, cov.T, rtol=1e-6, atol=1e-8 * float(cov.abs().max())):
             raise ValueError("cov: expected a symmetric matrix")
         lam, V = torch.linalg.eigh(cov)
     else:
-        lam, V = (torch.as_tensor(t, dtype=torch.float64, device=x.device) for t in eig)
-    if bool((lam < -1e-10 * lam.abs().max()).any()):
-        raise ValueError("cov: expected a positive semi-definite matrix (negative eigenvalue)")
-    lam = lam.clamp(min=0)
+        lam, V = (torch.as_tensor(t, device=x.device) for t in eig)
+        _check_finite("eig", lam), _check_finite("eig", V)
+        cov_dtype, lam, V = lam.dtype, lam.to(torch.float64), V.to(torch.float64)
+    lam = psd_eigenvalues(lam, cov_dtype)
     a = _per_sample("alpha", alpha, B, x.device)[:, None]
     s = _per_sample("sigma", sigma, B, x.device)[:, None]
     gain = (a * lam / (a * a * lam + s * s)).to(x.dtype)          # (R, n)

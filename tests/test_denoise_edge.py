@@ -174,3 +174,56 @@ def test_molrg_under_inference_mode(backend):
     xg = x0.clone().requires_grad_()
     fastdiff.molrg_denoise(xg, U0, 0.9, 0.4, backend=backend).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def _low_rank_cov32(gen, N=8, n=32, r=4):
+    X = torch.randn(N, r, generator=gen) @ torch.linalg.qr(torch.randn(n, r, generator=gen))[0].T * 3
+    return X, torch.cov(X.T, correction=0)          # float32, rank <= r: eigenvalues ~ -1e-7 appear
+
+
+def test_gaussian_accepts_float32_low_rank_covariance():
+    """The memorization sweep's ``linear`` denoiser (Gaussian fitted to N < n float32 samples)
+    failed every cell on the PSD check: float32 rounding leaves eigenvalues near -1e-7."""
+    gen = torch.Generator().manual_seed(12)
+    X, cov = _low_rank_cov32(gen)
+    assert torch.linalg.eigvalsh(cov.double()).min() < -1e-10 * torch.linalg.eigvalsh(cov.double()).max()
+    g = fastdiff.denoisers.Gaussian(X.mean(0), cov)
+    assert (g.eigenvalues >= 0).all()
+    x = torch.randn(5, 32, generator=gen)
+    lam, V = torch.linalg.eigh(cov.double())
+    cov_psd = (V * lam.clamp(min=0)) @ V.T              # the same matrix with its rounding zeros at 0
+    want = R.gaussian_denoise(x.double(), X.mean(0).double(), cov_psd, 0.8, 0.5)
+    assert_close_scaled(g(x, 0.8, 0.5), want, torch.float32)
+    assert_close_scaled(fastdiff.gaussian_denoise(x, X.mean(0), cov, 0.8, 0.5), want, torch.float32)
+
+
+@pytest.mark.parametrize("make", [lambda n: -torch.eye(n), lambda n: torch.diag(torch.linspace(-0.01, 1.0, n)),
+                                  lambda n: torch.diag(torch.tensor([1.0] + [0.0] * (n - 2) + [-1e-4]))],
+                         ids=["negdef", "indefinite", "small-negative"])
+def test_gaussian_rejects_indefinite_covariance(make):
+    cov = make(16)
+    with pytest.raises(ValueError, match="cov: expected a positive semi-definite"):
+        fastdiff.gaussian_denoise(torch.randn(2, 16), torch.zeros(16), cov, 1.0, 0.5)
+    with pytest.raises(ValueError, match="cov: expected a positive semi-definite"):
+        fastdiff.denoisers.Gaussian(torch.zeros(16), cov)
+
+
+# --------------------------------------------------------------------------- item 12
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_gaussian_rejects_non_finite_mean_and_cov(bad):
+    n = 6
+    cov, mean = torch.eye(n), torch.zeros(n)
+    cov_bad = cov.clone()
+    cov_bad[1, 2] = cov_bad[2, 1] = bad
+    mean_bad = mean.clone()
+    mean_bad[3] = bad
+    x = torch.randn(2, n)
+    for call in (lambda m, c: fastdiff.gaussian_denoise(x, m, c, 1.0, 0.5),
+                 lambda m, c: fastdiff.denoisers.Gaussian(m, c)):
+        with pytest.raises(ValueError, match="cov: expected finite"):
+            call(mean, cov_bad)
+        with pytest.raises(ValueError, match="mean: expected finite"):
+            call(mean_bad, cov)
+    lam, V = torch.linalg.eigh(cov)
+    with pytest.raises(ValueError, match="eig: expected finite"):
+        fastdiff.gaussian_denoise(x, mean, alpha=1.0, sigma=0.5, eig=(torch.full_like(lam, bad), V))
