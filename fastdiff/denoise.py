@@ -35,6 +35,9 @@ OUTPUTS = ("x0", "eps", "score")
 # Measured here: the fused forward wins up to ~2^15, the fused backward only up to ~2^13.
 CPP_FUSED_MAX_ND = 1 << 15
 CPP_FUSED_MAX_ND_GRAD = 1 << 13
+# the C++ kernels keep per-row logits in fixed stack buffers: K above this runs the GEMM form in
+# torch ops (every backend; an explicit backend="cpp" / "triton" request is dispatched around)
+CPP_MAX_K = 1024
 
 
 # =========================================================================== validation helpers
@@ -269,9 +272,11 @@ def molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, device
         p, q = -1.0 / (s * s), a / (s * s)
     A = p + q * a_perp
     C = q * (a_k - a_perp)
-    R = max(g.shape[0], C.shape[0])
-    gw = torch.zeros(R, 1, dtype=torch.float64, device=device) if guidance is None else \
-        _per_sample("guidance", guidance, B, device, positive=False)[:, None].expand(R, 1)
+    gw = None if guidance is None else _per_sample("guidance", guidance, B, device, positive=False)[:, None]
+    # one row per sample as soon as any of alpha, sigma, guidance is per-sample (a (B,) guidance
+    # with scalar alpha / sigma included)
+    R = max(g.shape[0], C.shape[0], 1 if gw is None else gw.shape[0])
+    gw = torch.zeros(R, 1, dtype=torch.float64, device=device) if gw is None else gw.expand(R, 1)
     return torch.cat([g.expand(R, K), b.expand(R, K), C.expand(R, K), A.expand(R, 1), gw], 1)
 
 
@@ -316,7 +321,7 @@ def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False, plai
     params = params.to(ct)
     A = params[:, 3 * K:3 * K + 1]
     P = x @ ucat if plain else backends.mm(x, ucat)         # (B, D)
-    if not plain and _cpp_mix_ok(x, ucat):
+    if not plain and _cpp_mix_ok(x, ucat, K):
         from fastdiff import _C
 
         P, pc = P.contiguous(), params.contiguous()         # (bound: the kernel reads raw pointers)
@@ -351,9 +356,9 @@ def _molrg_torch(x, ucat, dims, params, labels, hard, want_w, keep_p=False, plai
     return out, (w if want_w else None)
 
 
-def _cpp_mix_ok(x, ucat) -> bool:
-    """The C++ per-row mix applies: float32 CPU tensors autograd is not tracking, eager mode."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+def _cpp_mix_ok(x, ucat, K: int) -> bool:
+    """The C++ per-row mix applies: float32 CPU tensors autograd is not tracking, eager mode, K <= CPP_MAX_K."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and K <= CPP_MAX_K and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)) and _has_cpp_mix())
 
 
@@ -420,7 +425,7 @@ def _molrg_backward(impl, x, ucat, params, w, labels, G, dims, hard, P=None):
     if P is None:
         P = backends.mm(x, ucat)
     dP = backends.mm(G, ucat)                                # dq = G Ucat, becomes dP
-    if _cpp_mix_ok(x, ucat) and G.dtype == ct:
+    if _cpp_mix_ok(x, ucat, K) and G.dtype == ct:
         from fastdiff import _C
 
         P, dP, wc, pc = P.contiguous(), dP.contiguous(), w.to(ct).contiguous(), params.contiguous()
@@ -571,7 +576,10 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     guidance ``(1 - w) x0_hat + w x0_hat(x | y)`` (seed 004 eq. 7.4.20). output: "x0", "eps" or
     "score". return_weights: also return the posterior responsibilities w (B, K) (before
     guidance).  Differentiable in ``x`` and ``bases``: the fused forward with a hand-derived
-    backward (:class:`_MoLRGFunction`); the returned weights are detached.
+    backward (:class:`_MoLRGFunction`); the returned weights are detached.  backend: "auto",
+    "torch", "cpp", "triton"; sizes a fused kernel cannot hold (C++: K > 1024; Triton:
+    sum d_k > 512 or K > 32) run the GEMM form in torch ops instead, as do calls under
+    torch.func transforms (jvp / vjp / vmap) and forward-mode AD.
     """
     x, ucat, dims, labels = _molrg_inputs(x, bases, mode, output, labels, guidance, check_orthonormal)
     B, n = x.shape
@@ -611,7 +619,7 @@ def _molrg_backend(backend, x, ct, n, D, K, needs_grad) -> str:
         return "torch"
     if backend == "auto":
         limit = CPP_FUSED_MAX_ND_GRAD if needs_grad else CPP_FUSED_MAX_ND
-        if x.device.type == "cpu" and n * D <= limit and _has_kernel("cpp"):
+        if x.device.type == "cpu" and n * D <= limit and K <= CPP_MAX_K and _has_kernel("cpp"):
             return "cpp"
         if x.device.type == "cuda" and _has_kernel("triton") and _fits_triton(D, K):
             return "triton"
@@ -619,8 +627,10 @@ def _molrg_backend(backend, x, ct, n, D, K, needs_grad) -> str:
     backends.resolve(backend, x.device, torch.float32)  # raises if it cannot run here
     if not _has_kernel(backend):
         raise RuntimeError(f"backend={backend!r} has no MoLRG kernel in this build")
-    if backend == "triton" and not _fits_triton(D, K):
-        raise ValueError(f"backend='triton': the MoLRG kernel takes sum d_k <= 512 and K <= 32, got D = {D}, K = {K}")
+    # sizes a fused kernel cannot hold (C++: K <= 1024; Triton: sum d_k <= 512, K <= 32) run the
+    # GEMM form on the same device: the call still works, only without the fused kernel
+    if backend == "cpp" and K > CPP_MAX_K or backend == "triton" and not _fits_triton(D, K):
+        return "torch"
     return backend
 
 

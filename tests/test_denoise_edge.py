@@ -227,3 +227,60 @@ def test_gaussian_rejects_non_finite_mean_and_cov(bad):
     lam, V = torch.linalg.eigh(cov)
     with pytest.raises(ValueError, match="eig: expected finite"):
         fastdiff.gaussian_denoise(x, mean, alpha=1.0, sigma=0.5, eig=(torch.full_like(lam, bad), V))
+
+
+# --------------------------------------------------------------------------- item 10
+def test_molrg_per_sample_guidance_with_scalar_levels(backend_device):
+    """A (B,) guidance with scalar alpha / sigma raised a raw expand error in the params table."""
+    backend, device = backend_device
+    if backend == "cuda" or backend != "torch" and not denoise._has_kernel(backend):
+        pytest.skip(f"no MoLRG kernel for backend {backend!r}")
+    gen = torch.Generator().manual_seed(10)
+    K, n, d, B = 3, 12, 2, 6
+    U = _qr_bases(K, n, d, gen)
+    x = torch.randn(B, n, generator=gen)
+    labels = torch.randint(0, K, (B,), generator=gen)
+    gw = torch.rand(B, generator=gen, dtype=torch.float64) * 3 - 0.5
+    for alpha, sigma in ((0.9, 0.5), (0.9, torch.rand(B, generator=gen, dtype=torch.float64) + 0.2)):
+        for output in ("x0", "eps"):
+            got = fastdiff.molrg_denoise(x.to(device), U.to(device), alpha if isinstance(alpha, float) else alpha.to(device),
+                                         sigma if isinstance(sigma, float) else sigma.to(device),
+                                         labels=labels.to(device), guidance=gw.to(device), output=output, backend=backend)
+            want = R.molrg_denoise(x.double(), list(U.double().unbind(0)), alpha, sigma, labels=labels, guidance=gw,
+                                   output=output)
+            assert_close_scaled(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("K", [1025, 2000])
+def test_molrg_more_than_1024_components(backend_device, K):
+    """K > 1024 failed on every float32 CPU path (the C++ kernels' stack buffers), backend="torch"
+    included (its C++ mix), and in MoLRG(...) / fastdiff.sample; the kernels are dispatched around."""
+    backend, device = backend_device
+    if backend == "cuda" or backend != "torch" and not denoise._has_kernel(backend):
+        pytest.skip(f"no MoLRG kernel for backend {backend!r}")
+    gen = torch.Generator().manual_seed(K)
+    n, B = 12, 5
+    U = _qr_bases(K, n, 1, gen)
+    pi = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    pi = pi / pi.sum()
+    x = torch.randn(B, n, generator=gen) * 2
+    mats = list(U.double().unbind(0))
+    for mode in ("soft", "hard"):
+        got = fastdiff.molrg_denoise(x.to(device), U.to(device), 0.9, 0.3, pi=pi, mode=mode, backend=backend)
+        assert_close_scaled(got, R.molrg_denoise(x.double(), mats, 0.9, 0.3, pi=pi, mode=mode), torch.float32)
+    # backward through the same dispatch
+    xg = x.to(device).detach().clone().requires_grad_()
+    fastdiff.molrg_denoise(xg, U.to(device), 0.9, 0.3, pi=pi, backend=backend).sum().backward()
+    x64 = x.double().requires_grad_()
+    R.molrg_denoise(x64, mats, 0.9, 0.3, pi=pi).sum().backward()
+    assert (xg.grad.double().cpu() - x64.grad).abs().max().item() <= 1e-4 * (x64.grad.abs().max().item() + 1)
+    # the model object and a whole trajectory (fused kernel where it fits, else the loop)
+    den = fastdiff.denoisers.MoLRG(U.to(device), pi=pi)
+    sched = fastdiff.KarrasSchedule(6)
+    got = fastdiff.sample(den, (B, n), sched, "heun", generator=fastdiff.Generator(4), backend=backend,
+                          device=device, progress=False)
+    den64 = fastdiff.denoisers.MoLRG(U.double(), pi=pi)
+    want = fastdiff.sample(den64, (B, n), sched, "heun", generator=fastdiff.Generator(4), backend="torch",
+                           dtype=torch.float64, progress=False)
+    assert torch.isfinite(got).all()
+    assert (got.double().cpu() - want).abs().max().item() <= 1e-4 * (want.abs().max().item() + 1)
