@@ -825,8 +825,10 @@ def nearest_neighbors(x, data, k: int = 2, *, chunk: Optional[int] = None) -> Tu
         raise ValueError(f"k: expected an int in [1, N = {N}], got {k!r}")
     B, n = x.shape
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    center = data.double().mean(0)
-    x64, y64 = x.double() - center, data.double() - center   # exact re-rank coordinates
+    y64 = data.double()
+    fin = torch.isfinite(y64).all(1)  # a NaN / Inf training row must not move the centre of the others
+    center = y64[fin].mean(0) if bool(fin.any()) else torch.zeros(n, dtype=torch.float64, device=x.device)
+    x64, y64 = x.double() - center, y64 - center   # exact re-rank coordinates
     xc, yc = x64.to(ct), y64.to(ct)
     ysq = (yc * yc).sum(1)
     best_d = torch.full((B, 0), math.inf, dtype=ct, device=x.device)
@@ -848,7 +850,7 @@ def nearest_neighbors(x, data, k: int = 2, *, chunk: Optional[int] = None) -> Tu
         # every row left out has score >= T (the worst kept one), so true score >= T - E: the
         # k-th exact one (minus ||x||^2, the term the scores drop) below that cannot be beaten
         eps = torch.finfo(ct).eps
-        ymax = y64.norm(dim=1).max()
+        ymax = y64.norm(dim=1)[fin].max() if bool(fin.any()) else torch.zeros((), dtype=torch.float64, device=x.device)
         xn = x64.norm(dim=1)
         E = 2 * (n + 4) * eps * (ymax * ymax + 2 * xn * ymax)
         T = best_d.double().amax(1)

@@ -84,6 +84,18 @@ def test_nearest_neighbors_far_from_origin(offset):
             assert torch.allclose(d.double(), dr, rtol=1e-6, atol=1e-30)
 
 
+def test_nearest_neighbors_nan_training_row_far_from_origin():
+    """A NaN training row must not poison the centring of the others (nor be anyone's neighbour)."""
+    gen = torch.Generator().manual_seed(55)
+    data = torch.randn(500, 8, generator=gen) + 1e4
+    data[7] = float("nan")
+    x = data[10:30] + 0.1 * torch.randn(20, 8, generator=gen)
+    d, i = fastdiff.nearest_neighbors(x, data, 2)
+    clean = torch.cat([data[:7], torch.full((1, 8), 1e30), data[8:]])
+    dr, ir = _brute_nearest(x, clean, 2)
+    assert torch.equal(i, ir) and torch.allclose(d.double(), dr, rtol=1e-6)
+
+
 def test_nearest_neighbors_ties_fall_back_exact():
     """A tie band wider than the candidate set: the rows failing the bound are brute-forced."""
     gen = torch.Generator().manual_seed(6)
