@@ -144,3 +144,26 @@ def test_gaussian_empirical_nearest_strided():
         d, i = fastdiff.nearest_neighbors(x, data.T.contiguous().T, 3)
         dr, ir = R.nearest_neighbors(x.double(), data.double(), 3)
         assert torch.equal(i, ir), name
+
+
+def test_molrg_jacobian_and_sample_strided(backend_device):
+    """The closed-form Jacobian and the fused trajectory with QR (column-major) bases; with K = 1
+    the packed bases of MoLRG(...) are themselves a column-major view."""
+    backend, device = backend_device
+    from fastdiff.reference import linalg as RL
+
+    gen = torch.Generator().manual_seed(8)
+    Q = torch.linalg.qr(torch.randn(3, 20, 3, generator=gen))[0]
+    x = torch.randn(20, 6, generator=gen).T
+    J = fastdiff.molrg_jacobian(x.to(device), Q.to(device), 0.9, 0.4)
+    Jr = RL.molrg_jacobian(x.double(), list(Q.double().unbind(0)), 0.9, 0.4)
+    assert (J.double().cpu() - Jr).abs().max().item() <= 1e-5 * (Jr.abs().max().item() + 1)
+    assert torch.equal(fastdiff.molrg_jacobian_rank(x.to(device), Q.to(device), 0.9, 0.4).cpu(), RL.svdvals_rank(Jr, 0.99)[1])
+    Q1 = torch.linalg.qr(torch.randn(1, 20, 3, generator=gen))[0]
+    den = fastdiff.denoisers.MoLRG(Q1.to(device))
+    kw = dict(generator=fastdiff.Generator(1), device=device, progress=False)
+    a = fastdiff.sample(den, (5, 20), fastdiff.KarrasSchedule(5), "heun", backend=backend, **kw)
+    den64 = fastdiff.denoisers.MoLRG(Q1.double().contiguous())
+    b = fastdiff.sample(den64, (5, 20), fastdiff.KarrasSchedule(5), "heun", generator=fastdiff.Generator(1),
+                        backend="torch", dtype=torch.float64, progress=False)
+    assert (a.double().cpu() - b).abs().max().item() <= 1e-5 * (b.abs().max().item() + 1)
