@@ -111,9 +111,9 @@ def _tensor_key(ts, extra=()):
     """A cache key for the current contents of the tensors ``ts``: identity, storage pointer,
     version counter (bumped by every in-place write, the kernels' included), layout and dtype;
     None for inference tensors (they have no version counter, so an in-place write could not be
-    seen: they are never cached)."""
-    if any(t.is_inference() for t in ts):
-        return None
+    seen: they are never cached) and for torch.func wrappers."""
+    if any(t.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
+        return None  # (functorch wrappers: no storage, and a fresh wrapper every call)
     return tuple((id(t), t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device)
                  for t in ts) + tuple(extra)
 

@@ -55,6 +55,15 @@ def test_molrg_under_torch_func(backend):
     assert_close_scaled(vjp_fn(v)[0], torch.einsum("bij,bi->bj", J, v.double()), torch.float32)
     batched = torch.func.vmap(f)(torch.stack([x, v]))
     assert_close_scaled(batched[1], R.molrg_denoise(v.double(), list(bases.double().unbind(0)), 0.9, 0.5), torch.float32)
+    # transforms over the bases (functorch wrappers have no storage: never a cache key)
+    h = lambda U: fastdiff.molrg_denoise(x, U, 0.9, 0.5, backend=backend)  # noqa: E731
+    g = torch.func.grad(lambda U: h(U).sum())(bases)
+    U64 = bases.double().requires_grad_()
+    R.molrg_denoise(x.double(), list(U64.unbind(0)), 0.9, 0.5).sum().backward()
+    assert (g.double() - U64.grad).abs().max().item() <= 1e-4 * (U64.grad.abs().max().item() + 1)
+    both = torch.func.vmap(h)(torch.stack([bases, bases.flip(0)]))
+    assert_close_scaled(both[1], R.molrg_denoise(x.double(), list(bases.flip(0).double().unbind(0)), 0.9, 0.5),
+                        torch.float32)
 
 
 # --------------------------------------------------------------------------- item 5
