@@ -24,6 +24,7 @@ import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.autograd import forward_ad
 
 from fastdiff import backends
 from fastdiff._interop import accepts_arrays
@@ -305,8 +306,6 @@ def _under_transform(*ts) -> bool:
     forward-mode tangent (torch.autograd.forward_ad)."""
     if torch.compiler.is_compiling():
         return False
-    from torch.autograd import forward_ad
-
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
         return True
     return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in ts)
