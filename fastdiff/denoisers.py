@@ -9,7 +9,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from fastdiff.denoise import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors, pack_bases
+from fastdiff.denoise import (_check_finite, empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors,
+                              pack_bases, psd_eigenvalues)
 
 __all__ = ["MoLRG", "Gaussian", "Empirical"]
 
@@ -75,16 +76,19 @@ class Gaussian:
     """``N(mean, cov)`` data; the posterior mean is linear (eigendecomposition computed once)."""
 
     def __init__(self, mean, cov):
-        self.mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
-        self.cov = torch.as_tensor(cov, dtype=torch.float64)
+        mean, cov = torch.as_tensor(mean), torch.as_tensor(cov)
+        _check_finite("mean", mean.cpu())
+        _check_finite("cov", cov.cpu())
+        self.mean = mean.to(torch.float64).reshape(-1)
+        self.cov = cov.to(torch.float64)
         n = self.mean.numel()
         if self.cov.shape != (n, n):
             raise ValueError(f"cov: expected shape ({n}, {n}) to match mean, got {tuple(self.cov.shape)}")
         if not torch.allclose(self.cov, self.cov.T):
             raise ValueError("cov: expected a symmetric matrix")
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.cov)
-        if bool((self.eigenvalues < -1e-10 * self.eigenvalues.abs().max()).any()):
-            raise ValueError("cov: expected a positive semi-definite matrix (negative eigenvalue)")
+        # float32 low-rank covariances have eigenvalues ~ -n eps lambda_max: zeros, clamped
+        self.eigenvalues = psd_eigenvalues(self.eigenvalues, cov.dtype if cov.is_floating_point() else torch.float64)
         self.n = n
 
     def __call__(self, x, alpha, sigma, **kwargs):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 
 from fastdiff import backends
 from fastdiff._interop import accepts_arrays
-from fastdiff.denoise import _check_x, _molrg_inputs, _segment_ops, molrg_params
+from fastdiff.denoise import _check_x, _molrg_inputs, _segment_ops, _tensor_key, cache_get, cache_put, molrg_params
 
 __all__ = ["svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
            "jacobian_rank_trajectory", "TrajectoryRanks"]
@@ -472,19 +471,17 @@ def _range_basis(ucat: torch.Tensor, dims):
     than the rest of a call) is cached per packed-bases tensor (weak reference + version
     counter, as :func:`fastdiff.denoise._packed` caches the packing itself), so a sweep over
     many points and noise levels with one set of bases pays it once."""
-    key = (id(ucat), ucat._version, ucat.device, tuple(dims))
-    hit = _BASIS_CACHE.get(key)
-    if hit is not None and hit[0]() is ucat:
-        return hit[1]
+    key = _tensor_key([ucat], (tuple(dims),))
+    hit = cache_get(_BASIS_CACHE, key, [ucat])
+    if hit is not None:
+        return hit
     U = ucat.double()
     W, s, Vh = torch.linalg.svd(U, full_matrices=False)
     keep = s > s[0] * max(U.shape) * torch.finfo(torch.float64).eps
     R = s[keep, None] * Vh[keep]
     G = torch.stack([Rk @ Rk.T for Rk in torch.split(R, list(dims), dim=1)])
     QR = (W[:, keep], R, G)
-    if len(_BASIS_CACHE) >= 16:
-        _BASIS_CACHE.pop(next(iter(_BASIS_CACHE)))
-    _BASIS_CACHE[key] = (weakref.ref(ucat), QR)
+    cache_put(_BASIS_CACHE, key, [ucat], QR)
     return QR
 
 

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from fastdiff import backends
-from fastdiff.denoise import _molrg_params_scalar, _offsets
+from fastdiff.denoise import CPP_MAX_K, _molrg_params_scalar, _offsets
 from fastdiff.denoisers import MoLRG
 
 __all__ = ["supported", "run", "tables"]
@@ -65,6 +65,8 @@ def supported(den, x: torch.Tensor, backend: str) -> Tuple[bool, str]:
     impl, why = _impl(x, backend)
     if impl is None:
         return False, why
+    if impl == "cpp" and len(models[0].dims) > CPP_MAX_K:
+        return False, f"the C++ trajectory kernel takes K <= {CPP_MAX_K} components, got {len(models[0].dims)}"
     if impl == "triton":
         from fastdiff.kernels.trajectory import fits
 

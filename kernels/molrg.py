@@ -154,6 +154,12 @@ def molrg_forward(x, ucat, seg, K, params, labels, hard, out, w=None, dot_precis
         return
     if K < 1 or K > MAX_K or D > MAX_D:
         raise ValueError(f"molrg_forward: K={K} (1..{MAX_K}), D={D} (<= {MAX_D}) unsupported")
+    if not out.is_contiguous() or (w is not None and not w.is_contiguous()):
+        raise ValueError("molrg_forward: out and w must be contiguous (the kernel writes them row-major)")
+    # the kernel indexes every input as a dense row-major array: a strided view (a transposed
+    # or QR-output basis, a column slice of x) would be read with the wrong strides
+    x, ucat, seg, params = x.contiguous(), ucat.contiguous(), seg.contiguous(), params.contiguous()
+    labels = labels.contiguous() if labels is not None else None
     R = params.shape[0]
     BLOCK_B, BLOCK_N, D_PAD, K_PAD = _blocks(B, n, D, K)
     _molrg_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
@@ -265,7 +271,13 @@ def molrg_backward(x, G, ucat, seg, K, params, labels, hard, w, dot_precision="i
     D = ucat.shape[1]
     if K < 1 or K > MAX_K or D > MAX_D:
         raise ValueError(f"molrg_backward: K={K} (1..{MAX_K}), D={D} (<= {MAX_D}) unsupported")
-    dx = torch.empty_like(x) if dx is None else dx
+    # row-major reads only (see molrg_forward): the saved bases of a (K, n, d) QR output are a
+    # column-major strided view; dx / q / dP are written row-major
+    x, G, ucat, seg, params, w = (t.contiguous() for t in (x, G, ucat, seg, params, w))
+    labels = labels.contiguous() if labels is not None else None
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if dx is None else dx
+    if not all(t is None or t.is_contiguous() for t in (dx, q, dP)):
+        raise ValueError("molrg_backward: dx, q and dP must be contiguous (the kernel writes them row-major)")
     q = torch.empty(B, D, dtype=torch.float32, device=x.device) if q is None else q
     dP = torch.empty(B, D, dtype=torch.float32, device=x.device) if dP is None else dP
     if B and n:
