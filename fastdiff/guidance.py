@@ -64,8 +64,10 @@ def _measurement(A, y, device, dtype):
             raise ValueError(f"A: expected a (d, D) matrix (or a callable forward model), got shape {tuple(A.shape)}")
         if not A.is_floating_point():
             raise TypeError(f"A: expected a floating-point matrix, got {A.dtype}")
-        At = A.to(device, dtype).T.contiguous()
-        h = lambda x: x @ At  # noqa: E731
+        # x @ A.T on the transposed view, the product a user's callable ``lambda x: x @ A.T`` computes:
+        # a materialised A.T takes another GEMM kernel here, equal only to rounding
+        Ad = A.to(device, dtype)
+        h = lambda x: x @ Ad.T  # noqa: E731
         d = A.shape[0]
     elif callable(A):
         h, d = A, None
