@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["BACKENDS", "available", "resolve", "fused_step", "info"]
+__all__ = ["BACKENDS", "available", "resolve", "info"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -256,7 +256,7 @@ def _(out, ins, coefs, scalar_coefs, noise_mode, noise, seed, offset, backend) -
     return None
 
 
-def fused_step(
+def _fused_step(
     out: torch.Tensor,
     ins: Sequence[torch.Tensor],
     coefs: Coefs,
@@ -273,6 +273,10 @@ def fused_step(
     :mod:`fastdiff.steps` validate and flatten); ``coefs`` is a list of ``k+1`` floats or a float32
     ``(R, k+1)`` tensor on the same device (row ``b`` applies to elements ``[b*n/R, (b+1)*n/R)``).
     ``z`` is ``noise`` if given, else the Philox stream ``(seed, offset + i)`` if ``philox``.
+
+    Private on purpose: the compiled kernels read and write through raw pointers, and only the
+    public steps check shapes, dtypes, contiguity and lengths (a misuse here reads past the end of
+    a buffer).  Public code calls :mod:`fastdiff.steps` instead.
     """
     if len(ins) > MAX_INPUTS:
         raise ValueError(f"ins: at most {MAX_INPUTS} inputs, got {len(ins)}")

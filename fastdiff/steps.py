@@ -4,7 +4,7 @@ Every step here is, per sample, an affine combination of its input tensors and o
 draw: ``x_next = a x + c m + s z`` (Heun's corrector reads four tensors, classifier-free
 guidance splits ``m`` into its unconditional and conditional halves).  Each function computes
 its per-sample coefficients ``(a, c, s)`` in float64 from the schedule and the prediction type,
-then makes **one** pass over memory with :func:`fastdiff.backends.fused_step`: 2 reads and 1
+then makes **one** pass over memory with :func:`fastdiff.backends._fused_step`: 2 reads and 1
 write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's dtype.
 
 Conventions shared by every step:
@@ -208,7 +208,7 @@ class _Call:
         if wants_noise and noise is None:
             gen = generator if generator is not None else default_generator
             seed, offset, philox = gen.seed, gen.draw(x.numel()), True
-        backends.fused_step(
+        backends._fused_step(
             target.view(-1), flat, packed,
             noise=(noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().view(-1)) if (wants_noise and noise is not None) else None,
             seed=seed, offset=offset, philox=philox, backend=backend,
@@ -522,6 +522,6 @@ def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, de
     gen = generator if generator is not None else default_generator
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
-    backends.fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
+    backends._fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
                         backend=backend)
     return out
