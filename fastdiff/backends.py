@@ -290,6 +290,11 @@ def _fused_step(
         _fused_step_op(out, list(ins), tensor_coefs, scalars, noise_mode, noise, seed, offset, backend)
     else:
         _run(out, ins, coefs, noise_mode, noise, seed, offset, backend)
+        if backend != "torch":
+            # the kernel wrote through a raw pointer, which autograd never sees: bump the version
+            # counter as an in-place torch op would, so a tensor saved for backward and then
+            # overwritten makes backward raise instead of using the new values
+            torch.autograd.graph.increment_version(out)
     return out
 
 

@@ -17,3 +17,276 @@ def test_fused_step_is_private():
     assert "fused_step" not in backends.__all__
     assert not hasattr(backends, "fused_step")
     assert "fused_step" not in fastdiff.__all__
+
+
+# --------------------------------------------------------------------------- helpers
+def _steps(x, m, **kw):
+    """One call of every public step that takes out= (and randn), as (name, thunk)."""
+    g = lambda: fastdiff.Generator(3)  # noqa: E731
+    return [
+        ("ddpm_step", lambda: fastdiff.ddpm_step(x, m, 5, S, generator=g(), **kw)),
+        ("ddim_step", lambda: fastdiff.ddim_step(x, m, 5, 2, S, eta=0.5, generator=g(), **kw)),
+        ("euler_step", lambda: fastdiff.euler_step(x, m, 1.0, 0.5, **kw)),
+        ("edm_churn", lambda: fastdiff.edm_churn(x, 1.0, 0.2, generator=g(), **kw)[0]),
+        ("euler_ancestral_step", lambda: fastdiff.euler_ancestral_step(x, m, 1.0, 0.5, generator=g(), **kw)),
+        ("heun_step", lambda: fastdiff.heun_step(x, m, 1.0, 0.5, x_pred=m, model_output_pred=x, **kw)),
+        ("langevin_step", lambda: fastdiff.langevin_step(x, m, 0.1, generator=g(), **kw)),
+        ("ou_reverse_step", lambda: fastdiff.ou_reverse_step(x, m, 0.1, generator=g(), **kw)),
+        ("predict_x0", lambda: fastdiff.predict_x0(x, m, 0.8, 0.6, **kw)),
+    ]
+
+
+STEP_NAMES = [n for n, _ in _steps(None, None)]
+
+
+def _one(name, x, m, **kw):
+    return dict(_steps(x, m, **kw))[name]()
+
+
+def _np_xm():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((4, 6)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- item 3: read-only out=
+@pytest.mark.parametrize("name", STEP_NAMES)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_readonly_numpy_out_is_refused(name, backend):
+    x, m = _np_xm()
+    out = np.zeros((4, 6), np.float32)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="out: expected a writeable array"):
+        _one(name, x, m, out=out, backend=backend)
+    assert not out.any()  # nothing was written
+
+
+def test_readonly_memmap_out_is_refused(tmp_path):
+    path = tmp_path / "out.f32"
+    np.zeros((4, 6), np.float32).tofile(path)
+    out = np.memmap(path, dtype=np.float32, mode="r", shape=(4, 6))
+    x, m = _np_xm()
+    for name in STEP_NAMES:
+        with pytest.raises(ValueError, match="out: expected a writeable array"):
+            _one(name, x, m, out=out)
+    with pytest.raises(ValueError, match="out: expected a writeable array"):
+        fastdiff.randn(4, 6, out=out)
+    assert not np.fromfile(path, np.float32).any()
+
+
+def test_readonly_numpy_inputs_are_fine():
+    x, m = _np_xm()
+    x.setflags(write=False)
+    m.setflags(write=False)
+    ref = fastdiff.euler_step(x.copy(), m.copy(), 1.0, 0.5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "array is not writable" warning for inputs we only read
+        r = fastdiff.euler_step(x, m, 1.0, 0.5)
+    np.testing.assert_array_equal(r, ref)
+
+
+def test_inference_tensor_out_outside_inference_mode_is_refused():
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    with torch.inference_mode():
+        out = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="out: an inference tensor"):
+        fastdiff.euler_step(x, m, 1.0, 0.5, out=out, backend="cpp")
+    with pytest.raises(ValueError, match="out: an inference tensor"):
+        fastdiff.randn(4, 6, out=out)
+    assert not out.any()
+    with torch.inference_mode():  # inside inference mode it is an ordinary tensor
+        fastdiff.euler_step(x, m, 1.0, 0.5, out=out, backend="cpp")
+    assert out.any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_leaf_requiring_grad_out_is_refused(backend):
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    out = torch.zeros(4, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="out: a leaf tensor that requires grad"):
+        fastdiff.euler_step(x, m, 1.0, 0.5, out=out, backend=backend)
+    assert not out.detach().any()
+    with torch.no_grad():
+        fastdiff.euler_step(x, m, 1.0, 0.5, out=out, backend=backend)
+    assert out.detach().any()
+
+
+def test_expanded_out_is_refused():
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="out: expected a tensor whose elements have distinct memory"):
+        fastdiff.euler_step(x, m, 1.0, 0.5, out=torch.zeros(6).expand(4, 6))
+
+
+# --------------------------------------------------------------------------- NumPy round trips
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_numpy_in_numpy_out(name):
+    x, m = _np_xm()
+    ref = _one(name, torch.from_numpy(x), torch.from_numpy(m), backend="torch")
+    r = _one(name, x, m)
+    assert isinstance(r, np.ndarray)
+    np.testing.assert_allclose(r, ref.numpy(), rtol=1e-5, atol=1e-5)
+    out = np.full((4, 6), np.nan, np.float32)
+    r = _one(name, x, m, out=out)
+    assert r is out
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_edm_churn_numpy_out_returns_the_array():
+    x, _ = _np_xm()
+    out = np.zeros_like(x)
+    x_hat, sigma_hat = fastdiff.edm_churn(x, 1.0, 0.5, generator=fastdiff.Generator(1), out=out)
+    assert x_hat is out and sigma_hat == 1.5
+
+
+def test_tensor_out_with_numpy_inputs_returns_the_tensor():
+    x, m = _np_xm()
+    out = torch.zeros(4, 6)
+    assert fastdiff.euler_step(x, m, 1.0, 0.5, out=out) is out
+
+
+def test_randn_numpy_out():
+    out = np.zeros((5, 3), np.float32)
+    r = fastdiff.randn(5, 3, generator=fastdiff.Generator(7), out=out)
+    assert r is out
+    np.testing.assert_array_equal(out, fastdiff.randn(5, 3, generator=fastdiff.Generator(7)).numpy())
+
+
+# --------------------------------------------------------------------------- item 4a: overlap
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_partial_overlap_with_an_input_is_refused(name, backend):
+    buf = torch.randn(25)
+    before = buf.clone()
+    x, m = buf[:-1].view(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="out: partially overlaps x"):
+        _one(name, x, m, out=buf[1:].view(4, 6), backend=backend)
+    assert torch.equal(buf, before)
+    if name == "edm_churn":  # reads x only
+        return
+    buf2 = torch.randn(25)
+    with pytest.raises(ValueError, match="out: partially overlaps (model_output|x_pred)"):
+        _one(name, torch.randn(4, 6), buf2[1:].view(4, 6), out=buf2[:-1].view(4, 6), backend=backend)
+
+
+def test_partial_overlap_with_noise_is_refused():
+    buf = torch.randn(25)
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="out: partially overlaps noise"):
+        fastdiff.ddpm_step(x, m, 5, S, noise=buf[:-1].view(4, 6), out=buf[1:].view(4, 6))
+
+
+def test_partial_overlap_numpy():
+    buf = np.random.default_rng(0).standard_normal(25).astype(np.float32)
+    x, m = buf[:-1].reshape(4, 6), np.ones((4, 6), np.float32)
+    with pytest.raises(ValueError, match="out: partially overlaps x"):
+        fastdiff.euler_step(x, m, 1.0, 0.5, out=buf[1:].reshape(4, 6), backend="cpp")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_out_equal_to_an_input_and_disjoint_slices_are_allowed(name, backend):
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    ref = _one(name, x, m, backend=backend)
+    xx = x.clone()
+    assert _one(name, xx, m, out=xx, backend=backend) is xx  # out=x exactly
+    torch.testing.assert_close(xx, ref, rtol=0, atol=0)
+    buf = torch.randn(48)  # x and out are adjacent, disjoint slices of one buffer
+    buf[:24] = x.reshape(-1)
+    _one(name, buf[:24].view(4, 6), m, out=buf[24:].view(4, 6), backend=backend)
+    torch.testing.assert_close(buf[24:].view(4, 6), ref, rtol=0, atol=0)
+
+
+def test_strided_views_of_one_buffer_are_allowed():
+    # interleaved, disjoint: x = buf[..., 0], out = buf[..., 1] (written through a private buffer)
+    buf = torch.randn(4, 6, 2)
+    x, m = buf[..., 0], torch.randn(4, 6)
+    ref = fastdiff.euler_step(x.clone(), m, 1.0, 0.5)
+    fastdiff.euler_step(x, m, 1.0, 0.5, out=buf[..., 1])
+    torch.testing.assert_close(buf[..., 1], ref)
+
+
+# --------------------------------------------------------------------------- item 4b: versions
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_kernel_write_bumps_version(backend):
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    out = torch.zeros(4, 6)
+    v = out._version
+    fastdiff.euler_step(x, m, 1.0, 0.5, out=out, backend=backend)
+    assert out._version > v
+    v = out._version
+    fastdiff.randn(4, 6, out=out, backend=backend)
+    assert out._version > v
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_overwriting_a_tensor_saved_for_backward_raises_on_backward(backend):
+    a = torch.randn(4, 6, requires_grad=True)
+    x = a * 1.0
+    y = x.exp()  # saves its output for backward
+    with torch.no_grad():
+        fastdiff.euler_step(y, torch.randn(4, 6), 1.0, 0.5, out=y, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# --------------------------------------------------------------------------- item 12: dtypes, meta, shapes
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_steps_refuse_int_and_complex(name, dtype):
+    x = torch.ones(4, 6, dtype=dtype)
+    with pytest.raises(TypeError, match=r"x: expected a floating-point tensor \(float16, bfloat16, float32 or float64\)"):
+        _one(name, x, x)
+
+
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_steps_refuse_meta(name):
+    x = torch.ones(4, 6, device="meta")
+    gen = fastdiff.Generator(0)
+    with pytest.raises(ValueError, match="x: meta tensors hold no data"):
+        _one(name, x, x)
+    assert gen.offset == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool, torch.float8_e4m3fn])
+def test_randn_refuses_non_float_dtypes(dtype):
+    with pytest.raises(TypeError, match="dtype: expected a floating-point tensor"):
+        fastdiff.randn(2, 3, dtype=dtype)
+    with pytest.raises(TypeError, match="out: expected a floating-point tensor"):
+        fastdiff.randn(2, 3, out=torch.zeros(2, 3).to(dtype))
+
+
+def test_randn_shapes():
+    g = fastdiff.Generator(0)
+    with pytest.raises(ValueError, match="shape: expected non-negative sizes, got -1 at position 0"):
+        fastdiff.randn(-1, 3, generator=g)
+    with pytest.raises(TypeError, match="shape: expected ints, got float"):
+        fastdiff.randn(2.5, 3, generator=g)
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 6\)"):
+        fastdiff.randn(4, 6, out=torch.zeros(2, 3), generator=g)
+    with pytest.raises(ValueError, match="device: meta tensors hold no data"):
+        fastdiff.randn(2, 3, device="meta", generator=g)
+    assert g.offset == 0  # no failed call drew
+    a = fastdiff.randn(np.int64(2), 3, generator=fastdiff.Generator(1))
+    b = fastdiff.randn((2, np.int64(3)), generator=fastdiff.Generator(1))
+    assert a.shape == b.shape == (2, 3) and torch.equal(a, b)
+    out = torch.zeros(2, 3)
+    assert fastdiff.randn(out=out, generator=fastdiff.Generator(1)) is out and torch.equal(out, a)
+    assert fastdiff.randn(0, 3).shape == (0, 3)
+
+
+def test_per_sample_values_refuse_complex_and_bool():
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(TypeError, match="sigma: expected real"):
+        fastdiff.euler_step(x, m, torch.full((4,), 1 + 1j), 0.5)
+    with pytest.raises(TypeError, match="sigma_next: expected real"):
+        fastdiff.euler_step(x, m, 1.0, torch.ones(4, dtype=torch.bool))
+    r = fastdiff.euler_step(x, m, torch.ones(4, dtype=torch.int64), 0.5)  # integer values are numbers
+    torch.testing.assert_close(r, fastdiff.euler_step(x, m, 1.0, 0.5))
+
+
+def test_numpy_integer_timesteps():
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    ref = fastdiff.ddim_step(x, m, 5, 2, S)
+    torch.testing.assert_close(fastdiff.ddim_step(x, m, np.int64(5), np.int32(2), S), ref, rtol=0, atol=0)
+    np.testing.assert_array_equal(fastdiff.ddim_step(x, m, np.array(5), np.int64(2), S), ref.numpy())  # a 0-d array is an array
