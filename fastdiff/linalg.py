@@ -144,6 +144,8 @@ _IMPLS = {"torch": _svdvals_rank_torch, "cpp": _svdvals_rank_cpp, "triton": _svd
 def _svdvals_rank(A: torch.Tensor, eta: Optional[float], backend: str):
     """(B, m, n) -> (S (B, N) in A's dtype, rank (B,) or None)."""
     impl = _svd_backend(backend, A)
+    if impl != "torch" and A.requires_grad and torch.is_grad_enabled():
+        impl = "torch"  # the SVD kernels have no backward (their S would come out detached)
     ct = A.dtype if A.dtype in _COMPUTE_DTYPES else torch.float32
     S, rank = _IMPLS[impl](A.to(ct).contiguous(), eta)
     return S.to(A.dtype), rank
@@ -154,7 +156,8 @@ def _svdvals_rank(A: torch.Tensor, eta: Optional[float], backend: str):
 def svdvals(A, *, backend: str = "auto") -> torch.Tensor:
     """Singular values of a batch ``A`` (..., m, n), descending: (..., min(m, n)) in A's dtype.
 
-    Non-finite matrices give all-NaN rows (module docstring: accuracy per backend)."""
+    Non-finite matrices give all-NaN rows (module docstring: accuracy per backend).  Where ``A``
+    requires grad, ``torch.linalg.svdvals`` computes S on any backend (the kernels have no backward)."""
     A3, batch = _check_matrices(A)
     S, _ = _svdvals_rank(A3, None, backend)
     return S.reshape(*batch, S.shape[-1])

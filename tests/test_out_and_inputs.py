@@ -290,3 +290,120 @@ def test_numpy_integer_timesteps():
     ref = fastdiff.ddim_step(x, m, 5, 2, S)
     torch.testing.assert_close(fastdiff.ddim_step(x, m, np.int64(5), np.int32(2), S), ref, rtol=0, atol=0)
     np.testing.assert_array_equal(fastdiff.ddim_step(x, m, np.array(5), np.int64(2), S), ref.numpy())  # a 0-d array is an array
+
+
+# --------------------------------------------------------------------------- item 4c: autograd on every backend
+def _grad_run(name, backend, per_sample, noise_tensor):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, requires_grad=True)
+    m = torch.randn(4, 6, requires_grad=True)
+    sig = torch.tensor([1.0, 0.7, 1.3, 0.9], dtype=torch.float64, requires_grad=True) if per_sample else 1.0
+    noise = torch.randn(4, 6, requires_grad=True) if noise_tensor else None
+    kw = dict(backend=backend)
+    g = fastdiff.Generator(5)
+    nz = dict(noise=noise) if noise is not None else dict(generator=g)
+    calls = {
+        "ddpm_step": lambda: fastdiff.ddpm_step(x, m, torch.tensor([5, 9, 0, 3]) if per_sample else 5, S, **nz, **kw),
+        "euler_step": lambda: fastdiff.euler_step(x, m, sig, 0.5, **kw),
+        "edm_churn": lambda: fastdiff.edm_churn(x, sig, 0.3, **nz, **kw)[0],
+        "euler_ancestral_step": lambda: fastdiff.euler_ancestral_step(x, m, sig, 0.5, **nz, **kw),
+        "heun_step": lambda: fastdiff.heun_step(x, m, sig, 0.5, x_pred=m * 2, model_output_pred=x * 3, **kw),
+        "langevin_step": lambda: fastdiff.langevin_step(x, m, 0.1, prediction="eps", sigma=sig, **nz, **kw),
+        "predict_x0": lambda: fastdiff.predict_x0(x, (m, x * 0.5), 0.8, sig, guidance=1.5, **kw),
+    }
+    y = calls[name]()
+    w = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (y * w).sum().backward()
+    grads = [t.grad for t in (x, m) + ((sig,) if per_sample else ()) + ((noise,) if noise is not None else ())]
+    return y.detach(), grads
+
+
+GRAD_STEPS = ["ddpm_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step", "langevin_step", "predict_x0"]
+
+
+@pytest.mark.parametrize("noise_tensor", [False, True], ids=["philox", "noise"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["scalar", "per_sample"])
+@pytest.mark.parametrize("name", GRAD_STEPS)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_kernel_backends_are_differentiable_like_torch(backend, name, per_sample, noise_tensor):
+    if not backends.available()[backend][0]:
+        pytest.skip(f"{backend} not available")
+    y_ref, g_ref = _grad_run(name, "torch", per_sample, noise_tensor)
+    y, gr = _grad_run(name, backend, per_sample, noise_tensor)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gr, g_ref):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        assert a is not None, "the kernel backend dropped a gradient the torch backend has"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_out_joins_the_graph_on_every_backend(backend):
+    x = torch.randn(4, 6, requires_grad=True)
+    m = torch.randn(4, 6)
+    out = torch.zeros(4, 6)
+    r = fastdiff.euler_step(x, m, 1.0, 0.5, out=out, backend=backend)
+    assert r is out and out.requires_grad
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((4, 6), 0.5))  # x + (0.5 - 1)(x - m)/1
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_out_x_overwriting_a_saved_input_raises_on_backward(backend):
+    # per-sample sigma requiring grad: the step saves x for dL/dsigma; out=x then overwrites it
+    a = torch.randn(4, 6, requires_grad=True)
+    x = a * 1.0
+    sig = torch.tensor([1.0, 0.7, 1.3, 0.9], requires_grad=True)
+    fastdiff.euler_step(x, torch.randn(4, 6), sig, 0.5, out=x, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        x.sum().backward()
+
+
+def test_randn_into_requires_grad_nonleaf():
+    a = torch.randn(4, 6, requires_grad=True)
+    y = a * 2.0
+    fastdiff.randn(4, 6, out=y, backend="cpp", generator=fastdiff.Generator(0))
+    assert y._version > 0
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "auto"])
+def test_svdvals_keep_the_graph_on_every_backend(backend):
+    if backend != "auto" and not backends.available()[backend][0]:
+        pytest.skip(f"{backend} not available")
+    A0 = torch.randn(3, 4, 5)
+    w = torch.linspace(0.5, 2.0, 4)
+    grads = []
+    for b in ("torch", backend):
+        A = A0.clone().requires_grad_(True)
+        S = fastdiff.svdvals(A, backend=b)
+        S2, rank = fastdiff.svdvals_rank(A, backend=b)
+        assert S.requires_grad and S2.requires_grad
+        ((S * w).sum() + S2.sum()).backward()
+        grads.append(A.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    with torch.no_grad():  # no grad needed: the kernel still runs (values agree to its accuracy)
+        torch.testing.assert_close(fastdiff.svdvals(A0, backend=backend), torch.linalg.svdvals(A0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("what", ["x", "bases"])
+def test_fused_sample_keeps_the_graph(what):
+    from fastdiff.denoisers import MoLRG
+
+    if not backends.available()["cpp"][0]:
+        pytest.skip("cpp not available")
+    sched = fastdiff.DDPMSchedule(T=20)
+    grads = []
+    for b in ("torch", "cpp"):
+        torch.manual_seed(0)
+        bases = torch.linalg.qr(torch.randn(2, 6, 2))[0].requires_grad_(what == "bases")
+        x = torch.randn(4, 6).requires_grad_(what == "x")
+        out = fastdiff.sample(MoLRG(bases), x, sched, "ddim", steps=5, backend=b, progress=False,
+                              generator=fastdiff.Generator(0))
+        assert out.requires_grad
+        (out * torch.linspace(-1, 1, 24).reshape(4, 6)).sum().backward()
+        grads.append((x if what == "x" else bases).grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fused: .*require grad"):
+        fastdiff.sample(MoLRG(bases), x, sched, "ddim", steps=5, backend="cpp", fused=True, progress=False)
