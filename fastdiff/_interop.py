@@ -116,3 +116,27 @@ def check_no_partial_overlap(out: torch.Tensor, inputs: Iterable[Tuple[str, torc
         if a < hi and lo < b and not (a == lo and b == hi and t.shape == out.shape):
             raise ValueError(f"{name}: partially overlaps {in_name} in memory (bytes [{lo}, {hi}) vs [{a}, {b})); "
                              f"pass out={in_name} exactly, or a tensor that shares no memory with it")
+
+
+# --------------------------------------------------------------------------- input dtypes
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_dtype(name: str, dtype) -> None:
+    """Real floating point only: an int output would truncate, a complex one drop the imaginary part."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {dtype}")
+
+
+def check_not_meta(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: meta tensors hold no data to compute with; expected a cpu or cuda tensor")
+
+
+def check_real(name: str, v):
+    """A tensor argument holding real numbers (float or integer values; not complex, bool or meta)."""
+    if isinstance(v, torch.Tensor):
+        check_not_meta(name, v)
+        if v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{name}: expected a real tensor (floating point or integer), got {v.dtype}")
+    return v

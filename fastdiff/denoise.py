@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastdiff import backends
-from fastdiff._interop import accepts_arrays
+from fastdiff._interop import accepts_arrays, check_float_dtype, check_not_meta, check_real
 
 __all__ = ["molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "pack_bases"]
 
@@ -40,8 +40,8 @@ CPP_FUSED_MAX_ND_GRAD = 1 << 13
 def _check_x(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    check_float_dtype("x", x.dtype)
+    check_not_meta("x", x)
     if x.ndim != 2:
         raise ValueError(f"x: expected shape (B, n), got {tuple(x.shape)}")
     return x
@@ -614,20 +614,20 @@ def gaussian_denoise(x, mean, cov=None, alpha=1.0, sigma=1.0, *, eig=None, outpu
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
     B, n = x.shape
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1)
+    mean = torch.as_tensor(check_real("mean", mean), dtype=x.dtype, device=x.device).reshape(-1)
     if mean.numel() != n:
         raise ValueError(f"mean: expected {n} entries (x has n = {n}), got {mean.numel()}")
     if eig is None:
         if cov is None:
             raise ValueError("cov: required unless eig=(eigenvalues, eigenvectors) is given")
-        cov = torch.as_tensor(cov, dtype=torch.float64, device=x.device)
+        cov = torch.as_tensor(check_real("cov", cov), dtype=torch.float64, device=x.device)
         if cov.shape != (n, n):
             raise ValueError(f"cov: expected shape ({n}, {n}), got {tuple(cov.shape)}")
         if not torch.allclose(cov, cov.T, rtol=1e-6, atol=1e-8 * float(cov.abs().max())):
             raise ValueError("cov: expected a symmetric matrix")
         lam, V = torch.linalg.eigh(cov)
     else:
-        lam, V = (torch.as_tensor(t, dtype=torch.float64, device=x.device) for t in eig)
+        lam, V = (torch.as_tensor(check_real(f"eig[{i}]", t), dtype=torch.float64, device=x.device) for i, t in enumerate(eig))
     if bool((lam < -1e-10 * lam.abs().max()).any()):
         raise ValueError("cov: expected a positive semi-definite matrix (negative eigenvalue)")
     lam = lam.clamp(min=0)
@@ -669,6 +669,7 @@ def empirical_denoise(x, data, alpha, sigma, *, output: str = "x0", chunk: Optio
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
     if not isinstance(data, torch.Tensor) or data.ndim != 2:
         raise ValueError(f"data: expected an (N, n) tensor, got {getattr(data, 'shape', type(data).__name__)}")
+    check_real("data", data)
     B, n = x.shape
     N = data.shape[0]
     if data.shape[1] != n:
@@ -717,9 +718,13 @@ def nearest_neighbors(x, data, k: int = 2, *, chunk: Optional[int] = None) -> Tu
     x = _check_x(x)
     if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[1] != x.shape[1]:
         raise ValueError(f"data: expected an (N, {x.shape[1]}) tensor, got {getattr(data, 'shape', type(data).__name__)}")
+    check_real("data", data)
+    if data.device != x.device:
+        raise ValueError(f"data: expected a tensor on {x.device} (the device of x), got {data.device}")
     N = data.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= N:  # np.int64 is an int too
         raise ValueError(f"k: expected an int in [1, N = {N}], got {k!r}")
+    k = int(k)
     B, n = x.shape
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc, yc = x.to(ct), data.to(ct)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fastdiff import backends
-from fastdiff._interop import accepts_arrays
+from fastdiff._interop import accepts_arrays, check_not_meta
 from fastdiff.denoise import _check_x, _molrg_inputs, _segment_ops, molrg_params
 
 __all__ = ["svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
@@ -52,6 +52,7 @@ def _check_matrices(A, name: str = "A") -> Tuple[torch.Tensor, Tuple[int, ...]]:
         raise TypeError(f"{name}: expected a torch.Tensor, NumPy or CuPy array, got {type(A).__name__}")
     if not A.is_floating_point():
         raise TypeError(f"{name}: expected a real floating-point tensor, got {A.dtype}")
+    check_not_meta(name, A)
     if A.ndim < 2:
         raise ValueError(f"{name}: expected a batch of matrices (..., m, n), got shape {tuple(A.shape)}")
     m, n = A.shape[-2:]
@@ -507,6 +508,9 @@ def molrg_jacobian_rank(x, bases, alpha, sigma, *, eta: float = 0.99, pi=None, t
     A, (e, soft), U, x, ucat, dims = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
                                                   output)
     B, n = x.shape
+    if B == 0:  # an empty batch: nothing to rank (the segment sums below cannot reshape it)
+        rank = torch.zeros(0, dtype=torch.int64, device=x.device)
+        return (rank, x.new_zeros(0, n)) if return_svals else rank
     Q, R, G = _range_basis(ucat, dims)
     r = Q.shape[1]
     # small = R M R^T from M's structure, O(B K r^2) instead of two (r, D) x (D, D) products:

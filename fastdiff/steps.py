@@ -37,7 +37,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastdiff import backends
-from fastdiff._interop import accepts_arrays, check_no_partial_overlap, check_out_writable
+from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_no_partial_overlap,
+                               check_not_meta, check_out_writable)
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 
@@ -60,15 +61,6 @@ Num = Union[float, torch.Tensor]  # a coefficient: Python float (scalar step) or
 
 
 # =========================================================================== argument handling
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_float_dtype(name: str, dtype) -> None:
-    """Real floating point only: an int output would truncate, a complex one drop the imaginary part."""
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {dtype}")
-
-
 class _Call:
     """Validation and coefficient packing for one step call.
 
@@ -81,8 +73,7 @@ class _Call:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
         _check_float_dtype("x", x.dtype)
-        if x.device.type == "meta":
-            raise ValueError("x: meta tensors hold no data to step; expected a cpu or cuda tensor")
+        check_not_meta("x", x)
         if x.ndim < 1:
             raise ValueError("x: expected a tensor of shape (B, ...), got a 0-d tensor")
         self.x = x
@@ -546,14 +537,13 @@ def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, de
         _check_float_dtype("dtype", dtype)
         device = torch.device(device)
         if device.type == "meta":
-            raise ValueError("device: meta tensors hold no data to fill; expected a cpu or cuda device")
+            raise ValueError("device: meta tensors hold no data to compute with; expected a cpu or cuda device")
         out = torch.empty(shape, dtype=dtype, device=device)
     else:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out: expected a tensor or NumPy array, got {type(out).__name__}")
         _check_float_dtype("out", out.dtype)
-        if out.device.type == "meta":
-            raise ValueError("out: meta tensors hold no data to fill; expected a cpu or cuda tensor")
+        check_not_meta("out", out)
         if shape and shape != tuple(out.shape):
             raise ValueError(f"out: expected shape {shape} (the shape asked for), got {tuple(out.shape)}")
         if not out.is_contiguous():

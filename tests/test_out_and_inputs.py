@@ -243,7 +243,7 @@ def test_steps_refuse_int_and_complex(name, dtype):
 def test_steps_refuse_meta(name):
     x = torch.ones(4, 6, device="meta")
     gen = fastdiff.Generator(0)
-    with pytest.raises(ValueError, match="x: meta tensors hold no data"):
+    with pytest.raises(ValueError, match="x: meta tensors hold no data to compute with"):
         _one(name, x, x)
     assert gen.offset == 0
 
@@ -407,3 +407,78 @@ def test_fused_sample_keeps_the_graph(what):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="fused: .*require grad"):
         fastdiff.sample(MoLRG(bases), x, sched, "ddim", steps=5, backend="cpp", fused=True, progress=False)
+
+
+def test_compiled_step_with_grad_matches_eager():
+    # traced code with an input that requires grad differentiates the torch step
+    def f(x, m, s):
+        return fastdiff.euler_step(x, m, s, 0.5, backend="cpp")
+
+    x, m = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    s = torch.tensor([1.0, 0.8, 1.2, 0.9], requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x, m, s).sum().backward()
+    gx, gs = x.grad.clone(), s.grad.clone()
+    x.grad = s.grad = None
+    f(x, m, s).sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gs, s.grad)
+
+
+# --------------------------------------------------------------------------- item 12: denoisers, linalg, schedules
+_BASES = torch.linalg.qr(torch.randn(2, 6, 2, generator=torch.Generator().manual_seed(0)))[0]
+_DENOISERS = {
+    "molrg_denoise": lambda x: fastdiff.molrg_denoise(x, _BASES, 0.9, 0.4),
+    "gaussian_denoise": lambda x: fastdiff.gaussian_denoise(x, torch.zeros(6), torch.eye(6), 0.9, 0.4),
+    "empirical_denoise": lambda x: fastdiff.empirical_denoise(x, torch.randn(10, 6), 0.9, 0.4),
+    "nearest_neighbors": lambda x: fastdiff.nearest_neighbors(x, torch.randn(10, 6)),
+    "molrg_jacobian": lambda x: fastdiff.molrg_jacobian(x, _BASES, 0.9, 0.4),
+    "molrg_jacobian_rank": lambda x: fastdiff.molrg_jacobian_rank(x, _BASES, 0.9, 0.4),
+}
+
+
+@pytest.mark.parametrize("name", list(_DENOISERS))
+def test_denoisers_refuse_int_complex_meta(name):
+    for dtype in (torch.int64, torch.complex64):
+        with pytest.raises(TypeError, match=r"x: expected a floating-point tensor \(float16, bfloat16"):
+            _DENOISERS[name](torch.ones(4, 6, dtype=dtype))
+    with pytest.raises(ValueError, match="x: meta tensors hold no data"):
+        _DENOISERS[name](torch.ones(4, 6, device="meta"))
+
+
+@pytest.mark.parametrize("name", list(_DENOISERS))
+def test_denoisers_empty_batch(name):
+    r = _DENOISERS[name](torch.ones(0, 6))
+    r = r[0] if isinstance(r, tuple) else r
+    assert r.shape[0] == 0
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x: fastdiff.gaussian_denoise(x, torch.zeros(6, dtype=torch.complex64), torch.eye(6), 0.9, 0.4), TypeError, "mean: expected a real tensor"),
+    (lambda x: fastdiff.gaussian_denoise(x, torch.zeros(6), torch.eye(6, dtype=torch.complex64), 0.9, 0.4), TypeError, "cov: expected a real tensor"),
+    (lambda x: fastdiff.gaussian_denoise(x, torch.zeros(6, device="meta"), torch.eye(6), 0.9, 0.4), ValueError, "mean: meta tensors"),
+    (lambda x: fastdiff.gaussian_denoise(x, torch.zeros(6), eig=(torch.ones(6, dtype=torch.complex64), torch.eye(6))), TypeError, r"eig\[0\]: expected a real tensor"),
+    (lambda x: fastdiff.empirical_denoise(x, torch.ones(10, 6, dtype=torch.complex64), 0.9, 0.4), TypeError, "data: expected a real tensor"),
+    (lambda x: fastdiff.empirical_denoise(x, torch.ones(10, 6, dtype=torch.bool), 0.9, 0.4), TypeError, "data: expected a real tensor"),
+    (lambda x: fastdiff.nearest_neighbors(x, torch.ones(10, 6, dtype=torch.complex64)), TypeError, "data: expected a real tensor"),
+    (lambda x: fastdiff.nearest_neighbors(x, torch.ones(10, 6, device="meta")), ValueError, "data: meta tensors"),
+    (lambda x: fastdiff.svdvals(torch.ones(3, 4, 5, device="meta")), ValueError, "A: meta tensors"),
+    (lambda x: fastdiff.svd(torch.ones(3, 4, 5, device="meta")), ValueError, "A: meta tensors"),
+    (lambda x: fastdiff.jacobian_rank(torch.ones(3, 4, 5, device="meta")), ValueError, "J: meta tensors"),
+])
+def test_other_arguments_refuse_complex_and_meta(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(4, 6))
+
+
+def test_numpy_integers_for_integer_arguments():
+    x, data = torch.randn(4, 6), torch.randn(10, 6)
+    d, i = fastdiff.nearest_neighbors(x, data, k=np.int64(3))
+    d2, i2 = fastdiff.nearest_neighbors(x, data, k=3)
+    assert torch.equal(i, i2) and torch.equal(d, d2)
+    assert fastdiff.DDPMSchedule(T=np.int64(50)).T == 50
+    assert len(fastdiff.KarrasSchedule(n=np.int32(5)).sigmas) == len(fastdiff.KarrasSchedule(n=5).sigmas)
+    with pytest.raises(ValueError, match="T: expected a positive int"):
+        fastdiff.DDPMSchedule(T=True)
+    with pytest.raises(ValueError, match="k: expected an int"):
+        fastdiff.nearest_neighbors(x, data, k=2.0)
