@@ -128,7 +128,7 @@ class _Call:
         if v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, self.B)):
             raise ValueError(f"{name}: expected a scalar or a ({self.B},) tensor (one per sample), got shape {tuple(v.shape)}")
         if v.device.type != "cpu" and v.device != self.device:
-            raise ValueError(f"{name}: expected a tensor on cpu or {self.device}, got {v.device}")
+            raise ValueError(f"{name}: expected a tensor on {self._host_or_x()}, got {v.device}")
         v = v.to(self.device, torch.float64).reshape(-1)
         ok = torch.isfinite(v)
         if min_value is not None:
@@ -154,10 +154,13 @@ class _Call:
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.B)):
             raise ValueError(f"{name}: expected an int or a ({self.B},) tensor, got shape {tuple(t.shape)}")
         if t.device.type != "cpu" and t.device != self.device:
-            raise ValueError(f"{name}: expected a tensor on cpu or {self.device}, got {t.device}")
+            raise ValueError(f"{name}: expected a tensor on {self._host_or_x()}, got {t.device}")
         t = t.to(self.device, torch.int64).reshape(-1)
         self._require((t >= lo) & (t < T), f"{name}: expected {lo} <= {name} < {T} (schedule length)")
         return t
+
+    def _host_or_x(self) -> str:
+        return "cpu" if self.device.type == "cpu" else f"cpu or {self.device}"
 
     def _require(self, ok: torch.Tensor, message: str) -> None:
         if ok.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -482,3 +482,11 @@ def test_numpy_integers_for_integer_arguments():
         fastdiff.DDPMSchedule(T=True)
     with pytest.raises(ValueError, match="k: expected an int"):
         fastdiff.nearest_neighbors(x, data, k=2.0)
+
+
+def test_meta_per_sample_value_message():
+    x, m = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"sigma: expected a tensor on cpu, got meta"):
+        fastdiff.euler_step(x, m, torch.ones(4, device="meta"), 0.5)
+    with pytest.raises(ValueError, match=r"t: expected a tensor on cpu, got meta"):
+        fastdiff.ddpm_step(x, m, torch.ones(4, dtype=torch.long, device="meta"), S)
