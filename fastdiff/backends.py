@@ -297,8 +297,14 @@ class _FusedStepFunction(torch.autograd.Function):
 def _needs_grad(out, ins, coefs, noise) -> bool:
     if not torch.is_grad_enabled():
         return False
-    ts = [out, *ins] + [t for t in (noise, coefs) if isinstance(t, torch.Tensor)]
-    return any(t.requires_grad for t in ts)
+    if out.requires_grad or (noise is not None and noise.requires_grad):
+        return True
+    if isinstance(coefs, torch.Tensor) and coefs.requires_grad:
+        return True
+    for t in ins:
+        if t.requires_grad:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- torch.library op

@@ -490,3 +490,19 @@ def test_meta_per_sample_value_message():
         fastdiff.euler_step(x, m, torch.ones(4, device="meta"), 0.5)
     with pytest.raises(ValueError, match=r"t: expected a tensor on cpu, got meta"):
         fastdiff.ddpm_step(x, m, torch.ones(4, dtype=torch.long, device="meta"), S)
+
+
+def test_packed_bases_cache_sees_kernel_writes():
+    # the packing cache keys on (id, _version): a kernel write into the bases must invalidate it
+    gen = torch.Generator().manual_seed(1)
+    bases = torch.linalg.qr(torch.randn(2, 6, 2, generator=gen))[0].contiguous()
+    x = torch.randn(4, 6, generator=gen)
+    first = fastdiff.molrg_denoise(x, bases, 0.9, 0.4)
+    new = torch.linalg.qr(torch.randn(2, 6, 2, generator=gen))[0].contiguous()
+    fastdiff.predict_x0(bases, torch.zeros_like(bases), 1.0, 1.0, prediction="x0", out=bases, backend="cpp")
+    assert not bases.any()  # x0 = model_output = 0 (through the C++ kernel)
+    fastdiff.euler_step(bases, new, 1.0, 0.0, prediction="x0", out=bases, backend="cpp")  # = new
+    torch.testing.assert_close(bases, new)
+    again = fastdiff.molrg_denoise(x, bases, 0.9, 0.4)
+    torch.testing.assert_close(again, fastdiff.molrg_denoise(x, new.clone(), 0.9, 0.4))
+    assert not torch.allclose(again, first)
