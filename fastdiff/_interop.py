@@ -126,12 +126,19 @@ FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.fl
 def check_float_dtype(name: str, dtype) -> None:
     """Real floating point only: an int output would truncate, a complex one drop the imaginary part."""
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {dtype}")
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {dtype}")
 
 
 def check_not_meta(name: str, t: torch.Tensor) -> None:
     if t.is_meta:
         raise ValueError(f"{name}: meta tensors hold no data to compute with; expected a cpu or cuda tensor")
+
+
+def check_float_tensor(name: str, t: torch.Tensor) -> None:
+    """A real floating-point tensor that holds data (not int, complex, bool or meta)."""
+    check_float_dtype(name, t.dtype)
+    check_not_meta(name, t)
 
 
 def check_real(name: str, v):

@@ -366,7 +366,8 @@ def _fused_step(
             return out
         tensor_coefs = coefs if isinstance(coefs, torch.Tensor) else None
         scalars = [] if tensor_coefs is not None else [float(v) for v in coefs]
-        res = _FusedStepFunction.apply(backend, out.detach(), tensor_coefs, scalars, noise_mode, noise, seed, offset, *ins)
+        res = _FusedStepFunction.apply(backend, out.detach(), tensor_coefs, scalars, noise_mode, noise, seed, offset,
+                                       *ins)
         out.copy_(res)
         return out
     if torch.compiler.is_compiling():

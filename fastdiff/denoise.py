@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastdiff import backends
-from fastdiff._interop import accepts_arrays, check_float_dtype, check_not_meta, check_real
+from fastdiff._interop import accepts_arrays, check_float_tensor, check_real
 
 __all__ = ["molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "pack_bases"]
 
@@ -40,8 +40,7 @@ CPP_FUSED_MAX_ND_GRAD = 1 << 13
 def _check_x(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
-    check_float_dtype("x", x.dtype)
-    check_not_meta("x", x)
+    check_float_tensor("x", x)
     if x.ndim != 2:
         raise ValueError(f"x: expected shape (B, n), got {tuple(x.shape)}")
     return x
@@ -627,7 +626,8 @@ def gaussian_denoise(x, mean, cov=None, alpha=1.0, sigma=1.0, *, eig=None, outpu
             raise ValueError("cov: expected a symmetric matrix")
         lam, V = torch.linalg.eigh(cov)
     else:
-        lam, V = (torch.as_tensor(check_real(f"eig[{i}]", t), dtype=torch.float64, device=x.device) for i, t in enumerate(eig))
+        lam, V = (torch.as_tensor(check_real(f"eig[{i}]", t), dtype=torch.float64, device=x.device)
+                  for i, t in enumerate(eig))
     if bool((lam < -1e-10 * lam.abs().max()).any()):
         raise ValueError("cov: expected a positive semi-definite matrix (negative eigenvalue)")
     lam = lam.clamp(min=0)

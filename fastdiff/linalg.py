@@ -157,8 +157,8 @@ def _svdvals_rank(A: torch.Tensor, eta: Optional[float], backend: str):
 def svdvals(A, *, backend: str = "auto") -> torch.Tensor:
     """Singular values of a batch ``A`` (..., m, n), descending: (..., min(m, n)) in A's dtype.
 
-    Non-finite matrices give all-NaN rows (module docstring: accuracy per backend).  Where ``A``
-    requires grad, ``torch.linalg.svdvals`` computes S on any backend (the kernels have no backward)."""
+    Non-finite matrices give all-NaN rows (module docstring: accuracy per backend); where A requires
+    grad torch computes S (the kernels have no backward)."""
     A3, batch = _check_matrices(A)
     S, _ = _svdvals_rank(A3, None, backend)
     return S.reshape(*batch, S.shape[-1])

@@ -37,8 +37,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastdiff import backends
-from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_no_partial_overlap,
-                               check_not_meta, check_out_writable)
+from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_float_tensor,
+                               check_no_partial_overlap, check_not_meta, check_out_writable)
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 
@@ -72,8 +72,7 @@ class _Call:
     def __init__(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
-        _check_float_dtype("x", x.dtype)
-        check_not_meta("x", x)
+        check_float_tensor("x", x)
         if x.ndim < 1:
             raise ValueError("x: expected a tensor of shape (B, ...), got a 0-d tensor")
         self.x = x

@@ -72,7 +72,8 @@ def supported(den, x: torch.Tensor, backend: str) -> Tuple[bool, str]:
         return False, why
     if torch.is_grad_enabled() and (x.requires_grad or any(_requires_grad(m) for m in models)):
         # the kernel overwrites its state through a raw pointer: the graph would say dx_T/dx = I
-        return False, "x or the denoiser's tensors require grad, and the fused kernel has no backward (the loop keeps the graph)"
+        return False, ("x or the denoiser's tensors require grad, and the fused kernel has no backward "
+                       "(the loop keeps the graph)")
     if impl == "triton":
         from fastdiff.kernels.trajectory import fits
 
