@@ -356,14 +356,16 @@ def _fused_step(
     noise_mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox else NOISE_NONE)
     if noise_mode == NOISE_PHILOX and offset % 4:
         raise ValueError(f"offset: the Philox window must start on a quad (multiple of 4), got {offset}")
+    if torch.compiler.is_compiling() and _needs_grad(out, ins, coefs, noise):
+        # the registered op has no autograd formula: traced code that needs a gradient runs the
+        # pure torch step, which torch differentiates
+        rows = coefs.shape[0] if isinstance(coefs, torch.Tensor) else 1
+        _fused_step_torch(out, list(ins), coefs, max(out.numel() // rows, 1), noise_mode, noise, seed, offset)
+        return out
     if backend != "torch" and _needs_grad(out, ins, coefs, noise):
         # the kernels write through raw pointers, invisible to autograd: run them inside an
-        # autograd.Function (traced code: the pure torch step, which torch differentiates), then
-        # copy into out, so out= joins the graph exactly as the torch backend's out.copy_ does
-        if torch.compiler.is_compiling():
-            rows = coefs.shape[0] if isinstance(coefs, torch.Tensor) else 1
-            _fused_step_torch(out, list(ins), coefs, max(out.numel() // rows, 1), noise_mode, noise, seed, offset)
-            return out
+        # autograd.Function, then copy into out, so out= joins the graph exactly as the torch
+        # backend's out.copy_ does
         tensor_coefs = coefs if isinstance(coefs, torch.Tensor) else None
         scalars = [] if tensor_coefs is not None else [float(v) for v in coefs]
         res = _FusedStepFunction.apply(backend, out.detach(), tensor_coefs, scalars, noise_mode, noise, seed, offset,

@@ -409,10 +409,11 @@ def test_fused_sample_keeps_the_graph(what):
         fastdiff.sample(MoLRG(bases), x, sched, "ddim", steps=5, backend="cpp", fused=True, progress=False)
 
 
-def test_compiled_step_with_grad_matches_eager():
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_compiled_step_with_grad_matches_eager(backend):
     # traced code with an input that requires grad differentiates the torch step
     def f(x, m, s):
-        return fastdiff.euler_step(x, m, s, 0.5, backend="cpp")
+        return fastdiff.euler_step(x, m, s, 0.5, backend=backend)
 
     x, m = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
     s = torch.tensor([1.0, 0.8, 1.2, 0.9], requires_grad=True)
