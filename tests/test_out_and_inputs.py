@@ -520,3 +520,21 @@ def test_molrg_jacobian_rank_svals_gradient_matches_torch():
         (S * torch.linspace(0.1, 1.0, 6)).sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients_match_torch(dtype):
+    if not backends.available()["cpp"][0]:
+        pytest.skip("cpp not available")
+    grads = []
+    for b in ("torch", "cpp"):
+        gen = torch.Generator().manual_seed(4)
+        x = torch.randn(4, 6, generator=gen).to(dtype).requires_grad_(True)
+        m = torch.randn(4, 6, generator=gen).to(dtype).requires_grad_(True)
+        sig = torch.tensor([1.0, 0.7, 1.3, 0.9], requires_grad=True)
+        y = fastdiff.euler_ancestral_step(x, m, sig, 0.5, generator=fastdiff.Generator(3), backend=b)
+        assert y.dtype == dtype
+        (y.float() * torch.linspace(-1, 1, 24).reshape(4, 6)).sum().backward()
+        grads.append((x.grad, m.grad, sig.grad))
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-2, atol=1e-2)
