@@ -27,7 +27,7 @@ import torch
 from torch.autograd import forward_ad
 
 from fastdiff import backends
-from fastdiff._interop import accepts_arrays
+from fastdiff._interop import accepts_arrays, check_float_tensor, check_real
 
 __all__ = ["molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "pack_bases"]
 
@@ -45,8 +45,7 @@ CPP_MAX_K = 1024
 def _check_x(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    check_float_tensor("x", x)
     if x.ndim != 2:
         raise ValueError(f"x: expected shape (B, n), got {tuple(x.shape)}")
     return x
@@ -705,7 +704,7 @@ def gaussian_denoise(x, mean, cov=None, alpha=1.0, sigma=1.0, *, eig=None, outpu
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
     B, n = x.shape
-    mean = torch.as_tensor(mean, device=x.device)
+    mean = torch.as_tensor(check_real("mean", mean), device=x.device)
     _check_finite("mean", mean)
     mean = mean.to(x.dtype).reshape(-1)
     if mean.numel() != n:
@@ -713,7 +712,7 @@ def gaussian_denoise(x, mean, cov=None, alpha=1.0, sigma=1.0, *, eig=None, outpu
     if eig is None:
         if cov is None:
             raise ValueError("cov: required unless eig=(eigenvalues, eigenvectors) is given")
-        cov = torch.as_tensor(cov, device=x.device)
+        cov = torch.as_tensor(check_real("cov", cov), device=x.device)
         _check_finite("cov", cov)
         cov_dtype, cov = cov.dtype, cov.to(torch.float64)
         if cov.shape != (n, n):
@@ -722,7 +721,7 @@ def gaussian_denoise(x, mean, cov=None, alpha=1.0, sigma=1.0, *, eig=None, outpu
             raise ValueError("cov: expected a symmetric matrix")
         lam, V = torch.linalg.eigh(cov)
     else:
-        lam, V = (torch.as_tensor(t, device=x.device) for t in eig)
+        lam, V = (torch.as_tensor(check_real(f"eig[{i}]", t), device=x.device) for i, t in enumerate(eig))
         _check_finite("eig", lam), _check_finite("eig", V)
         cov_dtype, lam, V = lam.dtype, lam.to(torch.float64), V.to(torch.float64)
     lam = psd_eigenvalues(lam, cov_dtype)
@@ -764,6 +763,7 @@ def empirical_denoise(x, data, alpha, sigma, *, output: str = "x0", chunk: Optio
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
     if not isinstance(data, torch.Tensor) or data.ndim != 2:
         raise ValueError(f"data: expected an (N, n) tensor, got {getattr(data, 'shape', type(data).__name__)}")
+    check_real("data", data)
     B, n = x.shape
     N = data.shape[0]
     if data.shape[1] != n:
@@ -817,11 +817,13 @@ def nearest_neighbors(x, data, k: int = 2, *, chunk: Optional[int] = None) -> Tu
     x = _check_x(x)
     if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[1] != x.shape[1]:
         raise ValueError(f"data: expected an (N, {x.shape[1]}) tensor, got {getattr(data, 'shape', type(data).__name__)}")
+    check_real("data", data)
     if data.device != x.device:
         raise ValueError(f"data: expected a tensor on {x.device} (the device of x), got {data.device}")
     N = data.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= N:  # np.int64 is an int too
         raise ValueError(f"k: expected an int in [1, N = {N}], got {k!r}")
+    k = int(k)
     B, n = x.shape
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     y64 = data.double()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fastdiff import backends
-from fastdiff._interop import accepts_arrays
+from fastdiff._interop import accepts_arrays, check_not_meta
 from fastdiff.denoise import _check_x, _molrg_inputs, _segment_ops, _tensor_key, cache_get, cache_put, molrg_params
 
 __all__ = ["svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
@@ -51,6 +51,7 @@ def _check_matrices(A, name: str = "A") -> Tuple[torch.Tensor, Tuple[int, ...]]:
         raise TypeError(f"{name}: expected a torch.Tensor, NumPy or CuPy array, got {type(A).__name__}")
     if not A.is_floating_point():
         raise TypeError(f"{name}: expected a real floating-point tensor, got {A.dtype}")
+    check_not_meta(name, A)
     if A.ndim < 2:
         raise ValueError(f"{name}: expected a batch of matrices (..., m, n), got shape {tuple(A.shape)}")
     m, n = A.shape[-2:]
@@ -143,6 +144,8 @@ _IMPLS = {"torch": _svdvals_rank_torch, "cpp": _svdvals_rank_cpp, "triton": _svd
 def _svdvals_rank(A: torch.Tensor, eta: Optional[float], backend: str):
     """(B, m, n) -> (S (B, N) in A's dtype, rank (B,) or None)."""
     impl = _svd_backend(backend, A)
+    if impl != "torch" and A.requires_grad and torch.is_grad_enabled():
+        impl = "torch"  # the SVD kernels have no backward (their S would come out detached)
     ct = A.dtype if A.dtype in _COMPUTE_DTYPES else torch.float32
     S, rank = _IMPLS[impl](A.to(ct).contiguous(), eta)
     return S.to(A.dtype), rank
@@ -153,7 +156,8 @@ def _svdvals_rank(A: torch.Tensor, eta: Optional[float], backend: str):
 def svdvals(A, *, backend: str = "auto") -> torch.Tensor:
     """Singular values of a batch ``A`` (..., m, n), descending: (..., min(m, n)) in A's dtype.
 
-    Non-finite matrices give all-NaN rows (module docstring: accuracy per backend)."""
+    Non-finite matrices give all-NaN rows (module docstring: accuracy per backend); where A requires
+    grad torch computes S (the kernels have no backward)."""
     A3, batch = _check_matrices(A)
     S, _ = _svdvals_rank(A3, None, backend)
     return S.reshape(*batch, S.shape[-1])
@@ -501,6 +505,9 @@ def molrg_jacobian_rank(x, bases, alpha, sigma, *, eta: float = 0.99, pi=None, t
     A, (e, soft), U, x, ucat, dims = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
                                                   output)
     B, n = x.shape
+    if B == 0:  # an empty batch: nothing to rank (the segment sums below cannot reshape it)
+        rank = torch.zeros(0, dtype=torch.int64, device=x.device)
+        return (rank, x.new_zeros(0, n)) if return_svals else rank
     Q, R, G = _range_basis(ucat, dims)
     r = Q.shape[1]
     # small = R M R^T from M's structure, O(B K r^2) instead of two (r, D) x (D, D) products:

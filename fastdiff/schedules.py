@@ -6,6 +6,7 @@ never copies a schedule host -> device (a step stays CUDA-graph safe).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Tuple
 
 import torch
@@ -61,8 +62,9 @@ class DDPMSchedule(_Schedule):
     def __init__(self, beta_min: float = 1e-4, beta_max: float = 1e-2, T: int = 1000, *, betas=None):
         super().__init__()
         if betas is None:
-            if not isinstance(T, int) or T < 1:
+            if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:  # np.int64 is an int
                 raise ValueError(f"T: expected a positive int, got {T!r}")
+            T = int(T)
             for name, v in (("beta_min", beta_min), ("beta_max", beta_max)):
                 if not math.isfinite(v) or not 0.0 < v < 1.0:
                     raise ValueError(f"{name}: expected a finite value in (0, 1), got {v!r}")
@@ -117,8 +119,9 @@ class KarrasSchedule(_Schedule):
 
     def __init__(self, n: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
         super().__init__()
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # np.int64 is an int
             raise ValueError(f"n: expected a positive int, got {n!r}")
+        n = int(n)
         for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
             if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name}: expected a finite positive value, got {v!r}")

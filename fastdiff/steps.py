@@ -4,7 +4,7 @@ Every step here is, per sample, an affine combination of its input tensors and o
 draw: ``x_next = a x + c m + s z`` (Heun's corrector reads four tensors, classifier-free
 guidance splits ``m`` into its unconditional and conditional halves).  Each function computes
 its per-sample coefficients ``(a, c, s)`` in float64 from the schedule and the prediction type,
-then makes **one** pass over memory with :func:`fastdiff.backends.fused_step`: 2 reads and 1
+then makes **one** pass over memory with :func:`fastdiff.backends._fused_step`: 2 reads and 1
 write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's dtype.
 
 Conventions shared by every step:
@@ -19,7 +19,10 @@ Conventions shared by every step:
 - Noise: ``noise=`` (a tensor like ``x``, for bitwise agreement with code that draws its own)
   or ``generator=`` (:class:`fastdiff.Generator`; default :data:`fastdiff.default_generator`),
   whose Philox stream is drawn inside the kernel and advanced by ``x.numel()``.
-- ``out=`` writes in place (``out=x`` is allowed); ``backend=`` forces a backend.
+- ``out=`` writes in place and is returned (a NumPy ``out=`` comes back as that same array).  It
+  may be an input exactly (``out=x``) or share no memory with the inputs; a partial overlap, a
+  read-only NumPy array, an inference tensor outside inference mode or a leaf that requires grad
+  raises ``ValueError``.  ``backend=`` forces a backend.
 - Invalid Python/CPU arguments raise ``ValueError``/``TypeError`` naming the argument.  Per-sample
   values on a CUDA device are not checked on the host (that would synchronize); an invalid
   entry makes that sample's output NaN instead, so nothing is silently wrong.
@@ -28,12 +31,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from fastdiff import backends
-from fastdiff._interop import accepts_arrays
+from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_float_tensor,
+                               check_no_partial_overlap, check_not_meta, check_out_writable)
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 
@@ -67,14 +72,14 @@ class _Call:
     def __init__(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        check_float_tensor("x", x)
         if x.ndim < 1:
             raise ValueError("x: expected a tensor of shape (B, ...), got a 0-d tensor")
         self.x = x
         self.B = x.shape[0]
         self.device = x.device
         self.invalid: Optional[torch.Tensor] = None  # device-side validity failures (per sample)
+        self.inputs: List[Tuple[str, torch.Tensor]] = [("x", x)]  # what out= must not partially overlap
 
     # ---- tensors
     def like_x(self, name: str, t) -> torch.Tensor:
@@ -86,6 +91,8 @@ class _Call:
             raise TypeError(f"{name}: expected dtype {self.x.dtype} (the dtype of x), got {t.dtype}")
         if t.device != self.device:
             raise ValueError(f"{name}: expected a tensor on {self.device} (the device of x), got {t.device}")
+        if name != "out":
+            self.inputs.append((name, t))
         return t
 
     def model_output(self, name: str, m, guidance) -> List[Tuple[torch.Tensor, Num]]:
@@ -115,12 +122,12 @@ class _Call:
             if min_value is not None and (v <= min_value if strict else v < min_value):
                 raise ValueError(f"{name}: expected {name} {'>' if strict else '>='} {min_value}, got {v}")
             return v
-        if not v.is_floating_point():
-            v = v.to(torch.float64)
+        if v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{name}: expected real numbers (a float or integer tensor), got dtype {v.dtype}")
         if v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, self.B)):
             raise ValueError(f"{name}: expected a scalar or a ({self.B},) tensor (one per sample), got shape {tuple(v.shape)}")
         if v.device.type != "cpu" and v.device != self.device:
-            raise ValueError(f"{name}: expected a tensor on cpu or {self.device}, got {v.device}")
+            raise ValueError(f"{name}: expected a tensor on {self._host_or_x()}, got {v.device}")
         v = v.to(self.device, torch.float64).reshape(-1)
         ok = torch.isfinite(v)
         if min_value is not None:
@@ -146,10 +153,13 @@ class _Call:
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.B)):
             raise ValueError(f"{name}: expected an int or a ({self.B},) tensor, got shape {tuple(t.shape)}")
         if t.device.type != "cpu" and t.device != self.device:
-            raise ValueError(f"{name}: expected a tensor on cpu or {self.device}, got {t.device}")
+            raise ValueError(f"{name}: expected a tensor on {self._host_or_x()}, got {t.device}")
         t = t.to(self.device, torch.int64).reshape(-1)
         self._require((t >= lo) & (t < T), f"{name}: expected {lo} <= {name} < {T} (schedule length)")
         return t
+
+    def _host_or_x(self) -> str:
+        return "cpu" if self.device.type == "cpu" else f"cpu or {self.device}"
 
     def _require(self, ok: torch.Tensor, message: str) -> None:
         if ok.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -174,10 +184,13 @@ class _Call:
         x = self.x
         if out is not None:
             self.like_x("out", out)
-        if x.numel() == 0:
-            return out if out is not None else torch.empty_like(x)
+            check_out_writable(out)
         if noise is not None:
             self.like_x("noise", noise)
+        if out is not None:
+            check_no_partial_overlap(out, self.inputs)
+        if x.numel() == 0:
+            return out if out is not None else torch.empty_like(x)
         if generator is not None and not isinstance(generator, Generator):
             raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
         # merge repeated tensors (x appears in several terms) so each is read once
@@ -208,7 +221,7 @@ class _Call:
         if wants_noise and noise is None:
             gen = generator if generator is not None else default_generator
             seed, offset, philox = gen.seed, gen.draw(x.numel()), True
-        backends.fused_step(
+        backends._fused_step(
             target.view(-1), flat, packed,
             noise=(noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().view(-1)) if (wants_noise and noise is not None) else None,
             seed=seed, offset=offset, philox=philox, backend=backend,
@@ -508,20 +521,51 @@ def predict_x0(x, model_output, alpha, sigma, *, prediction: str = "eps", guidan
     return call.launch(_terms(x, mterms, 0.0, x0_form, 1.0), out=out, backend=backend)
 
 
+@accepts_arrays
 def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, device="cpu", out=None,
           backend: str = "auto") -> torch.Tensor:
-    """Normals from the shared Philox stream (the noise every fused step draws), advancing ``generator``."""
+    """Normals from the shared Philox stream (the noise every fused step draws), advancing ``generator``.
+
+    ``shape``: non-negative ints (or one tuple of them); with ``out=`` (a tensor or NumPy array,
+    written and returned) it may be omitted, else it must be ``out``'s shape.  ``dtype``: one of
+    float16, bfloat16, float32, float64 (``out``'s own dtype when ``out`` is given).
+    """
     if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
         shape = tuple(shape[0])
+    shape = tuple(_dim(i, v) for i, v in enumerate(shape))
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
     if out is None:
+        _check_float_dtype("dtype", dtype)
+        device = torch.device(device)
+        if device.type == "meta":
+            raise ValueError("device: meta tensors hold no data to compute with; expected a cpu or cuda device")
         out = torch.empty(shape, dtype=dtype, device=device)
-    elif not out.is_contiguous():
-        raise ValueError("out: expected a contiguous tensor")
+    else:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a tensor or NumPy array, got {type(out).__name__}")
+        _check_float_dtype("out", out.dtype)
+        check_not_meta("out", out)
+        if shape and shape != tuple(out.shape):
+            raise ValueError(f"out: expected shape {shape} (the shape asked for), got {tuple(out.shape)}")
+        if not out.is_contiguous():
+            raise ValueError("out: expected a contiguous tensor")
+        check_out_writable(out)
     if out.numel() == 0:
         return out
     gen = generator if generator is not None else default_generator
-    if generator is not None and not isinstance(generator, Generator):
-        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
-    backends.fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
-                        backend=backend)
+    backends._fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
+                         backend=backend)
     return out
+
+
+def _dim(i: int, v) -> int:
+    if isinstance(v, bool) or isinstance(v, float):
+        raise TypeError(f"shape: expected ints, got {type(v).__name__} {v!r} at position {i}")
+    try:
+        v = operator.index(v)  # int, np.int64, 0-d integer tensor
+    except TypeError:
+        raise TypeError(f"shape: expected ints, got {type(v).__name__} at position {i}") from None
+    if v < 0:
+        raise ValueError(f"shape: expected non-negative sizes, got {v} at position {i}")
+    return v

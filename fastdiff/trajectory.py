@@ -37,6 +37,11 @@ def _models(den) -> Optional[List[MoLRG]]:
     return models if isinstance(models, list) and all(isinstance(m, MoLRG) for m in models) else None
 
 
+def _requires_grad(model: MoLRG) -> bool:
+    vals = list(vars(model).values()) + list(getattr(model, "bases", []))
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals)
+
+
 def _impl(x: torch.Tensor, backend: str) -> Tuple[Optional[str], str]:
     """The kernel that runs here, or (None, why not)."""
     if backend not in backends.BACKENDS:
@@ -67,6 +72,10 @@ def supported(den, x: torch.Tensor, backend: str) -> Tuple[bool, str]:
         return False, why
     if impl == "cpp" and len(models[0].dims) > CPP_MAX_K:
         return False, f"the C++ trajectory kernel takes K <= {CPP_MAX_K} components, got {len(models[0].dims)}"
+    if torch.is_grad_enabled() and (x.requires_grad or any(_requires_grad(m) for m in models)):
+        # the kernel overwrites its state through a raw pointer: the graph would say dx_T/dx = I
+        return False, ("x or the denoiser's tensors require grad, and the fused kernel has no backward "
+                       "(the loop keeps the graph)")
     if impl == "triton":
         from fastdiff.kernels.trajectory import fits
 
