@@ -200,7 +200,8 @@ class Store:
             for i, m in enumerate(metrics):
                 mean, ss, cnt = rec[len(params) + 1 + 3 * i: len(params) + 4 + 3 * i]
                 row[f"{m}_mean"] = nan if mean is None else mean
-                row[f"{m}_se"] = math.sqrt(ss / (cnt - 1) / cnt) if cnt > 1 else nan
+                # ss is NULL where a trial is +-inf (inf - inf): the mean is then inf and the se undefined
+                row[f"{m}_se"] = math.sqrt(ss / (cnt - 1) / cnt) if cnt > 1 and ss is not None else nan
             out.append(row)
         return out
 
