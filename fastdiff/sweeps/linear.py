@@ -251,4 +251,5 @@ register(Experiment(
     batch_key=lambda c: (c["n"], c["T"]),
     instance_cost=lambda c: 1.0 + c["mc_samples"] * c["T"] * c["n"] / 2e5,
     max_cost=4096.0,
+    version=2,   # 2: KL +inf for a singular sampled law, kl_mc_meaningful
 ))

@@ -68,6 +68,7 @@ class Experiment:
     max_cost: float = 4096.0
     description: str = ""
     seed_params: Callable[[Dict], Dict] = lambda cell: cell  # the parameters a cell's stream is keyed by
+    version: int = 1  # bump when a change of the code changes the rows: a store of another version is refused
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -349,6 +350,12 @@ def _run_sweep(experiment, grid, trials, seed, store, executor, address, progres
     seeds = [cell_seed(exp.name, seed, exp.seed_params(c)) for c in cells]
     st = Store(store, exp.name, [(p.name, SQL_TYPES[p.type]) for p in exp.params],
                [(m, SQL_TYPES[t]) for m, t in exp.metrics])
+    try:   # the resume key is (cell, trial): whatever else changes a row must match the store's
+        st.check_settings({"seed": seed, "device": device.split(":")[0], "experiment_version": exp.version},
+                          {cell_key(c): s for c, s in zip(cells, seeds)})
+    except BaseException:
+        st.close()
+        raise
     done = st.finished(cell_key(c) for c in cells)
     batches = [b for b in plan(exp, cells, trials, exp.max_cost * (GPU_BATCH_SCALE if on_gpu else 1))
                if any((cell_key(cells[i]), t) not in done for i in b for t in range(trials))]

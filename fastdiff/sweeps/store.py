@@ -129,6 +129,39 @@ class Store:
         cols = json.loads(meta["columns"])
         return meta["experiment"], [tuple(c) for c in cols["params"]], [tuple(c) for c in cols["metrics"]]
 
+    # ------------------------------------------------------------------ run settings
+    def check_settings(self, settings: Dict[str, object], cell_seeds: Dict[str, int]) -> None:
+        """Refuse to resume a sweep whose rows would differ from the stored ones.
+
+        The resume key is (cell, trial); everything else that determines a row (the sweep seed, the
+        device type, the experiment's version) is ``settings``, recorded in ``meta`` by the first run
+        and compared on every later one: a mismatch raises ``ValueError`` naming the store and what
+        differs (mixing them would return, or silently blend, another sweep's table).  A store from
+        before this record is checked through its rows' ``seed`` column against ``cell_seeds``
+        (``{cell: seed}`` of this run)."""
+        want = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
+        if row is not None:
+            have = json.loads(row[0])
+            diff = [f"{k}={have.get(k)!r} (this run: {settings.get(k)!r})" for k in sorted(set(have) | set(settings))
+                    if have.get(k) != settings.get(k)]
+            if diff:
+                raise ValueError(f"store: {self.path} holds a sweep run with other settings: {', '.join(diff)}; "
+                                 "its rows would not be this run's. Use another --store path, or the stored settings")
+            return
+        for cell, seed in self._db.execute("SELECT cell, MIN(seed) FROM results GROUP BY cell"):
+            if cell in cell_seeds and cell_seeds[cell] != seed:
+                raise ValueError(f"store: {self.path} holds rows of another sweep seed (cell {cell} has cell seed "
+                                 f"{seed}, this run derives {cell_seeds[cell]}); use another --store path or "
+                                 "the stored --seed")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)", (want,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     # ------------------------------------------------------------------ rows
     def finished(self, cells: Optional[Iterable[str]] = None) -> Set[Tuple[str, int]]:
         """The stored ``(cell, trial)`` pairs (of ``cells`` if given)."""
