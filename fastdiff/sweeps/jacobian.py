@@ -88,5 +88,8 @@ register(Experiment(
     batch_key=lambda c: (c["n"], c["K"], c["d"], c["steps"], c["samples"], c["eta"]),
     seed_params=lambda c: {k: v for k, v in c.items() if k != "level"},
     instance_cost=lambda c: c["samples"] / 64.0,
+    # trajectories (samples x n) over the levels, the bases, per-sample K d x K d Gram matrices
+    instance_bytes=lambda c: 8.0 * (4 * c["samples"] * c["n"] * c["steps"] + 2 * c["K"] * c["n"] * c["d"]
+                                    + c["samples"] * (c["K"] * c["d"]) ** 2),
     max_cost=4096.0,
 ))

@@ -250,6 +250,9 @@ register(Experiment(
     check=_check,
     batch_key=lambda c: (c["n"], c["T"]),
     instance_cost=lambda c: 1.0 + c["mc_samples"] * c["T"] * c["n"] / 2e5,
+    # data (N x n), covariance and eigenvectors (n x n), the (T, n) test-loss terms, the float32 MC chains
+    instance_bytes=lambda c: 8.0 * (2 * c["N"] * c["n"] + 8 * c["n"] ** 2 + 3 * c["T"] * c["n"])
+                             + 28.0 * c["mc_samples"] * c["n"],
     max_cost=4096.0,
     version=2,   # 2: KL +inf for a singular sampled law, kl_mc_meaningful
 ))

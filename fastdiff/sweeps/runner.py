@@ -68,6 +68,7 @@ class Experiment:
     max_cost: float = 4096.0
     description: str = ""
     seed_params: Callable[[Dict], Dict] = lambda cell: cell  # the parameters a cell's stream is keyed by
+    instance_bytes: Callable[[Dict], float] = lambda cell: 0.0  # estimated peak memory of one instance
     version: int = 1  # bump when a change of the code changes the rows: a store of another version is refused
 
     def param(self, name: str) -> Param:
@@ -96,13 +97,19 @@ def get_experiment(name: str) -> Experiment:
 
 
 # --------------------------------------------------------------------------- grids
+MAX_CELLS = 10 ** 6          # cells of one grid (and values of one parameter): beyond, a typo, not a sweep
+MAX_CELL_BYTES = 16 * 2 ** 30  # estimated peak memory of one cell's trials (they run as one batch)
+
+
 def parse_values(name: str, text, typ: type) -> List:
     """Values of one parameter from text: ``"5"``, ``"1,2,4"``, ``"1:12"`` (inclusive), ``"2:48:2"``
     (start:stop:step, inclusive), or a mix ``"1:4,8"``; a list or scalar is taken as given."""
     if not isinstance(text, str):
+        if isinstance(text, (list, tuple, range)) and len(text) > MAX_CELLS:
+            raise ValueError(f"--{name}: {len(text)} values, more than a sweep's cap of {MAX_CELLS} cells")
         vals = list(text) if isinstance(text, (list, tuple, range)) else [text]
     else:
-        vals = []
+        vals, total = [], 0
         for part in text.split(","):
             part = part.strip()
             if not part:
@@ -120,17 +127,41 @@ def parse_values(name: str, text, typ: type) -> List:
                 if stop < start:
                     raise ValueError(f"--{name}: inverted range {part!r} (stop {stop} < start {start})")
                 count = int(math.floor((stop - start) / step + 1e-9)) + 1
-                vals += [typ(start + i * step) if typ is int else round(start + i * step, 12) for i in range(count)]
+                total += count
+                if total > MAX_CELLS:   # counted before anything is built: 1:2000000000 is refused, not allocated
+                    raise ValueError(f"--{name}: {text!r} has {total} values, more than a sweep's cap of "
+                                     f"{MAX_CELLS} cells")
+                vals.append((start, step, count))
             else:
+                total += 1
                 vals.append(_convert(name, part, typ))
-    out = []
-    for v in vals:
+        vals = [v for part in vals for v in (_expand(part, typ) if isinstance(part, tuple) else (part,))]
+    if len(vals) > MAX_CELLS:
+        raise ValueError(f"--{name}: {len(vals)} values, more than a sweep's cap of {MAX_CELLS} cells")
+    out, seen = [], set()
+    for v in vals:   # first occurrence kept, in order; a set makes it O(n)
         v = _convert(name, v, typ)
-        if v not in out:
+        if v not in seen:
+            seen.add(v)
             out.append(v)
     if not out:
         raise ValueError(f"--{name}: empty list of values")
     return out
+
+
+def _expand(part, typ):
+    start, step, count = part
+    return [typ(start + i * step) if typ is int else round(start + i * step, 12) for i in range(count)]
+
+
+def _float_integer(v: str) -> bool:
+    if v.strip().lstrip("+-").isdigit():
+        return False
+    try:
+        f = float(v)
+    except ValueError:
+        return False
+    return math.isfinite(f) and f.is_integer()
 
 
 def _convert(name, v, typ):
@@ -142,6 +173,9 @@ def _convert(name, v, typ):
                 return False
             raise ValueError(f"--{name}: expected true/false, got {v!r}")
         return bool(v)
+    if typ is int and isinstance(v, str) and _float_integer(v):
+        # 1e8 is refused rather than read as 100000000: an integer parameter is written as one
+        raise ValueError(f"--{name}: expected int values written as integers (e.g. {int(float(v))}), got {v!r}")
     try:
         if typ is int:
             if isinstance(v, float) and not v.is_integer():
@@ -173,6 +207,10 @@ def build_grid(exp: Experiment, values: Dict[str, object]) -> Tuple[List[Dict], 
             if bad:
                 raise ValueError(f"--{p.name}: expected values in {list(p.choices)}, got {bad[0]!r}")
         lists.append(vals)
+    size = math.prod(len(v) for v in lists)
+    if size > MAX_CELLS:
+        raise ValueError(f"{exp.name}: the grid has {size} cells ({' x '.join(str(len(v)) for v in lists)}), more "
+                         f"than the cap of {MAX_CELLS}")
     cells, skipped = [], []
     for combo in itertools.product(*lists):
         cell = dict(zip([p.name for p in exp.params], combo))
@@ -309,6 +347,16 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
                           workers, device)
 
 
+def _check_memory(exp, cells, trials):
+    """Refuse a cell whose ``trials`` instances (one batch) would need more than ``MAX_CELL_BYTES``."""
+    worst = max(cells, key=exp.instance_bytes)
+    need = trials * exp.instance_bytes(worst)
+    if need > MAX_CELL_BYTES:
+        raise ValueError(f"{exp.name}: cell {worst} needs about {need / 2 ** 30:.1f} GiB for its {trials} trials "
+                         f"({exp.instance_bytes(worst) / 2 ** 20:.0f} MiB each), more than the cap of "
+                         f"{MAX_CELL_BYTES / 2 ** 30:.0f} GiB; use smaller sizes or fewer --trials")
+
+
 GPU_BATCH_SCALE = 16  # batch cost budget on a GPU relative to the experiment's (CPU-tuned) max_cost
 
 
@@ -347,6 +395,7 @@ def _run_sweep(experiment, grid, trials, seed, store, executor, address, progres
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     cells, _ = build_grid(exp, grid or {})         # every input error is raised before the store is touched
+    _check_memory(exp, cells, trials)
     seeds = [cell_seed(exp.name, seed, exp.seed_params(c)) for c in cells]
     st = Store(store, exp.name, [(p.name, SQL_TYPES[p.type]) for p in exp.params],
                [(m, SQL_TYPES[t]) for m, t in exp.metrics])

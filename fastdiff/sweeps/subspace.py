@@ -576,5 +576,8 @@ register(Experiment(
     batch_key=_batch_key,
     applicable=_applicable,
     instance_cost=_cost,
+    # data (N x n) and its copies, the bases, the N x n min(N, n) factorisation, assignments per restart
+    instance_bytes=lambda c: 8.0 * (4 * c["N"] * c["n"] + 4 * c["K"] * c["n"] * c["d"] + c["n"] * min(c["N"], c["n"])
+                                    + c["N"] * c["K"] * c["restarts"]),
     max_cost=1024.0,  # measured: 1024 beats 4096 (less padding of N) and 256 (more per-batch overhead)
 ))
