@@ -13,13 +13,13 @@ import math
 import os
 from typing import Dict, List, Tuple
 
-from fastdiff.sweeps.store import Store
+from fastdiff.sweeps.store import Store, atomic_write
 
 __all__ = ["plot_store"]
 
 
 def _write_csv(path, rows):
-    with open(path, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -37,7 +37,8 @@ def _figure_class():
 
 def _save(fig, path):
     # zlib level 1: a third of the default's encode time, for a PNG a few percent larger
-    fig.savefig(path, dpi=110, pil_kwargs={"compress_level": 1})
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", pil_kwargs={"compress_level": 1})
 
 
 def _panels(agg, params, fixed):

@@ -409,6 +409,10 @@ def _run_sweep(experiment, grid, trials, seed, store, executor, address, progres
     batches = [b for b in plan(exp, cells, trials, exp.max_cost * (GPU_BATCH_SCALE if on_gpu else 1))
                if any((cell_key(cells[i]), t) not in done for i in b for t in range(trials))]
     total = sum(len(b) for b in batches) * trials
+    # what a resumed run did, for the caller to say (cells of partly stored batches are recomputed)
+    st.cells_total = len(cells)
+    st.cells_computed = sum(len(b) for b in batches)
+    st.cells_in_store = sum(all((cell_key(c), t) in done for t in range(trials)) for c in cells)
     vers = versions()
     bar = tqdm(total=total, desc=f"{exp.name} ({executor}, {device})", unit="inst", disable=not progress,
                smoothing=0.05)

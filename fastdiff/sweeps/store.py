@@ -16,15 +16,17 @@ which experiment and columns it was created for and refuses to be reused by anot
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import operator
 import os
+import pathlib
 import sqlite3
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["Store", "SCHEMA_VERSION", "cell_key"]
+__all__ = ["Store", "SCHEMA_VERSION", "cell_key", "atomic_write"]
 
 SCHEMA_VERSION = 1
 SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bool: "INTEGER"}
@@ -62,10 +64,23 @@ class Store:
                 q += "_"
             seen.add(q.lower())
             self._sql[c] = q
+        self.cells_total = self.cells_computed = self.cells_in_store = 0   # set by run_sweep
         parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
+        if os.path.isdir(self.path):
+            raise ValueError(f"store: {self.path} is a directory, expected an .sqlite file")
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"store: cannot create the directory of {self.path} ({e.filename}: {e.strerror})") from None
+        if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, "rb") as f:   # SQLite would take a short non-database file as an empty one
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise ValueError(_not_a_store(self.path, "not an SQLite file"))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error as e:
+            raise ValueError(f"store: cannot open {self.path} ({e})") from None
         # bound parameters per statement (999 before SQLite 3.32, 32766 since; getlimit: Python >= 3.11)
         self._max_variables = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) \
             if hasattr(self._db, "getlimit") else 999
@@ -75,6 +90,12 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._open_or_create()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise ValueError(_not_a_store(self.path, e)) from None
+        except sqlite3.Error as e:   # unwritable directory or file, full disk, locked
+            self._db.close()
+            raise ValueError(f"store: cannot open {self.path} ({_cause(e)})") from None
         except BaseException:
             self._db.close()
             raise
@@ -99,7 +120,7 @@ class Store:
                                  f"({meta.get('columns')}); use another --store path")
             return
         if tables:
-            raise ValueError(f"store: {self.path} is an SQLite file but not a fastdiff sweep store (tables {sorted(tables)})")
+            raise ValueError(_not_a_store(self.path, f"an SQLite file with tables {sorted(tables)}"))
         cols = ", ".join(f'"{self._sql[n]}" {t}' for n, t in self.params + self.metrics + list(RUN_COLUMNS))
         db.execute("BEGIN")
         try:
@@ -111,7 +132,7 @@ class Store:
                        "PRIMARY KEY (cell, trial))")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     @staticmethod
@@ -119,15 +140,23 @@ class Store:
         """``(experiment, params, metrics)`` recorded in an existing store (for ``fastdiff plot``)."""
         if not os.path.exists(path):
             raise ValueError(f"store: {path} does not exist")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        if os.path.isdir(path):
+            raise ValueError(f"store: {path} is a directory, expected an .sqlite file")
+        # a URI (for mode=ro) percent-encoded by pathlib: '#', '?' and '%' in a path are characters of
+        # the name, not a fragment, a query or an escape (unquoted they opened, and created, another file)
+        try:
+            db = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as e:
+            raise ValueError(f"store: cannot open {path} ({e})") from None
         try:
             meta = dict(db.execute("SELECT key, value FROM meta"))
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"store: {path} is not a fastdiff sweep store ({e})") from None
+            cols = json.loads(meta["columns"])
+            experiment = meta["experiment"]
+        except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(_not_a_store(path, e)) from None
         finally:
             db.close()
-        cols = json.loads(meta["columns"])
-        return meta["experiment"], [tuple(c) for c in cols["params"]], [tuple(c) for c in cols["metrics"]]
+        return experiment, [tuple(c) for c in cols["params"]], [tuple(c) for c in cols["metrics"]]
 
     # ------------------------------------------------------------------ run settings
     def check_settings(self, settings: Dict[str, object], cell_seeds: Dict[str, int]) -> None:
@@ -159,7 +188,7 @@ class Store:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)", (want,))
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            _rollback(self._db)
             raise
 
     # ------------------------------------------------------------------ rows
@@ -192,8 +221,12 @@ class Store:
                 self._db.execute(f"INSERT OR IGNORE INTO results ({quoted}) VALUES " + ", ".join([row] * len(chunk)),
                                  [v for r in chunk for v in r])
             self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:   # disk full, I/O error, read-only: the cause, in one line
+            _rollback(self._db)
+            raise RuntimeError(f"store: writing {self.path} failed ({_cause(e)}); nothing of this batch was "
+                               "written") from e
         except BaseException:
-            self._db.execute("ROLLBACK")
+            _rollback(self._db)
             raise
         return self._db.total_changes - before
 
@@ -266,9 +299,10 @@ class Store:
         if pa is not None:
             import pyarrow.csv
 
-            pyarrow.csv.write_csv(self._arrow(table), path)
+            with atomic_write(path) as tmp:
+                pyarrow.csv.write_csv(self._arrow(table), tmp)
             return path
-        with open(path, "w", newline="") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(self.columns)
             w.writerows(zip(*(table[c] for c in self.columns)))
@@ -280,7 +314,8 @@ class Store:
             raise RuntimeError("export_parquet: needs pyarrow (pip install 'fastdiff[sweeps]' or pip install pyarrow)")
         import pyarrow.parquet as pq
 
-        pq.write_table(self._arrow(self.table() if table is None else table), path)
+        with atomic_write(path) as tmp:
+            pq.write_table(self._arrow(self.table() if table is None else table), tmp)
         return path
 
     def _arrow(self, table: Dict[str, List[object]]):
@@ -288,6 +323,52 @@ class Store:
         arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
         types = {"cell": "TEXT", "trial": "INTEGER", **dict(self.params + self.metrics), **dict(RUN_COLUMNS)}
         return pa.table({c: pa.array(table[c], type=arrow[types[c]]) for c in self.columns})
+
+
+def _not_a_store(path, why) -> str:
+    why = f"missing {why}" if isinstance(why, KeyError) else why
+    return f"store: {path} is not a fastdiff sweep store ({why})"
+
+
+def _cause(e: sqlite3.Error) -> str:
+    """SQLite's message, with the disk-full and read-only cases said plainly."""
+    code = getattr(e, "sqlite_errorname", "")
+    if code == "SQLITE_FULL" or "disk is full" in str(e):
+        return f"disk full: {e}"
+    if code.startswith("SQLITE_READONLY") or code.startswith("SQLITE_CANTOPEN"):
+        return f"not writable: {e}"
+    return str(e)
+
+
+def _rollback(db) -> None:
+    """Roll back if a transaction is open: SQLite has already rolled back after some errors (a full
+    disk), and a failing ROLLBACK ("cannot rollback - no transaction is active") would hide the cause."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+class atomic_write:
+    """``with atomic_write(path) as tmp:`` write the file at ``tmp`` (same directory); on success it
+    replaces ``path`` in one rename, on an exception it is removed: a reader never sees a
+    half-written table, and a failed run leaves no stray file."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        d, base = os.path.split(os.path.abspath(self.path))
+        self.tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp")
+
+    def __enter__(self) -> str:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)
 
 
 def _pyarrow():
