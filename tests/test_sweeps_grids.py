@@ -48,3 +48,24 @@ def test_cell_memory_is_capped_with_its_size(tmp_path):
     for name, exp in sweeps.EXPERIMENTS.items():   # every default grid fits easily
         cells, _ = sweeps.build_grid(exp, {})
         assert max(20 * exp.instance_bytes(c) for c in cells) < runner.MAX_CELL_BYTES / 16, name
+
+
+def test_exported_tables_sort_numbers_as_numbers(tmp_path):
+    """d = 1, 2, 10, 11, not the cell text's 1, 10, 11, 2 (rows CSV, Parquet and the plotted table)."""
+    import csv
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "sweep", "linear-diffusion", "--n", "4", "--N", "11,2,10,100,1",
+                        "--T", "10", "--trials", "2", "--out", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "linear-diffusion.rows.csv") as f:
+        rows = [(int(x["N"]), int(x["trial"])) for x in csv.DictReader(f)]
+    assert rows == [(N, t) for N in (1, 2, 10, 11, 100) for t in (0, 1)]
+    if (tmp_path / "linear-diffusion.csv").exists():
+        with open(tmp_path / "linear-diffusion.csv") as f:
+            assert [int(x["N"]) for x in csv.DictReader(f)] == [1, 2, 10, 11, 100]
+    with sweeps.Store(str(tmp_path / "linear-diffusion.sqlite"), "linear-diffusion",
+                      *sweeps.Store.read_experiment(str(tmp_path / "linear-diffusion.sqlite"))[1:]) as st:
+        assert [r["N"] for r in st.aggregate()] == [1, 2, 10, 11, 100]

@@ -59,7 +59,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 def _check(c: Dict) -> None:
     for name in ("n", "K", "d", "samples"):
         if c[name] < 1:
-            raise ValueError(f"--{name}: expected {name} >= 1, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
     if c["K"] * c["d"] > c["n"]:
         raise ValueError(f"--K/--d: orthogonal bases need K d <= n, got K d = {c['K'] * c['d']} > n = {c['n']}")
     if c["steps"] < 2:

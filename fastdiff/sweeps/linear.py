@@ -228,7 +228,7 @@ def _check(c: Dict) -> None:
     if c["ridge"] < 0:
         raise ValueError(f"--ridge: expected ridge >= 0, got {c['ridge']}")
     if c["mc_samples"] < 0:
-        raise ValueError(f"--mc_samples: expected >= 0, got {c['mc_samples']}")
+        raise ValueError(f"--mc-samples: expected >= 0, got {c['mc_samples']}")
     if c["N"] == 1 and c["ridge"] == 0:
         pass  # a rank-0 covariance is allowed: the model collapses onto mu_0 and the KL is large but finite
 

@@ -86,7 +86,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 def _check(c: Dict) -> None:
     for name in ("n", "K", "d", "N", "samples", "T"):
         if c[name] < 1:
-            raise ValueError(f"--{name}: expected {name} >= 1, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
     if c["d"] > c["n"]:
         raise ValueError(f"--d: expected d <= n = {c['n']}, got d = {c['d']}")
     if c["K"] * c["d"] > c["n"]:

@@ -101,35 +101,40 @@ MAX_CELLS = 10 ** 6          # cells of one grid (and values of one parameter): 
 MAX_CELL_BYTES = 16 * 2 ** 30  # estimated peak memory of one cell's trials (they run as one batch)
 
 
+def _flag(name: str) -> str:
+    """A parameter's command-line spelling, for messages: ``max_iter`` -> ``--max-iter``."""
+    return "--" + name.replace("_", "-")
+
+
 def parse_values(name: str, text, typ: type) -> List:
     """Values of one parameter from text: ``"5"``, ``"1,2,4"``, ``"1:12"`` (inclusive), ``"2:48:2"``
     (start:stop:step, inclusive), or a mix ``"1:4,8"``; a list or scalar is taken as given."""
     if not isinstance(text, str):
         if isinstance(text, (list, tuple, range)) and len(text) > MAX_CELLS:
-            raise ValueError(f"--{name}: {len(text)} values, more than a sweep's cap of {MAX_CELLS} cells")
+            raise ValueError(f"{_flag(name)}: {len(text)} values, more than a sweep's cap of {MAX_CELLS} cells")
         vals = list(text) if isinstance(text, (list, tuple, range)) else [text]
     else:
         vals, total = [], 0
         for part in text.split(","):
             part = part.strip()
             if not part:
-                raise ValueError(f"--{name}: empty value in {text!r}")
+                raise ValueError(f"{_flag(name)}: empty value in {text!r}")
             if ":" in part:
                 if typ not in (int, float):
-                    raise ValueError(f"--{name}: ranges need a numeric parameter, got {part!r}")
+                    raise ValueError(f"{_flag(name)}: ranges need a numeric parameter, got {part!r}")
                 bits = part.split(":")
                 if len(bits) not in (2, 3) or not all(b.strip() for b in bits):
-                    raise ValueError(f"--{name}: expected start:stop or start:stop:step, got {part!r}")
+                    raise ValueError(f"{_flag(name)}: expected start:stop or start:stop:step, got {part!r}")
                 start, stop = _convert(name, bits[0], typ), _convert(name, bits[1], typ)
                 step = _convert(name, bits[2], typ) if len(bits) == 3 else typ(1)
                 if step <= 0:
-                    raise ValueError(f"--{name}: step must be positive, got {part!r}")
+                    raise ValueError(f"{_flag(name)}: step must be positive, got {part!r}")
                 if stop < start:
-                    raise ValueError(f"--{name}: inverted range {part!r} (stop {stop} < start {start})")
+                    raise ValueError(f"{_flag(name)}: inverted range {part!r} (stop {stop} < start {start})")
                 count = int(math.floor((stop - start) / step + 1e-9)) + 1
                 total += count
                 if total > MAX_CELLS:   # counted before anything is built: 1:2000000000 is refused, not allocated
-                    raise ValueError(f"--{name}: {text!r} has {total} values, more than a sweep's cap of "
+                    raise ValueError(f"{_flag(name)}: {text!r} has {total} values, more than a sweep's cap of "
                                      f"{MAX_CELLS} cells")
                 vals.append((start, step, count))
             else:
@@ -137,7 +142,7 @@ def parse_values(name: str, text, typ: type) -> List:
                 vals.append(_convert(name, part, typ))
         vals = [v for part in vals for v in (_expand(part, typ) if isinstance(part, tuple) else (part,))]
     if len(vals) > MAX_CELLS:
-        raise ValueError(f"--{name}: {len(vals)} values, more than a sweep's cap of {MAX_CELLS} cells")
+        raise ValueError(f"{_flag(name)}: {len(vals)} values, more than a sweep's cap of {MAX_CELLS} cells")
     out, seen = [], set()
     for v in vals:   # first occurrence kept, in order; a set makes it O(n)
         v = _convert(name, v, typ)
@@ -145,7 +150,7 @@ def parse_values(name: str, text, typ: type) -> List:
             seen.add(v)
             out.append(v)
     if not out:
-        raise ValueError(f"--{name}: empty list of values")
+        raise ValueError(f"{_flag(name)}: empty list of values")
     return out
 
 
@@ -171,11 +176,11 @@ def _convert(name, v, typ):
                 return True
             if v.lower() in ("0", "false", "no"):
                 return False
-            raise ValueError(f"--{name}: expected true/false, got {v!r}")
+            raise ValueError(f"{_flag(name)}: expected true/false, got {v!r}")
         return bool(v)
     if typ is int and isinstance(v, str) and _float_integer(v):
         # 1e8 is refused rather than read as 100000000: an integer parameter is written as one
-        raise ValueError(f"--{name}: expected int values written as integers (e.g. {int(float(v))}), got {v!r}")
+        raise ValueError(f"{_flag(name)}: expected int values written as integers (e.g. {int(float(v))}), got {v!r}")
     try:
         if typ is int:
             if isinstance(v, float) and not v.is_integer():
@@ -190,7 +195,7 @@ def _convert(name, v, typ):
             return f
         return typ(v).strip() if typ is str else typ(v)
     except (TypeError, ValueError):
-        raise ValueError(f"--{name}: expected {typ.__name__} values, got {v!r}") from None
+        raise ValueError(f"{_flag(name)}: expected {typ.__name__} values, got {v!r}") from None
 
 
 def build_grid(exp: Experiment, values: Dict[str, object]) -> Tuple[List[Dict], List[str]]:
@@ -205,7 +210,7 @@ def build_grid(exp: Experiment, values: Dict[str, object]) -> Tuple[List[Dict], 
         if p.choices is not None:
             bad = [v for v in vals if v not in p.choices]
             if bad:
-                raise ValueError(f"--{p.name}: expected values in {list(p.choices)}, got {bad[0]!r}")
+                raise ValueError(f"{_flag(p.name)}: expected values in {list(p.choices)}, got {bad[0]!r}")
         lists.append(vals)
     size = math.prod(len(v) for v in lists)
     if size > MAX_CELLS:

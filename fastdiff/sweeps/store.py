@@ -230,21 +230,26 @@ class Store:
             raise
         return self._db.total_changes - before
 
+    def _order(self, prefix: str = "") -> str:
+        """ORDER BY the parameter columns in their order, as numbers where they are numbers (the cell's
+        JSON text sorted d = 1, 10, 11, 2), then the cell text (ties of equal values)."""
+        return ", ".join([f'{prefix}"{self._sql[c]}"' for c, _ in self.params] + [f"{prefix}cell"])
+
     def rows(self) -> List[Dict[str, object]]:
-        """Every stored row as a dict, ordered by cell then trial."""
+        """Every stored row as a dict, ordered by the parameters (numerically) then trial."""
         return [dict(zip(self.columns, r)) for r in self._fetch()]
 
     def table(self) -> Dict[str, List[object]]:
-        """Every stored row, column-wise ``{column: values}``, ordered by cell then trial."""
+        """Every stored row, column-wise ``{column: values}``, ordered by the parameters then trial."""
         rows = self._fetch()
         return {c: list(v) for c, v in zip(self.columns, zip(*rows))} if rows else {c: [] for c in self.columns}
 
     def _fetch(self) -> List[Tuple]:
         quoted = ", ".join(f'"{self._sql[c]}"' for c in self.columns)
-        return self._db.execute(f"SELECT {quoted} FROM results ORDER BY cell, trial").fetchall()
+        return self._db.execute(f"SELECT {quoted} FROM results ORDER BY {self._order()}, trial").fetchall()
 
     def aggregate(self) -> List[Dict[str, object]]:
-        """One dict per cell (ordered by cell): its parameters, ``trials`` (rows stored) and per metric
+        """One dict per cell (ordered by the parameters, numerically): its parameters, ``trials`` (rows stored) and per metric
         ``<m>_mean`` and ``<m>_se`` (standard error, sqrt(sample variance / count)) over the trials
         where the metric is finite (SQLite stores NaN as NULL); NaN where there are none (mean) or
         fewer than two (se).  One query, two passes in SQLite: the means, then the squared deviations
@@ -252,12 +257,13 @@ class Store:
         q = self._sql
         params = [c for c, _ in self.params]
         metrics = [m for m, _ in self.metrics]
+        order = ", ".join([f'MIN(r."{q[c]}")' for c in params] + ["r.cell"])
         means = ", ".join(f'AVG("{q[m]}") AS "mean_{i}", COUNT("{q[m]}") AS "n_{i}"' for i, m in enumerate(metrics))
         outer = ", ".join([f'MIN(r."{q[c]}")' for c in params] + ["COUNT(*)"] +
                           [f'g."mean_{i}", SUM((r."{q[m]}" - g."mean_{i}") * (r."{q[m]}" - g."mean_{i}")), g."n_{i}"'
                            for i, m in enumerate(metrics)])
         sql = (f"WITH g AS (SELECT cell, {means} FROM results GROUP BY cell) "
-               f"SELECT {outer} FROM results r JOIN g ON r.cell = g.cell GROUP BY r.cell ORDER BY r.cell")
+               f"SELECT {outer} FROM results r JOIN g ON r.cell = g.cell GROUP BY r.cell ORDER BY {order}")
         nan = float("nan")
         out = []
         for rec in self._db.execute(sql):

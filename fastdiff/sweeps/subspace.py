@@ -518,7 +518,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 def _check(c: Dict) -> None:
     for name in ("n", "K", "d", "N"):
         if c[name] < 1:
-            raise ValueError(f"--{name}: expected {name} >= 1, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
     if c["d"] > c["n"]:
         raise ValueError(f"--d: expected d <= n = {c['n']}, got d = {c['d']}")
     if c["bases"] == "orthogonal" and c["K"] * c["d"] > c["n"]:
@@ -530,7 +530,7 @@ def _check(c: Dict) -> None:
         raise ValueError(f"--threshold: expected a positive error threshold, got {c['threshold']}")
     for name in ("restarts", "max_iter", "sgd_steps", "sgd_lr", "sgd_sigma_max"):
         if not c[name] > 0:
-            raise ValueError(f"--{name}: expected a positive value, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive value, got {c[name]}")
 
 
 def _applicable(c: Dict) -> Optional[str]:
