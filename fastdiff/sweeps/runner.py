@@ -464,6 +464,45 @@ def _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers, dev
         torch.set_num_threads(before)
 
 
+_RAY_HOOKED = False
+
+
+def _shut_ray_down_on_exit(ray) -> None:
+    """``ray.shutdown()`` when this process ends, also by SIGTERM or SIGINT: a local Ray instance this
+    driver started (its GCS, raylet and workers) otherwise outlives a killed driver.  The signal
+    handlers (main thread only) shut Ray down, then do what the previous handler would have done."""
+    import atexit
+    import signal
+    import threading
+
+    global _RAY_HOOKED
+    if _RAY_HOOKED:
+        return
+    _RAY_HOOKED = True
+    atexit.register(_quiet_shutdown, ray)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            _quiet_shutdown(ray)
+            signal.signal(signum, previous)
+            if callable(previous):
+                return previous(signum, frame)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+
+        signal.signal(sig, handler)
+
+
+def _quiet_shutdown(ray) -> None:
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries, device):
     try:
         import ray
@@ -471,6 +510,7 @@ def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads
         raise RuntimeError("executor='ray' needs ray (pip install 'fastdiff[ray]' or pip install ray)") from None
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        _shut_ray_down_on_exit(ray)
     task = ray.remote(execute_batch).options(num_cpus=threads, num_gpus=0 if device == "cpu" else 1,
                                              max_retries=max_retries, retry_exceptions=True)
     pending = {task.remote(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads, device): b
