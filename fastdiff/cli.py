@@ -135,6 +135,8 @@ def _add_sweep_parsers(sub) -> dict:
         e.add_argument("--executor", default="local", choices=("local", "ray"), help="where the batches run")
         e.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
         e.add_argument("--threads", type=int, default=1, help="torch threads per batch")
+        e.add_argument("--workers", type=int, default=None,
+                       help="local executor: batches run side by side (default: one per core / --threads)")
         e.add_argument("--device", default="cpu",
                        help="where the batches compute: cpu (default) or cuda[:i] (large n, e.g. --n 3072 --learner sgd)")
         e.add_argument("--no-plot", action="store_true", help="skip the plot")
@@ -161,7 +163,7 @@ def _sweep(a) -> int:
         t0 = time.perf_counter()
         st = sweeps.run_sweep(a.experiment, grid, trials=a.trials, seed=a.seed, store=store, executor=a.executor,
                               address=a.address, progress=not a.no_progress, threads=a.threads,
-                              device=a.device)
+                              workers=a.workers, device=a.device)
         seconds = time.perf_counter() - t0
         stem = os.path.splitext(store)[0]
         with st:
