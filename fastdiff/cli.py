@@ -125,7 +125,7 @@ def _add_sweep_parsers(sub) -> dict:
         for prm in exp.params:
             default = ",".join(str(v) for v in prm.default)
             e.add_argument(_flag(prm.name), dest=prm.name, default=None, metavar="VALUES",
-                           help=f"{prm.help} (list a,b or range start:stop[:step]; default {default})")
+                           help=f"{prm.help} (list a,b or range start:stop[:step]; default: {default})")
             if "_" in prm.name:   # the old underscore spelling still works, unlisted
                 e.add_argument(f"--{prm.name}", dest=prm.name, default=None, help=argparse.SUPPRESS)
         e.add_argument("--trials", type=int, default=20, help="random instances per cell")

@@ -126,7 +126,7 @@ def test_sweep_help_shows_one_default_and_kebab_flags():
     text = " ".join(r.stdout.split())
     assert "(default: None)" not in text and "default: False" not in text
     assert "--max-iter" in text and "--max_iter" not in text and "--sgd-sigma-max" in text
-    assert "default 48)" in text and "(default: 20)" in text        # a parameter's and an option's, once each
+    assert "default: 48)" in text and "(default: 20)" in text        # a parameter's and an option's, once each
     for flag in ("--trials", "--executor", "--no-plot"):
         assert flag in text
     r = _cli("sweep", "linear-diffusion", "--help")

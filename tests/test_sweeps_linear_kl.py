@@ -102,3 +102,28 @@ def test_default_linear_sweep_csv_has_no_impossible_kl(tmp_path):
             agg = list(csv.DictReader(f))
         for row in agg:
             assert not math.isnan(float(row["kl_mean"])) and float(row["kl_mean"]) >= 0, row
+
+
+def test_linear_plot_says_where_kl_is_infinite_or_flagged(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastdiff.sweeps import plots
+
+    with sweeps.run_sweep("linear-diffusion", {"n": 6, "N": "4,64", "mc_samples": 200, "T": 60}, trials=2,
+                          store=str(tmp_path / "s.sqlite"), progress=False) as st:
+        agg = st.aggregate()
+    figs = []
+    real = plots._save
+
+    def keep(fig, path):
+        figs.append(fig)
+        real(fig, path)
+
+    plots._save = keep
+    try:
+        plots._linear(plots._figure_class(), agg, ["n", "power", "N", "ridge", "T", "mc_samples"],
+                      str(tmp_path / "p.png"))
+    finally:
+        plots._save = real
+    labels = [t.get_text() for t in figs[0].axes[1].get_legend().get_texts()]
+    assert any("+inf" in s for s in labels), labels          # N = 4 < n: singular law, drawn on the top edge
+    assert any("not meaningful" in s for s in labels), labels
