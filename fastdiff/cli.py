@@ -46,11 +46,12 @@ def _parser():
     d.add_argument("--T", type=int, default=1000, help="DDPM steps, >= 1")
     d.add_argument("--seed", type=int, default=0, help="Philox seed of the initial and in-kernel noise")
     d.add_argument("--backend", default="auto", help="ddpm_step backend: auto, triton, cuda, cpp or torch")
-    b = subs["bench"] = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) and print the table of ratios")
+    b = subs["bench"] = sub.add_parser(
+        "bench", help="run the benchmark suite (pytest-benchmark) and print the table of ratios")
     b.add_argument("args", nargs=argparse.REMAINDER, help="extra pytest arguments")
     subs.update(_add_sweep_parsers(sub))
-    pl = subs["plot"] = sub.add_parser("plot", help="plot a sweep store: <experiment>.png and the table it shows (.csv)",
-                                       formatter_class=_HelpFormatter)
+    pl = subs["plot"] = sub.add_parser(
+        "plot", help="plot a sweep store: <experiment>.png and the table it shows (.csv)", formatter_class=_HelpFormatter)
     pl.add_argument("store", help="the .sqlite store written by fastdiff sweep")
     pl.add_argument("--out", default="results", help="directory for <experiment>.png and <experiment>.csv")
     return p, subs

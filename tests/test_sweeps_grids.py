@@ -56,8 +56,8 @@ def test_exported_tables_sort_numbers_as_numbers(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "fastdiff", "sweep", "linear-diffusion", "--n", "4", "--N", "11,2,10,100,1",
-                        "--T", "10", "--trials", "2", "--out", str(tmp_path), "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "sweep", "linear-diffusion", "--n", "4",
+                        "--N", "11,2,10,100,1", "--T", "10", "--trials", "2", "--out", str(tmp_path), "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(tmp_path / "linear-diffusion.rows.csv") as f:

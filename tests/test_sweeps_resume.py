@@ -23,7 +23,8 @@ def test_rerun_with_another_seed_is_refused(tmp_path):
         before = st.rows()
     with pytest.raises(ValueError, match=r"s\.sqlite.*seed=0 \(this run: 1\)"):
         sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=1, store=p, progress=False)
-    with sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=0, store=p, progress=False) as st:   # same seed: resumes
+    # the same seed: resumes
+    with sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=0, store=p, progress=False) as st:
         assert st.rows() == before
 
 

@@ -109,7 +109,8 @@ def _linear(Figure, agg, params, path):
         if any(not math.isnan(r["kl_mc_mean"]) for r in rs):
             ok = [r.get("kl_mc_meaningful_mean", 1.0) for r in rs]
             good = [(xi, r["kl_mc_mean"]) for xi, r, o in zip(x, rs, ok) if o == 1.0 and math.isfinite(r["kl_mc_mean"])]
-            axes[1].plot([g[0] for g in good], [g[1] for g in good], "x", color=c, label="Monte Carlo (fused ddpm_step)")
+            axes[1].plot([g[0] for g in good], [g[1] for g in good], "x", color=c,
+                         label="Monte Carlo (fused ddpm_step)")
             flagged = [xi for xi, o in zip(x, ok) if not o == 1.0]
             if flagged:
                 axes[1].plot(flagged, [0.03] * len(flagged), "v", color=c, mfc="none", ms=6, clip_on=False,

@@ -71,7 +71,8 @@ class Store:
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"store: cannot create the directory of {self.path} ({e.filename}: {e.strerror})") from None
+            raise ValueError(f"store: cannot create the directory of {self.path} "
+                             f"({e.filename}: {e.strerror})") from None
         if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
             with open(self.path, "rb") as f:   # SQLite would take a short non-database file as an empty one
                 if f.read(16) != b"SQLite format 3\x00":
