@@ -9,42 +9,87 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import subprocess
 import sys
 
 
-def main(argv=None) -> int:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to an option's help once: not where the help already states its default,
+    nor for ``None`` (no default) or an off switch."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if "default" in h or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings:
+            return h
+        return f"{h} (default: %(default)s)"
+
+
+def _flag(name: str) -> str:
+    """The command-line spelling of a parameter: kebab-case (``max_iter`` -> ``--max-iter``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _parser():
     p = argparse.ArgumentParser(prog="fastdiff", description="Fused kernels for diffusion models")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="which backends work here")
-    d = sub.add_parser("demo", help="DDPM sampling of a power-law Gaussian with the fused steps: table + plot")
-    d.add_argument("--out", default="results")
-    d.add_argument("--n", type=int, default=32)
-    d.add_argument("--samples", type=int, default=8192)
-    d.add_argument("--T", type=int, default=1000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--backend", default="auto")
-    b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) and print the table of ratios")
+    subs = {"info": sub.add_parser("info", help="which backends work here")}
+    d = subs["demo"] = sub.add_parser(
+        "demo", help="DDPM sampling of a power-law Gaussian with the fused steps: table + plot",
+        description="DDPM sampling of N(0, diag(v^-1)) with the exact (linear) denoiser and the fused ddpm_step; "
+                    "writes demo_ddpm_gaussian.csv (sampled vs exact per-mode variance) and .png",
+        formatter_class=_HelpFormatter)
+    d.add_argument("--out", default="results", help="directory for the table and the plot")
+    d.add_argument("--n", type=int, default=32, help="data dimension (modes), >= 1")
+    d.add_argument("--samples", type=int, default=8192, help="DDPM chains sampled, >= 2")
+    d.add_argument("--T", type=int, default=1000, help="DDPM steps, >= 1")
+    d.add_argument("--seed", type=int, default=0, help="Philox seed of the initial and in-kernel noise")
+    d.add_argument("--backend", default="auto", help="ddpm_step backend: auto, triton, cuda, cpp or torch")
+    b = subs["bench"] = sub.add_parser(
+        "bench", help="run the benchmark suite (pytest-benchmark) and print the table of ratios")
     b.add_argument("args", nargs=argparse.REMAINDER, help="extra pytest arguments")
-    _add_sweep_parsers(sub)
-    pl = sub.add_parser("plot", help="plot a sweep store: <experiment>.png and the table it shows (.csv)")
+    subs.update(_add_sweep_parsers(sub))
+    pl = subs["plot"] = sub.add_parser(
+        "plot", help="plot a sweep store: <experiment>.png and the table it shows (.csv)", formatter_class=_HelpFormatter)
     pl.add_argument("store", help="the .sqlite store written by fastdiff sweep")
-    pl.add_argument("--out", default="results")
-    a = p.parse_args(argv)
+    pl.add_argument("--out", default="results", help="directory for <experiment>.png and <experiment>.csv")
+    return p, subs
 
+
+def main(argv=None) -> int:
+    p, subs = _parser()
+    a, extra = p.parse_known_args(argv)
+    if extra and a.cmd != "bench":   # the subcommand's own usage, not the top level's
+        key = f"sweep {a.experiment}" if a.cmd == "sweep" else a.cmd
+        subs[key].error(f"unrecognized arguments: {' '.join(extra)}")
+    name = f"fastdiff {a.cmd}" + (f" {a.experiment}" if a.cmd == "sweep" else "")
+    try:
+        return _dispatch(a)
+    except (ValueError, RuntimeError, OSError, sqlite3.Error) as e:
+        # one line, no traceback: bad input, an unusable path, a full disk, a corrupt store
+        print(f"{name}: error: {_describe(e)}", file=sys.stderr)
+        return 2
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{where}: {e.strerror}" if where else e.strerror
+    if isinstance(e, sqlite3.Error):
+        return f"SQLite: {e}"
+    return str(e)
+
+
+def _dispatch(a) -> int:
     if a.cmd == "sweep":
         return _sweep(a)
     if a.cmd == "plot":
         from fastdiff.sweeps.plots import plot_store
 
-        try:
-            r = plot_store(a.store, a.out)
-        except (ValueError, RuntimeError) as e:
-            print(f"fastdiff plot: error: {e}", file=sys.stderr)
-            return 2
+        r = plot_store(a.store, a.out)
         print(f"plot:  {r['plot']}\ntable: {r['table']}")
         return 0
-
     if a.cmd == "info":
         import fastdiff
 
@@ -69,29 +114,35 @@ def main(argv=None) -> int:
     return 2
 
 
-def _add_sweep_parsers(sub) -> None:
+def _add_sweep_parsers(sub) -> dict:
     from fastdiff.sweeps import EXPERIMENTS
 
     sw = sub.add_parser("sweep", help="run a phase-diagram sweep (resumable), then export and plot it")
     exps = sw.add_subparsers(dest="experiment", required=True, metavar="experiment")
+    out = {"sweep": sw}
     for name, exp in EXPERIMENTS.items():
-        e = exps.add_parser(name, help=exp.description, description=exp.description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        e = out[f"sweep {name}"] = exps.add_parser(name, help=exp.description, description=exp.description,
+                                                   formatter_class=_HelpFormatter)
         for prm in exp.params:
             default = ",".join(str(v) for v in prm.default)
-            e.add_argument(f"--{prm.name}", default=None, metavar="VALUES",
-                           help=f"{prm.help} (list a,b or range start:stop[:step]; default {default})")
+            e.add_argument(_flag(prm.name), dest=prm.name, default=None, metavar="VALUES",
+                           help=f"{prm.help} (list a,b or range start:stop[:step]; default: {default})")
+            if "_" in prm.name:   # the old underscore spelling still works, unlisted
+                e.add_argument(f"--{prm.name}", dest=prm.name, default=None, help=argparse.SUPPRESS)
         e.add_argument("--trials", type=int, default=20, help="random instances per cell")
         e.add_argument("--seed", type=int, default=0, help="sweep seed (each cell's seed is derived from it)")
         e.add_argument("--store", default=None, help="SQLite store (default <out>/<experiment>.sqlite)")
         e.add_argument("--out", default="results", help="directory for the exported table and the plot")
-        e.add_argument("--executor", default="local", choices=("local", "ray"))
+        e.add_argument("--executor", default="local", choices=("local", "ray"), help="where the batches run")
         e.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
         e.add_argument("--threads", type=int, default=1, help="torch threads per batch")
+        e.add_argument("--workers", type=int, default=None,
+                       help="local executor: batches run side by side (default: one per core / --threads)")
         e.add_argument("--device", default="cpu",
                        help="where the batches compute: cpu (default) or cuda[:i] (large n, e.g. --n 3072 --learner sgd)")
         e.add_argument("--no-plot", action="store_true", help="skip the plot")
         e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return out
 
 
 def _sweep(a) -> int:
@@ -104,20 +155,23 @@ def _sweep(a) -> int:
 
     exp = sweeps.EXPERIMENTS[a.experiment]
     grid = {p.name: getattr(a, p.name) for p in exp.params if getattr(a, p.name) is not None}
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out}: exists and is not a directory")
     store = a.store or os.path.join(a.out, f"{a.experiment}.sqlite")
+    if os.path.isdir(store):
+        raise ValueError(f"--store {store}: is a directory, expected an .sqlite file")
     with gc_frozen():   # the sweep, the export and the plot
         t0 = time.perf_counter()
-        try:
-            st = sweeps.run_sweep(a.experiment, grid, trials=a.trials, seed=a.seed, store=store, executor=a.executor,
-                                  address=a.address, progress=not a.no_progress, threads=a.threads,
-                                  device=a.device)
-        except (ValueError, RuntimeError) as e:
-            print(f"fastdiff sweep {a.experiment}: error: {e}", file=sys.stderr)
-            return 2
+        st = sweeps.run_sweep(a.experiment, grid, trials=a.trials, seed=a.seed, store=store, executor=a.executor,
+                              address=a.address, progress=not a.no_progress, threads=a.threads,
+                              workers=a.workers, device=a.device)
         seconds = time.perf_counter() - t0
         stem = os.path.splitext(store)[0]
         with st:
             rows = len(st)
+            if st.cells_in_store:
+                kept = "all in store" if st.cells_computed == 0 else f"{st.cells_in_store} were in store"
+                print(f"resumed: {st.cells_computed} of {st.cells_total} cells recomputed ({kept})")
             print(f"{a.experiment}: {rows} rows in {store} ({seconds:.1f} s)")
             paths = st.export(stem)
             for path in paths:

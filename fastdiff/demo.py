@@ -18,10 +18,16 @@ import torch
 from tqdm import tqdm
 
 import fastdiff
+from fastdiff.sweeps.store import atomic_write
 
 
 def run(out_dir: str = "results", n: int = 32, samples: int = 8192, T: int = 1000, power: float = 1.0,
         seed: int = 0, backend: str = "auto", progress: bool = True) -> dict:
+    for name, v, lo in (("n", n, 1), ("samples", samples, 2), ("T", T, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"--{name}: expected an int >= {lo}, got {v!r}")   # before any file is made
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
     sched = fastdiff.DDPMSchedule(T=T)
     lam = torch.arange(1, n + 1, dtype=torch.float64) ** -power
@@ -48,7 +54,7 @@ def run(out_dir: str = "results", n: int = 32, samples: int = 8192, T: int = 100
                  sampled_variance=sampled[v].item(), std_error=se[v].item(),
                  z_score=((sampled[v] - exact[v]) / se[v]).item()) for v in range(n)]
     table = os.path.join(out_dir, "demo_ddpm_gaussian.csv")
-    with open(table, "w", newline="") as f:
+    with atomic_write(table) as tmp, open(tmp, "w", newline="") as f:   # never a half-written table
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -77,6 +83,9 @@ def _plot(rows, path, T, samples):
     ax.set_title(f"DDPM (T={T}) on N(0, diag(v^-1)) with the exact denoiser")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path

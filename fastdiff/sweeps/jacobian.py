@@ -59,7 +59,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 def _check(c: Dict) -> None:
     for name in ("n", "K", "d", "samples"):
         if c[name] < 1:
-            raise ValueError(f"--{name}: expected {name} >= 1, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
     if c["K"] * c["d"] > c["n"]:
         raise ValueError(f"--K/--d: orthogonal bases need K d <= n, got K d = {c['K'] * c['d']} > n = {c['n']}")
     if c["steps"] < 2:
@@ -88,5 +88,8 @@ register(Experiment(
     batch_key=lambda c: (c["n"], c["K"], c["d"], c["steps"], c["samples"], c["eta"]),
     seed_params=lambda c: {k: v for k, v in c.items() if k != "level"},
     instance_cost=lambda c: c["samples"] / 64.0,
+    # trajectories (samples x n) over the levels, the bases, per-sample K d x K d Gram matrices
+    instance_bytes=lambda c: 8.0 * (4 * c["samples"] * c["n"] * c["steps"] + 2 * c["K"] * c["n"] * c["d"]
+                                    + c["samples"] * (c["K"] * c["d"]) ** 2),
     max_cost=4096.0,
 ))

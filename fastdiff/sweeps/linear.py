@@ -11,7 +11,9 @@ empirical mean and covariance (1/N), ``c`` = ``ridge``).  Every DDPM step (seed 
 sampled distribution is exactly ``N(V mean, V diag(var) V^T)`` from the O(T n) recursions
 ``mean <- A mean + B``, ``var <- A^2 var + s^2``.  Metrics per instance:
 
-- ``kl``: KL(sampled || true) in closed form;
+- ``kl``: KL(sampled || true) in closed form (float64, >= 0; +inf where the sampled law is singular:
+  ``Sigma_0 + ridge I`` of rank < n, e.g. N <= n without a ridge);
+- ``kl_mc_meaningful``: 1 where ``kl_mc`` estimates the KL, 0 where it cannot (see :func:`mc_kl`);
 - ``kl_mc`` (with ``mc_samples > 0``): ``mean_i [log q(x_i) - log p(x_i)]`` over samples actually
   drawn with the fused :func:`fastdiff.ddpm_step` (q the exact sampled density), ``kl_mc_se`` its
   standard error; it estimates KL(sampled || true) only if the steps sample q;
@@ -51,7 +53,12 @@ def fit_instances(n: int, power: float, N: int, seed: int, trials: int):
 
 def sampled_gaussian(lam: torch.Tensor, m: torch.Tensor, sched: fastdiff.DDPMSchedule):
     """Per-mode mean and variance (T, n) of DDPM sampling with the linear denoiser of eigenvalues
-    ``lam`` (T, n) and mean ``m`` (T, n) (in the eigenbasis), from ``x_T ~ N(0, I)``."""
+    ``lam`` (T, n) and mean ``m`` (T, n) (in the eigenbasis), from ``x_T ~ N(0, I)``.
+
+    The last step (t = 0, ``1 - abar_0 = beta_0``) returns the denoiser's prediction
+    ``x0_hat = m + g (u - a m)``: ``A = g``, ``B = (1 - a g) m`` exactly; written so, a mode with
+    ``lam = 0`` ends with variance exactly 0 (the sampled law is singular there) instead of a
+    rounding residue ~1e-24 whose log made the KL finite and arbitrary."""
     mean = torch.zeros_like(lam)
     var = torch.ones_like(lam)
     beta, abar = sched.beta, sched.abar
@@ -59,6 +66,10 @@ def sampled_gaussian(lam: torch.Tensor, m: torch.Tensor, sched: fastdiff.DDPMSch
         a, s2 = math.sqrt(abar[t]), 1.0 - float(abar[t])
         b = float(beta[t])
         g = a * lam / (a * a * lam + s2)
+        if t == 0 and abs(s2 - b) <= 1e-12 * b:
+            mean = g * mean + (1 - a * g) * m
+            var = g * g * var
+            continue
         k = b * (1 - a * g) / s2
         A = (1 - k) / math.sqrt(1 - b)
         mean = A * mean + k * a * m / math.sqrt(1 - b)
@@ -69,11 +80,34 @@ def sampled_gaussian(lam: torch.Tensor, m: torch.Tensor, sched: fastdiff.DDPMSch
 
 
 def gaussian_kl(mean_q, var_q, V, l_p):
-    """KL(N(V mean_q, V diag(var_q) V^T) || N(0, diag(l_p))) per instance; V (T, n, n)."""
-    n = l_p.numel()
+    """KL(N(V mean_q, V diag(var_q) V^T) || N(0, diag(l_p))) per instance (float64); V (T, n, n).
+
+    With ``W_j = (V^T Sigma_p^-1 V)_jj`` and ``r_j = W_j var_j`` it is computed as the sum of three
+    non-negative parts, so rounding cannot make it negative (the plain
+    ``tr - n + log det - log det`` form cancels to ~1e-13 and below):
+    ``0.5 [sum_j (r_j - 1 - log r_j) + (sum_j log W_j + sum_v log l_v) + |V mean_q|^2_{Sigma_p^-1}]``;
+    the middle part is >= 0 by Hadamard's inequality (``det(V^T Sigma_p^-1 V) = 1 / prod l``).
+    A mode with ``var_j = 0`` (a singular sampled law) gives ``+inf``."""
+    V, mean_q, var_q, l_p = V.double(), mean_q.double(), var_q.double(), l_p.double()
     W = (V.square() / l_p[None, :, None]).sum(1)                       # (T, n): (V^T Sigma_p^-1 V)_jj
     mu = (V @ mean_q[..., None])[..., 0]
-    return 0.5 * ((W * var_q).sum(1) + (mu.square() / l_p).sum(1) - n + torch.log(l_p).sum() - torch.log(var_q).sum(1))
+    r = W * var_q
+    rm1 = r - 1
+    per_mode = torch.where(r > 0, rm1 - torch.log1p(rm1), torch.full_like(r, math.inf))
+    # each part is >= 0 exactly; a negative value is rounding (|error| ~ n eps max|log|), dropped
+    hadamard = (torch.log(W).sum(1) + torch.log(l_p).sum()).clamp(min=0)
+    return 0.5 * (per_mode.clamp(min=0).sum(1) + hadamard + (mu.square() / l_p).sum(1))
+
+
+def null_modes(S0: torch.Tensor, ridge: float):
+    """Eigen-decomposition ``(lam, V)`` of ``Sigma_0 + ridge I`` (float64) with the numerically-zero
+    eigenvalues of ``Sigma_0`` (at most ``n eps max(lam)``: ``Sigma_0`` from N samples has rank
+    ``min(N - 1, n)``) set to exactly 0 before the ridge is added."""
+    lam, V = torch.linalg.eigh(S0)
+    n = S0.shape[-1]
+    tol = n * torch.finfo(DT).eps * lam.abs().amax(-1, keepdim=True)
+    lam = torch.where(lam <= tol, torch.zeros_like(lam), lam)
+    return lam + ridge, V
 
 
 def linear_test_loss(lam, V, mu0, l_p, sched: fastdiff.DDPMSchedule):
@@ -111,6 +145,39 @@ def _log_gauss_eig(x, mean, V, var):
     return -0.5 * ((u.square() / var[:, None]).sum(-1) + torch.log(var).sum(-1)[:, None] + n * math.log(2 * math.pi))
 
 
+MC_NOISE_LIMIT = 4.0   # standard errors: an estimate further below 0 than this is not a KL estimate
+
+
+def mc_kl(x, mean, V, var, l_p, kl, T: int):
+    """``(kl_mc, kl_mc_se, meaningful)`` lists per instance from samples ``x`` (T, M, n) of the fused
+    steps: ``mean_i [log q(x_i) - log p(x_i)]`` and its standard error.
+
+    Not meaningful (``meaningful = 0``) where it cannot estimate KL(q || p): where q is singular
+    (``kl`` is +inf: ``kl_mc`` is +inf too, the exact value); where q is too thin for float32 samples
+    (``min var < 1e4 T eps32^2 max var``: the rounding of T float32 steps, ~sqrt(T) eps32 per
+    coordinate, then dominates ``(x - mean)^2 / var``, which gave estimates of -1e15..-5e18; ``kl_mc``
+    is NaN); and where the estimate is below 0 by more than ``MC_NOISE_LIMIT`` standard errors
+    (NaN).  A negative estimate within that noise is reported as 0 (a KL is >= 0)."""
+    n, M = x.shape[-1], x.shape[1]
+    log_p = -0.5 * ((x.square() / l_p).sum(-1) + torch.log(l_p).sum() + n * math.log(2 * math.pi))
+    eps32 = torch.finfo(torch.float32).eps
+    out, ses, oks = [], [], []
+    for t in range(x.shape[0]):
+        if not math.isfinite(float(kl[t])):
+            out.append(math.inf), ses.append(float("nan")), oks.append(0.0)
+            continue
+        if float(var[t].min()) < 1e4 * T * eps32 ** 2 * float(var[t].max()):
+            out.append(float("nan")), ses.append(float("nan")), oks.append(0.0)
+            continue
+        diff = _log_gauss_eig(x[t:t + 1], mean[t:t + 1], V[t:t + 1], var[t:t + 1])[0] - log_p[t]
+        est, se = float(diff.mean()), float(diff.std()) / math.sqrt(M)
+        if not math.isfinite(est) or est < -MC_NOISE_LIMIT * se:
+            out.append(float("nan")), ses.append(se), oks.append(0.0)
+            continue
+        out.append(max(est, 0.0)), ses.append(se), oks.append(1.0)
+    return out, ses, oks
+
+
 def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.device("cpu")):
     """The closed forms (n x n eigendecompositions, float64) run on the CPU; the Monte Carlo sampling
     (``mc_samples`` x T fused steps, the cost of a cell) on ``device``."""
@@ -120,23 +187,21 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
         sched = _schedule(c["T"])
         l_p = spectrum(n, c["power"])
         _, mu0, S0 = fit_instances(n, c["power"], N, seed, trials)
-        lam, V = torch.linalg.eigh(S0 + c["ridge"] * torch.eye(n, dtype=DT))
-        lam = lam.clamp(min=0)
+        lam, V = null_modes(S0, c["ridge"])
         m = (V.mT @ mu0[..., None])[..., 0]
         mean, var = sampled_gaussian(lam, m, sched)
         kl = gaussian_kl(mean, var, V, l_p)
         loss = linear_test_loss(lam, V, mu0, l_p, sched)
         cov_err = (S0 - torch.diag(l_p)).square().sum((1, 2)) / l_p.square().sum()
         d_eff = float(l_p.sum() ** 2 / l_p.square().sum())
-        kl_mc = kl_se = [float("nan")] * trials
+        nan = float("nan")
+        kl_mc = kl_se = ok = [nan] * trials
         if c["mc_samples"]:
             x = sample_fused(mu0.to(device), lam.to(device), V.to(device), sched, c["mc_samples"], seed, trials).cpu()
-            diff = _log_gauss_eig(x, mean, V, var) - (-0.5 * ((x.square() / l_p).sum(-1) + torch.log(l_p).sum()
-                                                              + n * math.log(2 * math.pi)))
-            kl_mc = diff.mean(1).tolist()
-            kl_se = (diff.std(1) / math.sqrt(c["mc_samples"])).tolist()
+            kl_mc, kl_se, ok = mc_kl(x, mean, V, var, l_p, kl, c["T"])
         for t in range(trials):
             rows.append({"cell_index": ci, "trial": t, "kl": float(kl[t]), "kl_mc": kl_mc[t], "kl_mc_se": kl_se[t],
+                         "kl_mc_meaningful": ok[t],
                          "test_loss": float(loss[t]), "cov_error": float(cov_err[t]), "d_eff": d_eff,
                          "expected_cov_error": (d_eff + 1) / N})
     backend = fastdiff.backends.resolve("auto", device, torch.float32) if any(c["mc_samples"] for c in cells) \
@@ -163,7 +228,7 @@ def _check(c: Dict) -> None:
     if c["ridge"] < 0:
         raise ValueError(f"--ridge: expected ridge >= 0, got {c['ridge']}")
     if c["mc_samples"] < 0:
-        raise ValueError(f"--mc_samples: expected >= 0, got {c['mc_samples']}")
+        raise ValueError(f"--mc-samples: expected >= 0, got {c['mc_samples']}")
     if c["N"] == 1 and c["ridge"] == 0:
         pass  # a rank-0 covariance is allowed: the model collapses onto mu_0 and the KL is large but finite
 
@@ -179,11 +244,16 @@ register(Experiment(
         Param("T", int, (1000,), "DDPM steps (seed 001 schedule, beta 1e-4..1e-2)"),
         Param("mc_samples", int, (0,), "samples per instance drawn with the fused ddpm_step for kl_mc (0: skip)"),
     ),
-    metrics=(("kl", float), ("kl_mc", float), ("kl_mc_se", float), ("test_loss", float), ("cov_error", float),
+    metrics=(("kl", float), ("kl_mc", float), ("kl_mc_se", float), ("kl_mc_meaningful", float), ("test_loss", float),
+             ("cov_error", float),
              ("d_eff", float), ("expected_cov_error", float)),
     run_batch=_run_batch,
     check=_check,
     batch_key=lambda c: (c["n"], c["T"]),
     instance_cost=lambda c: 1.0 + c["mc_samples"] * c["T"] * c["n"] / 2e5,
+    # data (N x n), covariance and eigenvectors (n x n), the (T, n) test-loss terms, the float32 MC chains
+    instance_bytes=lambda c: 8.0 * (2 * c["N"] * c["n"] + 8 * c["n"] ** 2 + 3 * c["T"] * c["n"])
+                             + 28.0 * c["mc_samples"] * c["n"],
     max_cost=4096.0,
+    version=2,   # 2: KL +inf for a singular sampled law, kl_mc_meaningful
 ))

@@ -86,7 +86,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 def _check(c: Dict) -> None:
     for name in ("n", "K", "d", "N", "samples", "T"):
         if c[name] < 1:
-            raise ValueError(f"--{name}: expected {name} >= 1, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
     if c["d"] > c["n"]:
         raise ValueError(f"--d: expected d <= n = {c['n']}, got d = {c['d']}")
     if c["K"] * c["d"] > c["n"]:
@@ -112,5 +112,8 @@ register(Experiment(
     check=_check,
     batch_key=lambda c: (c["n"], c["denoiser"]),
     instance_cost=lambda c: c["samples"] * c["T"] / 2.5e5,
+    # data (N x n), the chains (samples x n), sample-to-training distances (samples x N), a fitted covariance
+    instance_bytes=lambda c: 8.0 * (2 * c["N"] * c["n"] + c["n"] ** 2) + 16.0 * c["samples"] * c["n"]
+                             + 12.0 * c["samples"] * c["N"],
     max_cost=20.0,
 ))

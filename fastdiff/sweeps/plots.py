@@ -13,13 +13,13 @@ import math
 import os
 from typing import Dict, List, Tuple
 
-from fastdiff.sweeps.store import Store
+from fastdiff.sweeps.store import Store, atomic_write
 
 __all__ = ["plot_store"]
 
 
 def _write_csv(path, rows):
-    with open(path, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -37,7 +37,8 @@ def _figure_class():
 
 def _save(fig, path):
     # zlib level 1: a third of the default's encode time, for a PNG a few percent larger
-    fig.savefig(path, dpi=110, pil_kwargs={"compress_level": 1})
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", pil_kwargs={"compress_level": 1})
 
 
 def _panels(agg, params, fixed):
@@ -96,9 +97,25 @@ def _linear(Figure, agg, params, path):
         axes[0].errorbar(x, [r["cov_error_mean"] for r in rs], yerr=[r["cov_error_se"] for r in rs], fmt="o-", color=c,
                          ms=3, label=lab or "measured")
         axes[0].plot(x, [r["expected_cov_error_mean"] for r in rs], "--", color=c, label="(d_eff + 1)/N")
-        axes[1].errorbar(x, [r["kl_mean"] for r in rs], yerr=[r["kl_se"] for r in rs], fmt="o-", color=c, ms=3, label=lab)
+        kl = [r["kl_mean"] for r in rs]
+        axes[1].errorbar(x, kl, yerr=[r["kl_se"] for r in rs], fmt="o-", color=c, ms=3, label=lab)
+        # +inf (a singular sampled law: Sigma_0 + ridge I of rank < n) cannot be drawn on a log axis:
+        # a marker on the top edge says where, instead of a silently missing point
+        inf_x = [xi for xi, v in zip(x, kl) if v == math.inf]
+        if inf_x:
+            axes[1].plot(inf_x, [0.97] * len(inf_x), "^", color=c, ms=6, clip_on=False,
+                         transform=axes[1].get_xaxis_transform(),
+                         label="KL = +inf (singular sampled law)")
         if any(not math.isnan(r["kl_mc_mean"]) for r in rs):
-            axes[1].plot(x, [r["kl_mc_mean"] for r in rs], "x", color=c, label="Monte Carlo (fused ddpm_step)")
+            ok = [r.get("kl_mc_meaningful_mean", 1.0) for r in rs]
+            good = [(xi, r["kl_mc_mean"]) for xi, r, o in zip(x, rs, ok) if o == 1.0 and math.isfinite(r["kl_mc_mean"])]
+            axes[1].plot([g[0] for g in good], [g[1] for g in good], "x", color=c,
+                         label="Monte Carlo (fused ddpm_step)")
+            flagged = [xi for xi, o in zip(x, ok) if not o == 1.0]
+            if flagged:
+                axes[1].plot(flagged, [0.03] * len(flagged), "v", color=c, mfc="none", ms=6, clip_on=False,
+                             transform=axes[1].get_xaxis_transform(),
+                             label="Monte Carlo flagged not meaningful")
         axes[2].plot(x, [r["test_loss_mean"] for r in rs], "o-", color=c, ms=3, label=lab)
     for ax, name in zip(axes, ("||Sigma - Sigma_0||_F^2 / ||Sigma||_F^2", "KL(sampled || data)", "test loss E||eps - eps_hat||^2")):
         ax.set_xscale("log")

@@ -68,6 +68,8 @@ class Experiment:
     max_cost: float = 4096.0
     description: str = ""
     seed_params: Callable[[Dict], Dict] = lambda cell: cell  # the parameters a cell's stream is keyed by
+    instance_bytes: Callable[[Dict], float] = lambda cell: 0.0  # estimated peak memory of one instance
+    version: int = 1  # bump when a change of the code changes the rows: a store of another version is refused
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -95,41 +97,76 @@ def get_experiment(name: str) -> Experiment:
 
 
 # --------------------------------------------------------------------------- grids
+MAX_CELLS = 10 ** 6          # cells of one grid (and values of one parameter): beyond, a typo, not a sweep
+MAX_CELL_BYTES = 16 * 2 ** 30  # estimated peak memory of one cell's trials (they run as one batch)
+
+
+def _flag(name: str) -> str:
+    """A parameter's command-line spelling, for messages: ``max_iter`` -> ``--max-iter``."""
+    return "--" + name.replace("_", "-")
+
+
 def parse_values(name: str, text, typ: type) -> List:
     """Values of one parameter from text: ``"5"``, ``"1,2,4"``, ``"1:12"`` (inclusive), ``"2:48:2"``
     (start:stop:step, inclusive), or a mix ``"1:4,8"``; a list or scalar is taken as given."""
     if not isinstance(text, str):
+        if isinstance(text, (list, tuple, range)) and len(text) > MAX_CELLS:
+            raise ValueError(f"{_flag(name)}: {len(text)} values, more than a sweep's cap of {MAX_CELLS} cells")
         vals = list(text) if isinstance(text, (list, tuple, range)) else [text]
     else:
-        vals = []
+        vals, total = [], 0
         for part in text.split(","):
             part = part.strip()
             if not part:
-                raise ValueError(f"--{name}: empty value in {text!r}")
+                raise ValueError(f"{_flag(name)}: empty value in {text!r}")
             if ":" in part:
                 if typ not in (int, float):
-                    raise ValueError(f"--{name}: ranges need a numeric parameter, got {part!r}")
+                    raise ValueError(f"{_flag(name)}: ranges need a numeric parameter, got {part!r}")
                 bits = part.split(":")
                 if len(bits) not in (2, 3) or not all(b.strip() for b in bits):
-                    raise ValueError(f"--{name}: expected start:stop or start:stop:step, got {part!r}")
+                    raise ValueError(f"{_flag(name)}: expected start:stop or start:stop:step, got {part!r}")
                 start, stop = _convert(name, bits[0], typ), _convert(name, bits[1], typ)
                 step = _convert(name, bits[2], typ) if len(bits) == 3 else typ(1)
                 if step <= 0:
-                    raise ValueError(f"--{name}: step must be positive, got {part!r}")
+                    raise ValueError(f"{_flag(name)}: step must be positive, got {part!r}")
                 if stop < start:
-                    raise ValueError(f"--{name}: inverted range {part!r} (stop {stop} < start {start})")
+                    raise ValueError(f"{_flag(name)}: inverted range {part!r} (stop {stop} < start {start})")
                 count = int(math.floor((stop - start) / step + 1e-9)) + 1
-                vals += [typ(start + i * step) if typ is int else round(start + i * step, 12) for i in range(count)]
+                total += count
+                if total > MAX_CELLS:   # counted before anything is built: 1:2000000000 is refused, not allocated
+                    raise ValueError(f"{_flag(name)}: {text!r} has {total} values, more than a sweep's cap of "
+                                     f"{MAX_CELLS} cells")
+                vals.append((start, step, count))
             else:
+                total += 1
                 vals.append(_convert(name, part, typ))
-    out = []
-    for v in vals:
+        vals = [v for part in vals for v in (_expand(part, typ) if isinstance(part, tuple) else (part,))]
+    if len(vals) > MAX_CELLS:
+        raise ValueError(f"{_flag(name)}: {len(vals)} values, more than a sweep's cap of {MAX_CELLS} cells")
+    out, seen = [], set()
+    for v in vals:   # first occurrence kept, in order; a set makes it O(n)
         v = _convert(name, v, typ)
-        if v not in out:
+        if v not in seen:
+            seen.add(v)
             out.append(v)
     if not out:
-        raise ValueError(f"--{name}: empty list of values")
+        raise ValueError(f"{_flag(name)}: empty list of values")
     return out
+
+
+def _expand(part, typ):
+    start, step, count = part
+    return [typ(start + i * step) if typ is int else round(start + i * step, 12) for i in range(count)]
+
+
+def _float_integer(v: str) -> bool:
+    if v.strip().lstrip("+-").isdigit():
+        return False
+    try:
+        f = float(v)
+    except ValueError:
+        return False
+    return math.isfinite(f) and f.is_integer()
 
 
 def _convert(name, v, typ):
@@ -139,8 +176,11 @@ def _convert(name, v, typ):
                 return True
             if v.lower() in ("0", "false", "no"):
                 return False
-            raise ValueError(f"--{name}: expected true/false, got {v!r}")
+            raise ValueError(f"{_flag(name)}: expected true/false, got {v!r}")
         return bool(v)
+    if typ is int and isinstance(v, str) and _float_integer(v):
+        # 1e8 is refused rather than read as 100000000: an integer parameter is written as one
+        raise ValueError(f"{_flag(name)}: expected int values written as integers (e.g. {int(float(v))}), got {v!r}")
     try:
         if typ is int:
             if isinstance(v, float) and not v.is_integer():
@@ -155,7 +195,7 @@ def _convert(name, v, typ):
             return f
         return typ(v).strip() if typ is str else typ(v)
     except (TypeError, ValueError):
-        raise ValueError(f"--{name}: expected {typ.__name__} values, got {v!r}") from None
+        raise ValueError(f"{_flag(name)}: expected {typ.__name__} values, got {v!r}") from None
 
 
 def build_grid(exp: Experiment, values: Dict[str, object]) -> Tuple[List[Dict], List[str]]:
@@ -170,8 +210,12 @@ def build_grid(exp: Experiment, values: Dict[str, object]) -> Tuple[List[Dict], 
         if p.choices is not None:
             bad = [v for v in vals if v not in p.choices]
             if bad:
-                raise ValueError(f"--{p.name}: expected values in {list(p.choices)}, got {bad[0]!r}")
+                raise ValueError(f"{_flag(p.name)}: expected values in {list(p.choices)}, got {bad[0]!r}")
         lists.append(vals)
+    size = math.prod(len(v) for v in lists)
+    if size > MAX_CELLS:
+        raise ValueError(f"{exp.name}: the grid has {size} cells ({' x '.join(str(len(v)) for v in lists)}), more "
+                         f"than the cap of {MAX_CELLS}")
     cells, skipped = [], []
     for combo in itertools.product(*lists):
         cell = dict(zip([p.name for p in exp.params], combo))
@@ -308,6 +352,16 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
                           workers, device)
 
 
+def _check_memory(exp, cells, trials):
+    """Refuse a cell whose ``trials`` instances (one batch) would need more than ``MAX_CELL_BYTES``."""
+    worst = max(cells, key=exp.instance_bytes)
+    need = trials * exp.instance_bytes(worst)
+    if need > MAX_CELL_BYTES:
+        raise ValueError(f"{exp.name}: cell {worst} needs about {need / 2 ** 30:.1f} GiB for its {trials} trials "
+                         f"({exp.instance_bytes(worst) / 2 ** 20:.0f} MiB each), more than the cap of "
+                         f"{MAX_CELL_BYTES / 2 ** 30:.0f} GiB; use smaller sizes or fewer --trials")
+
+
 GPU_BATCH_SCALE = 16  # batch cost budget on a GPU relative to the experiment's (CPU-tuned) max_cost
 
 
@@ -346,13 +400,24 @@ def _run_sweep(experiment, grid, trials, seed, store, executor, address, progres
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     cells, _ = build_grid(exp, grid or {})         # every input error is raised before the store is touched
+    _check_memory(exp, cells, trials)
     seeds = [cell_seed(exp.name, seed, exp.seed_params(c)) for c in cells]
     st = Store(store, exp.name, [(p.name, SQL_TYPES[p.type]) for p in exp.params],
                [(m, SQL_TYPES[t]) for m, t in exp.metrics])
+    try:   # the resume key is (cell, trial): whatever else changes a row must match the store's
+        st.check_settings({"seed": seed, "device": device.split(":")[0], "experiment_version": exp.version},
+                          {cell_key(c): s for c, s in zip(cells, seeds)})
+    except BaseException:
+        st.close()
+        raise
     done = st.finished(cell_key(c) for c in cells)
     batches = [b for b in plan(exp, cells, trials, exp.max_cost * (GPU_BATCH_SCALE if on_gpu else 1))
                if any((cell_key(cells[i]), t) not in done for i in b for t in range(trials))]
     total = sum(len(b) for b in batches) * trials
+    # what a resumed run did, for the caller to say (cells of partly stored batches are recomputed)
+    st.cells_total = len(cells)
+    st.cells_computed = sum(len(b) for b in batches)
+    st.cells_in_store = sum(all((cell_key(c), t) in done for t in range(trials)) for c in cells)
     vers = versions()
     bar = tqdm(total=total, desc=f"{exp.name} ({executor}, {device})", unit="inst", disable=not progress,
                smoothing=0.05)
@@ -399,6 +464,45 @@ def _run_threads(exp, cells, seeds, batches, trials, st, bar, vers, workers, dev
         torch.set_num_threads(before)
 
 
+_RAY_HOOKED = False
+
+
+def _shut_ray_down_on_exit(ray) -> None:
+    """``ray.shutdown()`` when this process ends, also by SIGTERM or SIGINT: a local Ray instance this
+    driver started (its GCS, raylet and workers) otherwise outlives a killed driver.  The signal
+    handlers (main thread only) shut Ray down, then do what the previous handler would have done."""
+    import atexit
+    import signal
+    import threading
+
+    global _RAY_HOOKED
+    if _RAY_HOOKED:
+        return
+    _RAY_HOOKED = True
+    atexit.register(_quiet_shutdown, ray)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            _quiet_shutdown(ray)
+            signal.signal(signum, previous)
+            if callable(previous):
+                return previous(signum, frame)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+
+        signal.signal(sig, handler)
+
+
+def _quiet_shutdown(ray) -> None:
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads, max_retries, device):
     try:
         import ray
@@ -406,6 +510,7 @@ def _run_ray(exp, cells, seeds, batches, trials, st, bar, vers, address, threads
         raise RuntimeError("executor='ray' needs ray (pip install 'fastdiff[ray]' or pip install ray)") from None
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        _shut_ray_down_on_exit(ray)
     task = ray.remote(execute_batch).options(num_cpus=threads, num_gpus=0 if device == "cpu" else 1,
                                              max_retries=max_retries, retry_exceptions=True)
     pending = {task.remote(exp.name, [cells[i] for i in b], [seeds[i] for i in b], trials, threads, device): b

@@ -16,15 +16,17 @@ which experiment and columns it was created for and refuses to be reused by anot
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import operator
 import os
+import pathlib
 import sqlite3
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["Store", "SCHEMA_VERSION", "cell_key"]
+__all__ = ["Store", "SCHEMA_VERSION", "cell_key", "atomic_write"]
 
 SCHEMA_VERSION = 1
 SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bool: "INTEGER"}
@@ -62,10 +64,24 @@ class Store:
                 q += "_"
             seen.add(q.lower())
             self._sql[c] = q
+        self.cells_total = self.cells_computed = self.cells_in_store = 0   # set by run_sweep
         parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
+        if os.path.isdir(self.path):
+            raise ValueError(f"store: {self.path} is a directory, expected an .sqlite file")
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"store: cannot create the directory of {self.path} "
+                             f"({e.filename}: {e.strerror})") from None
+        if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, "rb") as f:   # SQLite would take a short non-database file as an empty one
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise ValueError(_not_a_store(self.path, "not an SQLite file"))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error as e:
+            raise ValueError(f"store: cannot open {self.path} ({e})") from None
         # bound parameters per statement (999 before SQLite 3.32, 32766 since; getlimit: Python >= 3.11)
         self._max_variables = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) \
             if hasattr(self._db, "getlimit") else 999
@@ -75,6 +91,12 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._open_or_create()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise ValueError(_not_a_store(self.path, e)) from None
+        except sqlite3.Error as e:   # unwritable directory or file, full disk, locked
+            self._db.close()
+            raise ValueError(f"store: cannot open {self.path} ({_cause(e)})") from None
         except BaseException:
             self._db.close()
             raise
@@ -99,7 +121,7 @@ class Store:
                                  f"({meta.get('columns')}); use another --store path")
             return
         if tables:
-            raise ValueError(f"store: {self.path} is an SQLite file but not a fastdiff sweep store (tables {sorted(tables)})")
+            raise ValueError(_not_a_store(self.path, f"an SQLite file with tables {sorted(tables)}"))
         cols = ", ".join(f'"{self._sql[n]}" {t}' for n, t in self.params + self.metrics + list(RUN_COLUMNS))
         db.execute("BEGIN")
         try:
@@ -111,7 +133,7 @@ class Store:
                        "PRIMARY KEY (cell, trial))")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     @staticmethod
@@ -119,15 +141,56 @@ class Store:
         """``(experiment, params, metrics)`` recorded in an existing store (for ``fastdiff plot``)."""
         if not os.path.exists(path):
             raise ValueError(f"store: {path} does not exist")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        if os.path.isdir(path):
+            raise ValueError(f"store: {path} is a directory, expected an .sqlite file")
+        # a URI (for mode=ro) percent-encoded by pathlib: '#', '?' and '%' in a path are characters of
+        # the name, not a fragment, a query or an escape (unquoted they opened, and created, another file)
+        try:
+            db = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as e:
+            raise ValueError(f"store: cannot open {path} ({e})") from None
         try:
             meta = dict(db.execute("SELECT key, value FROM meta"))
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"store: {path} is not a fastdiff sweep store ({e})") from None
+            cols = json.loads(meta["columns"])
+            experiment = meta["experiment"]
+        except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(_not_a_store(path, e)) from None
         finally:
             db.close()
-        cols = json.loads(meta["columns"])
-        return meta["experiment"], [tuple(c) for c in cols["params"]], [tuple(c) for c in cols["metrics"]]
+        return experiment, [tuple(c) for c in cols["params"]], [tuple(c) for c in cols["metrics"]]
+
+    # ------------------------------------------------------------------ run settings
+    def check_settings(self, settings: Dict[str, object], cell_seeds: Dict[str, int]) -> None:
+        """Refuse to resume a sweep whose rows would differ from the stored ones.
+
+        The resume key is (cell, trial); everything else that determines a row (the sweep seed, the
+        device type, the experiment's version) is ``settings``, recorded in ``meta`` by the first run
+        and compared on every later one: a mismatch raises ``ValueError`` naming the store and what
+        differs (mixing them would return, or silently blend, another sweep's table).  A store from
+        before this record is checked through its rows' ``seed`` column against ``cell_seeds``
+        (``{cell: seed}`` of this run)."""
+        want = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
+        if row is not None:
+            have = json.loads(row[0])
+            diff = [f"{k}={have.get(k)!r} (this run: {settings.get(k)!r})" for k in sorted(set(have) | set(settings))
+                    if have.get(k) != settings.get(k)]
+            if diff:
+                raise ValueError(f"store: {self.path} holds a sweep run with other settings: {', '.join(diff)}; "
+                                 "its rows would not be this run's. Use another --store path, or the stored settings")
+            return
+        for cell, seed in self._db.execute("SELECT cell, MIN(seed) FROM results GROUP BY cell"):
+            if cell in cell_seeds and cell_seeds[cell] != seed:
+                raise ValueError(f"store: {self.path} holds rows of another sweep seed (cell {cell} has cell seed "
+                                 f"{seed}, this run derives {cell_seeds[cell]}); use another --store path or "
+                                 "the stored --seed")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)", (want,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            _rollback(self._db)
+            raise
 
     # ------------------------------------------------------------------ rows
     def finished(self, cells: Optional[Iterable[str]] = None) -> Set[Tuple[str, int]]:
@@ -159,26 +222,35 @@ class Store:
                 self._db.execute(f"INSERT OR IGNORE INTO results ({quoted}) VALUES " + ", ".join([row] * len(chunk)),
                                  [v for r in chunk for v in r])
             self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:   # disk full, I/O error, read-only: the cause, in one line
+            _rollback(self._db)
+            raise RuntimeError(f"store: writing {self.path} failed ({_cause(e)}); nothing of this batch was "
+                               "written") from e
         except BaseException:
-            self._db.execute("ROLLBACK")
+            _rollback(self._db)
             raise
         return self._db.total_changes - before
 
+    def _order(self, prefix: str = "") -> str:
+        """ORDER BY the parameter columns in their order, as numbers where they are numbers (the cell's
+        JSON text sorted d = 1, 10, 11, 2), then the cell text (ties of equal values)."""
+        return ", ".join([f'{prefix}"{self._sql[c]}"' for c, _ in self.params] + [f"{prefix}cell"])
+
     def rows(self) -> List[Dict[str, object]]:
-        """Every stored row as a dict, ordered by cell then trial."""
+        """Every stored row as a dict, ordered by the parameters (numerically) then trial."""
         return [dict(zip(self.columns, r)) for r in self._fetch()]
 
     def table(self) -> Dict[str, List[object]]:
-        """Every stored row, column-wise ``{column: values}``, ordered by cell then trial."""
+        """Every stored row, column-wise ``{column: values}``, ordered by the parameters then trial."""
         rows = self._fetch()
         return {c: list(v) for c, v in zip(self.columns, zip(*rows))} if rows else {c: [] for c in self.columns}
 
     def _fetch(self) -> List[Tuple]:
         quoted = ", ".join(f'"{self._sql[c]}"' for c in self.columns)
-        return self._db.execute(f"SELECT {quoted} FROM results ORDER BY cell, trial").fetchall()
+        return self._db.execute(f"SELECT {quoted} FROM results ORDER BY {self._order()}, trial").fetchall()
 
     def aggregate(self) -> List[Dict[str, object]]:
-        """One dict per cell (ordered by cell): its parameters, ``trials`` (rows stored) and per metric
+        """One dict per cell (ordered by the parameters, numerically): its parameters, ``trials`` (rows stored) and per metric
         ``<m>_mean`` and ``<m>_se`` (standard error, sqrt(sample variance / count)) over the trials
         where the metric is finite (SQLite stores NaN as NULL); NaN where there are none (mean) or
         fewer than two (se).  One query, two passes in SQLite: the means, then the squared deviations
@@ -186,12 +258,13 @@ class Store:
         q = self._sql
         params = [c for c, _ in self.params]
         metrics = [m for m, _ in self.metrics]
+        order = ", ".join([f'MIN(r."{q[c]}")' for c in params] + ["r.cell"])
         means = ", ".join(f'AVG("{q[m]}") AS "mean_{i}", COUNT("{q[m]}") AS "n_{i}"' for i, m in enumerate(metrics))
         outer = ", ".join([f'MIN(r."{q[c]}")' for c in params] + ["COUNT(*)"] +
                           [f'g."mean_{i}", SUM((r."{q[m]}" - g."mean_{i}") * (r."{q[m]}" - g."mean_{i}")), g."n_{i}"'
                            for i, m in enumerate(metrics)])
         sql = (f"WITH g AS (SELECT cell, {means} FROM results GROUP BY cell) "
-               f"SELECT {outer} FROM results r JOIN g ON r.cell = g.cell GROUP BY r.cell ORDER BY r.cell")
+               f"SELECT {outer} FROM results r JOIN g ON r.cell = g.cell GROUP BY r.cell ORDER BY {order}")
         nan = float("nan")
         out = []
         for rec in self._db.execute(sql):
@@ -200,7 +273,8 @@ class Store:
             for i, m in enumerate(metrics):
                 mean, ss, cnt = rec[len(params) + 1 + 3 * i: len(params) + 4 + 3 * i]
                 row[f"{m}_mean"] = nan if mean is None else mean
-                row[f"{m}_se"] = math.sqrt(ss / (cnt - 1) / cnt) if cnt > 1 else nan
+                # ss is NULL where a trial is +-inf (inf - inf): the mean is then inf and the se undefined
+                row[f"{m}_se"] = math.sqrt(ss / (cnt - 1) / cnt) if cnt > 1 and ss is not None else nan
             out.append(row)
         return out
 
@@ -232,9 +306,10 @@ class Store:
         if pa is not None:
             import pyarrow.csv
 
-            pyarrow.csv.write_csv(self._arrow(table), path)
+            with atomic_write(path) as tmp:
+                pyarrow.csv.write_csv(self._arrow(table), tmp)
             return path
-        with open(path, "w", newline="") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(self.columns)
             w.writerows(zip(*(table[c] for c in self.columns)))
@@ -246,7 +321,8 @@ class Store:
             raise RuntimeError("export_parquet: needs pyarrow (pip install 'fastdiff[sweeps]' or pip install pyarrow)")
         import pyarrow.parquet as pq
 
-        pq.write_table(self._arrow(self.table() if table is None else table), path)
+        with atomic_write(path) as tmp:
+            pq.write_table(self._arrow(self.table() if table is None else table), tmp)
         return path
 
     def _arrow(self, table: Dict[str, List[object]]):
@@ -254,6 +330,52 @@ class Store:
         arrow = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
         types = {"cell": "TEXT", "trial": "INTEGER", **dict(self.params + self.metrics), **dict(RUN_COLUMNS)}
         return pa.table({c: pa.array(table[c], type=arrow[types[c]]) for c in self.columns})
+
+
+def _not_a_store(path, why) -> str:
+    why = f"missing {why}" if isinstance(why, KeyError) else why
+    return f"store: {path} is not a fastdiff sweep store ({why})"
+
+
+def _cause(e: sqlite3.Error) -> str:
+    """SQLite's message, with the disk-full and read-only cases said plainly."""
+    code = getattr(e, "sqlite_errorname", "")
+    if code == "SQLITE_FULL" or "disk is full" in str(e):
+        return f"disk full: {e}"
+    if code.startswith("SQLITE_READONLY") or code.startswith("SQLITE_CANTOPEN"):
+        return f"not writable: {e}"
+    return str(e)
+
+
+def _rollback(db) -> None:
+    """Roll back if a transaction is open: SQLite has already rolled back after some errors (a full
+    disk), and a failing ROLLBACK ("cannot rollback - no transaction is active") would hide the cause."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+class atomic_write:
+    """``with atomic_write(path) as tmp:`` write the file at ``tmp`` (same directory); on success it
+    replaces ``path`` in one rename, on an exception it is removed: a reader never sees a
+    half-written table, and a failed run leaves no stray file."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        d, base = os.path.split(os.path.abspath(self.path))
+        self.tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp")
+
+    def __enter__(self) -> str:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)
 
 
 def _pyarrow():

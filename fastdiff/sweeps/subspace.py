@@ -518,7 +518,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 def _check(c: Dict) -> None:
     for name in ("n", "K", "d", "N"):
         if c[name] < 1:
-            raise ValueError(f"--{name}: expected {name} >= 1, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
     if c["d"] > c["n"]:
         raise ValueError(f"--d: expected d <= n = {c['n']}, got d = {c['d']}")
     if c["bases"] == "orthogonal" and c["K"] * c["d"] > c["n"]:
@@ -530,7 +530,7 @@ def _check(c: Dict) -> None:
         raise ValueError(f"--threshold: expected a positive error threshold, got {c['threshold']}")
     for name in ("restarts", "max_iter", "sgd_steps", "sgd_lr", "sgd_sigma_max"):
         if not c[name] > 0:
-            raise ValueError(f"--{name}: expected a positive value, got {c[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive value, got {c[name]}")
 
 
 def _applicable(c: Dict) -> Optional[str]:
@@ -576,5 +576,8 @@ register(Experiment(
     batch_key=_batch_key,
     applicable=_applicable,
     instance_cost=_cost,
+    # data (N x n) and its copies, the bases, the N x n min(N, n) factorisation, assignments per restart
+    instance_bytes=lambda c: 8.0 * (4 * c["N"] * c["n"] + 4 * c["K"] * c["n"] * c["d"] + c["n"] * min(c["N"], c["n"])
+                                    + c["N"] * c["K"] * c["restarts"]),
     max_cost=1024.0,  # measured: 1024 beats 4096 (less padding of N) and 256 (more per-batch overhead)
 ))

@@ -1,0 +1,49 @@
+"""Resuming a sweep (issue 13 items 2, 14): the store refuses a run whose rows would differ, and a
+resumed run says what it recomputed."""
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from fastdiff import sweeps
+
+GRID = {"N": "64,128", "n": 6, "T": 50}
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_rerun_with_another_seed_is_refused(tmp_path):
+    p = str(tmp_path / "s.sqlite")
+    with sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=0, store=p, progress=False) as st:
+        before = st.rows()
+    with pytest.raises(ValueError, match=r"s\.sqlite.*seed=0 \(this run: 1\)"):
+        sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=1, store=p, progress=False)
+    # the same seed: resumes
+    with sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=0, store=p, progress=False) as st:
+        assert st.rows() == before
+
+
+def test_legacy_store_without_settings_is_checked_by_its_seeds(tmp_path):
+    p = str(tmp_path / "s.sqlite")
+    sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=0, store=p, progress=False).close()
+    db = sqlite3.connect(p)
+    db.execute("DELETE FROM meta WHERE key = 'settings'")   # as written before the settings record
+    db.commit()
+    db.close()
+    with pytest.raises(ValueError, match="another sweep seed"):
+        sweeps.run_sweep("linear-diffusion", GRID, trials=2, seed=3, store=p, progress=False)
+
+
+def test_cli_rerun_with_another_seed_is_one_error_line(tmp_path):
+    args = ["sweep", "linear-diffusion", "--n", "6", "--N", "64", "--T", "50", "--trials", "2", "--out", str(tmp_path),
+            "--no-plot", "--no-progress"]
+    assert _cli(*args).returncode == 0
+    r = _cli(*args, "--seed", "7")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "error:" in r.stderr and "seed=0 (this run: 7)" in r.stderr, r.stderr
+    assert str(tmp_path / "linear-diffusion.sqlite") in r.stderr
