@@ -47,9 +47,6 @@ def test_linear_diffusion_with_two_workers_repeatedly(tmp_path):
         assert repr(t) == repr(tables[0])
 
 
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="the linear denoiser's PSD check rejects a rank-deficient fitted covariance; "
-                          "fixed in fastdiff/denoisers.py on another branch of issue 13")
 def test_memorization_with_two_workers_repeatedly(tmp_path):
     grid = {"n": 8, "K": "1,2", "d": 2, "N": "2,4,8,16", "samples": 32, "T": 60}
     for rep in range(REPEATS):
