@@ -142,6 +142,42 @@ constexpr int64_t TILE = 24;  // columns per register tile (3 vectors)
 // the 24-wide strip of U / Ut of a block (24 KB) stays in L1 across the row groups of a chunk.
 constexpr int64_t KBLK = 256;  // multiple of IBLK
 
+namespace {
+
+// Phase 1 for rows [r0, r1): P[r - r0, :] = X[r, :] U (rows of D8, padding columns 0), over
+// blocks of KBLK values of i and register tiles of TILE columns; with X2 also P2 = X2 U in the
+// same pass (the backward: P = x U and dq = G U use each strip of U while it is in L1).
+FD_MOLRG_INLINE void proj_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, const float* X,
+                                    float* P, const float* X2 = nullptr, float* P2 = nullptr) {
+  const int64_t n = J.n, D = J.D, D8 = J.D8;
+  for (int64_t ib = 0; ib == 0 || ib < n; ib += KBLK) {
+    const int64_t ie = std::min(n, ib + KBLK);
+    for (int64_t jt = 0; jt < D; jt += TILE) {
+      const int64_t cols = std::min(TILE, D - jt);
+      const int nv = static_cast<int>((cols + 7) / 8);
+      const bool mask = (cols & 7) != 0;
+      const __m256i m = tail_mask(mask ? (cols & 7) : 8);
+      int64_t r = r0;
+      for (; r + 4 <= r1; r += 4) {
+        proj_dispatch<4>(nv, mask, X + r * n, n, ib, ie, J.U + jt, D, P + (r - r0) * D8 + jt,
+                         D8, m);
+        if (X2)
+          proj_dispatch<4>(nv, mask, X2 + r * n, n, ib, ie, J.U + jt, D,
+                           P2 + (r - r0) * D8 + jt, D8, m);
+      }
+      for (; r < r1; ++r) {
+        proj_dispatch<1>(nv, mask, X + r * n, n, ib, ie, J.U + jt, D, P + (r - r0) * D8 + jt,
+                         D8, m);
+        if (X2)
+          proj_dispatch<1>(nv, mask, X2 + r * n, n, ib, ie, J.U + jt, D,
+                           P2 + (r - r0) * D8 + jt, D8, m);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 // ---- molrg_forward.cpp
 // Phase 3 for rows [r0, r1): out[r, :] = A_r src[r, :] + Q[r - r0, :] Ut, over blocks of KBLK
 // values of j and register tiles of TILE columns.  The forward passes src = x with the mixed

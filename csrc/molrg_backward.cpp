@@ -33,7 +33,8 @@ using namespace molrg_detail;
 namespace {
 
 // Generic path.  S: scratch of 2 (M + 4) D8 + n D8 floats.
-FD_MOLRG_ALIGNED void bwd_chunk_generic(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* S, double* acc) {
+FD_MOLRG_ALIGNED void bwd_chunk_generic(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* S,
+                                        double* acc) {
   const MolrgJob& J = Bw.J;
   const int64_t n = J.n, D = J.D, D8 = J.D8, M = r1 - r0;
   float* P = S;
@@ -143,34 +144,13 @@ void du_dispatch(int nv, const float* G, const float* X, int64_t n, int64_t rows
 }
 
 // S: scratch of 2 (M + 4) D8 floats.
-void bwd_chunk_avx2(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* S, double* acc) {
+FD_MOLRG_ALIGNED void bwd_chunk_avx2(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* S,
+                                     double* acc) {
   const MolrgJob& J = Bw.J;
   const int64_t n = J.n, D = J.D, D8 = J.D8, M = r1 - r0;
   float* P = S;
   float* Q = S + M * D8;
-  // phase 1: P = X U, dq = G U (rows of D8, padding columns 0)
-  for (int64_t ib = 0; ib == 0 || ib < n; ib += KBLK) {
-    const int64_t ie = std::min(n, ib + KBLK);
-    for (int64_t jt = 0; jt < D; jt += TILE) {
-      const int64_t cols = std::min(TILE, D - jt);
-      const int nv = static_cast<int>((cols + 7) / 8);
-      const bool mask = (cols & 7) != 0;
-      const __m256i m = tail_mask(mask ? (cols & 7) : 8);
-      int64_t r = r0;
-      for (; r + 4 <= r1; r += 4) {
-        proj_dispatch<4>(nv, mask, J.x + r * n, n, ib, ie, J.U + jt, D, P + (r - r0) * D8 + jt,
-                         D8, m);
-        proj_dispatch<4>(nv, mask, Bw.G + r * n, n, ib, ie, J.U + jt, D,
-                         Q + (r - r0) * D8 + jt, D8, m);
-      }
-      for (; r < r1; ++r) {
-        proj_dispatch<1>(nv, mask, J.x + r * n, n, ib, ie, J.U + jt, D, P + (r - r0) * D8 + jt,
-                         D8, m);
-        proj_dispatch<1>(nv, mask, Bw.G + r * n, n, ib, ie, J.U + jt, D,
-                         Q + (r - r0) * D8 + jt, D8, m);
-      }
-    }
-  }
+  proj_rows_avx2(J, r0, r1, J.x, P, Bw.G, Q);  // phase 1: P = X U, dq = G U
   // phase 2
   bwd_mix_rows_avx2(Bw, r0, r1, P, Q);
   // phase 3: dx = A G + dP Ut
@@ -224,21 +204,13 @@ void molrg_backward(uintptr_t x_ptr, uintptr_t g_ptr, uintptr_t w_ptr, uintptr_t
     for (int64_t j = offsets[k]; j < offsets[k + 1]; ++j) seg[j] = static_cast<int32_t>(k);
   Bw.seg = seg.data();
 
-#ifdef _OPENMP
-  const int nthreads = omp_get_max_threads();
-#else
-  const int nthreads = 1;
-#endif
-  const int64_t M = chunk_rows(B, J.D8, nthreads);
-  const int64_t nchunks = (B + M - 1) / M;
-  const bool par = nthreads > 1 && nchunks > 1 && B * n * J.D >= (int64_t(1) << 16);
-  const int64_t TB = 64;
-  const int64_t ntb = (n + TB - 1) / TB;
+  const RowPlan pl = row_plan(B, n, J.D, J.D8, int64_t(1) << 16);
+  const int64_t M = pl.M, nchunks = pl.nchunks, TB = pl.TB, ntb = pl.ntb;
   const int64_t accn = n * J.D8;
-  std::unique_ptr<double[]> accs(new double[static_cast<size_t>(accn * nthreads)]);
+  std::unique_ptr<double[]> accs(new double[static_cast<size_t>(accn * pl.nthreads)]);
   int team = 1;
 
-#pragma omp parallel if (par)
+#pragma omp parallel if (pl.par)
   {
 #ifdef _OPENMP
     const int tid = omp_get_thread_num();

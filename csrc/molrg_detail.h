@@ -14,10 +14,11 @@
 #define FD_MOLRG_INLINE inline
 #endif
 
-// The row kernels start on a 64-byte boundary: where their inner loops fall relative to 32 /
-// 64-byte boundaries (the decoded-uop cache, the JCC erratum) otherwise depends on what the
-// linker happens to place before them, and moved the generic forward by up to 1.4x when the
-// kernel was split into files.
+// The row kernels (chunk_*, the mixes, out_rows_avx2) start on a 64-byte boundary.  Their inner
+// loops are a few dozen bytes; where they fall relative to 32 / 64-byte boundaries (the decoded
+// uop cache lines) otherwise depends on whatever the linker places before them: splitting
+// molrg.cpp into files moved the (bit-identical) generic forward chunk by 16 bytes and made it
+// 1.45x slower, the aligned one runs as before the split.
 #if defined(__GNUC__)
 #define FD_MOLRG_ALIGNED __attribute__((aligned(64)))
 #else
@@ -31,7 +32,7 @@ constexpr int64_t MOLRG_MAX_K = 1024;
 // Phase 1 sums over i in blocks of IBLK terms that are then added up: float32 rounding error
 // ~ (IBLK + n / IBLK) eps instead of ~ n eps (the logits amplify errors in P by ~ g |P|).
 constexpr int64_t IBLK = 64;
-constexpr int MIX_CAP = MOLRG_MAX_K;  // logits per batch of rows in the mix (>= K: one row at least)
+constexpr int MIX_CAP = MOLRG_MAX_K;  // logits per batch of rows in the mix (>= K: one row)
 
 inline const float* params_row(const MolrgJob& J, int64_t r) {
   return J.params + (J.R == 1 ? 0 : r) * J.pstride;
@@ -69,8 +70,17 @@ struct MolrgBwd {
 // set the data pointers.  B == 0 passes (the caller returns early); labels are range-checked.
 MolrgJob molrg_job(const char* fn, int64_t B, int64_t n, const std::vector<int64_t>& offsets,
                    uintptr_t params_ptr, int64_t R, uintptr_t labels_ptr, bool hard);
-// Rows per chunk of the row loops (forward and backward).
-int64_t chunk_rows(int64_t B, int64_t D8, int nthreads);
+// How molrg_forward / molrg_backward split their rows: chunks of M rows (a multiple of 4, scratch
+// M x D8 floats <= 32 K floats, at most 32, a few chunks per thread) over nthreads OpenMP
+// threads, forked (par) only with more than one chunk and at least min_work = B n D multiply-adds
+// (~ >= 10 us on one core); U is transposed in ntb blocks of TB rows.
+struct RowPlan {
+  int nthreads;
+  int64_t M, nchunks;
+  bool par;
+  int64_t TB, ntb;
+};
+RowPlan row_plan(int64_t B, int64_t n, int64_t D, int64_t D8, int64_t min_work);
 // Ut[j, i] = U[i, j], rows [i0, i1) of U; padding columns [n, n8) of Ut zeroed by the caller.
 void transpose_block(const MolrgJob& J, float* Ut, int64_t i0, int64_t i1);
 

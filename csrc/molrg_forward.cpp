@@ -68,14 +68,22 @@ void transpose_block(const MolrgJob& J, float* Ut, int64_t i0, int64_t i1) {
   }
 }
 
-// Rows per chunk: a multiple of 4, scratch M x D8 floats <= 32 K floats, at most 32, and small
-// enough to give every thread a few chunks.
-int64_t chunk_rows(int64_t B, int64_t D8, int nthreads) {
+RowPlan row_plan(int64_t B, int64_t n, int64_t D, int64_t D8, int64_t min_work) {
+  RowPlan p;
+#ifdef _OPENMP
+  p.nthreads = omp_get_max_threads();
+#else
+  p.nthreads = 1;
+#endif
   int64_t m = std::max<int64_t>(4, (32768 / D8) & ~int64_t(3));
   m = std::min<int64_t>(m, 32);
-  const int64_t per = (B + 4 * nthreads - 1) / (4 * nthreads);  // ~4 chunks per thread
-  m = std::min(m, std::max<int64_t>(4, (per + 3) & ~int64_t(3)));
-  return m;
+  const int64_t per = (B + 4 * p.nthreads - 1) / (4 * p.nthreads);  // ~4 chunks per thread
+  p.M = std::min(m, std::max<int64_t>(4, (per + 3) & ~int64_t(3)));
+  p.nchunks = (B + p.M - 1) / p.M;
+  p.par = p.nthreads > 1 && p.nchunks > 1 && B * n * D >= min_work;
+  p.TB = 64;  // rows of U per transpose block
+  p.ntb = (n + p.TB - 1) / p.TB;
+  return p;
 }
 
 // The checks and fields every entry point shares (sizes, offsets, params, labels); the callers
@@ -117,7 +125,8 @@ MolrgJob molrg_job(const char* fn, int64_t B, int64_t n, const std::vector<int64
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 // (declared in molrg_avx2.h)
-void out_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q, const float* src) {
+FD_MOLRG_ALIGNED void out_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q,
+                                    const float* src) {
   const int64_t n = J.n, D = J.D, D8 = J.D8;
   float A[4];
   for (int64_t jb = 0; jb < D; jb += KBLK) {
@@ -206,25 +215,8 @@ FD_MOLRG_ALIGNED void chunk_generic(const MolrgJob& J, int64_t r0, int64_t r1, f
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-void chunk_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
-  const int64_t n = J.n, D = J.D, D8 = J.D8;
-  // phase 1: P (rows of D8, padding columns 0)
-  for (int64_t ib = 0; ib == 0 || ib < n; ib += KBLK) {
-    const int64_t ie = std::min(n, ib + KBLK);
-    for (int64_t jt = 0; jt < D; jt += TILE) {
-      const int64_t cols = std::min(TILE, D - jt);
-      const int nv = static_cast<int>((cols + 7) / 8);
-      const bool mask = (cols & 7) != 0;
-      const __m256i m = tail_mask(mask ? (cols & 7) : 8);
-      int64_t r = r0;
-      for (; r + 4 <= r1; r += 4)
-        proj_dispatch<4>(nv, mask, J.x + r * n, n, ib, ie, J.U + jt, D, P + (r - r0) * D8 + jt,
-                         D8, m);
-      for (; r < r1; ++r)
-        proj_dispatch<1>(nv, mask, J.x + r * n, n, ib, ie, J.U + jt, D, P + (r - r0) * D8 + jt,
-                         D8, m);
-    }
-  }
+FD_MOLRG_ALIGNED void chunk_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
+  proj_rows_avx2(J, r0, r1, J.x, P);  // phase 1: P (rows of D8, padding columns 0)
   // phase 2
   mix_rows_avx2(J, r0, r1, P);
   // phase 3
@@ -268,19 +260,10 @@ void molrg_forward(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t w_ptr, int64_t 
   J.Ut = ut.get();
   const bool avx2 = use_avx2();
 
-#ifdef _OPENMP
-  const int nthreads = omp_get_max_threads();
-#else
-  const int nthreads = 1;
-#endif
-  const int64_t M = chunk_rows(B, J.D8, nthreads);
-  const int64_t nchunks = (B + M - 1) / M;
-  // Fork only when there is enough work (~ >= 10 us on one core) and more than one chunk.
-  const bool par = nthreads > 1 && nchunks > 1 && B * n * J.D >= (int64_t(1) << 17);
-  const int64_t TB = 64;  // rows of U per transpose block
-  const int64_t ntb = (n + TB - 1) / TB;
+  const RowPlan pl = row_plan(B, n, J.D, J.D8, int64_t(1) << 17);
+  const int64_t M = pl.M, nchunks = pl.nchunks, TB = pl.TB, ntb = pl.ntb;
 
-#pragma omp parallel if (par)
+#pragma omp parallel if (pl.par)
   {
     float* Ut = ut.get();
 #pragma omp for schedule(static)

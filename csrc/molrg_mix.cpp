@@ -156,13 +156,14 @@ FD_MOLRG_INLINE void scale_generic(float* p, int64_t d, float c) {
 
 }  // namespace
 
-void mix_rows_generic(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
+FD_MOLRG_ALIGNED void mix_rows_generic(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
   FD_MOLRG_MIX_ROWS(sum_sq, scale_generic)
 }
 
 // Phase 2 of the backward (declared in molrg_detail.h), per row (the math at the top of
 // molrg_backward.cpp).
-void bwd_mix_rows(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* P, float* Q) {
+FD_MOLRG_ALIGNED void bwd_mix_rows(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* P,
+                                   float* Q) {
   const MolrgJob& J = Bw.J;
   const int K = J.K;
   const int64_t* off = J.off;
@@ -248,13 +249,14 @@ inline void scale_avx2(float* p, int64_t d, float c) {
 
 }  // namespace
 
-void mix_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
+FD_MOLRG_ALIGNED void mix_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
   FD_MOLRG_MIX_ROWS(sum_sq_avx2, scale_avx2)
 }
 
 // Phase 2 (bwd_mix_rows) vectorized over the columns: the per-column factors c_{k(j)} and
 // 2 g_k dl_k are gathered through Bw.seg; dc_k sums the float32 products dq_j P_j.
-void bwd_mix_rows_avx2(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* P, float* Q) {
+FD_MOLRG_ALIGNED void bwd_mix_rows_avx2(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* P,
+                                        float* Q) {
   const MolrgJob& J = Bw.J;
   const int K = J.K;
   const int64_t* off = J.off;
