@@ -13,7 +13,7 @@
 // normals are generated into a stack buffer by an auto-vectorized loop (philox.h), then a
 // combine loop specialised on (dtype, number of streamed inputs, has-philox-term) runs per
 // segment of constant coefficient row.  An explicit noise tensor (mode 1) is just one more
-// streamed input.  Two code paths, picked once at run time:
+// streamed input.  Two code paths, picked once at run time (use_avx2(), cpu_features.h):
 //   "avx2":  AVX2 + FMA + F16C intrinsics combine loop and Philox rounds, the Box-Muller
 //            loop auto-vectorized for AVX2;
 //   generic: plain C++ loops that GCC vectorizes for the baseline ISA (SSE2 on x86-64,
@@ -31,11 +31,9 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define FD_X86 1
+#include "cpu_features.h"
+#if FD_X86
 #include <immintrin.h>
-#else
-#define FD_X86 0
 #endif
 
 #include "philox.h"
@@ -287,17 +285,6 @@ CombineFn lookup_avx2(int dt, int ns, bool hz) {
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    // FASTDIFF_CPU_SIMD=sse2 (or generic) forces the baseline path (testing / debugging).
-    const char* env = std::getenv("FASTDIFF_CPU_SIMD");
-    if (env && (std::strcmp(env, "sse2") == 0 || std::strcmp(env, "generic") == 0)) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-}
 #endif  // FD_X86
 
 // ---------------------------------------------------------------------------------------
@@ -342,16 +329,6 @@ void run_block(const Job& J, const KeySchedule& ks, int64_t i0, int64_t i1) {
 
 }  // namespace
 
-const char* simd_name() {
-#if FD_X86
-  return cpu_has_avx2() ? "avx2" : "sse2";
-#elif defined(__aarch64__)
-  return "neon";
-#else
-  return "generic";
-#endif
-}
-
 int num_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -389,7 +366,7 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
   J.hz = noise_mode == 2;
   J.gbase = offset + static_cast<uint64_t>(start);
 #if FD_X86
-  if (cpu_has_avx2()) {
+  if (use_avx2()) {
     J.combine = lookup_avx2(dtype, ns, J.hz);
     J.normals = &normals_avx2;
   } else

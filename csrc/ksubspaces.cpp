@@ -47,17 +47,11 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define FD_KS_X86 1
-#else
-#define FD_KS_X86 0
-#endif
+#include "cpu_features.h"  // use_avx2(), FD_X86
 
 #define FD_INLINE inline __attribute__((always_inline))
 
 namespace fastdiff {
-
-const char* simd_name();  // fused_step.cpp: "avx2" when the AVX2 + FMA path is selected
 
 namespace {
 
@@ -347,7 +341,7 @@ FD_INLINE void instance(const Job& J, int64_t b, Workspace& ws) {
 }
 
 void instance_generic(const Job& J, int64_t b, Workspace& ws) { instance<0>(J, b, ws); }
-#if FD_KS_X86
+#if FD_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 void instance_avx2(const Job& J, int64_t b, Workspace& ws) { instance<1>(J, b, ws); }
@@ -356,8 +350,8 @@ void instance_avx2(const Job& J, int64_t b, Workspace& ws) { instance<1>(J, b, w
 
 void run_job(const Job& J, int threads) {
   void (*run)(const Job&, int64_t, Workspace&) = &instance_generic;
-#if FD_KS_X86
-  if (std::strcmp(simd_name(), "avx2") == 0) run = &instance_avx2;
+#if FD_X86
+  if (use_avx2()) run = &instance_avx2;
 #endif
   const int nt = std::max(1, threads);
 #pragma omp parallel num_threads(nt) if (nt > 1 && J.B > 1)

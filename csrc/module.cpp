@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_features.h"  // simd_name()
+
 namespace py = pybind11;
 
 namespace fastdiff {
@@ -20,7 +22,6 @@ void ksubspaces(uintptr_t x_ptr, int64_t B, int64_t N, int64_t n, uintptr_t coun
 void top_subspace(uintptr_t x_ptr, int64_t B, int64_t N, int64_t n, uintptr_t counts_ptr, int64_t d,
                   uintptr_t v0_ptr, double tol, int64_t max_iter, uintptr_t v_ptr, uintptr_t converged_ptr,
                   int threads);
-const char* simd_name();
 void molrg_forward(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t w_ptr, int64_t B, int64_t n,
                    uintptr_t u_ptr, const std::vector<int64_t>& offsets, uintptr_t params_ptr,
                    int64_t R, uintptr_t labels_ptr, bool hard);

@@ -1,6 +1,6 @@
 // fastdiff fused MoLRG denoiser, the per-row routine shared by the denoiser kernel
-// (molrg.cpp: molrg_forward / molrg_backward) and the fused trajectory (trajectory.cpp).
-// The math and the code paths are described at the top of molrg.cpp.
+// (molrg_forward.cpp, molrg_backward.cpp, molrg_mix.cpp) and the fused trajectory
+// (trajectory.cpp).  The math and the code paths are described at the top of molrg_forward.cpp.
 #pragma once
 
 #include <cstdint>

@@ -44,17 +44,11 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define FD_SVD_X86 1
-#else
-#define FD_SVD_X86 0
-#endif
+#include "cpu_features.h"  // use_avx2(), FD_X86
 
 #define FD_INLINE inline __attribute__((always_inline))
 
 namespace fastdiff {
-
-const char* simd_name();  // fused_step.cpp: "avx2" when the AVX2 + FMA path is selected
 
 namespace {
 
@@ -486,7 +480,7 @@ FD_INLINE void svd_group(const SvdJob& J, int64_t b0, int count, Workspace& ws) 
 
 void svd_group_generic(const SvdJob& J, int64_t b0, int count, Workspace& ws) { svd_group<false>(J, b0, count, ws); }
 
-#if FD_SVD_X86
+#if FD_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 void svd_group_avx2(const SvdJob& J, int64_t b0, int count, Workspace& ws) { svd_group<true>(J, b0, count, ws); }
@@ -504,8 +498,8 @@ void svdvals_rank(uintptr_t a_ptr, int dtype, int64_t B, int64_t m, int64_t n, u
   SvdJob J{reinterpret_cast<const void*>(a_ptr), reinterpret_cast<void*>(s_ptr),
            reinterpret_cast<int64_t*>(rank_ptr), dtype, m, n, eta};
   void (*group)(const SvdJob&, int64_t, int, Workspace&) = &svd_group_generic;
-#if FD_SVD_X86
-  if (std::strcmp(simd_name(), "avx2") == 0) group = &svd_group_avx2;
+#if FD_X86
+  if (use_avx2()) group = &svd_group_avx2;
 #endif
   const int64_t M = std::max(m, n), N = std::min(m, n);
   // fork only when there is more than one matrix's worth of work (~M N^2 flops each)

@@ -34,15 +34,9 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define FD_TRAJ_X86 1
-#else
-#define FD_TRAJ_X86 0
-#endif
+#include "cpu_features.h"  // use_avx2(), FD_X86
 
 namespace fastdiff {
-
-const char* simd_name();  // fused_step.cpp
 
 namespace {
 
@@ -211,7 +205,7 @@ FD_TRAJ_INLINE void run_tile(const Traj& T, int64_t inst, int64_t r0, int64_t r1
   std::memcpy(T.x + grow0 * n, x, sizeof(float) * len);
 }
 
-#if FD_TRAJ_X86
+#if FD_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 void run_tile_avx2(const Traj& T, int64_t inst, int64_t r0, int64_t r1, Buffers& buf,
@@ -284,7 +278,7 @@ void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_
   if (I * ((B + M - 1) / M) < 2 * nthreads) M = std::max<int64_t>(1, std::min(M, (per_thread + 1) / 2));
   const int64_t tiles_per = (B + M - 1) / M;
   const int64_t ntiles = I * tiles_per;
-  const bool avx2 = std::strcmp(simd_name(), "avx2") == 0;
+  const bool avx2 = use_avx2();
   const philox::KeySchedule ks(seed);
   const bool par = nthreads > 1 && ntiles > 1;
 
@@ -304,7 +298,7 @@ void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t inst = tile / tiles_per;
       const int64_t r0 = (tile % tiles_per) * M, r1 = std::min(B, r0 + M);
-#if FD_TRAJ_X86
+#if FD_X86
       if (avx2) run_tile_avx2(T, inst, r0, r1, buf, ks);
       else
 #endif
