@@ -70,3 +70,11 @@ def test_cli_linear_diffusion_two_workers_csv_has_no_impossible_value(tmp_path):
             for k in ("kl", "test_loss", "cov_error"):
                 assert float(row[k]) >= 0, row           # NaN fails this too
             assert row["kl_mc"] == "" or float(row["kl_mc"]) >= 0, row
+    # the aggregate table beside the plot: blank where a value is undefined, never a "nan" cell
+    with open(tmp_path / "linear-diffusion.csv") as f:
+        agg = list(csv.DictReader(f))
+    assert agg
+    for row in agg:
+        assert "nan" not in {v.lower() for v in row.values()}, row
+        assert float(row["kl_mean"]) >= 0 and float(row["test_loss_mean"]) >= 0, row
+        assert row["kl_mc_meaningful_mean"] == "" or 0 <= float(row["kl_mc_meaningful_mean"]) <= 1, row

@@ -18,11 +18,18 @@ from fastdiff.sweeps.store import Store, atomic_write
 __all__ = ["plot_store"]
 
 
+def _undefined_as_blank(v):
+    """NaN in the aggregate means "no value": a metric the cell does not compute (kl_mc with
+    mc_samples = 0), or a standard error with fewer than two finite trials.  The table leaves such a
+    cell empty, as the rows CSV does for NULL, so no "nan" reads as a measured value."""
+    return "" if isinstance(v, float) and math.isnan(v) else v
+
+
 def _write_csv(path, rows):
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: _undefined_as_blank(v) for k, v in row.items()} for row in rows)
     return path
 
 
