@@ -77,16 +77,25 @@ def test_shuffle_changes_the_order_reproducibly():
     assert _arrivals(grid) == ident  # the patch is gone
 
 
-def test_unknown_interpreter_structure_is_refused(monkeypatch):
-    """A grid loop that does not go through interpreter_builder.set_grid_idx (another Triton
+def _loop_elsewhere(self, *args, **kwargs):  # stand-in grid loops of other Triton versions (never run)
+    return None
+
+
+def _loop_with_gluon(self, *args, **kwargs):
+    interpreter_builder.set_grid_dim(1, 1, 1)  # noqa: F821
+    interpreter_builder.set_grid_idx(0, 0, 0)  # noqa: F821
+    gluon_builder.set_grid_idx(0, 0, 0)  # noqa: F821
+
+
+@pytest.mark.parametrize("call,match", [(_loop_elsewhere, "set_grid_idx"), (_loop_with_gluon, "other than")],
+                         ids=["no-builder-calls", "second-builder"])
+def test_unknown_interpreter_structure_is_refused(monkeypatch, call, match):
+    """A grid loop that does not set program ids only through interpreter_builder (another Triton
     version) is refused with the reason, never silently run in order."""
     import triton.runtime.interpreter as interp
 
-    def other_call(self, *args, **kwargs):  # a stand-in grid loop that sets program ids elsewhere
-        return None
-
-    monkeypatch.setattr(interp.GridExecutor, "__call__", other_call)
-    with pytest.raises(ShuffleUnsupported, match="set_grid_idx"):
+    monkeypatch.setattr(interp.GridExecutor, "__call__", call)
+    with pytest.raises(ShuffleUnsupported, match=match):
         with shuffled_program_order(0):
             pass
 

@@ -46,6 +46,11 @@ def _interpreter():
     if "interpreter_builder.set_grid_dim(" not in src or "interpreter_builder.set_grid_idx(" not in src:
         raise ShuffleUnsupported("GridExecutor.__call__ does not set the grid through interpreter_builder."
                                  f"set_grid_dim / set_grid_idx (triton {_version()}): cannot shuffle")
+    # newer interpreters also hand the index to other builders (gluon's): those would keep the
+    # in-order ids, so the programs would disagree about who they are
+    if src.count(".set_grid_idx(") != src.count("interpreter_builder.set_grid_idx("):
+        raise ShuffleUnsupported("GridExecutor.__call__ sets program ids on builders other than "
+                                 f"interpreter_builder (triton {_version()}): remapping one would be inconsistent")
     return interp, cls
 
 
@@ -79,12 +84,16 @@ def shuffled_program_order(seed: int, log=None):
         orig_dim(self, nx, ny, nz)
         perm = list(range(nx * ny * nz))
         rng.shuffle(perm)
-        state[id(self)] = (ny, nz, perm)
+        state[id(self)] = ((nx, ny, nz), perm)
         if log is not None:
             log.append([])
 
     def set_grid_idx(self, x, y, z):
-        ny, nz, perm = state[id(self)]
+        dims, perm = state.get(id(self), (None, None))
+        if dims is None or tuple(self.grid_dim) != dims:  # a launch begun outside the block
+            raise ShuffleUnsupported("a program id was set without this block seeing its launch's "
+                                     "set_grid_dim: cannot map it to the launch's permutation")
+        _, ny, nz = dims
         p = perm[(x * ny + y) * nz + z]
         if log is not None:
             log[-1].append(p)
