@@ -43,7 +43,9 @@ import torch
 
 from fastdiff import coefficients as C
 from fastdiff import steps as S
+from fastdiff import trajectory as fused_impl
 from fastdiff._interop import accepts_arrays
+from fastdiff.trajectory import _progress
 from fastdiff.denoisers import MoLRG
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
@@ -300,8 +302,6 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     show = progress and not disable
     use_fused = _use_fused(fused, den, x, backend)
     if use_fused:
-        from fastdiff import trajectory as fused_impl
-
         out, traj = fused_impl.run(den, x, table, gen, labels, guidance, snaps, backend, show)
     else:
         out, traj = _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show)
@@ -380,20 +380,10 @@ def _snapshots(spec, nsteps) -> Optional[List[int]]:
 def _use_fused(fused, den, x, backend) -> bool:
     if fused is False:
         return False
-    from fastdiff import trajectory as fused_impl
-
     ok, why = fused_impl.supported(den, x, backend)
     if fused and not ok:
         raise ValueError(f"fused: the fused trajectory kernel cannot run this call: {why}")
     return ok
-
-
-def _progress(total, show):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, delay=1.0, unit="step", leave=False)
 
 
 def _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show):
