@@ -102,7 +102,10 @@ def timesteps(T: int, steps: int, spacing: str = "linspace") -> list:
     - ``"trailing"``: ``round(T - i T/steps) - 1`` (Lin et al. 2024, "Common diffusion noise
       schedules and sample steps are flawed"): starts at ``T - 1``.
 
-    Distinct for ``1 <= steps <= T`` (every spacing is >= 1).  The step after the last goes to
+    Distinct for ``1 <= steps <= T`` (every spacing is >= 1).  diffusers computes linspace and
+    trailing with ``np.linspace`` / ``np.arange``, whose float values differ from these
+    expressions in the last bit, so at an exact .5 tie (a few (T, steps) pairs, e.g. T = 1000,
+    steps = 985) the two can round one timestep apart; the expressions here are the pinned ones.  The step after the last goes to
     ``t_prev = -1`` (``abar = 1``)."""
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T: expected a positive int (the schedule length), got {T!r}")

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff._interop import accepts_arrays
+from fastdiff.coefficients import timesteps
 from fastdiff.denoisers import Gaussian
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
@@ -117,8 +118,8 @@ def _levels(schedule, steps):
         n = T if steps is None else steps
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
             raise ValueError(f"steps: expected an int in [1, {T}] (the schedule length), got {steps!r}")
-        # evenly spaced, always including t = T-1 (the noisiest level) like diffusers' "trailing"
-        ts = sorted({round(T - 1 - i * T / n) for i in range(n)}, reverse=True)
+        # the timesteps fastdiff.sample(..., "ddim", steps=n) visits: linspace from T-1 down to 0
+        ts = timesteps(T, n, "linspace")
         out = []
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -189,8 +190,9 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
 
     denoiser: ``den(x, alpha, sigma) -> x0_hat``, differentiable in ``x`` (:mod:`fastdiff.denoisers`
     objects are). y: (d,) or per-sample (B, d). A: (d, D) matrix, or a differentiable callable
-    ``h(x) (B, D) -> (B, d)``. schedule: :class:`DDPMSchedule` (``steps`` evenly spaced DDIM steps,
-    all T by default), :class:`KarrasSchedule` or a decreasing 1-D tensor of VE sigmas ending at 0.
+    ``h(x) (B, D) -> (B, d)``. schedule: :class:`DDPMSchedule` (``steps`` DDIM steps at the
+    timesteps :func:`fastdiff.sample` uses, ``fastdiff.coefficients.timesteps(T, steps)``, all T
+    by default), :class:`KarrasSchedule` or a decreasing 1-D tensor of VE sigmas ending at 0.
     method: ``"dps"`` (module docstring; ``scale`` multiplies the correction) or ``"exact"``
     (``denoiser`` a :class:`fastdiff.denoisers.Gaussian`, A a matrix, one y: the loop runs the exact
     conditional denoiser of :func:`gaussian_posterior`). x: (B, D) starting points, else

@@ -25,7 +25,7 @@ Methods (``schedule`` kind):
 
 =================  ======================  ================================================
 ``ddpm``           DDPMSchedule            ancestral, every t = T-1 .. 0 (``variance=``)
-``ddim``           DDPMSchedule            ``steps`` evenly spaced timesteps, ``eta``
+``ddim``           DDPMSchedule            ``steps`` timesteps, ``coefficients.timesteps``, ``eta``
 ``euler``          KarrasSchedule          probability-flow ODE, optional ``churn``
 ``euler_ancestral`` KarrasSchedule         ``eta``, ``s_noise``
 ``heun``           KarrasSchedule          EDM Alg. 2 (``churn``, ``s_noise``)
