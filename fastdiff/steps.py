@@ -241,7 +241,7 @@ def _check_prediction(prediction: str) -> str:
 
 
 _x0_eps_forms = C.prediction_forms
-_sqrt, _minimum, _where, _gt0 = C.sqrt, C.minimum, C.where, C.gt0
+_sqrt = C.sqrt
 
 
 def _terms(x, mterms, cx: Num, form, c_on: Num):
