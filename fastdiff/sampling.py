@@ -161,14 +161,16 @@ def _check_number(name, v, *, lo=0.0, strict=False) -> float:
 
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
                      churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
-                     step_size: Optional[float] = None) -> List[Step]:
+                     step_size: Optional[float] = None, spacing: str = "linspace") -> List[Step]:
     """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
 
     ``steps``: ddpm: None or T; ddim: number of timesteps (default T); euler / heun /
     euler_ancestral: None or the schedule's n; langevin / walk_jump: Langevin steps per level
     (default 100).  ``eta``: DDIM stochasticity (default 0), Euler-ancestral's (default 1).
     ``churn``: EDM's S_churn, ``gamma_i = min(churn / n, sqrt 2 - 1)``.  ``step_size``: Langevin
-    gamma (default ``0.1 sigma^2`` per level).
+    gamma (default ``0.1 sigma^2`` per level).  ``spacing``: ddim's timesteps,
+    :func:`fastdiff.coefficients.timesteps` (``"linspace"``: T-1 down to 0, the default and what
+    :mod:`fastdiff.guidance` uses; ``"leading"``, ``"trailing"`` as in diffusers).
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -176,6 +178,10 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
     churn = _check_number("churn", churn)
     s_noise = _check_number("s_noise", s_noise)
+    if spacing not in C.SPACINGS:
+        raise ValueError(f"spacing: expected one of {C.SPACINGS}, got {spacing!r}")
+    if spacing != "linspace" and method != "ddim":
+        raise ValueError(f"spacing: only used by method='ddim' (its timesteps), got spacing={spacing!r} with method={method!r}")
     if method in ("ddpm", "ddim"):
         if not isinstance(schedule, DDPMSchedule):
             raise TypeError(f"schedule: method={method!r} expects a fastdiff.DDPMSchedule, got {type(schedule).__name__}")
@@ -191,8 +197,8 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         if n > T:
             raise ValueError(f"steps: expected at most T = {T} DDIM steps, got {n}")
         eta = 0.0 if eta is None else _check_number("eta", eta)
-        # evenly spaced from T-1 down to 0 (diffusers' "linspace"; guidance's DDIM loop uses the same)
-        ts = C.timesteps(T, n, "linspace")
+        # default: evenly spaced from T-1 down to 0 (diffusers' "linspace"; guidance's DDIM loop uses the same)
+        ts = C.timesteps(T, n, spacing)
         return [_ddim(schedule, t, ts[i + 1] if i + 1 < n else -1, eta) for i, t in enumerate(ts)]
     if method in ("euler", "euler_ancestral", "heun"):
         if not isinstance(schedule, KarrasSchedule):
@@ -267,6 +273,7 @@ def _as_denoiser(denoiser):
 def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] = None,
            generator: Optional[Generator] = None, eta: Optional[float] = None, churn: float = 0.0,
            s_noise: float = 1.0, variance: str = "fixed_small", step_size: Optional[float] = None,
+           spacing: str = "linspace",
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
            disable: Optional[bool] = None):
@@ -278,7 +285,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     x: the initial state x_T (a tensor, not modified), or a shape: then x_T is drawn from
         ``generator`` as ``scale * N(0, I)`` (scale 1 for ddpm/ddim, sigma_max for the Karras
         methods, sqrt(1 + sigma^2) for langevin/walk_jump) in ``dtype`` on ``device``.
-    schedule, method, steps, eta, churn, s_noise, variance, step_size: see :func:`trajectory_table`.
+    schedule, method, steps, eta, churn, s_noise, variance, step_size, spacing: see :func:`trajectory_table`.
     generator: :class:`fastdiff.Generator` (default :data:`fastdiff.default_generator`); each
         stochastic step draws ``x.numel()`` normals from it, exactly as the step-by-step loop.
     labels, guidance: per-sample class labels ((B,), or (I, B) for instances) and the CFG weight
@@ -291,7 +298,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         only appears for runs longer than a second.
     """
     table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
-                             variance=variance, step_size=step_size)
+                             variance=variance, step_size=step_size, spacing=spacing)
     den = _as_denoiser(denoiser)
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
