@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import fastdiff
+from fastdiff import coefficients
 from fastdiff.sweeps.store import atomic_write
 
 
@@ -41,12 +42,13 @@ def run(out_dir: str = "results", n: int = 32, samples: int = 8192, T: int = 100
         gain = a * lam32 / (a * a * lam32 + s * s)           # x0_hat = gain * x
         eps = (x - a * gain * x) / s                          # the model output (eps prediction)
         x = fastdiff.ddpm_step(x, eps, t, sched, generator=gen, out=x, backend=backend)
-        # the same step on the variance: x_{t-1} = c x_t + s_t z, c = (1 - k (1 - a gain)) / sqrt(1 - beta)
+        # the same step on the variance: x_{t-1} = ca x_t + ce eps + s_t z (the step's own coefficients)
+        # with eps = (1 - a gain) x_t / s, so x_{t-1} = c x_t + s_t z, c = ca + ce (1 - a gain) / s
         beta, abar = sched.floats("beta")[t], sched.floats("abar")[t]
         abar_prev = sched.floats("abar")[t - 1] if t > 0 else 1.0
-        c = (1 - beta / math.sqrt(1 - abar) * (1 - a * gain.double()) / s) / math.sqrt(1 - beta)
-        var_z = beta * (1 - abar_prev) / (1 - abar) if t > 0 else 0.0
-        exact = c * c * exact + var_z
+        ca, ce, s_t = coefficients.ddpm(beta, abar, abar_prev, "fixed_small", t > 0)
+        c = ca + ce * (1 - a * gain.double()) / s
+        exact = c * c * exact + s_t * s_t
     seconds = time.perf_counter() - t0
     sampled = x.double().var(0)
     se = sampled * math.sqrt(2 / (samples - 1))

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff._interop import accepts_arrays
+from fastdiff.coefficients import timesteps
 from fastdiff.denoisers import Gaussian
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
@@ -109,7 +110,7 @@ def gaussian_posterior(prior: Gaussian, A: torch.Tensor, y: torch.Tensor, noise_
 
 
 # =========================================================================== the DDIM loop
-def _levels(schedule, steps):
+def _levels(schedule, steps, spacing="linspace"):
     """``([(alpha, sigma, step)], "vp" | "ve")`` from the noisiest level down; ``step(x, x0, eta, gen)``
     is the fused update of ``x`` in place to the next level, with ``x0`` as the model output."""
     if isinstance(schedule, DDPMSchedule):
@@ -117,8 +118,8 @@ def _levels(schedule, steps):
         n = T if steps is None else steps
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
             raise ValueError(f"steps: expected an int in [1, {T}] (the schedule length), got {steps!r}")
-        # evenly spaced, always including t = T-1 (the noisiest level) like diffusers' "trailing"
-        ts = sorted({round(T - 1 - i * T / n) for i in range(n)}, reverse=True)
+        # the timesteps fastdiff.sample(..., "ddim", steps=n) visits: linspace from T-1 down to 0
+        ts = timesteps(T, n, spacing)
         out = []
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -135,6 +136,8 @@ def _levels(schedule, steps):
                         f"decreasing noise levels, got {type(schedule).__name__}")
     if steps is not None:
         raise ValueError("steps: only for a DDPMSchedule (VE levels are given explicitly)")
+    if spacing != "linspace":
+        raise ValueError(f"spacing: only for a DDPMSchedule (VE levels are given explicitly), got {spacing!r}")
     if len(sigmas) < 2 or not all(math.isfinite(s) and s >= 0 for s in sigmas) or \
             any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-2] <= 0:
         raise ValueError("schedule: expected at least two finite, strictly decreasing noise levels, all but the last > 0")
@@ -184,12 +187,13 @@ def _ddim_loop(x0_fn: Callable, x, levels, eta, generator, disable, desc):
 def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: float, schedule, *, x=None,
                      num_samples: Optional[int] = None, method: str = "dps", steps: Optional[int] = None,
                      eta: float = 0.0, scale: float = 1.0, generator: Optional[Generator] = None,
-                     disable: Optional[bool] = None) -> torch.Tensor:
+                     disable: Optional[bool] = None, spacing: str = "linspace") -> torch.Tensor:
     """Samples approximately from ``p(x | y)`` for ``y = A x + noise_std w`` (seed 004 Alg. 7.1).
 
     denoiser: ``den(x, alpha, sigma) -> x0_hat``, differentiable in ``x`` (:mod:`fastdiff.denoisers`
     objects are). y: (d,) or per-sample (B, d). A: (d, D) matrix, or a differentiable callable
-    ``h(x) (B, D) -> (B, d)``. schedule: :class:`DDPMSchedule` (``steps`` evenly spaced DDIM steps,
+    ``h(x) (B, D) -> (B, d)``. schedule: :class:`DDPMSchedule` (``steps`` DDIM steps at the
+    timesteps :func:`fastdiff.sample` uses, ``fastdiff.coefficients.timesteps(T, steps, spacing)``,
     all T by default), :class:`KarrasSchedule` or a decreasing 1-D tensor of VE sigmas ending at 0.
     method: ``"dps"`` (module docstring; ``scale`` multiplies the correction) or ``"exact"``
     (``denoiser`` a :class:`fastdiff.denoisers.Gaussian`, A a matrix, one y: the loop runs the exact
@@ -204,7 +208,7 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
     scale = _positive("scale", scale, allow_zero=True)
     if not callable(denoiser):
         raise TypeError(f"denoiser: expected a callable den(x, alpha, sigma), got {type(denoiser).__name__}")
-    levels, kind = _levels(schedule, steps)
+    levels, kind = _levels(schedule, steps, spacing)
     n = A.shape[1] if isinstance(A, torch.Tensor) and A.ndim == 2 else getattr(denoiser, "n", None)
     device = _device(x, A, y)
     dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
@@ -238,7 +242,7 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
 @accepts_arrays
 def cfg_sample(denoiser, labels, guidance, schedule, *, x=None, num_samples: Optional[int] = None,
                steps: Optional[int] = None, eta: float = 0.0, generator: Optional[Generator] = None,
-               disable: Optional[bool] = None) -> torch.Tensor:
+               disable: Optional[bool] = None, spacing: str = "linspace") -> torch.Tensor:
     """Classifier-free guidance (seed 004 eq. 7.4.20) through a labelled denoiser such as
     :class:`fastdiff.denoisers.MoLRG`: the loop of :func:`posterior_sample` over
 
@@ -250,7 +254,7 @@ def cfg_sample(denoiser, labels, guidance, schedule, *, x=None, num_samples: Opt
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser: expected a callable den(x, alpha, sigma, labels=, guidance=), got {type(denoiser).__name__}")
-    levels, kind = _levels(schedule, steps)
+    levels, kind = _levels(schedule, steps, spacing)
     device = _device(x, getattr(denoiser, "ucat", None), labels)
     dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
     x = _initial(x, num_samples, getattr(denoiser, "n", None), levels, kind, generator, device, dtype)

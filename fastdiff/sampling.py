@@ -25,7 +25,7 @@ Methods (``schedule`` kind):
 
 =================  ======================  ================================================
 ``ddpm``           DDPMSchedule            ancestral, every t = T-1 .. 0 (``variance=``)
-``ddim``           DDPMSchedule            ``steps`` evenly spaced timesteps, ``eta``
+``ddim``           DDPMSchedule            ``steps`` timesteps, ``coefficients.timesteps``, ``eta``
 ``euler``          KarrasSchedule          probability-flow ODE, optional ``churn``
 ``euler_ancestral`` KarrasSchedule         ``eta``, ``s_noise``
 ``heun``           KarrasSchedule          EDM Alg. 2 (``churn``, ``s_noise``)
@@ -41,8 +41,11 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from fastdiff import coefficients as C
 from fastdiff import steps as S
+from fastdiff import trajectory as fused_impl
 from fastdiff._interop import accepts_arrays
+from fastdiff.trajectory import _progress
 from fastdiff.denoisers import MoLRG
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
@@ -71,75 +74,64 @@ class Step(NamedTuple):
     call: Tuple[str, tuple, dict]
 
 
-def _sqrt(v: float) -> float:
-    return math.sqrt(max(v, 0.0))
-
-
 # =========================================================================== per-step coefficients
-# The expressions below follow fastdiff.steps with prediction="x0" literally (including the
-# "+ c * 0.0" and "* 1.0" of its _terms merging), so the coefficients round to the same float32.
+# Each step's coefficients come from fastdiff.coefficients, the functions fastdiff.steps calls,
+# merged with prediction="x0" in the order the step call merges its terms (C.merge_x0), so the
+# coefficients round to the same float32 as the step-by-step loop's.
 def _ddpm(sched: DDPMSchedule, t: int, variance: str) -> Step:
     beta, abar = sched.floats("beta")[t], sched.floats("abar")[t]
-    alpha, sigma = _sqrt(abar), _sqrt(1.0 - abar)
+    alpha, sigma = C.sqrt(abar), C.sqrt(1.0 - abar)
     abar_prev = sched.floats("abar")[t - 1] if t > 0 else 1.0
-    var = beta if variance == "fixed_large" else beta * (1.0 - abar_prev) / (1.0 - abar)
-    s = _sqrt(var) if t > 0 else 0.0
-    a = 1.0 / _sqrt(1.0 - beta)
-    c = -beta / (sigma * _sqrt(1.0 - beta))
-    fx, fm = 1.0 / sigma, -alpha / sigma          # eps_hat = fx x + fm x0_hat
-    return Step((alpha, sigma), 0.0, a + c * fx, c * fm * 1.0, s, None, 0, 0, 0, 0,
+    a, c, s = C.ddpm(beta, abar, abar_prev, variance, t > 0)
+    _, eps_form = C.prediction_forms("x0", alpha, sigma)
+    cx, cm = C.merge_x0((a, eps_form, c))
+    return Step((alpha, sigma), 0.0, cx, cm, s, None, 0, 0, 0, 0,
                 ("ddpm_step", (t, sched), {"variance": variance}))
 
 
 def _ddim(sched: DDPMSchedule, t: int, t_prev: int, eta: float) -> Step:
     abar = sched.floats("abar")[t]
     abar_p = sched.floats("abar")[t_prev] if t_prev >= 0 else 1.0
-    alpha, sigma = _sqrt(abar), _sqrt(1.0 - abar)
-    alpha_p = _sqrt(abar_p)
-    s = eta * _sqrt((1.0 - abar_p) / (1.0 - abar)) * _sqrt(1.0 - abar / abar_p)
-    ce = _sqrt(1.0 - abar_p - s * s)
-    cx = (0.0 + alpha_p * 0.0) + (0.0 + ce * (1.0 / sigma))
-    cm = alpha_p * 1.0 * 1.0 + ce * (-alpha / sigma) * 1.0
+    alpha, sigma = C.sqrt(abar), C.sqrt(1.0 - abar)
+    alpha_p, ce, s = C.ddim(abar, abar_p, eta)
+    x0_form, eps_form = C.prediction_forms("x0", alpha, sigma)
+    cx, cm = C.merge_x0((0.0, x0_form, alpha_p), (0.0, eps_form, ce))
     return Step((alpha, sigma), 0.0, cx, cm, s, None, 0, 0, 0, 0,
                 ("ddim_step", (t, t_prev, sched), {"eta": eta}))
 
 
 def _euler_like(sigma: float, sigma_next: float, gamma: float, s_noise: float, method: str, eta: float) -> Step:
     churn, sigma_hat = 0.0, sigma
-    if gamma > 0.0:  # edm_churn: sigma_hat = sigma (1 + gamma), x += sqrt(sigma_hat^2 - sigma^2) S_noise z
-        sigma_hat = sigma * (1.0 + gamma)
-        churn = _sqrt(sigma_hat * sigma_hat - sigma * sigma) * s_noise
+    if gamma > 0.0:
+        sigma_hat, churn = C.edm_churn(sigma, gamma, s_noise)
     if method == "euler_ancestral":
-        up = eta * _sqrt(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma))
-        sigma_up = min(sigma_next, up)
-        sigma_down = _sqrt(sigma_next * sigma_next - sigma_up * sigma_up)
-        h = (sigma_down - sigma) / sigma
-        return Step((1.0, sigma), 0.0, (1.0 + h) + (-h) * 0.0, (-h) * 1.0 * 1.0, s_noise * sigma_up, None, 0, 0, 0, 0,
+        ax, a0, az = C.euler_ancestral(sigma, sigma_next, eta, s_noise)
+        cx, cm = C.merge_x0((ax, C.prediction_forms("x0", 1.0, sigma)[0], a0))
+        return Step((1.0, sigma), 0.0, cx, cm, az, None, 0, 0, 0, 0,
                     ("euler_ancestral_step", (sigma, sigma_next), {"eta": eta, "s_noise": s_noise}))
-    h = (sigma_next - sigma_hat) / sigma_hat
-    cx, cm = (1.0 + h) + (-h) * 0.0, (-h) * 1.0 * 1.0
+    ex, e0 = C.euler(sigma_hat, sigma_next)
+    cx, cm = C.merge_x0((ex, C.prediction_forms("x0", 1.0, sigma_hat)[0], e0))
     call = ("euler_step", (sigma, sigma_next), {"gamma": gamma, "s_noise": s_noise})
     if method == "euler" or sigma_next <= 0.0:  # EDM: the last step (sigma_next = 0) is Euler
         return Step((1.0, sigma_hat), churn, cx, cm, 0.0, None, 0, 0, 0, 0, call)
-    dt = sigma_next - sigma_hat
-    h1, h2 = dt / (2.0 * sigma_hat), dt / (2.0 * sigma_next)
-    corr = 1.0
-    return Step((1.0, sigma_hat), churn, cx, cm, 0.0, (1.0, sigma_next),
-                corr * (1.0 + h1) + (-h1 * corr) * 0.0, (-h1 * corr) * 1.0 * 1.0,
-                (corr * h2 + (1.0 - corr)) + (-h2 * corr) * 0.0, (-h2 * corr) * 1.0 * 1.0,
+    hx, h0, hxp, h0p, level2 = C.heun_corrector(sigma_hat, sigma_next)
+    hx, hm = C.merge_x0((hx, C.prediction_forms("x0", 1.0, sigma_hat)[0], h0))
+    hxp, hmp = C.merge_x0((hxp, C.prediction_forms("x0", 1.0, level2)[0], h0p))
+    return Step((1.0, sigma_hat), churn, cx, cm, 0.0, (1.0, sigma_next), hx, hm, hxp, hmp,
                 ("heun_step", (sigma, sigma_next), {"gamma": gamma, "s_noise": s_noise}))
 
 
 def _langevin(sigma: float, g: float) -> Step:
     # langevin_step with prediction="x0", alpha = 1: score = (x0_hat - x) / sigma^2
-    fx, fm = (1.0 * 0.0 - 1.0) / (sigma * sigma), 1.0 * 1.0 / (sigma * sigma)
-    return Step((1.0, sigma), 0.0, 1.0 + g * fx, g * fm * 1.0, _sqrt(2.0 * g), None, 0, 0, 0, 0,
-                ("langevin_step", (g,), {"sigma": sigma}))
+    lx, ls, lz = C.langevin(g)
+    cx, cm = C.merge_x0((lx, C.score_form("x0", 1.0, sigma), ls))
+    return Step((1.0, sigma), 0.0, cx, cm, lz, None, 0, 0, 0, 0, ("langevin_step", (g,), {"sigma": sigma}))
 
 
 def _jump(sigma: float) -> Step:
     # predict_x0 with prediction="x0": 0 x + 1 x0_hat
-    return Step((1.0, sigma), 0.0, 0.0 + 1.0 * 0.0, 1.0 * 1.0, 0.0, None, 0, 0, 0, 0, ("jump", (sigma,), {}))
+    cx, cm = C.merge_x0((0.0, C.prediction_forms("x0", 1.0, sigma)[0], 1.0))
+    return Step((1.0, sigma), 0.0, cx, cm, 0.0, None, 0, 0, 0, 0, ("jump", (sigma,), {}))
 
 
 def _levels(name: str, schedule) -> List[float]:
@@ -169,14 +161,16 @@ def _check_number(name, v, *, lo=0.0, strict=False) -> float:
 
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
                      churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
-                     step_size: Optional[float] = None) -> List[Step]:
+                     step_size: Optional[float] = None, spacing: str = "linspace") -> List[Step]:
     """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
 
     ``steps``: ddpm: None or T; ddim: number of timesteps (default T); euler / heun /
     euler_ancestral: None or the schedule's n; langevin / walk_jump: Langevin steps per level
     (default 100).  ``eta``: DDIM stochasticity (default 0), Euler-ancestral's (default 1).
     ``churn``: EDM's S_churn, ``gamma_i = min(churn / n, sqrt 2 - 1)``.  ``step_size``: Langevin
-    gamma (default ``0.1 sigma^2`` per level).
+    gamma (default ``0.1 sigma^2`` per level).  ``spacing``: ddim's timesteps,
+    :func:`fastdiff.coefficients.timesteps` (``"linspace"``: T-1 down to 0, the default and what
+    :mod:`fastdiff.guidance` uses; ``"leading"``, ``"trailing"`` as in diffusers).
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -184,6 +178,10 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
     churn = _check_number("churn", churn)
     s_noise = _check_number("s_noise", s_noise)
+    if spacing not in C.SPACINGS:
+        raise ValueError(f"spacing: expected one of {C.SPACINGS}, got {spacing!r}")
+    if spacing != "linspace" and method != "ddim":
+        raise ValueError(f"spacing: only used by method='ddim' (its timesteps), got spacing={spacing!r} with method={method!r}")
     if method in ("ddpm", "ddim"):
         if not isinstance(schedule, DDPMSchedule):
             raise TypeError(f"schedule: method={method!r} expects a fastdiff.DDPMSchedule, got {type(schedule).__name__}")
@@ -199,8 +197,8 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         if n > T:
             raise ValueError(f"steps: expected at most T = {T} DDIM steps, got {n}")
         eta = 0.0 if eta is None else _check_number("eta", eta)
-        # evenly spaced from T-1 down to 0 (distinct: the spacing is >= 1)
-        ts = [round((T - 1) * (1.0 - i / (n - 1))) if n > 1 else T - 1 for i in range(n)]
+        # default: evenly spaced from T-1 down to 0 (diffusers' "linspace"; guidance's DDIM loop uses the same)
+        ts = C.timesteps(T, n, spacing)
         return [_ddim(schedule, t, ts[i + 1] if i + 1 < n else -1, eta) for i, t in enumerate(ts)]
     if method in ("euler", "euler_ancestral", "heun"):
         if not isinstance(schedule, KarrasSchedule):
@@ -275,6 +273,7 @@ def _as_denoiser(denoiser):
 def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] = None,
            generator: Optional[Generator] = None, eta: Optional[float] = None, churn: float = 0.0,
            s_noise: float = 1.0, variance: str = "fixed_small", step_size: Optional[float] = None,
+           spacing: str = "linspace",
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
            disable: Optional[bool] = None):
@@ -286,7 +285,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     x: the initial state x_T (a tensor, not modified), or a shape: then x_T is drawn from
         ``generator`` as ``scale * N(0, I)`` (scale 1 for ddpm/ddim, sigma_max for the Karras
         methods, sqrt(1 + sigma^2) for langevin/walk_jump) in ``dtype`` on ``device``.
-    schedule, method, steps, eta, churn, s_noise, variance, step_size: see :func:`trajectory_table`.
+    schedule, method, steps, eta, churn, s_noise, variance, step_size, spacing: see :func:`trajectory_table`.
     generator: :class:`fastdiff.Generator` (default :data:`fastdiff.default_generator`); each
         stochastic step draws ``x.numel()`` normals from it, exactly as the step-by-step loop.
     labels, guidance: per-sample class labels ((B,), or (I, B) for instances) and the CFG weight
@@ -299,7 +298,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         only appears for runs longer than a second.
     """
     table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
-                             variance=variance, step_size=step_size)
+                             variance=variance, step_size=step_size, spacing=spacing)
     den = _as_denoiser(denoiser)
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
@@ -310,8 +309,6 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     show = progress and not disable
     use_fused = _use_fused(fused, den, x, backend)
     if use_fused:
-        from fastdiff import trajectory as fused_impl
-
         out, traj = fused_impl.run(den, x, table, gen, labels, guidance, snaps, backend, show)
     else:
         out, traj = _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show)
@@ -390,20 +387,10 @@ def _snapshots(spec, nsteps) -> Optional[List[int]]:
 def _use_fused(fused, den, x, backend) -> bool:
     if fused is False:
         return False
-    from fastdiff import trajectory as fused_impl
-
     ok, why = fused_impl.supported(den, x, backend)
     if fused and not ok:
         raise ValueError(f"fused: the fused trajectory kernel cannot run this call: {why}")
     return ok
-
-
-def _progress(total, show):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, delay=1.0, unit="step", leave=False)
 
 
 def _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show):

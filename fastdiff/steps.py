@@ -3,7 +3,8 @@
 Every step here is, per sample, an affine combination of its input tensors and one normal
 draw: ``x_next = a x + c m + s z`` (Heun's corrector reads four tensors, classifier-free
 guidance splits ``m`` into its unconditional and conditional halves).  Each function computes
-its per-sample coefficients ``(a, c, s)`` in float64 from the schedule and the prediction type,
+its per-sample coefficients ``(a, c, s)`` in float64 from the schedule and the prediction type
+(the formulas live once, in :mod:`fastdiff.coefficients`, shared with the trajectory tables),
 then makes **one** pass over memory with :func:`fastdiff.backends._fused_step`: 2 reads and 1
 write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's dtype.
 
@@ -37,6 +38,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastdiff import backends
+from fastdiff import coefficients as C
 from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_float_tensor,
                                check_no_partial_overlap, check_not_meta, check_out_writable)
 from fastdiff.generator import Generator, default_generator
@@ -238,37 +240,8 @@ def _check_prediction(prediction: str) -> str:
     return prediction
 
 
-def _x0_eps_forms(prediction: str, alpha: Num, sigma: Num):
-    """Linear forms ``x0_hat = px x + pm m`` and ``eps_hat = ex x + em m`` of the model output ``m``."""
-    if prediction == "eps":
-        return (1.0 / alpha, -sigma / alpha), (0.0, 1.0)
-    if prediction == "x0":
-        return (0.0, 1.0), (1.0 / sigma, -alpha / sigma)
-    if prediction == "v":
-        d = alpha * alpha + sigma * sigma
-        return (alpha / d, -sigma / d), (sigma / d, alpha / d)
-    # score = -eps / sigma
-    return (1.0 / alpha, sigma * sigma / alpha), (0.0, -sigma)
-
-
-def _sqrt(v: Num) -> Num:
-    return v.clamp(min=0).sqrt() if isinstance(v, torch.Tensor) else math.sqrt(max(v, 0.0))
-
-
-def _minimum(a: Num, b: Num) -> Num:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.minimum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
-    return min(a, b)
-
-
-def _where(cond, a: Num, b: Num) -> Num:
-    if isinstance(cond, torch.Tensor):
-        return torch.where(cond, a, b)
-    return a if cond else b
-
-
-def _gt0(v: Num):
-    return v > 0 if isinstance(v, torch.Tensor) else v > 0.0
+_x0_eps_forms = C.prediction_forms
+_sqrt = C.sqrt
 
 
 def _terms(x, mterms, cx: Num, form, c_on: Num):
@@ -310,10 +283,7 @@ def ddpm_step(x, model_output, t, schedule: DDPMSchedule, *, prediction: str = "
         abar_prev = schedule.floats("abar")[t - 1] if t > 0 else 1.0
     else:
         abar_prev = torch.where(t > 0, schedule.table("abar", call.device)[(t - 1).clamp(0, schedule.T - 1)], 1.0)
-    var = beta if variance == "fixed_large" else beta * (1.0 - abar_prev) / (1.0 - abar)
-    s = _where(t > 0, _sqrt(var), 0.0)  # no noise on the last step
-    a = 1.0 / _sqrt(1.0 - beta)
-    c = -beta / (sigma * _sqrt(1.0 - beta))
+    a, c, s = C.ddpm(beta, abar, abar_prev, variance, t > 0)  # no noise on the last step
     _, eps_form = _x0_eps_forms(prediction, alpha, sigma)
     return call.launch(_terms(x, mterms, a, eps_form, c), s, noise=noise, generator=generator, out=out, backend=backend)
 
@@ -343,9 +313,7 @@ def ddim_step(x, model_output, t, t_prev, schedule: DDPMSchedule, *, eta: float 
     else:
         abar_p = torch.where(t_prev >= 0, schedule.table("abar", call.device)[t_prev.clamp(0, schedule.T - 1)], 1.0)
     alpha, sigma = _sqrt(abar), _sqrt(1.0 - abar)
-    alpha_p = _sqrt(abar_p)
-    s = eta * _sqrt((1.0 - abar_p) / (1.0 - abar)) * _sqrt(1.0 - abar / abar_p)
-    ce = _sqrt(1.0 - abar_p - s * s)
+    alpha_p, ce, s = C.ddim(abar, abar_p, eta)
     x0_form, eps_form = _x0_eps_forms(prediction, alpha, sigma)
     terms = _terms(x, mterms, 0.0, x0_form, alpha_p) + _terms(x, mterms, 0.0, eps_form, ce)
     return call.launch(terms, s, noise=noise, generator=generator, out=out, backend=backend)
@@ -371,8 +339,8 @@ def euler_step(x, model_output, sigma, sigma_next, *, prediction: str = "x0", gu
     sigma = call.value("sigma", sigma, min_value=0.0)
     sigma_next = call.value("sigma_next", sigma_next, min_value=0.0, strict=False)
     mterms = call.model_output("model_output", model_output, guidance)
-    h = (sigma_next - sigma) / sigma  # x_next = x + h (x - x0_hat)
-    return call.launch(_terms(x, mterms, 1.0 + h, _edm_forms(prediction, sigma), -h), out=out, backend=backend)
+    cx, c0 = C.euler(sigma, sigma_next)
+    return call.launch(_terms(x, mterms, cx, _edm_forms(prediction, sigma), c0), out=out, backend=backend)
 
 
 @accepts_arrays
@@ -389,10 +357,9 @@ def edm_churn(x, sigma, gamma, *, s_noise: float = 1.0, noise=None, generator: O
     sigma = call.value("sigma", sigma, min_value=0.0)
     gamma = call.value("gamma", gamma, min_value=0.0, strict=False)
     s_noise = call.value("s_noise", s_noise)
-    sigma_hat = sigma * (1.0 + gamma)
+    sigma_hat, s = C.edm_churn(sigma, gamma, s_noise)
     if isinstance(gamma, float) and gamma == 0.0 and out is None:
         return x, sigma_hat
-    s = _sqrt(sigma_hat * sigma_hat - sigma * sigma) * s_noise
     return call.launch([(x, 1.0)], s, noise=noise, generator=generator, out=out, backend=backend), sigma_hat
 
 
@@ -413,11 +380,8 @@ def euler_ancestral_step(x, model_output, sigma, sigma_next, *, eta: float = 1.0
     eta = call.value("eta", eta, min_value=0.0, strict=False)
     s_noise = call.value("s_noise", s_noise)
     mterms = call.model_output("model_output", model_output, guidance)
-    up = eta * _sqrt(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma))
-    sigma_up = _minimum(sigma_next, up)
-    sigma_down = _sqrt(sigma_next * sigma_next - sigma_up * sigma_up)
-    h = (sigma_down - sigma) / sigma
-    return call.launch(_terms(x, mterms, 1.0 + h, _edm_forms(prediction, sigma), -h), s_noise * sigma_up,
+    cx, c0, cz = C.euler_ancestral(sigma, sigma_next, eta, s_noise)
+    return call.launch(_terms(x, mterms, cx, _edm_forms(prediction, sigma), c0), cz,
                        noise=noise, generator=generator, out=out, backend=backend)
 
 
@@ -447,14 +411,9 @@ def heun_step(x, model_output, sigma, sigma_next, *, x_pred=None, model_output_p
     x_pred = call.like_x("x_pred", x_pred)
     m1 = call.model_output("model_output", model_output, guidance)
     m2 = call.model_output("model_output_pred", model_output_pred, guidance)
-    dt = sigma_next - sigma
-    # d = (x - x0)/sigma,  d' = (x_pred - x0')/sigma_next;  x_next = x + dt/2 (d + d')
-    h1 = dt / (2.0 * sigma)
-    corr = _where(_gt0(sigma_next), 1.0, 0.0)  # 0 where sigma_next == 0: x_next = x_pred (Euler)
-    safe_next = _where(_gt0(sigma_next), sigma_next, 1.0)
-    h2 = dt / (2.0 * safe_next)
-    terms = _terms(x, m1, corr * (1.0 + h1), _edm_forms(prediction, sigma), -h1 * corr)
-    terms += _terms(x_pred, m2, corr * h2 + (1.0 - corr), _edm_forms(prediction, safe_next), -h2 * corr)
+    hx, hm, hxp, hmp, safe_next = C.heun_corrector(sigma, sigma_next)
+    terms = _terms(x, m1, hx, _edm_forms(prediction, sigma), hm)
+    terms += _terms(x_pred, m2, hxp, _edm_forms(prediction, safe_next), hmp)
     return call.launch(terms, out=out, backend=backend)
 
 
@@ -467,9 +426,7 @@ def _score_form(call, prediction, alpha, sigma):
         raise ValueError(f"sigma: required to convert prediction={prediction!r} into a score")
     sigma = call.value("sigma", sigma, min_value=0.0)
     alpha = call.value("alpha", alpha, min_value=0.0)
-    (px, pm), _ = _x0_eps_forms(prediction, alpha, sigma)
-    # score = (alpha x0_hat - x) / sigma^2
-    return ((alpha * px - 1.0) / (sigma * sigma), alpha * pm / (sigma * sigma))
+    return C.score_form(prediction, alpha, sigma)
 
 
 @accepts_arrays
@@ -486,7 +443,8 @@ def langevin_step(x, model_output, step_size, *, prediction: str = "score", alph
     g = call.value("step_size", step_size, min_value=0.0)
     mterms = call.model_output("model_output", model_output, guidance)
     form = _score_form(call, prediction, alpha, sigma)
-    return call.launch(_terms(x, mterms, 1.0, form, g), _sqrt(2.0 * g), noise=noise, generator=generator,
+    cx, cs, cz = C.langevin(g)
+    return call.launch(_terms(x, mterms, cx, form, cs), cz, noise=noise, generator=generator,
                        out=out, backend=backend)
 
 
@@ -502,7 +460,8 @@ def ou_reverse_step(x, model_output, step_size, *, prediction: str = "score", al
     g = call.value("step_size", step_size, min_value=0.0)
     mterms = call.model_output("model_output", model_output, guidance)
     form = _score_form(call, prediction, alpha, sigma)
-    return call.launch(_terms(x, mterms, 1.0 + g, form, 2.0 * g), _sqrt(2.0 * g), noise=noise, generator=generator,
+    cx, cs, cz = C.ou_reverse(g)
+    return call.launch(_terms(x, mterms, cx, form, cs), cz, noise=noise, generator=generator,
                        out=out, backend=backend)
 
 

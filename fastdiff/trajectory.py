@@ -30,6 +30,15 @@ NCOEF, NIDX = 8, 5
 PROGRESS_UPDATES = 50
 
 
+def _progress(total, show):
+    """A tqdm bar for ``total`` steps (None when not shown); shared with the loop of :func:`fastdiff.sample`."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, delay=1.0, unit="step", leave=False)
+
+
 def _models(den) -> Optional[List[MoLRG]]:
     if isinstance(den, MoLRG):
         return [den]
@@ -119,8 +128,6 @@ def tables(models: Sequence[MoLRG], table, numel: int, gen, guidance, snaps, dev
 
 def run(den, x: torch.Tensor, table, gen, labels, guidance, snaps, backend: str, show: bool):
     """The fused trajectory from ``x`` (not modified); returns (x_final, trajectory or None)."""
-    from fastdiff.sampling import _progress
-
     models = _models(den)
     impl, _ = _impl(x, backend)
     m0 = models[0]

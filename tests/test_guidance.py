@@ -21,6 +21,7 @@ from scipy import stats
 
 import fastdiff
 from fastdiff import guidance as G
+from fastdiff.coefficients import timesteps
 from fastdiff.denoisers import Gaussian, MoLRG
 
 MU = torch.zeros(2, dtype=torch.float64)
@@ -34,7 +35,7 @@ def _schedule(kind, steps):
     """(schedule, steps argument, per-level alphas, sigmas, initial variance) of the loop G runs."""
     if kind == "vp":
         s = fastdiff.DDPMSchedule.linear()
-        ts = sorted({round(s.T - 1 - i * s.T / steps) for i in range(steps)}, reverse=True)
+        ts = timesteps(s.T, steps)  # the DDIM timesteps of fastdiff.sample (test_timesteps.py)
         return s, steps, [s.floats("alpha")[t] for t in ts] + [1.0], [s.floats("sigma")[t] for t in ts] + [0.0], 1.0
     if kind == "karras":
         s = fastdiff.KarrasSchedule(steps, sigma_max=80.0)

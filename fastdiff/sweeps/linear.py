@@ -30,6 +30,7 @@ from typing import Dict, List
 import torch
 
 import fastdiff
+from fastdiff import coefficients as C
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.subspace import normals
 
@@ -70,12 +71,13 @@ def sampled_gaussian(lam: torch.Tensor, m: torch.Tensor, sched: fastdiff.DDPMSch
             mean = g * mean + (1 - a * g) * m
             var = g * g * var
             continue
-        k = b * (1 - a * g) / s2
-        A = (1 - k) / math.sqrt(1 - b)
-        mean = A * mean + k * a * m / math.sqrt(1 - b)
-        var = A * A * var
-        if t > 0:  # fixed_small posterior variance, no noise on the last step
-            var = var + b * (1 - float(abar[t - 1])) / (1 - float(abar[t]))
+        # the DDPM step's own coefficients, x' = ca u + ce eps_hat + s z (fixed_small, no noise at t = 0),
+        # with eps_hat = (u - a x0_hat)/sigma and x0_hat = g u + (1 - a g) m: A = ca + ce (1 - a g)/sigma
+        ca, ce, s = C.ddpm(b, float(abar[t]), float(abar[t - 1]) if t > 0 else 1.0, "fixed_small", t > 0)
+        r = ce * (1 - a * g) / math.sqrt(s2)
+        A = ca + r
+        mean = A * mean - r * a * m
+        var = A * A * var + s * s
     return mean, var
 
 
