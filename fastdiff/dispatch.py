@@ -20,7 +20,7 @@ import torch
 
 from fastdiff.backends import BACKENDS, KERNEL_DTYPES, _probe, _works, has_kernel
 
-__all__ = ["Impl", "Op", "OPS", "COLUMNS", "choose", "exists", "cell", "rows", "matrix"]
+__all__ = ["Impl", "Op", "OPS", "COLUMNS", "check_backend", "choose", "exists", "cell", "rows", "matrix"]
 
 COLUMNS = ("triton", "cuda", "cpp", "torch")
 ANY_DTYPE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -189,6 +189,15 @@ def _refuse(op: Op, backend: str, device, dtype, kind: str) -> Tuple[Optional[ty
     return RuntimeError, f"backend={backend!r} has no {op.what} kernel in this build"  # "kernel"
 
 
+def check_backend(op: str, backend) -> Op:
+    """``op``'s table; a ValueError if ``backend`` is not a name it takes (callers with nothing to
+    compute, e.g. empty tensors, still check the name)."""
+    table = OPS[op]
+    if not isinstance(backend, str) or backend not in table.names:
+        raise ValueError(f"backend: expected one of {table.names}, got {backend!r}")
+    return table
+
+
 def choose(op: str, backend: str, device, dtype: torch.dtype, *, explain: bool = False, **sizes):
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype`` at these ``sizes``.
 
@@ -198,9 +207,7 @@ def choose(op: str, backend: str, device, dtype: torch.dtype, *, explain: bool =
     (unknown name, not available here, wrong dtype or device, no kernel in this build, too large),
     except the op's ``soft`` refusals, which fall back.  ``explain=True``: (choice, why) instead,
     why saying what was refused ("" when a kernel runs)."""
-    table = OPS[op]
-    if backend not in table.names:
-        raise ValueError(f"backend: expected one of {table.names}, got {backend!r}")
+    table = check_backend(op, backend)
     device = torch.device(device)
     if backend == "auto":
         why = []
