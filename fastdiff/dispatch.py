@@ -172,8 +172,10 @@ def _runs_on(impl: Impl, device: torch.device, forced: bool) -> bool:
             and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _refuse(op: Op, backend: str, device, dtype, kind: str) -> Tuple[Optional[type], str]:
-    """(exception type, message) for a forced backend that cannot run; type None: fall back."""
+def _refuse(op: Op, backend: str, device, dtype, kind: str, reason: str) -> Tuple[type, str]:
+    """(exception type, message) for a forced backend that cannot run (``reason``: what ``fits`` said)."""
+    if kind == "fits":
+        return ValueError, reason
     if op.name == "ksubspaces":  # one message for every refusal (tests/test_sweeps.py matches it)
         return RuntimeError, (f"backend={backend!r}: needs float32 CPU data and fastdiff._C.ksubspaces, got {dtype} "
                               f"on {device} ({_probe(backend)[1]})")
@@ -183,7 +185,8 @@ def _refuse(op: Op, backend: str, device, dtype, kind: str) -> Tuple[Optional[ty
         return TypeError, f"backend={backend!r} takes float32, float16 or bfloat16 tensors, got {dtype}"
     if kind == "device":
         if backend == "triton":
-            return ValueError, f"backend='triton' runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device}"
+            return ValueError, ("backend='triton' runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), "
+                                f"got {device}")
         where = "CPU" if backend == "cpp" else "CUDA"
         return ValueError, f"backend={backend!r} runs on {where} tensors, got tensors on {device}"
     return RuntimeError, f"backend={backend!r} has no {op.what} kernel in this build"  # "kernel"
@@ -233,11 +236,11 @@ def choose(op: str, backend: str, device, dtype: torch.dtype, *, explain: bool =
     impl = _impl(table, backend)
     soft = table.soft
 
-    def refuse(kind, reason=None):
-        exc, msg = _refuse(table, backend, device, dtype, kind)
+    def refuse(kind, reason=""):
+        exc, msg = _refuse(table, backend, device, dtype, kind, reason)
         if "all" in soft or kind in soft:
-            return (table.fallback, reason or msg) if explain else table.fallback
-        raise (exc if reason is None else ValueError)(reason or msg)
+            return (table.fallback, msg) if explain else table.fallback
+        raise exc(msg)
 
     if "dtype" in soft and dtype not in (impl.dtypes if impl is not None else KERNEL_DTYPES):
         return refuse("dtype")  # before availability: float64 MoLRG is the GEMM form on any build

@@ -98,7 +98,7 @@ def test_unknown_backend_name_is_an_error_on_empty_tensors():
 
 
 needs_cpp = pytest.mark.skipif(not dispatch.exists("molrg", "cpp"), reason="fastdiff._C without molrg_forward")
-needs_triton = pytest.mark.skipif(not dispatch.exists("molrg", "triton") or not INTERP and not torch.cuda.is_available(),
+needs_triton = pytest.mark.skipif(not dispatch.exists("molrg", "triton") or not (INTERP or torch.cuda.is_available()),
                                   reason="no Triton here")
 TRITON_DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
