@@ -1,10 +1,11 @@
-"""Backend registry and the one dispatch point of fastdiff.
+"""Backend probes and the fused affine step (which backend runs an op: :mod:`fastdiff.dispatch`).
 
 Backends: ``"triton"`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
 ``"cuda"`` (CUDA C++ compiled at run time with NVRTC through CuPy), ``"cpp"`` (the
 ``fastdiff._C`` OpenMP kernels, CPU tensors) and ``"torch"`` (pure torch, any device, any
-float dtype).  ``"auto"`` picks Triton for CUDA tensors, C++ for CPU tensors, and torch
-where neither works (or for float64, which the compiled kernels do not take).
+float dtype).  For the fused step ``"auto"`` picks Triton (then CUDA C++) for CUDA tensors, C++
+for CPU tensors, and torch where neither works (or for float64, which the compiled kernels do not
+take); the table is :data:`fastdiff.dispatch.OPS`.
 
 Every backend implements the same primitive, the fused affine step (one pass over memory)::
 
@@ -26,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["BACKENDS", "available", "resolve", "info"]
+__all__ = ["BACKENDS", "available", "info"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,37 +100,6 @@ def has_kernel(name: str, cpp_symbol: str, triton_module: str) -> bool:
 def available() -> Dict[str, Tuple[bool, str]]:
     """``{backend: (works_here, detail)}`` for every concrete backend."""
     return {name: _probe(name) for name in BACKENDS[1:]}
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for tensors on ``device`` of ``dtype``; a clear error if the forced one cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if dtype not in KERNEL_DTYPES:
-            return "torch"
-        if device.type == "cuda":
-            for name in ("triton", "cuda"):
-                if _works(name):
-                    return name
-        elif device.type == "cpu" and _works("cpp"):
-            return "cpp"
-        return "torch"
-    if not _works(backend):
-        raise RuntimeError(f"backend={backend!r} is not available here: {_probe(backend)[1]}")
-    if backend != "torch" and dtype not in KERNEL_DTYPES:
-        raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 tensors, got {dtype}")
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' runs on CUDA tensors, got tensors on {device}")
-    if backend == "triton" and not _triton_runs_on(device):
-        raise ValueError(f"backend='triton' runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device}")
-    return backend
 
 
 # --------------------------------------------------------------------------- CPU GEMM
@@ -357,7 +327,9 @@ def _fused_step(
     """
     if len(ins) > MAX_INPUTS:
         raise ValueError(f"ins: at most {MAX_INPUTS} inputs, got {len(ins)}")
-    backend = resolve(backend, out.device, out.dtype)
+    from fastdiff import dispatch  # (imports this module: the table reads the probes above)
+
+    backend = dispatch.choose("fused_step", backend, out.device, out.dtype)
     noise_mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox else NOISE_NONE)
     if noise_mode == NOISE_PHILOX and offset % 4:
         raise ValueError(f"offset: the Philox window must start on a quad (multiple of 4), got {offset}")
@@ -392,7 +364,11 @@ def _fused_step(
 
 
 def info() -> str:
-    """A table of which backends work here, and what ``auto`` picks per device."""
+    """A table of which backends work here, what ``auto`` picks per device, and the op x backend
+    matrix of :mod:`fastdiff.dispatch`."""
+    from fastdiff import dispatch
+
+    resolve = functools.partial(dispatch.choose, "fused_step")
     lines = [f"fastdiff backends (torch {torch.__version__}):"]
     for name, (ok, detail) in available().items():
         lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {detail}")
@@ -400,4 +376,5 @@ def info() -> str:
     if torch.cuda.is_available():
         picks.append(f"cuda -> {resolve('auto', torch.device('cuda'), torch.float32)} ({torch.cuda.get_device_name()})")
     lines.append("  auto:   " + ", ".join(picks))
+    lines.append(dispatch.matrix())
     return "\n".join(lines)

@@ -63,7 +63,7 @@ def run(out_dir: str = "results", n: int = 32, samples: int = 8192, T: int = 100
     plot = _plot(rows, os.path.join(out_dir, "demo_ddpm_gaussian.png"), T, samples)
     worst = max(abs(r["z_score"]) for r in rows)
     return dict(table=table, plot=plot, seconds=seconds, worst_z=worst, steps_per_second=T / seconds,
-                backend=fastdiff.backends.resolve(backend, x.device, x.dtype))
+                backend=fastdiff.dispatch.choose("fused_step", backend, x.device, x.dtype))
 
 
 def _plot(rows, path, T, samples):

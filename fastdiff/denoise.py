@@ -26,19 +26,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch.autograd import forward_ad
 
-from fastdiff import backends
+from fastdiff import backends, dispatch
 from fastdiff._interop import accepts_arrays, check_float_tensor, check_real
+# the C++ kernels keep per-row logits in fixed stack buffers: K above this runs the GEMM form
+from fastdiff.dispatch import CPP_MAX_K
 
 __all__ = ["molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "pack_bases"]
 
 OUTPUTS = ("x0", "eps", "score")
-# fused per-row C++ kernels up to this many multiply-adds per row (n * D); torch GEMMs above.
-# Measured here: the fused forward wins up to ~2^15, the fused backward only up to ~2^13.
-CPP_FUSED_MAX_ND = 1 << 15
-CPP_FUSED_MAX_ND_GRAD = 1 << 13
-# the C++ kernels keep per-row logits in fixed stack buffers: K above this runs the GEMM form in
-# torch ops (every backend; an explicit backend="cpp" / "triton" request is dispatched around)
-CPP_MAX_K = 1024
 
 
 # =========================================================================== validation helpers
@@ -586,7 +581,7 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc, uc = x.to(ct), ucat.to(ct)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)
-    impl = _molrg_backend(backend, x, ct, n, ucat.shape[1], K, needs_grad)
+    impl = dispatch.choose("molrg", backend, x.device, ct, n=n, D=ucat.shape[1], K=K, grad=needs_grad)
     if _under_transform(x, ucat):
         # torch.func (jvp / vjp / vmap, e.g. jacobian_rank(..., method="lanczos")) and forward-mode
         # AD: the fused kernels read raw pointers and _MoLRGFunction has no jvp / vmap rule; the
@@ -608,38 +603,6 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
         out, w = _molrg_kernel(impl, xc.contiguous(), uc.contiguous(), dims, params, labels, mode == "hard", return_weights)
     out = out.to(x.dtype)
     return (out, w) if return_weights else out
-
-
-def _molrg_backend(backend, x, ct, n, D, K, needs_grad) -> str:
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
-    if backend == "torch" or ct == torch.float64:
-        return "torch"
-    if backend == "auto":
-        limit = CPP_FUSED_MAX_ND_GRAD if needs_grad else CPP_FUSED_MAX_ND
-        if x.device.type == "cpu" and n * D <= limit and K <= CPP_MAX_K and _has_kernel("cpp"):
-            return "cpp"
-        if x.device.type == "cuda" and _has_kernel("triton") and _fits_triton(D, K):
-            return "triton"
-        return "torch"
-    backends.resolve(backend, x.device, torch.float32)  # raises if it cannot run here
-    if not _has_kernel(backend):
-        raise RuntimeError(f"backend={backend!r} has no MoLRG kernel in this build")
-    # sizes a fused kernel cannot hold (C++: K <= 1024; Triton: sum d_k <= 512, K <= 32) run the
-    # GEMM form on the same device: the call still works, only without the fused kernel
-    if backend == "cpp" and K > CPP_MAX_K or backend == "triton" and not _fits_triton(D, K):
-        return "torch"
-    return backend
-
-
-def _fits_triton(D: int, K: int) -> bool:
-    from fastdiff.kernels.molrg import MAX_D, MAX_K
-
-    return D <= MAX_D and K <= MAX_K
-
-
-def _has_kernel(name: str) -> bool:
-    return backends.has_kernel(name, "molrg_forward", "molrg")
 
 
 def _molrg_kernel(impl, x, ucat, dims, params, labels, hard, want_w):

@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from fastdiff import backends
+from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays, check_not_meta
 from fastdiff.denoise import _check_x, _molrg_inputs, _segment_ops, _tensor_key, cache_get, cache_put, molrg_params
 
@@ -108,42 +108,12 @@ def _svdvals_rank_triton(A: torch.Tensor, eta: Optional[float]):
     return launch(A, eta)
 
 
-def _has_svd_kernel(name: str) -> bool:
-    return backends.has_kernel(name, "svdvals_rank", "svd")
-
-
-def _triton_fits(m: int, n: int) -> bool:
-    from fastdiff.kernels.svd import MAX_DIM
-
-    return max(m, n) <= MAX_DIM
-
-
-def _svd_backend(backend: str, A: torch.Tensor) -> str:
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
-    m, n = A.shape[-2:]
-    if backend == "auto":
-        if A.device.type == "cpu" and _has_svd_kernel("cpp"):
-            return "cpp"
-        if A.device.type == "cuda" and _has_svd_kernel("triton") and _triton_fits(m, n):
-            return "triton"
-        return "torch"
-    if backend == "torch":
-        return "torch"
-    backends.resolve(backend, A.device, torch.float32)  # raises if it cannot run here
-    if not _has_svd_kernel(backend):
-        raise RuntimeError(f"backend={backend!r} has no SVD kernel in this build")
-    if backend == "triton" and not _triton_fits(m, n):
-        raise ValueError(f"backend='triton': the SVD kernel takes m, n <= 256, got ({m}, {n})")
-    return backend
-
-
 _IMPLS = {"torch": _svdvals_rank_torch, "cpp": _svdvals_rank_cpp, "triton": _svdvals_rank_triton}
 
 
 def _svdvals_rank(A: torch.Tensor, eta: Optional[float], backend: str):
     """(B, m, n) -> (S (B, N) in A's dtype, rank (B,) or None)."""
-    impl = _svd_backend(backend, A)
+    impl = dispatch.choose("svd", backend, A.device, A.dtype, m=A.shape[-2], n=A.shape[-1])
     if impl != "torch" and A.requires_grad and torch.is_grad_enabled():
         impl = "torch"  # the SVD kernels have no backward (their S would come out detached)
     ct = A.dtype if A.dtype in _COMPUTE_DTYPES else torch.float32

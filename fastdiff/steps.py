@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from fastdiff import backends
+from fastdiff import backends, dispatch
 from fastdiff import coefficients as C
 from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_float_tensor,
                                check_no_partial_overlap, check_not_meta, check_out_writable)
@@ -192,6 +192,7 @@ class _Call:
         if out is not None:
             check_no_partial_overlap(out, self.inputs)
         if x.numel() == 0:
+            dispatch.check_backend("fused_step", backend)  # a bad name is an error on every input
             return out if out is not None else torch.empty_like(x)
         if generator is not None and not isinstance(generator, Generator):
             raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
@@ -511,6 +512,7 @@ def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, de
             raise ValueError("out: expected a contiguous tensor")
         check_out_writable(out)
     if out.numel() == 0:
+        dispatch.check_backend("fused_step", backend)  # a bad name is an error on every input
         return out
     gen = generator if generator is not None else default_generator
     backends._fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,

@@ -14,13 +14,12 @@
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from fastdiff import backends
-from fastdiff.denoise import CPP_MAX_K, _molrg_params_scalar, _offsets
+from fastdiff import dispatch
+from fastdiff.denoise import _molrg_params_scalar, _offsets
 from fastdiff.denoisers import MoLRG
 
 __all__ = ["supported", "run", "tables"]
@@ -51,47 +50,25 @@ def _requires_grad(model: MoLRG) -> bool:
     return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals)
 
 
-def _impl(x: torch.Tensor, backend: str) -> Tuple[Optional[str], str]:
-    """The kernel that runs here, or (None, why not)."""
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
-    if x.dtype not in backends.KERNEL_DTYPES:
-        return None, f"x has dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
-    if backend == "torch":
-        return None, "backend='torch' runs the loop in torch"
-    if backend in ("auto", "cpp") and x.device.type == "cpu" and backends._works("cpp"):
-        from fastdiff import _C
-
-        if hasattr(_C, "molrg_trajectory"):
-            return "cpp", ""
-        return None, "fastdiff._C has no molrg_trajectory (rebuild the extension)"
-    triton_here = x.device.type == "cuda" or (x.device.type == "cpu" and backend == "triton" and
-                                              os.environ.get("TRITON_INTERPRET") == "1")
-    if backend in ("auto", "triton") and triton_here and backends._works("triton"):
-        return "triton", ""
-    return None, f"no trajectory kernel for backend={backend!r} on {x.device}"
-
-
 def supported(den, x: torch.Tensor, backend: str) -> Tuple[bool, str]:
+    """Whether the fused trajectory kernel runs this denoiser from ``x`` (else why not)."""
     models = _models(den)
     if models is None:
+        dispatch.choose("trajectory", backend, x.device, x.dtype)  # an unknown backend name still raises
         return False, "the denoiser is not a fastdiff.denoisers.MoLRG (or a list of them)"
-    impl, why = _impl(x, backend)
-    if impl is None:
+    impl, why = _choose(models[0], x, backend)
+    if impl == "loop":
         return False, why
-    if impl == "cpp" and len(models[0].dims) > CPP_MAX_K:
-        return False, f"the C++ trajectory kernel takes K <= {CPP_MAX_K} components, got {len(models[0].dims)}"
     if torch.is_grad_enabled() and (x.requires_grad or any(_requires_grad(m) for m in models)):
         # the kernel overwrites its state through a raw pointer: the graph would say dx_T/dx = I
         return False, ("x or the denoiser's tensors require grad, and the fused kernel has no backward "
                        "(the loop keeps the graph)")
-    if impl == "triton":
-        from fastdiff.kernels.trajectory import fits
-
-        ok, why = fits(models[0].n, sum(models[0].dims), len(models[0].dims))
-        if not ok:
-            return False, why
     return True, ""
+
+
+def _choose(m0: MoLRG, x: torch.Tensor, backend: str) -> Tuple[str, str]:
+    return dispatch.choose("trajectory", backend, x.device, x.dtype, explain=True, n=m0.n, D=sum(m0.dims),
+                           K=len(m0.dims))
 
 
 def tables(models: Sequence[MoLRG], table, numel: int, gen, guidance, snaps, device):
@@ -129,7 +106,7 @@ def tables(models: Sequence[MoLRG], table, numel: int, gen, guidance, snaps, dev
 def run(den, x: torch.Tensor, table, gen, labels, guidance, snaps, backend: str, show: bool):
     """The fused trajectory from ``x`` (not modified); returns (x_final, trajectory or None)."""
     models = _models(den)
-    impl, _ = _impl(x, backend)
+    impl, _ = _choose(models[0], x, backend)
     m0 = models[0]
     I = len(models)
     n = m0.n

@@ -13,24 +13,31 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastdiff import backends  # noqa: E402
+from fastdiff import dispatch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _pairs():
-    pairs = [("torch", "cpu")]
-    if backends.available()["cpp"][0]:
-        pairs.append(("cpp", "cpu"))
-    elif os.environ.get("CI"):
-        pairs.append(("cpp", "cpu"))  # in CI a missing build must fail, not skip
-    if not HAS_CUDA and backends.available()["triton"][0]:
-        pairs.append(("triton", "cpu"))  # interpreter
-    if HAS_CUDA:
-        pairs += [("torch", "cuda"), ("triton", "cuda")]
-        if backends.available()["cuda"][0]:
-            pairs.append(("cuda", "cuda"))
+def backend_devices(op, torch_=True):
+    """The (backend, device) pairs to test ``op`` on, from :data:`fastdiff.dispatch.OPS`: each
+    implementation that exists here on each device it runs on (Triton on CPU: the interpreter, only
+    without a GPU); ``torch_=False`` leaves out the torch one.  In CI a missing cpp build must fail,
+    not skip, so there the C++ implementations are always listed."""
+    pairs = []
+    for device in ("cpu", "cuda") if HAS_CUDA else ("cpu",):
+        for name in ("torch", "cpp", "triton", "cuda"):
+            impl = next((i for i in dispatch.OPS[op].impls if i.backend == name), None)
+            if impl is None or name == "torch" and not torch_:
+                continue
+            if device not in impl.devices and not (name == "triton" and not HAS_CUDA):
+                continue
+            if dispatch.exists(op, name) or name == "cpp" and os.environ.get("CI"):
+                pairs.append((name, device))
     return pairs
+
+
+def _pairs():
+    return backend_devices("fused_step")
 
 
 BACKEND_DEVICES = _pairs()

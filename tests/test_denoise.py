@@ -12,23 +12,10 @@ from scipy import stats
 import fastdiff
 from fastdiff import denoise
 from fastdiff.reference import denoisers as R
-from conftest import HAS_CUDA
+from conftest import backend_devices
 
 
-def _molrg_backends():
-    out = [("torch", "cpu")]
-    if denoise._has_kernel("cpp"):
-        out.append(("cpp", "cpu"))
-    if not HAS_CUDA and denoise._has_kernel("triton"):
-        out.append(("triton", "cpu"))
-    if HAS_CUDA:
-        out.append(("torch", "cuda"))
-        if denoise._has_kernel("triton"):
-            out.append(("triton", "cuda"))
-    return out
-
-
-MOLRG_BACKENDS = _molrg_backends()
+MOLRG_BACKENDS = backend_devices("molrg")
 
 
 def _bases(n, dims, gen, dtype=torch.float64):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import denoise
+from fastdiff import denoise, dispatch
 from fastdiff.reference import denoisers as R
 from fastdiff.reference import linalg as RL
 from conftest import assert_close_scaled
@@ -40,7 +40,7 @@ def test_jacobian_rank_lanczos_molrg_readme_line():
 @pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
 def test_molrg_under_torch_func(backend):
     """jvp, vjp and vmap of molrg_denoise agree with the float64 Jacobian (plain-torch route)."""
-    if backend == "cpp" and not denoise._has_kernel("cpp"):
+    if backend == "cpp" and not dispatch.exists("molrg", "cpp"):
         pytest.skip("no C++ MoLRG kernel")
     gen = torch.Generator().manual_seed(9)
     K, n, d, B = 3, 16, 2, 5
@@ -170,7 +170,7 @@ def test_packed_bases_cache_not_stale_after_version_bump():
 
 def _kernel_backends():
     out = ["torch", "auto"]
-    out += [b for b in ("cpp", "triton") if denoise._has_kernel(b) and not (b == "triton" and torch.cuda.is_available())]
+    out += [b for b in ("cpp", "triton") if dispatch.exists("molrg", b) and not (b == "triton" and torch.cuda.is_available())]
     return out
 
 
@@ -254,7 +254,7 @@ def test_gaussian_rejects_non_finite_mean_and_cov(bad):
 def test_molrg_per_sample_guidance_with_scalar_levels(backend_device):
     """A (B,) guidance with scalar alpha / sigma raised a raw expand error in the params table."""
     backend, device = backend_device
-    if backend == "cuda" or backend != "torch" and not denoise._has_kernel(backend):
+    if backend == "cuda" or backend != "torch" and not dispatch.exists("molrg", backend):
         pytest.skip(f"no MoLRG kernel for backend {backend!r}")
     gen = torch.Generator().manual_seed(10)
     K, n, d, B = 3, 12, 2, 6
@@ -277,7 +277,7 @@ def test_molrg_more_than_1024_components(backend_device, K):
     """K > 1024 failed on every float32 CPU path (the C++ kernels' stack buffers), backend="torch"
     included (its C++ mix), and in MoLRG(...) / fastdiff.sample; the kernels are dispatched around."""
     backend, device = backend_device
-    if backend == "cuda" or backend != "torch" and not denoise._has_kernel(backend):
+    if backend == "cuda" or backend != "torch" and not dispatch.exists("molrg", backend):
         pytest.skip(f"no MoLRG kernel for backend {backend!r}")
     gen = torch.Generator().manual_seed(K)
     n, B = 12, 5

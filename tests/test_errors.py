@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import backends
+from fastdiff import backends, dispatch
 
 S = fastdiff.DDPMSchedule()
 
@@ -56,14 +56,19 @@ def test_bad_input(call, exc, match):
 
 
 def test_backend_forced_on_wrong_device_or_dtype():
+    """Every kernel backend of the fused step (from the dispatch table): refused by name where it
+    cannot run here, and for float64 tensors where it can."""
     x, m = _xm(4, 6)
-    if backends.available()["cpp"][0]:
-        with pytest.raises(TypeError, match="backend='cpp' takes float32"):
-            fastdiff.euler_step(x.double(), m.double(), 1.0, 0.5, backend="cpp")
-    if not torch.cuda.is_available():
-        ok, _ = backends.available()["cuda"]
-        with pytest.raises((RuntimeError, ValueError), match="backend='cuda'"):
-            fastdiff.euler_step(x, m, 1.0, 0.5, backend="cuda")
+    for impl in dispatch.OPS["fused_step"].impls:
+        b = impl.backend
+        if b == "torch":
+            continue
+        if backends.available()[b][0]:
+            with pytest.raises(TypeError, match=f"backend='{b}' takes float32"):
+                fastdiff.euler_step(x.double(), m.double(), 1.0, 0.5, backend=b)
+        elif not torch.cuda.is_available() or b != "triton":
+            with pytest.raises((RuntimeError, ValueError), match=f"backend='{b}'"):
+                fastdiff.euler_step(x, m, 1.0, 0.5, backend=b)
 
 
 def test_device_mismatch_names_argument():

@@ -8,37 +8,20 @@ Ranks must equal the reference's except for a matrix whose energy ratio lies wit
 eta^2 (there the decision is made by rounding in the last bits).
 """
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import fastdiff
-from fastdiff import linalg
 from fastdiff.reference import denoisers as RD
 from fastdiff.reference import linalg as R
-from conftest import HAS_CUDA
+from conftest import backend_devices
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-def _backends():
-    out = [("torch", "cpu")]
-    if linalg._has_svd_kernel("cpp"):
-        out.append(("cpp", "cpu"))
-    elif os.environ.get("CI"):
-        out.append(("cpp", "cpu"))  # in CI a missing build must fail, not skip
-    if not HAS_CUDA and linalg._has_svd_kernel("triton"):
-        out.append(("triton", "cpu"))  # interpreter: small shapes only
-    if HAS_CUDA:
-        out.append(("torch", "cuda"))
-        if linalg._has_svd_kernel("triton"):
-            out.append(("triton", "cuda"))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = backend_devices("svd")
 IDS = [f"{b}-{d}" for b, d in BACKENDS]
 
 

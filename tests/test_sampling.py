@@ -9,24 +9,13 @@ import torch
 from scipy import stats
 
 import fastdiff
-from fastdiff import sampling, trajectory
+from fastdiff import sampling
 from fastdiff.denoisers import Gaussian, MoLRG
 from fastdiff.reference import denoisers as RD, rng as RR, steps as RS
-from conftest import HAS_CUDA
+from conftest import backend_devices
 
 
-def _fused_backends():
-    out = []
-    if trajectory._impl(torch.zeros(1), "cpp")[0] == "cpp":
-        out.append(("cpp", "cpu"))
-    if HAS_CUDA:
-        out.append(("triton", "cuda"))
-    elif fastdiff.available()["triton"][0]:
-        out.append(("triton", "cpu"))  # interpreter: small shapes and few steps only
-    return out
-
-
-FUSED = _fused_backends()
+FUSED = backend_devices("trajectory", torch_=False)
 CPP = [p for p in FUSED if p[0] == "cpp"]
 
 

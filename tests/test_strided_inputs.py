@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import denoise
+from fastdiff import denoise, dispatch
 from fastdiff.reference import denoisers as R
 from fastdiff.reference import steps as RS
 from conftest import assert_close_scaled
@@ -37,7 +37,7 @@ def _bases_variants(K, n, d, gen):
 
 
 def _molrg_backend(backend, device):
-    if backend == "cuda" or backend != "torch" and not denoise._has_kernel(backend):
+    if backend == "cuda" or backend != "torch" and not dispatch.exists("molrg", backend):
         pytest.skip(f"no MoLRG kernel for backend {backend!r}")
     return backend
 
@@ -76,7 +76,7 @@ def test_molrg_strided_forward_backward(backend_device, labels):
 
 def test_molrg_triton_launchers_take_strided_views():
     """The Triton launchers themselves (not only the Python wrapper) accept strided views."""
-    if not denoise._has_kernel("triton") or torch.cuda.is_available():
+    if not dispatch.exists("molrg", "triton") or torch.cuda.is_available():
         pytest.skip("interpreter check (CUDA runs the test above)")
     from fastdiff.kernels.molrg import molrg_backward, molrg_forward
 

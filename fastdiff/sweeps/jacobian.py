@@ -53,7 +53,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
                 lv = cells[ci]["level"]
                 rows.append({"cell_index": ci, "trial": t, "sigma": sigmas[lv], "snr": 1.0 / sigmas[lv],
                              "ratio": ratios[lv]})
-    return rows, fastdiff.backends.resolve("auto", device, torch.float32)
+    return rows, fastdiff.dispatch.choose("fused_step", "auto", device, torch.float32)
 
 
 def _check(c: Dict) -> None:

@@ -206,8 +206,8 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
                          "kl_mc_meaningful": ok[t],
                          "test_loss": float(loss[t]), "cov_error": float(cov_err[t]), "d_eff": d_eff,
                          "expected_cov_error": (d_eff + 1) / N})
-    backend = fastdiff.backends.resolve("auto", device, torch.float32) if any(c["mc_samples"] for c in cells) \
-        else "torch"
+    mc = any(c["mc_samples"] for c in cells)
+    backend = fastdiff.dispatch.choose("fused_step", "auto", device, torch.float32) if mc else "torch"
     return rows, backend
 
 

@@ -80,7 +80,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
             mem = memorized_fraction(x[t], X[t])
             rows.append({"cell_index": ci, "trial": t, "memorized": mem, "generalization": 1.0 - mem,
                          "N_over_d": c["N"] / c["d"]})
-    return rows, fastdiff.backends.resolve("auto", device, torch.float32)
+    return rows, fastdiff.dispatch.choose("fused_step", "auto", device, torch.float32)
 
 
 def _check(c: Dict) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import fastdiff
-from fastdiff import backends
+from fastdiff import dispatch
 from fastdiff.generator import Generator
 from fastdiff.sweeps.runner import Experiment, Param, register
 
@@ -148,19 +148,6 @@ def _default_tol(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 2e-5
 
 
-def _sweep_backend(backend: str, X: torch.Tensor) -> str:
-    """``"cpp"`` (``fastdiff._C.ksubspaces`` / ``top_subspace``: float32 CPU tensors) or ``"torch"``."""
-    if backend not in ("auto", "cpp", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'cpp' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    ok = X.device.type == "cpu" and X.dtype == torch.float32 and backends.has_kernel("cpp", "ksubspaces", "")
-    if backend == "cpp" and not ok:
-        raise RuntimeError(f"backend='cpp': needs float32 CPU data and fastdiff._C.ksubspaces, got {X.dtype} on "
-                           f"{X.device} ({backends.available()['cpp'][1]})")
-    return "cpp" if ok else "torch"
-
-
 def _counts(counts: Optional[torch.Tensor], B: int, N: int) -> torch.Tensor:
     return torch.full((B,), N, dtype=torch.int64) if counts is None else counts.to(torch.int64).contiguous()
 
@@ -187,7 +174,7 @@ def top_subspace(X: torch.Tensor, V0: torch.Tensor, *, tol: Optional[float] = No
     B, N, n = X.shape
     d = V0.shape[-1]
     tol = _default_tol(X.dtype) if tol is None else tol
-    if _sweep_backend(backend, X) == "cpp":
+    if dispatch.choose("ksubspaces", backend, X.device, X.dtype) == "cpp":
         from fastdiff import _C
 
         X, V0 = X.contiguous(), V0.to(DT).contiguous()
@@ -262,7 +249,7 @@ def seed_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, u: torch.T
     """
     B, N, n = X.shape
     R = u.shape[1]
-    if _sweep_backend(backend, X) == "cpp":
+    if dispatch.choose("ksubspaces", backend, X.device, X.dtype) == "cpp":
         return _ksubspaces_cpp(X, counts, K, d, R, u=u)[0]
     dev = X.device
     valid = (torch.arange(N, device=dev)[None, :] < counts[:, None].long())[:, None]   # (B, 1, N)
@@ -304,7 +291,7 @@ def ksubspaces(X: torch.Tensor, K: int, V0: torch.Tensor, *, max_iter: int = 40,
     if K == 1:
         return (top_subspace(X, V0[:, 0, 0], counts=counts, backend=backend)[:, None],
                 torch.zeros(B, N, dtype=torch.long, device=X.device))
-    if _sweep_backend(backend, X) == "cpp":
+    if dispatch.choose("ksubspaces", backend, X.device, X.dtype) == "cpp":
         return _ksubspaces_cpp(X, counts, K, d, R, starts=V0, max_iter=max_iter)[1:]
     Vbest, lab = _ksubspaces_torch(X, K, V0, max_iter)
     # exact PCA of each final cluster, warm-started from that cluster's basis
@@ -509,9 +496,9 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
             for b, (e, ok) in enumerate(zip(err.tolist(), (err <= threshold).int().tolist()))]
     if p0["learner"] == "sgd":
         backend = "torch" if p0["sgd_engine"] == "batched" else \
-            fastdiff.denoise._molrg_backend("auto", X[:1, 0], torch.float32, n, K * d, K, True)
+            dispatch.choose("molrg", "auto", X.device, torch.float32, n=n, D=K * d, K=K, grad=True)
     else:
-        backend = _sweep_backend("auto", X)
+        backend = dispatch.choose("ksubspaces", "auto", X.device, X.dtype)
     return rows, backend
 
 
