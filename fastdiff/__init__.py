@@ -6,7 +6,8 @@ Reverse steps (:mod:`fastdiff.steps`), analytic denoisers (:mod:`fastdiff.denois
 Jacobian ranks (:mod:`fastdiff.linalg`).
 """
 from fastdiff import denoisers
-from fastdiff.backends import available, info as _info_text
+from fastdiff.backends import available
+from fastdiff.dispatch import info as _info_text
 from fastdiff.denoise import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
 from fastdiff.generator import Generator, default_generator
 from fastdiff.linalg import (

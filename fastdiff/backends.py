@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["BACKENDS", "available", "info"]
+__all__ = ["BACKENDS", "available"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -312,7 +312,7 @@ def _fused_step(
     seed: int = 0,
     offset: int = 0,
     philox: bool = False,
-    backend: str = "auto",
+    backend: str,
 ) -> torch.Tensor:
     """``out = sum_j coefs[:, j] * ins[j] + coefs[:, k] * z`` in one pass (see the module docstring).
 
@@ -320,6 +320,8 @@ def _fused_step(
     :mod:`fastdiff.steps` validate and flatten); ``coefs`` is a list of ``k+1`` floats or a float32
     ``(R, k+1)`` tensor on the same device (row ``b`` applies to elements ``[b*n/R, (b+1)*n/R)``).
     ``z`` is ``noise`` if given, else the Philox stream ``(seed, offset + i)`` if ``philox``.
+    ``backend`` is a concrete one, already chosen by :func:`fastdiff.dispatch.choose` (which reads
+    this module's probes: the choice is the caller's, so the two modules do not import each other).
 
     Private on purpose: the compiled kernels read and write through raw pointers, and only the
     public steps check shapes, dtypes, contiguity and lengths (a misuse here reads past the end of
@@ -327,9 +329,6 @@ def _fused_step(
     """
     if len(ins) > MAX_INPUTS:
         raise ValueError(f"ins: at most {MAX_INPUTS} inputs, got {len(ins)}")
-    from fastdiff import dispatch  # (imports this module: the table reads the probes above)
-
-    backend = dispatch.choose("fused_step", backend, out.device, out.dtype)
     noise_mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox else NOISE_NONE)
     if noise_mode == NOISE_PHILOX and offset % 4:
         raise ValueError(f"offset: the Philox window must start on a quad (multiple of 4), got {offset}")
@@ -361,20 +360,3 @@ def _fused_step(
             # overwritten makes backward raise instead of using the new values
             torch.autograd.graph.increment_version(out)
     return out
-
-
-def info() -> str:
-    """A table of which backends work here, what ``auto`` picks per device, and the op x backend
-    matrix of :mod:`fastdiff.dispatch`."""
-    from fastdiff import dispatch
-
-    resolve = functools.partial(dispatch.choose, "fused_step")
-    lines = [f"fastdiff backends (torch {torch.__version__}):"]
-    for name, (ok, detail) in available().items():
-        lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {detail}")
-    picks = [f"cpu -> {resolve('auto', torch.device('cpu'), torch.float32)}"]
-    if torch.cuda.is_available():
-        picks.append(f"cuda -> {resolve('auto', torch.device('cuda'), torch.float32)} ({torch.cuda.get_device_name()})")
-    lines.append("  auto:   " + ", ".join(picks))
-    lines.append(dispatch.matrix())
-    return "\n".join(lines)

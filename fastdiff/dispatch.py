@@ -12,15 +12,16 @@ Sizes (keyword arguments of :func:`choose`; a size not given is taken to fit):
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from fastdiff.backends import BACKENDS, KERNEL_DTYPES, _probe, _works, has_kernel
+from fastdiff.backends import BACKENDS, KERNEL_DTYPES, _probe, _works, available, has_kernel
 
-__all__ = ["Impl", "Op", "OPS", "COLUMNS", "check_backend", "choose", "exists", "cell", "rows", "matrix"]
+__all__ = ["Impl", "Op", "OPS", "COLUMNS", "check_backend", "choose", "exists", "cell", "rows", "matrix", "info"]
 
 COLUMNS = ("triton", "cuda", "cpp", "torch")
 ANY_DTYPE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -290,4 +291,19 @@ def matrix() -> str:
     widths = [max(len(r[j]) for r in table) for j in range(len(table[0]))]
     lines = ["op x backend (yes / no (why) / - no kernel; the limit; what auto picks):"]
     lines += ["  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    return "\n".join(lines)
+
+
+def info() -> str:
+    """A table of which backends work here, what ``auto`` picks per device, and the op x backend
+    matrix of this table."""
+    resolve = functools.partial(choose, "fused_step")
+    lines = [f"fastdiff backends (torch {torch.__version__}):"]
+    for name, (ok, detail) in available().items():
+        lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {detail}")
+    picks = [f"cpu -> {resolve('auto', torch.device('cpu'), torch.float32)}"]
+    if torch.cuda.is_available():
+        picks.append(f"cuda -> {resolve('auto', torch.device('cuda'), torch.float32)} ({torch.cuda.get_device_name()})")
+    lines.append("  auto:   " + ", ".join(picks))
+    lines.append(matrix())
     return "\n".join(lines)

@@ -227,7 +227,8 @@ class _Call:
         backends._fused_step(
             target.view(-1), flat, packed,
             noise=(noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().view(-1)) if (wants_noise and noise is not None) else None,
-            seed=seed, offset=offset, philox=philox, backend=backend,
+            seed=seed, offset=offset, philox=philox,
+            backend=dispatch.choose("fused_step", backend, x.device, x.dtype),
         )
         if out is not None and target is not out:
             out.copy_(target)
@@ -516,7 +517,7 @@ def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, de
         return out
     gen = generator if generator is not None else default_generator
     backends._fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
-                         backend=backend)
+                         backend=dispatch.choose("fused_step", backend, out.device, out.dtype))
     return out
 
 

@@ -19,7 +19,7 @@ def _row(op, name):
 
 
 def _matrix_rows():
-    lines = fastdiff.backends.info().splitlines()
+    lines = fastdiff.dispatch.info().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("op x backend"))
     return [[c.strip() for c in line.split(" | ")] for line in lines[start + 1:]]
 
