@@ -68,3 +68,18 @@ def test_shell_block_runs(index, tmp_path):
         for cmd in (_demo_recipe() if command == "make demo" else [command]):
             r = subprocess.run(cmd, shell=True, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
             assert r.returncode == 0, f"`{cmd}` failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+
+
+def test_readme_cites_only_what_the_repository_holds():
+    """The README once cited documents outside the repository (../shared/SPEC.md, the seeds): every
+    file it links or names in backticks as a path exists in the checkout, and the papers it calls
+    seed 001 to 004 are named in docs/math.md."""
+    text = (ROOT / "README.md").read_text()
+    assert "../shared" not in text and "SPEC" not in text
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    paths = re.findall(r"`((?:fastdiff|kernels|csrc|tests|bench|docs|\.ci)/[\w./-]*)`", text)
+    missing = [p for p in links + paths if not p.startswith("http") and not (ROOT / p.rstrip("/")).exists()]
+    assert not missing, f"README names paths that do not exist: {missing}"
+    math_md = (ROOT / "docs" / "math.md").read_text()
+    for seed in re.findall(r"seed 00\d", text):
+        assert f"| {seed} |" in math_md, f"{seed} is cited in the README but not defined in docs/math.md"
