@@ -1,14 +1,14 @@
 """fastdiff: fused compiled kernels for diffusion models.
 
-Reverse steps (:mod:`fastdiff.steps`), analytic denoisers (:mod:`fastdiff.denoise`, objects in
-:mod:`fastdiff.denoisers`), schedules, the shared Philox stream, and one dispatch point
+Reverse steps (:mod:`fastdiff.steps`), analytic denoisers and the objects holding
+their parameters (:mod:`fastdiff.denoisers`), schedules, the shared Philox stream, and one dispatch point
 (:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call; batched SVD and
 Jacobian ranks (:mod:`fastdiff.linalg`).
 """
 from fastdiff import denoisers
 from fastdiff.backends import available
 from fastdiff.dispatch import info as _info_text
-from fastdiff.denoise import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
+from fastdiff.denoisers import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
 from fastdiff.generator import Generator, default_generator
 from fastdiff.linalg import (
     jacobian,

@@ -33,7 +33,10 @@ import torch
 
 from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays, check_not_meta
-from fastdiff.denoise import _check_x, _molrg_inputs, _segment_ops, _tensor_key, cache_get, cache_put, molrg_params
+from fastdiff.denoisers._args import _check_x
+from fastdiff.denoisers._cache import _tensor_key, cache_get, cache_put
+from fastdiff.denoisers._molrg_ops import _segment_ops
+from fastdiff.denoisers.molrg import _molrg_inputs, molrg_params
 
 __all__ = ["svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
            "jacobian_rank_trajectory", "TrajectoryRanks"]
@@ -419,7 +422,7 @@ def molrg_jacobian(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 
                    labels=None, guidance=None, output: str = "x0") -> torch.Tensor:
     """Closed-form Jacobian ``d out / d x`` (B, n, n) of :func:`fastdiff.molrg_denoise` (same options).
 
-    With the packed table of :mod:`fastdiff.denoise` (``out = A x + sum_k w'_k C_k P_k x``,
+    With the packed table of :mod:`fastdiff.denoisers.molrg` (``out = A x + sum_k w'_k C_k P_k x``,
     w = softmax_k(b_k + g_k ||U_k^T x||^2), w' = (1 - gw) w + gw onehot(label)) and p = Ucat^T x::
 
         J = A I + Ucat M Ucat^T,
@@ -443,7 +446,7 @@ def _range_basis(ucat: torch.Tensor, dims):
     float64, r = numerical rank of Ucat
     (bases may overlap), from an SVD of Ucat.  The SVD (~80 ms at n = 768, D = 160, far more
     than the rest of a call) is cached per packed-bases tensor (weak reference + version
-    counter, as :func:`fastdiff.denoise._packed` caches the packing itself), so a sweep over
+    counter, as :func:`fastdiff.denoisers._cache._packed` caches the packing itself), so a sweep over
     many points and noise levels with one set of bases pays it once."""
     key = _tensor_key([ucat], (tuple(dims),))
     hit = cache_get(_BASIS_CACHE, key, [ucat])

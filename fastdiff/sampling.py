@@ -10,7 +10,7 @@ With ``x0_hat`` as the model output every step of SPEC 1 is, per sample, the aff
 so a trajectory is a ``(T, ...)`` table of float64 coefficients computed once on the host (the
 same expressions, in the same order, as the step functions of :mod:`fastdiff.steps`, so the
 float32 coefficients agree bit for bit), the denoiser's per-level parameter rows
-(:func:`fastdiff.denoise.molrg_params`) and the Philox offsets each step draws at (the offsets
+(:func:`fastdiff.denoisers.molrg.molrg_params`) and the Philox offsets each step draws at (the offsets
 the step-by-step loop takes from the generator).
 
 - With a :class:`fastdiff.denoisers.MoLRG` (or a list of them / a ``(I, K, n, d)`` bases tensor:

@@ -9,7 +9,7 @@
   and of the step noise (-1: no draw), taken from the generator in the order the step-by-step
   loop takes them; the denoiser's parameter rows of the step's evaluation(s) (-1: no Heun
   corrector); the trajectory slot the state after the step goes to (-1: none);
-- ``params`` (I or 1, P, 3K + 2) float32: one MoLRG parameter row (:func:`fastdiff.denoise.molrg_params`)
+- ``params`` (I or 1, P, 3K + 2) float32: one MoLRG parameter row (:func:`fastdiff.denoisers.molrg.molrg_params`)
   per distinct noise level, per instance when the instances' pi / tau / delta differ.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from fastdiff import dispatch
-from fastdiff.denoise import _molrg_params_scalar, _offsets
+from fastdiff.denoisers._molrg_ops import _offsets
+from fastdiff.denoisers.molrg import _molrg_params_scalar
 from fastdiff.denoisers import MoLRG
 
 __all__ = ["supported", "run", "tables"]

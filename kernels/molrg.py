@@ -179,7 +179,7 @@ def _molrg_bwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
     HARD: tl.constexpr, HAS_LABELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Per row, with G = dL/d out (the math of ``fastdiff.denoise._MoLRGFunction.backward``):
+    """Per row, with G = dL/d out (the math of ``fastdiff.denoisers._molrg_ops._MoLRGFunction.backward``):
 
         P = x Ucat, dq = G Ucat, c = (w' C)[seg], q = P c
         dw = (1 - gw) C segsum(dq P);  dl = w (dw - <w, dw>)  (soft; 0 for hard)

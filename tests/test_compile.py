@@ -107,12 +107,13 @@ def test_molrg_forward_backward_compiles_with_the_fused_ops(backend):
 
 
 def test_molrg_ops_pass_opcheck():
-    from fastdiff import denoise, dispatch
+    from fastdiff import dispatch
+    from fastdiff.denoisers.molrg import molrg_params
 
     gen = torch.Generator().manual_seed(4)
     ucat = torch.linalg.qr(torch.randn(9, 5, generator=gen))[0]
     x = torch.randn(6, 9, generator=gen)
-    params = denoise.molrg_params(0.9, 0.5, [2, 3], None, None, 0.0, "x0", None, 6, x.device).float()
+    params = molrg_params(0.9, 0.5, [2, 3], None, None, 0.0, "x0", None, 6, x.device).float()
     impl = "cpp" if dispatch.exists("molrg", "cpp") else "torch"
     args = (x, ucat, params, None, [2, 3], False, impl)
     torch.library.opcheck(torch.ops.fastdiff.molrg_forward, args, test_utils=("test_schema", "test_faketensor"))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import denoise, dispatch
+from fastdiff import dispatch
+from fastdiff.denoisers import _cache
 from fastdiff.reference import denoisers as R
 from fastdiff.reference import linalg as RL
 from conftest import assert_close_scaled
@@ -128,7 +129,7 @@ class _SlowEvictDict(dict):
 
 def test_packed_bases_cache_thread_safe(monkeypatch):
     """The memorization sweep's worker threads raced on the cache eviction (KeyError)."""
-    monkeypatch.setattr(denoise, "_PACK_CACHE", _SlowEvictDict())
+    monkeypatch.setattr(_cache, "_PACK_CACHE", _SlowEvictDict())
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(3, 8, generator=gen)
     bases = [_qr_bases(2, 8, 2, gen) for _ in range(40)]
@@ -151,7 +152,7 @@ def test_packed_bases_cache_thread_safe(monkeypatch):
     for th in threads:
         th.join()
     assert not errors, errors[:3]
-    assert len(denoise._PACK_CACHE) <= 16
+    assert len(_cache._PACK_CACHE) <= 16
 
 
 def test_packed_bases_cache_not_stale_after_version_bump():

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import denoise, dispatch
+from fastdiff import dispatch
+from fastdiff.denoisers import _molrg_ops
+from fastdiff.denoisers.molrg import molrg_params
 from fastdiff.reference import denoisers as R
 from fastdiff.reference import steps as RS
 from conftest import assert_close_scaled
@@ -88,8 +90,8 @@ def test_molrg_triton_launchers_take_strided_views():
     x = torch.randn(n, B, generator=gen).T
     G = torch.randn(n, B, generator=gen).T
     dims = [d] * K
-    params = denoise.molrg_params(0.8, 0.5, dims, None, None, 0.0, "x0", None, B, "cpu").float()
-    seg = denoise._segments(dims, "cpu")
+    params = molrg_params(0.8, 0.5, dims, None, None, 0.0, "x0", None, B, "cpu").float()
+    seg = _molrg_ops._segments(dims, "cpu")
     outs = []
     for u in (ucat, ucat_t):
         out, w = torch.empty(B, n), torch.empty(B, K)

@@ -21,7 +21,9 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 import fastdiff  # noqa: E402
-from fastdiff import backends, denoise  # noqa: E402
+from fastdiff import backends  # noqa: E402
+from fastdiff.denoisers import _cache, _molrg_ops  # noqa: E402
+from fastdiff.denoisers.molrg import molrg_params  # noqa: E402
 from fastdiff.reference import denoisers as R  # noqa: E402
 from triton_order import ShuffleUnsupported, check_supported, shuffled_program_order  # noqa: E402
 
@@ -170,15 +172,15 @@ def test_molrg_backward_shuffled():
     G64 = torch.randn(B, n, generator=gen, dtype=torch.float64)
     sig = torch.rand(B, generator=gen, dtype=torch.float64) + 0.2
     Uf = [u.float() for u in U64]
-    ucat, _ = denoise._packed(Uf, n, False)
-    params = denoise.molrg_params(0.9, sig, dims, None, None, 0.0, "x0", None, B, "cpu")
+    ucat, _ = _cache._packed(Uf, n, False)
+    params = molrg_params(0.9, sig, dims, None, None, 0.0, "x0", None, B, "cpu")
     x = x64.float()
     _, w = fastdiff.molrg_denoise(x, Uf, 0.9, sig, return_weights=True, backend="triton")
 
     def run():
         poison = dict(dx=torch.full((B, n), float("nan")), q=torch.full((B, D), float("nan")),
                       dP=torch.full((B, D), float("nan")))
-        return molrg_backward(x, G64.float(), ucat, denoise._segments(dims, "cpu"), len(dims),
+        return molrg_backward(x, G64.float(), ucat, _molrg_ops._segments(dims, "cpu"), len(dims),
                               params.float().contiguous(), None, False, w.contiguous(), **poison)
 
     _, (dx, dU), progs = _in_order_and_shuffled(run)

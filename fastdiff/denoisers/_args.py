@@ -1,0 +1,47 @@
+"""Argument checks the denoisers share: ``x`` (B, n), per-sample scalars, finiteness, generators."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from fastdiff._interop import check_float_tensor
+
+OUTPUTS = ("x0", "eps", "score")
+
+
+def _check_x(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, NumPy or CuPy array, got {type(x).__name__}")
+    check_float_tensor("x", x)
+    if x.ndim != 2:
+        raise ValueError(f"x: expected shape (B, n), got {tuple(x.shape)}")
+    return x
+
+
+def _per_sample(name: str, v, B: int, device, *, positive=True, allow_zero=False) -> torch.Tensor:
+    """A scalar or (B,) value as a float64 tensor of shape (1,) or (B,), validated."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name}: expected a number or a (B,) tensor, got {type(v).__name__}")
+    t = torch.as_tensor(v, dtype=torch.float64).to(device).reshape(-1)
+    if t.numel() not in (1, B):
+        raise ValueError(f"{name}: expected a scalar or a ({B},) tensor (one per sample), got {t.numel()} values")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected finite values")
+        if positive and not bool((t > 0).all() if not allow_zero else (t >= 0).all()):
+            raise ValueError(f"{name}: expected {name} {'>=' if allow_zero else '>'} 0")
+    return t
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values (got NaN or Inf)")
+
+
+def _torch_generator(generator, device) -> Optional[torch.Generator]:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return torch.Generator(device=device).manual_seed(int(generator))

@@ -1,0 +1,171 @@
+"""The empirical (memorizing) denoiser of a training set, and exact nearest neighbours in it."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from fastdiff import backends
+from fastdiff._interop import accepts_arrays, check_real
+from fastdiff.denoisers._args import OUTPUTS, _check_x, _per_sample
+
+__all__ = ["empirical_denoise", "nearest_neighbors", "Empirical"]
+
+
+def _chunk(B, N, n, chunk):
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk: expected a positive int, got {chunk}")
+        return int(chunk)
+    # keep the (B, chunk) block no larger than the inputs themselves: memory O((B + N) n)
+    return int(min(N, max(1024, min(16384, (B + N) * n // max(B, 1)))))
+
+
+@accepts_arrays
+def empirical_denoise(x, data, alpha, sigma, *, output: str = "x0", chunk: Optional[int] = None):
+    """Optimal denoiser of the empirical distribution of ``data`` (N, n) (it reproduces training points)::
+
+        x0_hat = sum_i softmax_i( -||x - alpha y_i||^2 / (2 sigma^2) ) y_i
+
+    Streamed over chunks of ``data`` with an online softmax (FlashAttention's recurrence): no
+    (B, N) matrix is ever held, memory is O((B + N) n); each chunk is two GEMMs.
+    """
+    x = _check_x(x)
+    if output not in OUTPUTS:
+        raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+    if not isinstance(data, torch.Tensor) or data.ndim != 2:
+        raise ValueError(f"data: expected an (N, n) tensor, got {getattr(data, 'shape', type(data).__name__)}")
+    check_real("data", data)
+    B, n = x.shape
+    N = data.shape[0]
+    if data.shape[1] != n:
+        raise ValueError(f"data: expected n = {n} columns (x has shape (B, {n})), got {data.shape[1]}")
+    if N < 1:
+        raise ValueError("data: expected at least one training point")
+    if data.device != x.device:
+        raise ValueError(f"data: expected a tensor on {x.device} (the device of x), got {data.device}")
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc, yc = x.to(ct), data.to(ct)
+    a = _per_sample("alpha", alpha, B, x.device).to(ct)[:, None]
+    s = _per_sample("sigma", sigma, B, x.device).to(ct)[:, None]
+    # logit_i = (alpha x.y_i - alpha^2 ||y_i||^2 / 2) / sigma^2  (the ||x||^2 term cancels in the softmax)
+    xs = xc * (a / (s * s))
+    bias = (a * a / (2 * s * s))                         # (R, 1), times ||y||^2 per column
+    ysq = (yc * yc).sum(1)
+    m = torch.full((B, 1), -math.inf, dtype=ct, device=x.device)
+    l = torch.zeros(B, 1, dtype=ct, device=x.device)
+    acc = torch.zeros(B, n, dtype=ct, device=x.device)
+    step = _chunk(B, N, n, chunk)
+    for j in range(0, N, step):
+        Y = yc[j:j + step]
+        S = backends.mm(xs, Y.T)                         # (B, c)
+        S.sub_(bias * ysq[j:j + step])
+        m_new = torch.maximum(m, S.amax(1, keepdim=True))
+        scale = torch.exp(m - m_new)                     # exp(-inf) = 0 on the first chunk
+        S.sub_(m_new).exp_()
+        l.mul_(scale).add_(S.sum(1, keepdim=True))
+        acc.mul_(scale).add_(backends.mm(S, Y))
+        m = m_new
+    x0 = (acc / l).to(x.dtype)
+    if output == "x0":
+        return x0
+    eps = (x - a.to(x.dtype) * x0) / s.to(x.dtype)
+    return eps if output == "eps" else -eps / s.to(x.dtype)
+
+
+@accepts_arrays
+def nearest_neighbors(x, data, k: int = 2, *, chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Distances (B, k) and indices (B, k) of the ``k`` nearest rows of ``data`` (N, n), nearest first.
+
+    Exact (the float64 brute force's answer, up to ties).  Candidates come from chunked GEMM
+    scores ``a_i = ||y_i||^2 - 2 x.y_i`` in the compute dtype (memory O((B + N) n)) on x and data
+    centred on the data mean (far from the origin the expansion cancels: at |y| ~ 1e4 with spread
+    1, float32 scores cannot tell neighbours apart); the ``2k + 2`` best per row are re-ranked with
+    exact float64 distances.  A row is accepted when its k-th exact score is below the worst kept
+    candidate score minus the rounding bound ``E = 2 (n + 4) eps (max||y||^2 + 2 ||x|| max||y||)``
+    of any score; the rows that fail that test (rare: a tie band wider than the candidate set)
+    are recomputed by a float64 brute force.
+    """
+    x = _check_x(x)
+    if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[1] != x.shape[1]:
+        raise ValueError(f"data: expected an (N, {x.shape[1]}) tensor, got {getattr(data, 'shape', type(data).__name__)}")
+    check_real("data", data)
+    if data.device != x.device:
+        raise ValueError(f"data: expected a tensor on {x.device} (the device of x), got {data.device}")
+    N = data.shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= N:  # np.int64 is an int too
+        raise ValueError(f"k: expected an int in [1, N = {N}], got {k!r}")
+    k = int(k)
+    B, n = x.shape
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y64 = data.double()
+    fin = torch.isfinite(y64).all(1)  # a NaN / Inf training row must not move the centre of the others
+    center = y64[fin].mean(0) if bool(fin.any()) else torch.zeros(n, dtype=torch.float64, device=x.device)
+    x64, y64 = x.double() - center, y64 - center   # exact re-rank coordinates
+    xc, yc = x64.to(ct), y64.to(ct)
+    ysq = (yc * yc).sum(1)
+    best_d = torch.full((B, 0), math.inf, dtype=ct, device=x.device)
+    best_i = torch.zeros(B, 0, dtype=torch.long, device=x.device)
+    kc = min(N, 2 * k + 2)  # spare candidates: the GEMM scores are re-ranked exactly below
+    step = _chunk(B, N, n, chunk)
+    for j in range(0, N, step):
+        d2 = torch.addmm(ysq[j:j + step][None, :], xc, yc[j:j + step].T, alpha=-2.0)  # ||y||^2 - 2 x.y
+        v, i = torch.topk(d2, min(kc, d2.shape[1]), dim=1, largest=False)
+        best_d = torch.cat([best_d, v], 1)
+        best_i = torch.cat([best_i, i + j], 1)
+        if best_d.shape[1] > kc:
+            best_d, sel = torch.topk(best_d, kc, dim=1, largest=False)
+            best_i = best_i.gather(1, sel)
+    exact = ((x64[:, None, :] - y64[best_i]) ** 2).sum(-1)  # (B, kc) exact squared distances
+    d2k, order = torch.topk(exact, k, dim=1, largest=False)
+    idx = best_i.gather(1, order)
+    if kc < N:
+        # every row left out has score >= T (the worst kept one), so true score >= T - E: the
+        # k-th exact one (minus ||x||^2, the term the scores drop) below that cannot be beaten
+        eps = torch.finfo(ct).eps
+        ymax = y64.norm(dim=1)[fin].max() if bool(fin.any()) else torch.zeros((), dtype=torch.float64, device=x.device)
+        xn = x64.norm(dim=1)
+        E = 2 * (n + 4) * eps * (ymax * ymax + 2 * xn * ymax)
+        T = best_d.double().amax(1)
+        ok = d2k[:, -1] - xn * xn < T - E
+        redo = (~ok & torch.isfinite(x64).all(1)).nonzero().reshape(-1)
+        if redo.numel():
+            d2k, idx = d2k.clone(), idx.clone()
+            rd, ri = _nearest_brute64(x64[redo], y64, k, step)
+            d2k[redo], idx[redo] = rd, ri
+    return d2k.sqrt().to(x.dtype), idx
+
+
+def _nearest_brute64(x64, y64, k, step):
+    """(squared distances, indices) (b, k) of the k nearest rows, float64, chunked over the data."""
+    best_d = torch.full((x64.shape[0], 0), math.inf, dtype=torch.float64, device=x64.device)
+    best_i = torch.zeros(x64.shape[0], 0, dtype=torch.long, device=x64.device)
+    for j in range(0, y64.shape[0], step):
+        d2 = ((x64[:, None, :] - y64[None, j:j + step]) ** 2).sum(-1) if x64.shape[0] * step * x64.shape[1] <= 1 << 24 \
+            else torch.cdist(x64, y64[j:j + step]) ** 2
+        v, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
+        best_d, best_i = torch.cat([best_d, v], 1), torch.cat([best_i, i + j], 1)
+        best_d, sel = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False)
+        best_i = best_i.gather(1, sel)
+    return best_d, best_i
+
+
+class Empirical:
+    """The empirical distribution of a training set (N, n): its optimal denoiser memorizes."""
+
+    def __init__(self, data):
+        if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[0] < 1:
+            raise ValueError(f"data: expected an (N, n) tensor with N >= 1, got {getattr(data, 'shape', type(data).__name__)}")
+        self.data = data
+        self.N, self.n = data.shape
+
+    def __call__(self, x, alpha, sigma, **kwargs):
+        return empirical_denoise(x, self.data.to(x.device), alpha, sigma, **kwargs)
+
+    def nearest(self, x, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+        return nearest_neighbors(x, self.data.to(x.device), k)
+
+    def __repr__(self) -> str:
+        return f"Empirical(N={self.N}, n={self.n})"
