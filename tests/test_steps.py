@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import fastdiff
 from fastdiff.reference import rng as ref_rng
 from fastdiff.reference import steps as R
-from conftest import assert_close_scaled, is_interpreter
+from conftest import TOLERANCE, assert_close_scaled, is_interpreter
 
 SCHED = fastdiff.DDPMSchedule()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -58,7 +58,17 @@ def _run(fn, ref_fn, args, kwargs, *, dtype, backend, device, gen, noise_mode="n
     res = fn(*args, **kwargs, out=out, backend=backend)
     assert res is out
     ref = ref_fn(*[_f64(a) for a in args], **{k: _f64(v) for k, v in ref_kwargs.items()})
-    assert_close_scaled(out, ref, dtype)
+    scale = ref.abs().mean().item() if ref.numel() else 0.0
+    if dtype == torch.float32 and ref.numel():
+        # float32 arithmetic errs by a few ulps of the largest *term* (conftest's TOLERANCE note):
+        # where the terms c_j in_j cancel to an output much smaller than the inputs, 1e-5 of the
+        # output is below one float32 rounding of the inputs.  Floor the scale at 4 ulps of the
+        # inputs' scale (CI once saw 1.02x the bound at 0.4 ulp of the terms).
+        terms = [a for a in (*args, *(m for a in args if isinstance(a, tuple) for m in a))
+                 if isinstance(a, torch.Tensor) and a.shape == x.shape]
+        input_scale = max(t.double().abs().mean().item() for t in terms)
+        scale = max(scale, 4 * torch.finfo(torch.float32).eps * input_scale / TOLERANCE[torch.float32])
+    assert_close_scaled(out, ref, dtype, scale=scale)
     return out, ref
 
 
