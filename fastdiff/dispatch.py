@@ -1,6 +1,6 @@
 """The one dispatch table: which backend runs each op, and the only place ``backend="auto"`` is decided.
 
-Per op, :data:`OPS` lists its implementations in ``auto``'s preference order per device type, each
+Per op, :data:`OPS` (the rows ``fastdiff/ops/<op>.py`` declare) lists its implementations in ``auto``'s preference order per device type, each
 with the devices it runs on, the dtypes it takes, how to tell it exists in this build (a
 ``fastdiff._C`` symbol, a ``fastdiff.kernels.<module>``) and its size limits (``fits(**sizes) ->
 (ok, why)`` and a human-readable ``limit``).  :func:`choose` reads it; ``fastdiff info`` prints it
@@ -14,133 +14,21 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from fastdiff.backends import BACKENDS, KERNEL_DTYPES, _probe, _works, available, has_kernel
+from fastdiff.backends import KERNEL_DTYPES, _probe, _works, available, has_kernel
+from fastdiff.ops import fused_step, ksubspaces, molrg, svd, trajectory
+from fastdiff.ops.table import Impl, Op
 
 __all__ = ["Impl", "Op", "OPS", "COLUMNS", "check_backend", "choose", "exists", "cell", "rows", "matrix", "info"]
 
 COLUMNS = ("triton", "cuda", "cpp", "torch")
-ANY_DTYPE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# fused per-row C++ MoLRG kernels up to this many multiply-adds per row (n * D); torch GEMMs above.
-# Measured here: the fused forward wins up to ~2^15, the fused backward only up to ~2^13.
-CPP_FUSED_MAX_ND = 1 << 15
-CPP_FUSED_MAX_ND_GRAD = 1 << 13
-# the C++ MoLRG kernels keep per-row logits in fixed stack buffers
-CPP_MAX_K = 1024
-
-Fits = Callable[..., Tuple[bool, str]]
-
-
-def _fits_always(**_) -> Tuple[bool, str]:
-    return True, ""
-
-
-@dataclass(frozen=True)
-class Impl:
-    """One implementation of an op.  ``fits`` is a hard limit (a forced backend is refused or falls
-    back outside it); ``prefer`` an extra condition for ``auto`` only (where it is the faster one)."""
-    backend: str
-    devices: Tuple[str, ...]                 # device types; Triton also CPU under TRITON_INTERPRET=1 when forced
-    dtypes: Tuple[torch.dtype, ...] = KERNEL_DTYPES
-    cpp_symbol: Optional[str] = None         # fastdiff._C.<symbol> must exist ("cpp")
-    triton_module: Optional[str] = None      # fastdiff.kernels.<module> must import ("triton")
-    fits: Fits = _fits_always
-    prefer: Fits = _fits_always
-    limit: str = ""
-
-
-@dataclass(frozen=True)
-class Op:
-    """An op's table.  ``auto``: preference order per device type (torch / ``fallback`` last).
-    ``fallback``: what runs when no kernel does ("torch"; "loop" for the step-by-step sampler loop).
-    ``soft``: refusals of a forced backend that fall back instead of raising ("dtype", "fits", or
-    "all").  ``names``: the backend names the op accepts.  ``what``: its name in error messages."""
-    name: str
-    impls: Tuple[Impl, ...]
-    auto: Dict[str, Tuple[str, ...]]
-    what: str
-    fallback: str = "torch"
-    soft: Tuple[str, ...] = ()
-    names: Tuple[str, ...] = BACKENDS
-
-
-# --------------------------------------------------------------------------- size limits
-def _molrg_cpp_fits(K: int = 1, **_) -> Tuple[bool, str]:
-    if K > CPP_MAX_K:
-        return False, f"the C++ MoLRG kernels take K <= {CPP_MAX_K} components, got {K}"
-    return True, ""
-
-
-def _molrg_cpp_prefer(n: int = 0, D: int = 0, grad: bool = False, **_) -> Tuple[bool, str]:
-    limit = CPP_FUSED_MAX_ND_GRAD if grad else CPP_FUSED_MAX_ND
-    if n * D > limit:
-        return False, f"n * sum d_k = {n * D} > {limit}: the GEMM form is faster"
-    return True, ""
-
-
-def _molrg_triton_fits(D: int = 0, K: int = 1, **_) -> Tuple[bool, str]:
-    from fastdiff.kernels.molrg import MAX_D, MAX_K
-
-    if D > MAX_D or K > MAX_K:
-        return False, f"the Triton MoLRG kernel takes sum d_k <= {MAX_D} and K <= {MAX_K}, got {D}, {K}"
-    return True, ""
-
-
-def _svd_triton_fits(m: int = 1, n: int = 1, **_) -> Tuple[bool, str]:
-    from fastdiff.kernels.svd import MAX_DIM
-
-    if max(m, n) > MAX_DIM:
-        return False, f"backend='triton': the SVD kernel takes m, n <= {MAX_DIM}, got ({m}, {n})"
-    return True, ""
-
-
-def _trajectory_cpp_fits(K: int = 1, **_) -> Tuple[bool, str]:
-    if K > CPP_MAX_K:
-        return False, f"the C++ trajectory kernel takes K <= {CPP_MAX_K} components, got {K}"
-    return True, ""
-
-
-def _trajectory_triton_fits(n: int = 1, D: int = 1, K: int = 1, **_) -> Tuple[bool, str]:
-    from fastdiff.kernels.trajectory import fits
-
-    return fits(n, D, K)
-
-
-_CPU, _CUDA, _ALL = ("cpu",), ("cuda",), ("cpu", "cuda")
-_TORCH = Impl("torch", _ALL, ANY_DTYPE, limit="any device, any float dtype")
-
-OPS: Dict[str, Op] = {op.name: op for op in (
-    Op("fused_step", what="fused-step", impls=(
-        Impl("triton", _CUDA), Impl("cuda", _CUDA), Impl("cpp", _CPU), _TORCH),
-        auto={"cuda": ("triton", "cuda"), "cpu": ("cpp",)}),
-    # forced float64 and oversized problems run the GEMM form in torch ops (the call still works)
-    Op("molrg", what="MoLRG", soft=("dtype", "fits"), impls=(
-        Impl("triton", _CUDA, triton_module="molrg", fits=_molrg_triton_fits, limit="sum d_k <= 512, K <= 32"),
-        Impl("cpp", _CPU, cpp_symbol="molrg_forward", fits=_molrg_cpp_fits, prefer=_molrg_cpp_prefer,
-             limit=f"K <= {CPP_MAX_K}; auto: n*sum d_k <= {CPP_FUSED_MAX_ND} ({CPP_FUSED_MAX_ND_GRAD} with grad)"),
-        Impl("torch", _ALL, ANY_DTYPE, limit="GEMM form, any size")),
-        auto={"cuda": ("triton",), "cpu": ("cpp",)}),
-    Op("svd", what="SVD", impls=(
-        Impl("triton", _CUDA, ANY_DTYPE, triton_module="svd", fits=_svd_triton_fits, limit="m, n <= 256"),
-        Impl("cpp", _CPU, ANY_DTYPE, cpp_symbol="svdvals_rank", limit="float32 / float64"),
-        _TORCH),
-        auto={"cuda": ("triton",), "cpu": ("cpp",)}),
-    Op("trajectory", what="trajectory", fallback="loop", soft=("all",), impls=(
-        Impl("triton", _CUDA, triton_module="trajectory", fits=_trajectory_triton_fits,
-             limit="K <= 32, n x sum d_k in registers"),
-        Impl("cpp", _CPU, cpp_symbol="molrg_trajectory", fits=_trajectory_cpp_fits, limit=f"K <= {CPP_MAX_K}"),
-        Impl("torch", _ALL, ANY_DTYPE, limit="the step-by-step loop")),
-        auto={"cuda": ("triton",), "cpu": ("cpp",)}),
-    Op("ksubspaces", what="K-subspaces", names=("auto", "cpp", "torch"), impls=(
-        Impl("cpp", _CPU, (torch.float32,), cpp_symbol="ksubspaces", limit="float32"),
-        _TORCH),
-        auto={"cpu": ("cpp",)}),
-)}
+# the one table: every op's row, declared next to its contract in fastdiff/ops/<op>.py
+OPS: Dict[str, Op] = {row.name: row for row in (
+    fused_step.ROW, molrg.ROW, svd.ROW, trajectory.ROW, ksubspaces.ROW)}
 
 
 # --------------------------------------------------------------------------- the decision

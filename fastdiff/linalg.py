@@ -33,7 +33,7 @@ import torch
 
 from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays, check_not_meta
-from fastdiff.denoisers._args import _check_x
+from fastdiff._args import _check_x
 from fastdiff.denoisers._cache import _tensor_key, cache_get, cache_put
 from fastdiff.denoisers._molrg_ops import _segment_ops
 from fastdiff.denoisers.molrg import _molrg_inputs, molrg_params

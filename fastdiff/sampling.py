@@ -44,6 +44,7 @@ import torch
 from fastdiff import coefficients as C
 from fastdiff import steps as S
 from fastdiff import trajectory as fused_impl
+from fastdiff._args import check_number as _check_number
 from fastdiff._interop import accepts_arrays
 from fastdiff.trajectory import _progress
 from fastdiff.denoisers import MoLRG
@@ -147,16 +148,6 @@ def _levels(name: str, schedule) -> List[float]:
     if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
         raise ValueError(f"{name}: expected finite noise levels > 0, got {vals}")
     return vals
-
-
-def _check_number(name, v, *, lo=0.0, strict=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: expected a finite number, got {v!r}")
-    if (v <= lo) if strict else (v < lo):
-        raise ValueError(f"{name}: expected {name} {'>' if strict else '>='} {lo}, got {v}")
-    return float(v)
 
 
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,

@@ -7,7 +7,8 @@ import torch
 
 import fastdiff
 from fastdiff import backends, dispatch
-from fastdiff.dispatch import CPP_FUSED_MAX_ND, CPP_FUSED_MAX_ND_GRAD, CPP_MAX_K, OPS
+from fastdiff.dispatch import OPS
+from fastdiff.ops.molrg import CPP_FUSED_MAX_ND, CPP_FUSED_MAX_ND_GRAD, CPP_MAX_K
 
 CPU = torch.device("cpu")
 F32 = torch.float32

@@ -11,7 +11,7 @@ from torch.autograd import forward_ad
 
 from fastdiff import backends
 # the C++ kernels keep per-row logits in fixed stack buffers: K above this runs the GEMM form
-from fastdiff.dispatch import CPP_MAX_K
+from fastdiff.ops.molrg import CPP_MAX_K
 
 
 _SEG_CACHE: dict = {}

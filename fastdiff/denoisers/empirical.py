@@ -9,7 +9,7 @@ import torch
 
 from fastdiff import backends
 from fastdiff._interop import accepts_arrays, check_real
-from fastdiff.denoisers._args import OUTPUTS, _check_x, _per_sample
+from fastdiff._args import OUTPUTS, _check_x, _per_sample
 
 __all__ = ["empirical_denoise", "nearest_neighbors", "Empirical"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff._interop import accepts_arrays, check_real
-from fastdiff.denoisers._args import OUTPUTS, _check_finite, _check_x, _per_sample, _torch_generator
+from fastdiff._args import OUTPUTS, _check_finite, _check_x, _per_sample, _torch_generator
 
 __all__ = ["gaussian_denoise", "psd_eigenvalues", "Gaussian"]
 

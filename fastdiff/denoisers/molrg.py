@@ -25,7 +25,7 @@ import torch
 
 from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays
-from fastdiff.denoisers._args import OUTPUTS, _check_x, _per_sample, _torch_generator
+from fastdiff._args import OUTPUTS, _check_x, _per_sample, _torch_generator
 from fastdiff.denoisers._cache import _packed, pack_bases
 from fastdiff.denoisers._molrg_ops import _molrg_forward_op, _molrg_kernel, _molrg_torch, _MoLRGFunction, _under_transform
 

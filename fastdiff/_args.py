@@ -1,6 +1,9 @@
-"""Argument checks the denoisers share: ``x`` (B, n), per-sample scalars, finiteness, generators."""
+"""Argument checks shared by the public API (validate once, at the boundary; one message per error):
+numbers, ``x`` (B, n), per-sample scalars, finiteness, generators.  Ops and launchers assume
+checked input."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -9,6 +12,17 @@ import torch
 from fastdiff._interop import check_float_tensor
 
 OUTPUTS = ("x0", "eps", "score")
+
+
+def check_number(name: str, v, *, lo: float = 0.0, strict: bool = False) -> float:
+    """A finite real ``v >= lo`` (``> lo`` if ``strict``) as a float; TypeError / ValueError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if (v <= lo) if strict else (v < lo):
+        raise ValueError(f"{name}: expected {name} {'>' if strict else '>='} {lo}, got {v}")
+    return float(v)
 
 
 def _check_x(x) -> torch.Tensor:
