@@ -151,7 +151,6 @@ def _initial(x, num_samples, n, table, kind, generator, device, dtype):
     return z if kind == "vp" else z.mul_(table[0].level[1])
 
 
-
 # =========================================================================== public samplers
 @accepts_arrays
 def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: float, schedule, *, x=None,
