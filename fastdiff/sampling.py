@@ -85,10 +85,10 @@ class Step(NamedTuple):
 # merged with prediction="x0" in the order the step call merges its terms (C.merge_x0), so the
 # coefficients round to the same float32 as the step-by-step loop's.
 def _vp_level(sched: DDPMSchedule, t: int) -> Tuple[float, float]:
-    """The level the denoiser sees at timestep t: the schedule's own ``alpha_t, sigma_t`` tables.
-    (The step coefficients keep ``C.sqrt(abar)``, as the step functions compute them; torch's
-    vectorized sqrt of the tables differs from it in the last bit at a few t, and every caller
-    of a denoiser on a DDPMSchedule -- guidance, the sweeps -- has passed the tables' values.)"""
+    """The level the denoiser sees at timestep t: the schedule's own ``alpha_t, sigma_t`` tables,
+    the values guidance and the sweeps have always passed.  (The step coefficients keep
+    ``C.sqrt(abar)``, as the step functions compute them: the tables' torch sqrt differs from
+    ``math.sqrt`` in the last bit at a few t.)"""
     return sched.floats("alpha")[t], sched.floats("sigma")[t]
 
 
