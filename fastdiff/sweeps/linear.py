@@ -31,6 +31,7 @@ import torch
 
 import fastdiff
 from fastdiff import coefficients as C
+from fastdiff import sampling
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.subspace import normals
 
@@ -124,19 +125,20 @@ def linear_test_loss(lam, V, mu0, l_p, sched: fastdiff.DDPMSchedule):
 
 
 def sample_fused(mu0, lam, V, sched, M: int, seed: int, trials: int):
-    """M samples per instance (T, M, n) drawn with ``fastdiff.ddpm_step`` (float32, noise in the
-    kernel from the cell's Philox stream), the linear denoiser applied batched over instances, on
-    the device of the inputs."""
+    """M samples per instance (T, M, n) drawn with ``fastdiff.ddpm_step`` by the sampler loop
+    :func:`fastdiff.sampling.run` (float32, noise in the kernel from the cell's Philox stream), the
+    linear denoiser applied batched over instances, on the device of the inputs."""
     n = mu0.shape[1]
     gen = fastdiff.Generator(seed, _S_MC << 52)
     x = fastdiff.randn(trials * M, n, generator=gen, device=mu0.device)
     V32, mu32, lam32 = V.float(), mu0.float(), lam.float()
-    for t in range(sched.T - 1, -1, -1):
-        a, s2 = sched.floats("alpha")[t], sched.floats("sigma")[t] ** 2
-        g = a * lam32 / (a * a * lam32 + s2)                                 # (T, n)
+
+    def linear_denoisers(x, a, sigma):  # instance t's M chains through its own x0_hat = mu + V g V^T (x - a mu)
+        g = a * lam32 / (a * a * lam32 + sigma ** 2)                          # (T, n)
         xv = x.view(trials, M, n)
-        x0 = mu32[:, None] + (((xv - a * mu32[:, None]) @ V32) * g[:, None]) @ V32.mT
-        x = fastdiff.ddpm_step(x, x0.reshape(trials * M, n), t, sched, prediction="x0", generator=gen, out=x)
+        return (mu32[:, None] + (((xv - a * mu32[:, None]) @ V32) * g[:, None]) @ V32.mT).reshape(trials * M, n)
+
+    x = sampling.run(linear_denoisers, x, sampling.trajectory_table(sched, "ddpm"), generator=gen, progress=False)
     return x.view(trials, M, n).double()
 
 

@@ -11,8 +11,9 @@ memorized.  Denoisers (``--denoiser``):
   training set by PCA (K = 1) or K-subspaces (:mod:`fastdiff.sweeps.subspace`);
 - ``linear``: the Gaussian fitted to the training set (:class:`fastdiff.denoisers.Gaussian`).
 
-Sampling is DDPM (seed 001's schedule) from ``x_T ~ N(0, I)``, in :func:`sample_ddpm`: a plain loop
-over the fused :func:`fastdiff.ddpm_step`, the one place to swap in a fused trajectory sampler.
+Sampling is DDPM (seed 001's schedule) from ``x_T ~ N(0, I)``, in :func:`sample_ddpm`: the sampler
+loop :func:`fastdiff.sampling.run` over the fused :func:`fastdiff.ddpm_step`, the one place to swap
+in a fused trajectory sampler.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 import fastdiff
+from fastdiff import sampling
 from fastdiff.sweeps.linear import _schedule
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.subspace import fit_bases, molrg_instances
@@ -35,14 +37,15 @@ _S_SAMPLE = 7
 def sample_ddpm(denoisers: Sequence[Callable], n: int, M: int, sched: fastdiff.DDPMSchedule,
                 generator: fastdiff.Generator, device="cpu") -> torch.Tensor:
     """``M`` DDPM samples (I, M, n) from each of the I denoisers ``den(x, alpha, sigma) -> x0_hat``,
-    all I x M chains advanced by one fused ``ddpm_step`` per timestep (noise from ``generator``), on
-    ``device``."""
+    all I x M chains advanced by one fused ``ddpm_step`` per timestep (:func:`fastdiff.sampling.run`,
+    noise from ``generator``), on ``device``."""
     I = len(denoisers)
     x = fastdiff.randn(I * M, n, generator=generator, device=device)
-    alpha, sigma = sched.floats("alpha"), sched.floats("sigma")
-    for t in range(sched.T - 1, -1, -1):
-        x0 = torch.cat([den(xi, alpha[t], sigma[t]) for den, xi in zip(denoisers, x.view(I, M, n))])
-        x = fastdiff.ddpm_step(x, x0, t, sched, prediction="x0", generator=generator, out=x)
+
+    def all_instances(x, alpha, sigma):  # the I x M chains as one batch, each instance's rows to its denoiser
+        return torch.cat([den(xi, alpha, sigma) for den, xi in zip(denoisers, x.view(I, M, n))])
+
+    x = sampling.run(all_instances, x, sampling.trajectory_table(sched, "ddpm"), generator=generator, progress=False)
     return x.view(I, M, n)
 
 
