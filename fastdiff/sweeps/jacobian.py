@@ -20,11 +20,10 @@ import torch
 
 import fastdiff
 from fastdiff.sweeps.runner import Experiment, Param, register
-from fastdiff.sweeps.subspace import molrg_instances, normals
+from fastdiff.sweeps.streams import TRAJECTORY_NOISE, normals
+from fastdiff.sweeps.subspace import molrg_instances
 
 __all__ = ["rank_ratios"]
-
-_S_NOISE = 3  # Philox stream of the trajectories' starting noise (0..2 are the data's, see subspace.py)
 
 
 def rank_ratios(bases: torch.Tensor, noise: torch.Tensor, steps: int, eta: float, levels: int):
@@ -45,7 +44,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
         c = cells[members[0]]
         levels = 1 + max(cells[ci]["level"] for ci in members)
         U, _, _ = molrg_instances(c["n"], c["K"], c["d"], 1, 0.0, "orthogonal", seed, trials)
-        z = normals(seed, _S_NOISE, trials, c["samples"], c["n"])
+        z = normals(seed, TRAJECTORY_NOISE, trials, c["samples"], c["n"])
         for t in range(trials):
             sigmas, ratios = rank_ratios(U[t].to(device, torch.float32), z[t].to(device, torch.float32), c["steps"],
                                          c["eta"], levels)
