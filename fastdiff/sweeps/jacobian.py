@@ -19,6 +19,7 @@ from typing import Dict, List
 import torch
 
 import fastdiff
+from fastdiff.sweeps.params import check_at_least_one, check_orthogonal_fits, molrg_shape
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.streams import TRAJECTORY_NOISE, normals
 from fastdiff.sweeps.subspace import molrg_instances
@@ -56,11 +57,8 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 
 
 def _check(c: Dict) -> None:
-    for name in ("n", "K", "d", "samples"):
-        if c[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
-    if c["K"] * c["d"] > c["n"]:
-        raise ValueError(f"--K/--d: orthogonal bases need K d <= n, got K d = {c['K'] * c['d']} > n = {c['n']}")
+    check_at_least_one(c, ("n", "K", "d", "samples"))
+    check_orthogonal_fits(c)
     if c["steps"] < 2:
         raise ValueError(f"--steps: expected at least 2 Karras levels, got {c['steps']}")
     if not 0 <= c["level"] < c["steps"]:
@@ -73,9 +71,7 @@ register(Experiment(
     name="jacobian-rank",
     description="rank / n of the MoLRG denoiser's Jacobian along EDM Heun trajectories, against SNR",
     params=(
-        Param("n", int, (48,), "ambient dimension"),
-        Param("K", int, (2,), "subspaces (orthogonal bases)"),
-        Param("d", int, (6,), "subspace dimension"),
+        *molrg_shape((48,), (2,), (6,), "subspaces (orthogonal bases)"),
         Param("level", int, tuple(range(18)), "Karras level (0 = noisiest) at which the rank is taken"),
         Param("steps", int, (18,), "Karras levels of the Heun sampler (seed 002: 18)"),
         Param("samples", int, (32,), "trajectories per instance"),

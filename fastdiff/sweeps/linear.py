@@ -32,6 +32,7 @@ import torch
 import fastdiff
 from fastdiff import coefficients as C
 from fastdiff.sweeps.learners import fit_gaussian, null_modes
+from fastdiff.sweeps.params import check_at_least_one, check_ddpm_steps, ddpm_steps, training_samples
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.streams import normals
 
@@ -209,12 +210,8 @@ def _schedule(T: int) -> fastdiff.DDPMSchedule:
 
 
 def _check(c: Dict) -> None:
-    if c["n"] < 1:
-        raise ValueError(f"--n: expected n >= 1, got {c['n']}")
-    if c["N"] < 1:
-        raise ValueError(f"--N: expected N >= 1, got {c['N']}")
-    if c["T"] < 2:
-        raise ValueError(f"--T: expected T >= 2 steps, got {c['T']}")
+    check_at_least_one(c, ("n", "N"))
+    check_ddpm_steps(c)
     if c["ridge"] < 0:
         raise ValueError(f"--ridge: expected ridge >= 0, got {c['ridge']}")
     if c["mc_samples"] < 0:
@@ -229,9 +226,9 @@ register(Experiment(
     params=(
         Param("n", int, (32,), "data dimension"),
         Param("power", float, (1.0,), "spectrum l_v = v^-power"),
-        Param("N", int, (4, 8, 16, 32, 64, 128, 256, 512, 1024), "training samples"),
+        training_samples((4, 8, 16, 32, 64, 128, 256, 512, 1024)),
         Param("ridge", float, (0.0,), "c of the fitted N(mu_0, Sigma_0 + c I)"),
-        Param("T", int, (1000,), "DDPM steps (seed 001 schedule, beta 1e-4..1e-2)"),
+        ddpm_steps((1000,), "DDPM steps (seed 001 schedule, beta 1e-4..1e-2)"),
         Param("mc_samples", int, (0,), "samples per instance drawn with the fused ddpm_step for kl_mc (0: skip)"),
     ),
     metrics=(("kl", float), ("kl_mc", float), ("kl_mc_se", float), ("kl_mc_meaningful", float), ("test_loss", float),

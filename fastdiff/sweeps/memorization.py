@@ -23,6 +23,8 @@ import torch
 import fastdiff
 from fastdiff.sweeps.learners import DENOISERS, fit_denoisers
 from fastdiff.sweeps.linear import _schedule
+from fastdiff.sweeps.params import (check_at_least_one, check_d_fits, check_ddpm_steps, check_orthogonal_fits,
+                                    ddpm_steps, molrg_shape, training_samples)
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.subspace import molrg_instances
 
@@ -70,28 +72,21 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 
 
 def _check(c: Dict) -> None:
-    for name in ("n", "K", "d", "N", "samples", "T"):
-        if c[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
-    if c["d"] > c["n"]:
-        raise ValueError(f"--d: expected d <= n = {c['n']}, got d = {c['d']}")
-    if c["K"] * c["d"] > c["n"]:
-        raise ValueError(f"--K/--d: orthogonal bases need K d <= n, got K d = {c['K'] * c['d']} > n = {c['n']}")
-    if c["T"] < 2:
-        raise ValueError(f"--T: expected T >= 2 steps, got {c['T']}")
+    check_at_least_one(c, ("n", "K", "d", "N", "samples", "T"))
+    check_d_fits(c)
+    check_orthogonal_fits(c)
+    check_ddpm_steps(c)
 
 
 register(Experiment(
     name="memorization",
     description="memorized fraction / generalization score of DDPM samples vs N/d",
     params=(
-        Param("n", int, (32,), "ambient dimension"),
-        Param("K", int, (1,), "subspaces of the MoLRG data"),
-        Param("d", int, (4,), "subspace dimension"),
-        Param("N", int, (2, 4, 8, 16, 32, 64), "training samples"),
+        *molrg_shape((32,), (1,), (4,), "subspaces of the MoLRG data"),
+        training_samples((2, 4, 8, 16, 32, 64)),
         Param("denoiser", str, DENOISERS, "empirical, molrg (learned bases) or linear (fitted Gaussian)", DENOISERS),
         Param("samples", int, (256,), "DDPM samples per instance"),
-        Param("T", int, (1000,), "DDPM steps (seed 001 schedule)"),
+        ddpm_steps((1000,), "DDPM steps (seed 001 schedule)"),
     ),
     metrics=(("memorized", float), ("generalization", float), ("N_over_d", float)),
     run_batch=_run_batch,

@@ -20,6 +20,8 @@ import torch
 
 from fastdiff import dispatch
 from fastdiff.sweeps.learners import LEARNERS, fit_bases
+from fastdiff.sweeps.params import (check_at_least_one, check_d_fits, check_orthogonal_fits, molrg_shape,
+                                    training_samples)
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.streams import MOLRG_DATA, normals
 
@@ -135,14 +137,10 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 
 
 def _check(c: Dict) -> None:
-    for name in ("n", "K", "d", "N"):
-        if c[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
-    if c["d"] > c["n"]:
-        raise ValueError(f"--d: expected d <= n = {c['n']}, got d = {c['d']}")
-    if c["bases"] == "orthogonal" and c["K"] * c["d"] > c["n"]:
-        raise ValueError(f"--K/--d: orthogonal bases need K d <= n, got K d = {c['K'] * c['d']} > n = {c['n']}"
-                         " (use --bases random)")
+    check_at_least_one(c, ("n", "K", "d", "N"))
+    check_d_fits(c)
+    if c["bases"] == "orthogonal":
+        check_orthogonal_fits(c, " (use --bases random)")
     if c["delta"] < 0:
         raise ValueError(f"--delta: expected delta >= 0, got {c['delta']}")
     if not 0 < c["threshold"]:
@@ -172,10 +170,8 @@ register(Experiment(
     name="subspace-recovery",
     description="success rate of recovering MoLRG subspaces over a (d, N) grid (seed 002 Fig. 4)",
     params=(
-        Param("n", int, (48,), "ambient dimension"),
-        Param("K", int, (1, 2), "number of subspaces"),
-        Param("d", int, tuple(range(1, 13)), "subspace dimension"),
-        Param("N", int, tuple(range(2, 49, 2)), "training samples (total over the K components)"),
+        *molrg_shape((48,), (1, 2), tuple(range(1, 13)), "number of subspaces"),
+        training_samples(tuple(range(2, 49, 2)), "training samples (total over the K components)"),
         Param("delta", float, (0.0,), "isotropic noise floor of the data"),
         Param("bases", str, ("orthogonal",), "orthogonal (mutually) or random bases", BASES),
         Param("learner", str, ("pca", "ksubspaces"), "how the bases are fitted", LEARNERS),
