@@ -16,7 +16,7 @@ import torch
 import fastdiff
 from fastdiff.reference import denoisers as RD
 from fastdiff.reference import linalg as R
-from conftest import backend_devices
+from conftest import backend_devices, random_molrg
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -278,12 +278,8 @@ MOLRG_CASES = [  # (B, n, dims, per_sample, delta)
 def test_molrg_jacobian_matches_reference_autograd_and_differences(case):
     B, n, dims, per_sample, delta = MOLRG_CASES[case]
     gen = torch.Generator().manual_seed(100 + case)
-    U = _bases(n, dims, gen)
+    U, pi, tau, x = random_molrg(B, n, dims, gen)
     K = len(dims)
-    pi = torch.rand(K, generator=gen, dtype=torch.float64) + 0.2
-    pi = pi / pi.sum()
-    tau = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5
-    x = torch.randn(B, n, generator=gen, dtype=torch.float64) * 1.5
     alpha = torch.rand(B, generator=gen, dtype=torch.float64) + 0.3 if per_sample else 0.8
     sigma = torch.rand(B, generator=gen, dtype=torch.float64) + 0.2 if per_sample else 0.6
     labels = torch.randint(0, K, (B,), generator=gen)
