@@ -261,6 +261,7 @@ def run_pairs(before: Worker, after: Worker, args) -> Dict[str, bool]:
             i = seq[w].index(node)
             w.send(cmd="run", node=node, next=seq[w][i + 1] if i + 1 < len(seq[w]) else None)
         events = {w: w.recv() for w in here}
+        timed = []
         while True:
             ready = [w for w in here if events[w]["event"] == "ready"]
             if not ready:
@@ -274,6 +275,7 @@ def run_pairs(before: Worker, after: Worker, args) -> Dict[str, bool]:
             errors = time_row(sides, events, rounds, args.blocks)
             row = events[sides[0]]["row"]
             interleaved[row] = len(sides) == 2 and not errors
+            timed.append(row)
             index += 1
             for w in sides:
                 events[w] = w.recv()
@@ -283,16 +285,17 @@ def run_pairs(before: Worker, after: Worker, args) -> Dict[str, bool]:
             for group, impl, seconds in done["rows"]:
                 w.table[(group, impl)] = seconds
         LOADS.append(os.getloadavg()[0])
-        progress(n, len(plan), node, before, after)
+        progress(n, len(plan), node, timed, before, after)
     return interleaved
 
 
-def progress(n: int, total: int, node: str, before: Worker, after: Worker) -> None:
-    parts = []
-    for w in (before, after):
-        if node in w.outcomes and w.outcomes[node][0] != "passed":
-            parts.append(f"{w.rev.label} {w.outcomes[node][0]}")
-    print(f"[compare] {n + 1}/{total} {node} {' '.join(parts)}".rstrip(), flush=True)
+def progress(n: int, total: int, node: str, timed: List[str], before: Worker, after: Worker) -> None:
+    parts = [f"{w.rev.label} {w.outcomes[node][0]}" for w in (before, after)
+             if node in w.outcomes and w.outcomes[node][0] != "passed"]
+    for row in timed:
+        b, a = (statistics.median(w.samples[row]) if w.samples.get(row) else None for w in (before, after))
+        parts.append(f"{fmt_us(b)} -> {fmt_us(a)} µs" + (f" ({a / b:.3f})" if a and b else ""))
+    print(f"[compare] {n + 1}/{total} {node} {'; '.join(parts)}".rstrip(), flush=True)
 
 
 # --------------------------------------------------------------------------------------- report
@@ -328,7 +331,7 @@ def report(before: Worker, after: Worker, interleaved: Dict[str, bool], args, me
         f"Load: 1-minute load average {load0:.2f} at the start, {statistics.median(loads):.2f} median and "
         f"{max(loads):.2f} at most during the run, on {cores} cores (this run itself adds about 1).",
         f"Machine: {platform.processor() or platform.machine()} CPU, torch {before.hello['torch']}, "
-        f"Python {before.hello['python']}, {args.threads} threads on both sides (OMP_NUM_THREADS, "
+        f"Python {before.hello['python']}, {args.threads} thread{'s' * (args.threads != 1)} on both sides (OMP_NUM_THREADS, "
         f"torch.set_num_threads; torch reports {before.hello['threads']} / {after.hello['threads']}).",
         f"Rounds: {mode}; timed in up to {args.blocks} blocks a side, alternating between the two processes, "
         f"after each side's own warm-up rounds (untimed). Times: median microseconds per call.",
@@ -388,7 +391,8 @@ def parse(argv: List[str]):
     p.add_argument("--head", default="HEAD", help="the 'after' revision (default HEAD: committed work only)")
     p.add_argument("-k", help="pytest -k expression selecting benchmark tests, on both sides")
     p.add_argument("--quick", action="store_true", help="a quarter of each row's rounds (at least 3)")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "before-after.md")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "before-after.md",
+                   help="the markdown table (default bench/results/before-after.md)")
     p.add_argument("--json", type=Path, help="also write every side's timed rounds here")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads on both sides (default: all cores)")
     p.add_argument("--blocks", type=int, default=4, help="alternating blocks per row and side (default 4)")
