@@ -141,13 +141,14 @@ class _Call:
     def timestep(self, name: str, t, T: int, *, allow_final=False):
         """An integer timestep in [0, T) ([-1, T) with ``allow_final``): int, or (B,) int64 tensor."""
         lo = -1 if allow_final else 0
-        if isinstance(t, torch.Tensor):
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise TypeError(f"{name}: expected integer timesteps, got dtype {t.dtype}")
-            if t.numel() == 1 and t.ndim <= 1 and t.device.type == "cpu" and (t.ndim == 0 or self.B != 1):
-                t = int(t.item())
-        elif isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise TypeError(f"{name}: expected an int or an integer (B,) tensor, got {type(t).__name__}")
+        if type(t) is not int:  # the common call, a plain int, skips these (numbers.Integral is an ABC lookup)
+            if isinstance(t, torch.Tensor):
+                if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                    raise TypeError(f"{name}: expected integer timesteps, got dtype {t.dtype}")
+                if t.numel() == 1 and t.ndim <= 1 and t.device.type == "cpu" and (t.ndim == 0 or self.B != 1):
+                    t = int(t.item())
+            elif isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"{name}: expected an int or an integer (B,) tensor, got {type(t).__name__}")
         if not isinstance(t, torch.Tensor):
             t = int(t)
             if not lo <= t < T:
