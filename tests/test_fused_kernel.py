@@ -18,7 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _launch(backend, *args, **kwargs):
-    fused_step_op.launcher(backend)(*args, **kwargs)
+    fused_step_op.LAUNCHERS[backend](*args, **kwargs)
 
 
 def _case(k, noise_mode, per_sample, dtype, device, n, inner, start, seed=1234, offset=8, gen=None):

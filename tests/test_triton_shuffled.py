@@ -127,7 +127,7 @@ def test_fused_step_shuffled():
 
     def run():
         out = torch.full((n,), float("nan"), dtype=dtype)
-        fused_step_op.launcher("triton")(out, ins, coefs, inner, 2, noise, 1234, 8)
+        fused_step_op.LAUNCHERS["triton"](out, ins, coefs, inner, 2, noise, 1234, 8)
         return (out,)
 
     (out,), (shuffled,), progs = _in_order_and_shuffled(run)

@@ -24,7 +24,7 @@ The layers, top to bottom: :func:`_fused_step` (the entry :mod:`fastdiff.steps` 
 backend :func:`fastdiff.dispatch.choose` already picked); in traced code the ``torch.library`` op
 ``fastdiff::fused_step_`` (with a fake implementation, so ``torch.compile(fullgraph=True)`` traces
 it); where autograd needs a graph through a compiled kernel :class:`_FusedStepFunction`; then one
-launcher per backend (:func:`launcher`): :func:`_fused_step_torch` here,
+launcher per backend (:data:`LAUNCHERS`): :func:`_fused_step_torch` here,
 ``fastdiff.kernels.cpp.fused_step`` (C++), ``fastdiff.kernels.fused_step.fused_step`` (Triton),
 ``fastdiff._cuda.fused_step`` (CUDA C++ through NVRTC).  Every launcher takes
 ``(out, ins, coefs, inner, noise_mode, noise, seed, offset[, start])``; ``start`` (the kernel
@@ -32,11 +32,11 @@ launchers) is the global index of ``out[0]`` within a larger logical tensor.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from fastdiff.ops.table import CPU, CUDA, TORCH, Impl, Op
+from fastdiff.ops.table import CPU, CUDA, TORCH, Impl, Launchers, Op
 
 __all__ = ["ROW", "MAX_INPUTS", "NOISE_NONE", "NOISE_TENSOR", "NOISE_PHILOX"]
 
@@ -74,24 +74,20 @@ def _fused_step_torch(out, ins, coefs, inner, noise_mode, noise, seed, offset):
 
 
 # --------------------------------------------------------------------------- the launchers
-_LAUNCHERS: Dict[str, Callable] = {"torch": _fused_step_torch}
-
-
-def launcher(backend: str) -> Callable:
-    """The launcher of a concrete ``backend``; each backend's module is imported the first time it
-    runs (a CPU-only process never imports Triton or CuPy), then kept in the table."""
-    fn = _LAUNCHERS.get(backend)
-    if fn is None:
-        if backend == "cpp":
-            from fastdiff.kernels.cpp import fused_step as fn
-        elif backend == "triton":
-            from fastdiff.kernels.fused_step import fused_step as fn
-        elif backend == "cuda":
-            from fastdiff._cuda import fused_step as fn
-        else:
-            raise ValueError(f"backend: expected a concrete fused-step backend, got {backend!r}")
-        _LAUNCHERS[backend] = fn
+def _load(backend: str) -> Callable:
+    if backend == "cpp":
+        from fastdiff.kernels.cpp import fused_step as fn
+    elif backend == "triton":
+        from fastdiff.kernels.fused_step import fused_step as fn
+    elif backend == "cuda":
+        from fastdiff._cuda import fused_step as fn
+    else:
+        raise ValueError(f"backend: expected a concrete fused-step backend, got {backend!r}")
     return fn
+
+
+LAUNCHERS = Launchers(_load, torch=_fused_step_torch)
+"""``{backend: launcher}``, each ``(out, ins, coefs, inner, noise_mode, noise, seed, offset[, start])``."""
 
 
 def _inner(out, coefs) -> int:
@@ -100,7 +96,7 @@ def _inner(out, coefs) -> int:
 
 
 def _run(out, ins, coefs, noise_mode, noise, seed, offset, backend):
-    launcher(backend)(out, ins, coefs, _inner(out, coefs), noise_mode, noise, seed, offset)
+    LAUNCHERS[backend](out, ins, coefs, _inner(out, coefs), noise_mode, noise, seed, offset)
 
 
 # --------------------------------------------------------------------------- autograd

@@ -29,12 +29,12 @@ checks them):
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from fastdiff.ops.molrg import CPP_MAX_K
-from fastdiff.ops.table import ALL, ANY_DTYPE, CPU, CUDA, Impl, Op
+from fastdiff.ops.table import ALL, ANY_DTYPE, CPU, CUDA, Impl, Launchers, Op
 
 __all__ = ["ROW", "NCOEF", "NIDX"]
 
@@ -77,23 +77,20 @@ ROW = Op("trajectory", what="trajectory", fallback="loop", soft=("all",), impls=
 
 
 # --------------------------------------------------------------------------- the launchers
-_LAUNCHERS: Dict[str, Callable] = {}
-
-
-def launcher(backend: str) -> Callable:
-    """The launcher of ``backend`` ("cpp" or "triton"), imported on first use:
-    ``(x, I, B, ucat, offsets, params, p_istride, labels, hard, coef, idx, t0, t1, traj, seed)``
-    runs steps ``[t0, t1)`` on the state ``x`` in place."""
-    fn = _LAUNCHERS.get(backend)
-    if fn is None:
-        if backend == "cpp":
-            from fastdiff.kernels.cpp import molrg_trajectory as fn
-        elif backend == "triton":
-            from fastdiff.kernels.trajectory import molrg_trajectory as fn
-        else:
-            raise ValueError(f"backend: expected 'cpp' or 'triton' for the fused trajectory, got {backend!r}")
-        _LAUNCHERS[backend] = fn
+def _load(backend: str) -> Callable:
+    if backend == "cpp":
+        from fastdiff.kernels.cpp import molrg_trajectory as fn
+    elif backend == "triton":
+        from fastdiff.kernels.trajectory import molrg_trajectory as fn
+    else:
+        raise ValueError(f"backend: expected 'cpp' or 'triton' for the fused trajectory, got {backend!r}")
     return fn
+
+
+LAUNCHERS = Launchers(_load)
+"""``{backend: launcher}`` ("cpp", "triton"), each
+``(x, I, B, ucat, offsets, params, p_istride, labels, hard, coef, idx, t0, t1, traj, seed)``: steps
+``[t0, t1)`` on the state ``x``, in place."""
 
 
 # --------------------------------------------------------------------------- the entry
@@ -117,7 +114,7 @@ def _trajectory(x: torch.Tensor, ucat: torch.Tensor, offsets: Sequence[int], par
     traj = None
     if snapshots is not None:
         traj = torch.empty((snapshots, I * B, n), dtype=torch.float32, device=x.device)
-    launch = launcher(backend)
+    launch = LAUNCHERS[backend]
     T = coef.shape[0]
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
