@@ -5,8 +5,9 @@ draw: ``x_next = a x + c m + s z`` (Heun's corrector reads four tensors, classif
 guidance splits ``m`` into its unconditional and conditional halves).  Each function computes
 its per-sample coefficients ``(a, c, s)`` in float64 from the schedule and the prediction type
 (the formulas live once, in :mod:`fastdiff.coefficients`, shared with the trajectory tables),
-then makes **one** pass over memory with the fused-step op (:mod:`fastdiff.ops.fused_step`): 2 reads and 1
-write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's dtype.
+then makes **one** pass over memory with the fused-step op (:mod:`fastdiff.ops.fused_step`): 2
+reads and 1 write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's
+dtype.
 
 Conventions shared by every step:
 
