@@ -483,25 +483,28 @@ def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator
         name, args, kw = st.call
         sigma_hat = st.level[1]
         if name in ("euler_step", "heun_step") and kw["gamma"] > 0:  # gamma, not st.churn: s_noise = 0 still draws
-            x, sigma_hat = S.edm_churn(x, args[0], kw["gamma"], s_noise=kw["s_noise"], generator=gen, out=x,
-                                       backend=backend)
+            x, sigma_hat = S.edm_churn(x, args[0], kw["gamma"], s_noise=kw["s_noise"], generator=gen,
+                                       out=_inplace(x), backend=backend)
         m = denoiser(x, *st.level)
         if callback is not None:
             callback(StepInfo(i, x, st.level[0], st.level[1], m, st))
+        out = _inplace(x, m)
         if name in ("ddpm_step", "ddim_step"):
-            getattr(S, name)(x, m, *args, prediction="x0", generator=gen, out=x, backend=backend, **kw)
+            x = getattr(S, name)(x, m, *args, prediction="x0", generator=gen, out=out, backend=backend, **kw)
         elif name == "euler_ancestral_step":
-            S.euler_ancestral_step(x, m, *args, generator=gen, out=x, backend=backend, **kw)
+            x = S.euler_ancestral_step(x, m, *args, generator=gen, out=out, backend=backend, **kw)
         elif name in ("euler_step", "heun_step"):
             sigma_next = args[1]
             if st.level2 is None:  # Euler (also Heun's last step, to sigma_next = 0)
-                S.euler_step(x, m, sigma_hat, sigma_next, out=x, backend=backend)
+                x = S.euler_step(x, m, sigma_hat, sigma_next, out=out, backend=backend)
             else:
-                x_pred = S.euler_step(x, m, sigma_hat, sigma_next, out=x_pred, backend=backend)
-                S.heun_step(x, m, sigma_hat, sigma_next, x_pred=x_pred, model_output_pred=denoiser(x_pred, *st.level2),
-                            out=x, backend=backend)
+                x_pred = S.euler_step(x, m, sigma_hat, sigma_next, out=x_pred if out is not None else None,
+                                      backend=backend)
+                x = S.heun_step(x, m, sigma_hat, sigma_next, x_pred=x_pred,
+                                model_output_pred=denoiser(x_pred, *st.level2), out=out, backend=backend)
         elif name == "langevin_step":
-            S.langevin_step(x, m, args[0], prediction="x0", sigma=kw["sigma"], generator=gen, out=x, backend=backend)
+            x = S.langevin_step(x, m, args[0], prediction="x0", sigma=kw["sigma"], generator=gen, out=out,
+                                backend=backend)
         else:  # the jump of walk-jump: x = x0_hat(y)
             x = m
         if traj is not None:
@@ -511,6 +514,15 @@ def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator
     if bar is not None:
         bar.close()
     return (x, traj) if snaps is not None else x
+
+
+def _inplace(x: torch.Tensor, *outputs: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x`` as the step's ``out=`` buffer, or None (a fresh tensor) while autograd records the
+    trajectory: a denoiser's backward may have saved ``x`` (a MoLRG does), and overwriting it would
+    make ``backward`` raise."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in outputs)):
+        return None
+    return x
 
 
 def _save(traj, snaps, k, x):
