@@ -1,14 +1,21 @@
-"""Triton kernels of fastdiff, one file per op (installed as ``fastdiff.kernels``).
+"""The kernels' launchers, installed as ``fastdiff.kernels``: one Triton file per op, and
+``cpp.py``, every ``fastdiff._C`` launcher.
 
 ``AOT_KERNELS`` collects every kernel variant that ``tests/test_aot.py`` compiles ahead of
 time for sm_80 and sm_90 (no GPU needed), so a kernel that only breaks in the compiler
-(not in the interpreter) fails CI.
+(not in the interpreter) fails CI.  It is assembled on first access: importing this package
+(for :mod:`.cpp`, which the CPU paths call) must not import Triton, an optional dependency.
 """
-from .fused_step import AOT_KERNELS as _FUSED_STEP_AOT
-from .molrg import AOT_KERNELS as _MOLRG_AOT
-from .svd import AOT_KERNELS as _SVD_AOT
-from .trajectory import AOT_KERNELS as _TRAJECTORY_AOT
-
-AOT_KERNELS = [*_FUSED_STEP_AOT, *_MOLRG_AOT, *_SVD_AOT, *_TRAJECTORY_AOT]
 
 __all__ = ["AOT_KERNELS"]
+
+
+def __getattr__(name: str):
+    if name == "AOT_KERNELS":
+        from .fused_step import AOT_KERNELS as fused_step
+        from .molrg import AOT_KERNELS as molrg
+        from .svd import AOT_KERNELS as svd
+        from .trajectory import AOT_KERNELS as trajectory
+
+        return [*fused_step, *molrg, *svd, *trajectory]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
