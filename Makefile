@@ -3,7 +3,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install test demo bench aot
+.PHONY: install test demo bench bench-compare aot
 install:
 	# torch first and pinned: anything that pulls an unpinned torch would fetch GBs of CUDA wheels
 	$(PIP) "torch==2.13.0"
@@ -23,3 +23,9 @@ demo: install
 bench: install
 	$(PIP) --no-build-isolation -e ".[bench]"
 	$(PY) -m fastdiff bench
+
+# no speed regression: BASE's and HEAD's CPU benchmarks side by side, interleaved, in one run
+# (bench/compare.py; bench/RESULTS.md says how to read it).  Needs pytest and pybind11, not an install.
+BASE ?= 237765d
+bench-compare:
+	$(PY) bench/compare.py --base $(BASE) --head HEAD $(COMPARE_ARGS)

@@ -32,6 +32,8 @@ def record(benchmark):
         else:
             timed = fn
         benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        if benchmark.stats is None:  # --benchmark-disable: each row ran once as a smoke test, untimed
+            return
         harness.TABLE.add(harness.Row(group, impl, benchmark.stats.stats.median, bytes_moved, flops))
 
     return run

@@ -49,46 +49,41 @@ def _bases(K, n, d, device):
     return torch.linalg.qr(torch.randn(K, n, d, generator=gen))[0].to(device)
 
 
+def _molrg_case(shape, impl, device, grad):
+    """Inputs of one MoLRG row and the call that ``impl`` names: fastdiff's kernel, the eager einsums,
+    or torch.compile of them (one compiled function for every shape, as a user would hold it).
+    ``grad``: x and the bases require grad (the forward+backward rows)."""
+    B, n, K, d = shape
+    U = _bases(K, n, d, device).requires_grad_(grad)
+    x = torch.randn(B, n, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(grad)
+    if impl == "fastdiff":
+        f = fastdiff.molrg_denoise
+    elif impl == "eager":
+        f = molrg_eager
+    else:
+        f = _compiled.setdefault("molrg", torch.compile(molrg_eager))
+    return x, U, lambda: f(x, U, ALPHA, SIGMA)
+
+
 @pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile"])
 @pytest.mark.parametrize("shape", MOLRG, ids=lambda s: "x".join(map(str, s)))
 def test_molrg_forward(record, device, shape, impl):
-    B, n, K, d = shape
-    U = _bases(K, n, d, device)
-    x = torch.randn(B, n, generator=torch.Generator().manual_seed(1)).to(device)
-    group = f"molrg fwd (B,n,K,d)=({B},{n},{K},{d})"
-    flops = 4 * B * n * K * d
-    if impl == "fastdiff":
-        fn = lambda: fastdiff.molrg_denoise(x, U, ALPHA, SIGMA)  # noqa: E731
-    elif impl == "eager":
-        fn = lambda: molrg_eager(x, U, ALPHA, SIGMA)  # noqa: E731
-    else:
-        f = _compiled.setdefault("molrg", torch.compile(molrg_eager))
-        fn = lambda: f(x, U, ALPHA, SIGMA)  # noqa: E731
+    _, _, fn = _molrg_case(shape, impl, device, grad=False)
     with torch.no_grad():
-        record(group, impl, fn, flops=flops)
+        record(f"molrg fwd (B,n,K,d)=({','.join(map(str, shape))})", impl, fn, flops=4 * math.prod(shape))
 
 
 @pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile"])
 @pytest.mark.parametrize("shape", MOLRG, ids=lambda s: "x".join(map(str, s)))
 def test_molrg_forward_backward(record, device, shape, impl):
     """Gradient of a loss w.r.t. x and the bases (SGD on the diffusion loss trains the bases)."""
-    B, n, K, d = shape
-    U = _bases(K, n, d, device).requires_grad_()
-    x = torch.randn(B, n, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
-    group = f"molrg fwd+bwd (B,n,K,d)=({B},{n},{K},{d})"
-    if impl == "fastdiff":
-        f = lambda: fastdiff.molrg_denoise(x, U, ALPHA, SIGMA)  # noqa: E731
-    elif impl == "eager":
-        f = lambda: molrg_eager(x, U, ALPHA, SIGMA)  # noqa: E731
-    else:
-        c = _compiled.setdefault("molrg", torch.compile(molrg_eager))
-        f = lambda: c(x, U, ALPHA, SIGMA)  # noqa: E731
+    x, U, f = _molrg_case(shape, impl, device, grad=True)
 
     def step():
         out = f()
         torch.autograd.grad(out.square().sum(), (x, U))
 
-    record(group, impl, step, flops=3 * 4 * B * n * K * d)
+    record(f"molrg fwd+bwd (B,n,K,d)=({','.join(map(str, shape))})", impl, step, flops=3 * 4 * math.prod(shape))
 
 
 @pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "keops"])

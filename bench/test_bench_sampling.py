@@ -79,18 +79,25 @@ def test_ddpm_trajectory(record, device, impl):
         record(group, impl, fn, flops=flops, rounds=rounds, warmup=warmup)
 
 
-@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
-def test_instances_vs_eager_loop_over_instances(record, device, impl):
+def _instances(device):
+    """The I problems of the instance rows: the schedule, each instance's bases (I, K, n, d), the
+    starting points (I, B, n), FLOPs of the whole sweep, and the fused call over all instances."""
     I, B, n, K, d, T = INSTANCES
     sched = fastdiff.DDPMSchedule(T=T)
     U = _bases(I, K, n, d, device)
     x = torch.randn(I, B, n, generator=torch.Generator().manual_seed(1)).to(device)
+    models = [MoLRG(u) for u in U]
+    fused = lambda: fastdiff.sample(models, x, sched, generator=fastdiff.Generator(0), progress=False)  # noqa: E731
+    return sched, U, x, models, 4 * I * B * n * K * d * T, fused
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
+def test_instances_vs_eager_loop_over_instances(record, device, impl):
+    I, B, n, K, d, T = INSTANCES
+    sched, U, x, _, flops, fused = _instances(device)
     group = f"ddpm {I} instances x {B} (n,K,d,T)=({n},{K},{d},{T})"
-    flops = 4 * I * B * n * K * d * T
     if impl == "fastdiff":
-        models = [MoLRG(u) for u in U]
-        fn = lambda: fastdiff.sample(models, x, sched, generator=fastdiff.Generator(0), progress=False)  # noqa: E731
-        rounds, warmup = 5, 1
+        fn, rounds, warmup = fused, 5, 1
     else:
         Ul = [list(u.unbind(0)) for u in U]
         fn = lambda: [eager_loop(x[i], Ul[i], sched) for i in range(I)]  # noqa: E731
@@ -102,16 +109,13 @@ def test_instances_vs_eager_loop_over_instances(record, device, impl):
 @pytest.mark.parametrize("impl", ["fastdiff", "eager"])
 def test_instances_vs_per_instance_calls(record, device, impl):
     """The same sweep against one fused ``sample`` call per instance (launch / setup overhead)."""
-    I, B, n, K, d, T = INSTANCES
-    sched = fastdiff.DDPMSchedule(T=T)
-    U = _bases(I, K, n, d, device)
-    x = torch.randn(I, B, n, generator=torch.Generator().manual_seed(1)).to(device)
-    models = [MoLRG(u) for u in U]
+    I, B = INSTANCES[:2]
+    sched, _, x, models, flops, fused = _instances(device)
     group = f"ddpm {I} instances x {B}, vs fastdiff.sample per instance"
     if impl == "fastdiff":
-        fn = lambda: fastdiff.sample(models, x, sched, generator=fastdiff.Generator(0), progress=False)  # noqa: E731
+        fn = fused
     else:
         fn = lambda: [fastdiff.sample(models[i], x[i], sched, generator=fastdiff.Generator(0), progress=False)  # noqa: E731
                       for i in range(I)]
     with torch.no_grad():
-        record(group, impl, fn, flops=4 * I * B * n * K * d * T, rounds=5, warmup=1)
+        record(group, impl, fn, flops=flops, rounds=5, warmup=1)

@@ -142,6 +142,7 @@ def test_sgd_n3072_one_cell(benchmark, device):
 
 def test_sgd_n3072_one_cell_one_instance_at_a_time(benchmark, device):
     """The same 20 instances through the same learner (sgd_bases), one instance per call."""
+    from fastdiff.sweeps import learners as L
     from fastdiff.sweeps import subspace as S
 
     K, d, N = SGD_CELL["K"], SGD_CELL["d"], SGD_CELL["N"]
@@ -149,11 +150,11 @@ def test_sgd_n3072_one_cell_one_instance_at_a_time(benchmark, device):
     X = X.to(device)
     init = torch.randn(20, K, SGD_N, d)
     counts = torch.full((1,), float(N))
-    S.sgd_bases(X[:1], counts, K, d, [(1, 0)], steps=2, init=init[:1])
+    L.sgd_bases(X[:1], counts, K, d, [(1, 0)], steps=2, init=init[:1])
 
     def loop():
         for t in range(20):
-            S.sgd_bases(X[t:t + 1], counts, K, d, [(1, t)], init=init[t:t + 1])
+            L.sgd_bases(X[t:t + 1], counts, K, d, [(1, t)], init=init[t:t + 1])
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -166,11 +167,12 @@ def test_sgd_retraction(record, device, method):
     bases, n = 3072, d = 12): Householder (cuSOLVER per matrix on CUDA) against CholeskyQR2 (batched
     GEMMs, Cholesky, triangular solve).  ``_retract("auto")`` takes CholeskyQR2 on CUDA, Householder
     on the CPU; this row is where that choice is measured."""
-    from fastdiff.sweeps import subspace as S
+    from fastdiff.ops.ksubspaces import orth
+    from fastdiff.sweeps import learners as L
 
     B = 240 if device.startswith("cuda") else 20
-    U = S._orth(torch.randn(B, 2, SGD_N, 12, device=device))
+    U = orth(torch.randn(B, 2, SGD_N, 12, device=device))
     Y = U - 0.01 * torch.randn_like(U).sign()
     flops = B * 2 * (2 * 2 * SGD_N * 12 ** 2 + 2 * 2 * SGD_N * 12 ** 2)   # two (Gram + solve) passes
     record(f"sgd retraction: QR of ({B}, 2, {SGD_N}, 12) float32", "fastdiff" if method == "cholesky" else "eager",
-           lambda: S._retract(Y, method), flops=flops, rounds=10, warmup=2)
+           lambda: L._retract(Y, method), flops=flops, rounds=10, warmup=2)

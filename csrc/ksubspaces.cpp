@@ -1,5 +1,5 @@
 // K-subspaces clustering for the subspace-recovery sweep (CPU, float32): the learner of
-// fastdiff.sweeps.subspace.seed_bases / ksubspaces, one instance per OpenMP task.
+// fastdiff.sweeps.learners.seed_bases / ksubspaces, one instance per OpenMP task.
 //
 // Per instance b with data X_b (N, n) of which the first counts[b] rows are points (the rest
 // padding), R starts of K orthonormal (n, d) bases each:

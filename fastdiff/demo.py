@@ -3,9 +3,11 @@
 Data ``N(0, diag(l))`` with ``l_v ~ v^-k``; the exact denoiser is linear,
 ``x0_hat = alpha l / (alpha^2 l + sigma^2) x``, so the sampled distribution is Gaussian and its
 per-mode variance after the whole DDPM recursion is known exactly:
-``var_{t-1} = a_t^2 var_t + s_t^2`` with ``a_t`` the step's per-mode gain.  The demo samples with
-the fused ``ddpm_step`` (in-kernel noise), and writes a table (CSV) and a plot (PNG) of the
-sampled variance per mode against the exact prediction and the data's spectrum.
+``var_{t-1} = a_t^2 var_t + s_t^2`` with ``a_t`` the step's per-mode gain
+(:func:`fastdiff.sampling.gaussian_sampler_variance`).  The demo samples with the fused
+``ddpm_step`` (in-kernel noise; the loop :func:`fastdiff.sampling.run`), and writes a table (CSV)
+and a plot (PNG) of the sampled variance per mode against the exact prediction and the data's
+spectrum.
 """
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 import fastdiff
-from fastdiff import coefficients
+from fastdiff import sampling
 from fastdiff.sweeps.store import atomic_write
 
 
@@ -31,25 +32,20 @@ def run(out_dir: str = "results", n: int = 32, samples: int = 8192, T: int = 100
         raise ValueError(f"--out {out_dir}: exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
     sched = fastdiff.DDPMSchedule(T=T)
+    steps = sampling.trajectory_table(sched, "ddpm")
     lam = torch.arange(1, n + 1, dtype=torch.float64) ** -power
     gen = fastdiff.Generator(seed)
     x = fastdiff.randn(samples, n, generator=gen)
     lam32 = lam.float()
-    exact = torch.ones(n, dtype=torch.float64)  # per-mode variance of the recursion, from x_T ~ N(0, I)
+
+    def exact_denoiser(x, a, s):  # the data's posterior mean, x0_hat = gain * x
+        return (a * lam32 / (a * a * lam32 + s * s)) * x
+
     t0 = time.perf_counter()
-    for t in tqdm(range(T - 1, -1, -1), desc="ddpm", disable=not progress, leave=False):
-        a, s = sched.floats("alpha")[t], sched.floats("sigma")[t]
-        gain = a * lam32 / (a * a * lam32 + s * s)           # x0_hat = gain * x
-        eps = (x - a * gain * x) / s                          # the model output (eps prediction)
-        x = fastdiff.ddpm_step(x, eps, t, sched, generator=gen, out=x, backend=backend)
-        # the same step on the variance: x_{t-1} = ca x_t + ce eps + s_t z (the step's own coefficients)
-        # with eps = (1 - a gain) x_t / s, so x_{t-1} = c x_t + s_t z, c = ca + ce (1 - a gain) / s
-        beta, abar = sched.floats("beta")[t], sched.floats("abar")[t]
-        abar_prev = sched.floats("abar")[t - 1] if t > 0 else 1.0
-        ca, ce, s_t = coefficients.ddpm(beta, abar, abar_prev, "fixed_small", t > 0)
-        c = ca + ce * (1 - a * gain.double()) / s
-        exact = c * c * exact + s_t * s_t
+    x = sampling.run(exact_denoiser, x, steps, generator=gen, backend=backend, progress=progress, desc="ddpm")
     seconds = time.perf_counter() - t0
+    # the same steps on the per-mode variance, from x_T ~ N(0, I): every step is linear in x
+    exact = sampling.gaussian_sampler_variance(lam, steps, 1.0)
     sampled = x.double().var(0)
     se = sampled * math.sqrt(2 / (samples - 1))
     rows = [dict(mode=v + 1, data_variance=lam[v].item(), exact_sampled_variance=exact[v].item(),

@@ -65,7 +65,7 @@ def _refuse(op: Op, backend: str, device, dtype, kind: str, reason: str) -> Tupl
     """(exception type, message) for a forced backend that cannot run (``reason``: what ``fits`` said)."""
     if kind == "fits":
         return ValueError, reason
-    if op.name == "ksubspaces":  # one message for every refusal (tests/test_sweeps.py matches it)
+    if op.name == "ksubspaces":  # one message for every refusal (tests/test_sweeps_learners.py matches it)
         return RuntimeError, (f"backend={backend!r}: needs float32 CPU data and fastdiff._C.ksubspaces, got {dtype} "
                               f"on {device} ({_probe(backend)[1]})")
     if kind == "unavailable":

@@ -5,10 +5,12 @@ Every sampler here is seed 004's DDIM loop (Alg. 7.1) over a (conditional) denoi
 
     x_{l-1} = (sigma_{l-1}/sigma_l) x_l + (alpha_{l-1} - (sigma_{l-1}/sigma_l) alpha_l) x0_c(x_l)
 
-run with the fused steps: :func:`fastdiff.ddim_step` on a :class:`fastdiff.DDPMSchedule` (``eta``
-adds DDIM's noise), :func:`fastdiff.euler_step` on VE levels (a :class:`fastdiff.KarrasSchedule`
-or a decreasing 1-D tensor of sigmas ending at 0; with ``alpha = 1`` the DDIM update above *is*
-the Euler step, and ``eta > 0`` uses :func:`fastdiff.euler_ancestral_step`).
+run by :func:`fastdiff.sampling.run` over a :func:`fastdiff.sampling.trajectory_table`:
+``"ddim"`` on a :class:`fastdiff.DDPMSchedule` (``steps``, ``spacing``; ``eta`` adds DDIM's
+noise), ``"euler"`` on VE levels (a :class:`fastdiff.KarrasSchedule` or a decreasing 1-D tensor
+of sigmas ending at 0; with ``alpha = 1`` the DDIM update above *is* the Euler step), and
+``"euler_ancestral"`` there for ``eta > 0``.  So ``cfg_sample`` and ``fastdiff.sample(...,
+"ddim", labels=, guidance=)`` run the same steps.
 
 Diffusion posterior sampling (DPS; Chung et al., seed 004 eq. 7.3.29 and Alg. 7.1) for a
 measurement ``y = h(x) + s_y w`` (``h(x) = A x`` for a matrix ``A``) corrects the unconditional
@@ -36,14 +38,13 @@ import numbers
 from typing import Callable, Optional, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from fastdiff._interop import accepts_arrays
-from fastdiff.coefficients import timesteps
 from fastdiff.denoisers import Gaussian
-from fastdiff.generator import Generator, default_generator
+from fastdiff.generator import Generator
+from fastdiff.sampling import StepInfo, run, trajectory_table
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
-from fastdiff.steps import ddim_step, euler_ancestral_step, euler_step, randn
+from fastdiff.steps import randn
 
 __all__ = ["gaussian_posterior", "posterior_sample", "cfg_sample"]
 
@@ -110,45 +111,23 @@ def gaussian_posterior(prior: Gaussian, A: torch.Tensor, y: torch.Tensor, noise_
 
 
 # =========================================================================== the DDIM loop
-def _levels(schedule, steps, spacing="linspace"):
-    """``([(alpha, sigma, step)], "vp" | "ve")`` from the noisiest level down; ``step(x, x0, eta, gen)``
-    is the fused update of ``x`` in place to the next level, with ``x0`` as the model output."""
+def _table(schedule, steps, eta, spacing):
+    """``(trajectory_table rows, "vp" | "ve")``: DDIM (``steps``, ``spacing``, ``eta``) on a
+    DDPMSchedule; Euler (``eta = 0``, seed 004's update with ``alpha = 1``) or Euler ancestral
+    (``eta > 0``) on VE levels."""
+    eta = _positive("eta", eta, allow_zero=True)
     if isinstance(schedule, DDPMSchedule):
-        T = schedule.T
-        n = T if steps is None else steps
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
-            raise ValueError(f"steps: expected an int in [1, {T}] (the schedule length), got {steps!r}")
-        # the timesteps fastdiff.sample(..., "ddim", steps=n) visits: linspace from T-1 down to 0
-        ts = timesteps(T, n, spacing)
-        out = []
-        for i, t in enumerate(ts):
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            out.append((schedule.floats("alpha")[t], schedule.floats("sigma")[t],
-                        lambda x, x0, eta, gen, t=t, t_prev=t_prev: ddim_step(x, x0, t, t_prev, schedule, eta=eta,
-                                                                           prediction="x0", generator=gen, out=x)))
-        return out, "vp"
-    if isinstance(schedule, KarrasSchedule):
-        sigmas = schedule.floats("sigmas")
-    elif isinstance(schedule, torch.Tensor) and schedule.ndim == 1 and schedule.is_floating_point():
-        sigmas = schedule.double().cpu().tolist()
-    else:
+        return trajectory_table(schedule, "ddim", steps=steps, eta=eta, spacing=spacing), "vp"
+    if not isinstance(schedule, (KarrasSchedule, torch.Tensor)):
         raise TypeError("schedule: expected a fastdiff.DDPMSchedule, a fastdiff.KarrasSchedule or a 1-D tensor of "
                         f"decreasing noise levels, got {type(schedule).__name__}")
     if steps is not None:
         raise ValueError("steps: only for a DDPMSchedule (VE levels are given explicitly)")
     if spacing != "linspace":
         raise ValueError(f"spacing: only for a DDPMSchedule (VE levels are given explicitly), got {spacing!r}")
-    if len(sigmas) < 2 or not all(math.isfinite(s) and s >= 0 for s in sigmas) or \
-            any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-2] <= 0:
-        raise ValueError("schedule: expected at least two finite, strictly decreasing noise levels, all but the last > 0")
-
-    def ve_step(x, x0, eta, gen, s, s_next):
-        if eta == 0.0:
-            return euler_step(x, x0, s, s_next, prediction="x0", out=x)
-        return euler_ancestral_step(x, x0, s, s_next, eta=eta, prediction="x0", generator=gen, out=x)
-
-    return [(1.0, s, lambda x, x0, eta, gen, s=s, s_next=s_next: ve_step(x, x0, eta, gen, s, s_next))
-            for s, s_next in zip(sigmas[:-1], sigmas[1:])], "ve"
+    if eta == 0.0:
+        return trajectory_table(schedule, "euler"), "ve"
+    return trajectory_table(schedule, "euler_ancestral", eta=eta), "ve"
 
 
 def _device(*candidates) -> torch.device:
@@ -156,30 +135,20 @@ def _device(*candidates) -> torch.device:
     return next((c.device for c in candidates if isinstance(c, torch.Tensor)), torch.device("cpu"))
 
 
-def _initial(x, num_samples, n, levels, kind, generator, device, dtype):
+def _initial(x, num_samples, n, table, kind, generator, device, dtype):
     if x is not None:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
             raise ValueError(f"x: expected a floating-point (B, D) tensor of starting points, got {getattr(x, 'shape', type(x).__name__)}")
         if n is not None and x.shape[1] != n:
             raise ValueError(f"x: expected D = {n} columns, got {x.shape[1]}")
-        return x.clone()
+        return x  # the loop runs on a copy
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int (or pass x), got {num_samples!r}")
     if n is None:
         raise ValueError("x: required when the dimension D cannot be read from A or the denoiser (.n)")
     z = randn(num_samples, n, generator=generator, dtype=dtype, device=device)
     # VP: x_T ~ N(0, I) (alpha_T ~ 0); VE: x_T ~ N(0, sigma_max^2 I) (Alg. 7.1, line 2)
-    return z if kind == "vp" else z.mul_(levels[0][1])
-
-
-def _ddim_loop(x0_fn: Callable, x, levels, eta, generator, disable, desc):
-    eta = _positive("eta", eta, allow_zero=True)
-    gen = default_generator if generator is None else generator
-    if not isinstance(gen, Generator):
-        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
-    for alpha, sigma, step in tqdm(levels, desc=desc, disable=disable, leave=False):
-        step(x, x0_fn(x, alpha, sigma), eta, gen)
-    return x
+    return z if kind == "vp" else z.mul_(table[0].level[1])
 
 
 # =========================================================================== public samplers
@@ -187,7 +156,8 @@ def _ddim_loop(x0_fn: Callable, x, levels, eta, generator, disable, desc):
 def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: float, schedule, *, x=None,
                      num_samples: Optional[int] = None, method: str = "dps", steps: Optional[int] = None,
                      eta: float = 0.0, scale: float = 1.0, generator: Optional[Generator] = None,
-                     disable: Optional[bool] = None, spacing: str = "linspace") -> torch.Tensor:
+                     disable: Optional[bool] = None, spacing: str = "linspace",
+                     callback: Optional[Callable[[StepInfo], None]] = None) -> torch.Tensor:
     """Samples approximately from ``p(x | y)`` for ``y = A x + noise_std w`` (seed 004 Alg. 7.1).
 
     denoiser: ``den(x, alpha, sigma) -> x0_hat``, differentiable in ``x`` (:mod:`fastdiff.denoisers`
@@ -199,7 +169,9 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
     (``denoiser`` a :class:`fastdiff.denoisers.Gaussian`, A a matrix, one y: the loop runs the exact
     conditional denoiser of :func:`gaussian_posterior`). x: (B, D) starting points, else
     ``num_samples`` fresh ones from ``generator`` (VP ``N(0, I)``, VE ``N(0, sigma_max^2 I)``).
-    eta: DDIM noise (0 = Alg. 7.1). disable: the tqdm progress bar, as in k-diffusion.
+    eta: DDIM noise (0 = Alg. 7.1). disable: the tqdm progress bar, as in k-diffusion. callback:
+    called once per step with a :class:`fastdiff.sampling.StepInfo` (``x0_hat`` is the corrected
+    ``x0_c``), as in :func:`fastdiff.sampling.run`.
     Returns (B, D) in x's dtype (float32 for fresh samples); NumPy in (x, y or A), NumPy out.
     """
     if method not in METHODS:
@@ -208,11 +180,11 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
     scale = _positive("scale", scale, allow_zero=True)
     if not callable(denoiser):
         raise TypeError(f"denoiser: expected a callable den(x, alpha, sigma), got {type(denoiser).__name__}")
-    levels, kind = _levels(schedule, steps, spacing)
+    table, kind = _table(schedule, steps, eta, spacing)
     n = A.shape[1] if isinstance(A, torch.Tensor) and A.ndim == 2 else getattr(denoiser, "n", None)
     device = _device(x, A, y)
     dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
-    x = _initial(x, num_samples, n, levels, kind, generator, device, dtype)
+    x = _initial(x, num_samples, n, table, kind, generator, device, dtype)
     h, y_b = _measurement(A, y, x.device, x.dtype)
     if y_b.shape[0] not in (1, x.shape[0]):
         raise ValueError(f"y: expected one measurement or {x.shape[0]} (one per sample), got {y_b.shape[0]}")
@@ -222,8 +194,8 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
             raise TypeError(f"denoiser: method='exact' needs a fastdiff.denoisers.Gaussian prior, got {type(denoiser).__name__}")
         if not isinstance(A, torch.Tensor) or y_b.shape[0] != 1:
             raise ValueError("method='exact' takes a matrix A and a single measurement y of shape (d,)")
-        return _ddim_loop(gaussian_posterior(denoiser, A, y_b[0], noise_std), x, levels, eta, generator, disable,
-                          "exact posterior")
+        return run(gaussian_posterior(denoiser, A, y_b[0], noise_std), x, table, generator=generator,
+                   callback=callback, progress=not disable, desc="exact posterior")
 
     def dps_x0(xt, alpha, sigma):
         with torch.enable_grad():
@@ -236,13 +208,14 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
         # samples are independent, so the gradient of the summed loss is each sample's own gradient
         return x0.detach().add_(grad, alpha=-scale * sigma * sigma / (2.0 * alpha * noise_std * noise_std))
 
-    return _ddim_loop(dps_x0, x, levels, eta, generator, disable, "DPS")
+    return run(dps_x0, x, table, generator=generator, callback=callback, progress=not disable, desc="DPS")
 
 
 @accepts_arrays
 def cfg_sample(denoiser, labels, guidance, schedule, *, x=None, num_samples: Optional[int] = None,
                steps: Optional[int] = None, eta: float = 0.0, generator: Optional[Generator] = None,
-               disable: Optional[bool] = None, spacing: str = "linspace") -> torch.Tensor:
+               disable: Optional[bool] = None, spacing: str = "linspace",
+               callback: Optional[Callable[[StepInfo], None]] = None) -> torch.Tensor:
     """Classifier-free guidance (seed 004 eq. 7.4.20) through a labelled denoiser such as
     :class:`fastdiff.denoisers.MoLRG`: the loop of :func:`posterior_sample` over
 
@@ -254,11 +227,11 @@ def cfg_sample(denoiser, labels, guidance, schedule, *, x=None, num_samples: Opt
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser: expected a callable den(x, alpha, sigma, labels=, guidance=), got {type(denoiser).__name__}")
-    levels, kind = _levels(schedule, steps, spacing)
+    table, kind = _table(schedule, steps, eta, spacing)
     device = _device(x, getattr(denoiser, "ucat", None), labels)
     dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
-    x = _initial(x, num_samples, getattr(denoiser, "n", None), levels, kind, generator, device, dtype)
+    x = _initial(x, num_samples, getattr(denoiser, "n", None), table, kind, generator, device, dtype)
     if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
         labels = torch.full((x.shape[0],), int(labels), dtype=torch.long, device=x.device)
-    return _ddim_loop(lambda xt, a, s: denoiser(xt, a, s, labels=labels, guidance=guidance), x, levels, eta,
-                      generator, disable, "CFG")
+    return run(lambda xt, a, s: denoiser(xt, a, s, labels=labels, guidance=guidance), x, table, generator=generator,
+               callback=callback, progress=not disable, desc="CFG")

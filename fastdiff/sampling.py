@@ -17,27 +17,32 @@ the step-by-step loop takes from the generator).
   ``I`` independent instances, ``x`` of shape ``(I, B, n)``) the whole trajectory runs in one
   fused kernel (C++/OpenMP on CPU, Triton on CUDA): each thread / program keeps a tile of
   samples on chip for all T steps, draws its noise in the kernel, and reads the bases from cache.
-- With any other callable ``denoiser(x, alpha, sigma) -> x0_hat`` it runs the loop over the
-  fused steps (:func:`fastdiff.ddpm_step`, ...), drawing from the same generator.  Both paths
-  give the same result for the same seed (to float32 rounding).
+- With any other callable ``denoiser(x, alpha, sigma) -> x0_hat`` (or with a ``callback``) it runs
+  :func:`run`, the one step-by-step sampler loop of fastdiff: one denoiser call and one fused step
+  (:func:`fastdiff.ddpm_step`, ...) per table row, drawing from the same generator.  Both paths
+  give the same result for the same seed (to float32 rounding).  :mod:`fastdiff.guidance`,
+  :func:`fastdiff.jacobian_rank_trajectory`, the sweeps and the demo run :func:`run` too.
 
 Methods (``schedule`` kind):
 
 =================  ======================  ================================================
 ``ddpm``           DDPMSchedule            ancestral, every t = T-1 .. 0 (``variance=``)
 ``ddim``           DDPMSchedule            ``steps`` timesteps, ``coefficients.timesteps``, ``eta``
-``euler``          KarrasSchedule          probability-flow ODE, optional ``churn``
-``euler_ancestral`` KarrasSchedule         ``eta``, ``s_noise``
-``heun``           KarrasSchedule          EDM Alg. 2 (``churn``, ``s_noise``)
+``euler``          VE levels (below)       probability-flow ODE, optional ``churn``
+``euler_ancestral`` VE levels              ``eta``, ``s_noise``
+``heun``           VE levels               EDM Alg. 2 (``churn``, ``s_noise``)
 ``langevin``       noise level(s) sigma    ``steps`` Langevin steps per level (annealed)
 ``walk_jump``      noise level sigma       Langevin "walk", then the "jump" ``x0_hat(y)``
 =================  ======================  ================================================
+
+VE levels: a :class:`fastdiff.KarrasSchedule`, or a 1-D tensor / sequence of strictly decreasing
+sigmas, all but the last > 0 (a last 0 ends on an Euler step, as EDM does).
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,7 +56,7 @@ from fastdiff.denoisers import MoLRG
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 
-__all__ = ["sample", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
+__all__ = ["sample", "run", "StepInfo", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
 METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump")
 _SQRT2M1 = math.sqrt(2.0) - 1.0
@@ -79,6 +84,14 @@ class Step(NamedTuple):
 # Each step's coefficients come from fastdiff.coefficients, the functions fastdiff.steps calls,
 # merged with prediction="x0" in the order the step call merges its terms (C.merge_x0), so the
 # coefficients round to the same float32 as the step-by-step loop's.
+def _vp_level(sched: DDPMSchedule, t: int) -> Tuple[float, float]:
+    """The level the denoiser sees at timestep t: the schedule's own ``alpha_t, sigma_t`` tables,
+    the values guidance and the sweeps have always passed.  (The step coefficients keep
+    ``C.sqrt(abar)``, as the step functions compute them: the tables' torch sqrt differs from
+    ``math.sqrt`` in the last bit at a few t.)"""
+    return sched.floats("alpha")[t], sched.floats("sigma")[t]
+
+
 def _ddpm(sched: DDPMSchedule, t: int, variance: str) -> Step:
     beta, abar = sched.floats("beta")[t], sched.floats("abar")[t]
     alpha, sigma = C.sqrt(abar), C.sqrt(1.0 - abar)
@@ -86,7 +99,7 @@ def _ddpm(sched: DDPMSchedule, t: int, variance: str) -> Step:
     a, c, s = C.ddpm(beta, abar, abar_prev, variance, t > 0)
     _, eps_form = C.prediction_forms("x0", alpha, sigma)
     cx, cm = C.merge_x0((a, eps_form, c))
-    return Step((alpha, sigma), 0.0, cx, cm, s, None, 0, 0, 0, 0,
+    return Step(_vp_level(sched, t), 0.0, cx, cm, s, None, 0, 0, 0, 0,
                 ("ddpm_step", (t, sched), {"variance": variance}))
 
 
@@ -97,7 +110,7 @@ def _ddim(sched: DDPMSchedule, t: int, t_prev: int, eta: float) -> Step:
     alpha_p, ce, s = C.ddim(abar, abar_p, eta)
     x0_form, eps_form = C.prediction_forms("x0", alpha, sigma)
     cx, cm = C.merge_x0((0.0, x0_form, alpha_p), (0.0, eps_form, ce))
-    return Step((alpha, sigma), 0.0, cx, cm, s, None, 0, 0, 0, 0,
+    return Step(_vp_level(sched, t), 0.0, cx, cm, s, None, 0, 0, 0, 0,
                 ("ddim_step", (t, t_prev, sched), {"eta": eta}))
 
 
@@ -150,13 +163,38 @@ def _levels(name: str, schedule) -> List[float]:
     return vals
 
 
+def _ve_sigmas(method: str, schedule) -> List[float]:
+    """The VE levels ``sigma_0 > ... > sigma_n >= 0`` of a KarrasSchedule or a 1-D sequence of sigmas."""
+    if isinstance(schedule, KarrasSchedule):
+        return schedule.floats("sigmas")
+    want = f"schedule: method={method!r} expects a fastdiff.KarrasSchedule or a 1-D sequence of decreasing noise levels"
+    if isinstance(schedule, torch.Tensor):
+        if schedule.ndim != 1 or not schedule.is_floating_point():
+            raise TypeError(f"{want}, got a {schedule.dtype} tensor of shape {tuple(schedule.shape)}")
+        sig = schedule.detach().double().cpu().tolist()
+    elif isinstance(schedule, (list, tuple)) and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                     for v in schedule):
+        sig = [float(v) for v in schedule]
+    else:
+        raise TypeError(f"{want}, got {type(schedule).__name__}")
+    if len(sig) < 2 or not all(math.isfinite(v) and v >= 0 for v in sig) or \
+            any(b >= a for a, b in zip(sig, sig[1:])) or sig[-2] <= 0:
+        raise ValueError(f"schedule: expected at least two finite, strictly decreasing noise levels, all but the "
+                         f"last > 0, got {sig}")
+    return sig
+
+
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
                      churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
                      step_size: Optional[float] = None, spacing: str = "linspace") -> List[Step]:
     """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
 
+    ``schedule``: a :class:`fastdiff.DDPMSchedule` (ddpm, ddim), VE levels (euler, heun,
+    euler_ancestral: a :class:`fastdiff.KarrasSchedule` or a 1-D sequence of decreasing sigmas, all
+    but the last > 0), noise level(s) (langevin, walk_jump).  On a DDPMSchedule the denoiser sees
+    the schedule's ``alpha_t, sigma_t``.
     ``steps``: ddpm: None or T; ddim: number of timesteps (default T); euler / heun /
-    euler_ancestral: None or the schedule's n; langevin / walk_jump: Langevin steps per level
+    euler_ancestral: None or the number of levels minus one; langevin / walk_jump: Langevin steps per level
     (default 100).  ``eta``: DDIM stochasticity (default 0), Euler-ancestral's (default 1).
     ``churn``: EDM's S_churn, ``gamma_i = min(churn / n, sqrt 2 - 1)``.  ``step_size``: Langevin
     gamma (default ``0.1 sigma^2`` per level).  ``spacing``: ddim's timesteps,
@@ -192,18 +230,17 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         ts = C.timesteps(T, n, spacing)
         return [_ddim(schedule, t, ts[i + 1] if i + 1 < n else -1, eta) for i, t in enumerate(ts)]
     if method in ("euler", "euler_ancestral", "heun"):
-        if not isinstance(schedule, KarrasSchedule):
-            raise TypeError(f"schedule: method={method!r} expects a fastdiff.KarrasSchedule, got {type(schedule).__name__}")
-        if steps not in (None, schedule.n):
-            raise ValueError(f"steps: expected None or the schedule's n = {schedule.n}, got {steps}")
+        sig = _ve_sigmas(method, schedule)
+        n = len(sig) - 1
+        if steps not in (None, n):
+            raise ValueError(f"steps: expected None or the schedule's n = {n}, got {steps}")
         if method == "euler_ancestral" and churn:
             raise ValueError("churn: not used by euler_ancestral (its noise is set by eta)")
         eta = 1.0 if eta is None else _check_number("eta", eta)
         if method != "euler_ancestral" and eta != 1.0:
             raise ValueError(f"eta: only used by ddim and euler_ancestral, got eta={eta} with method={method!r}")
-        sig = schedule.floats("sigmas")
-        gamma = min(churn / schedule.n, _SQRT2M1) if churn > 0 else 0.0
-        return [_euler_like(sig[i], sig[i + 1], gamma, s_noise, method, eta) for i in range(schedule.n)]
+        gamma = min(churn / n, _SQRT2M1) if churn > 0 else 0.0
+        return [_euler_like(sig[i], sig[i + 1], gamma, s_noise, method, eta) for i in range(n)]
     levels = _levels("schedule", schedule)
     if method == "walk_jump" and len(levels) != 1:
         raise ValueError(f"schedule: walk_jump runs at one noise level, got {len(levels)}")
@@ -267,7 +304,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
            spacing: str = "linspace",
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
-           disable: Optional[bool] = None):
+           disable: Optional[bool] = None, callback: Optional[Callable[["StepInfo"], None]] = None):
     """Run a whole sampling trajectory; returns the final x (and the trajectory, if asked).
 
     denoiser: a :class:`fastdiff.denoisers.MoLRG` (fused kernel), a list of them or a (I, K, n, d)
@@ -283,8 +320,10 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         w: ``x0 = (1 - w) x0_hat + w x0_hat(x | y)`` (passed to the denoiser).
     return_trajectory: None; True (every state 0..T); or step indices k (state after k steps,
         0 = x_T).  Then returns ``(x, trajectory)`` with trajectory (len(indices), *x.shape).
-    fused: None (fused kernel when the denoiser is a MoLRG and a kernel runs here), True
-        (required), False (the loop).  backend: for the kernels and steps (``"torch"``: pure torch).
+    fused: None (fused kernel when the denoiser is a MoLRG, a kernel runs here and there is no
+        ``callback``), True (required), False (the loop, :func:`run`).  backend: for the kernels
+        and steps (``"torch"``: pure torch).
+    callback: called once per step with a :class:`StepInfo` (see :func:`run`); runs the loop.
     progress / disable: tqdm progress bar (``disable=True`` hides it, as in k-diffusion); it
         only appears for runs longer than a second.
     """
@@ -298,12 +337,14 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     labels, guidance = _check_labels(labels, guidance, x, den)
     snaps = _snapshots(return_trajectory, len(table))
     show = progress and not disable
-    use_fused = _use_fused(fused, den, x, backend)
-    if use_fused:
+    if _use_fused(fused, den, x, backend, callback):
         out, traj = fused_impl.run(den, x, table, gen, labels, guidance, snaps, backend, show)
-    else:
-        out, traj = _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show)
-    return (out, traj) if snaps is not None else out
+        return (out, traj) if snaps is not None else out
+    kw = {} if labels is None else {"labels": labels, "guidance": guidance}
+    if backend != "auto" and isinstance(den, (MoLRG, _Instances)):
+        kw["backend"] = backend
+    fn = (lambda x, alpha, sigma: den(x, alpha, sigma, **kw)) if kw else den
+    return run(fn, x, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend, progress=show)
 
 
 def _initial(x, table, method, schedule, gen, dtype, device, den):
@@ -324,7 +365,7 @@ def _initial(x, table, method, schedule, gen, dtype, device, den):
         if method in ("ddpm", "ddim"):
             scale = 1.0
         elif method in ("euler", "euler_ancestral", "heun"):
-            scale = schedule.floats("sigmas")[0]
+            scale = _ve_sigmas(method, schedule)[0]
         else:
             scale = math.sqrt(1.0 + table[0].level[1] ** 2)
         xt = S.randn(tuple(int(v) for v in x), generator=gen, dtype=dtype, device=device)
@@ -375,8 +416,12 @@ def _snapshots(spec, nsteps) -> Optional[List[int]]:
     return idx
 
 
-def _use_fused(fused, den, x, backend) -> bool:
+def _use_fused(fused, den, x, backend, callback) -> bool:
     if fused is False:
+        return False
+    if callback is not None:
+        if fused:
+            raise ValueError("fused: the fused trajectory kernel cannot call a per-step callback (use fused=None or False)")
         return False
     ok, why = fused_impl.supported(den, x, backend)
     if fused and not ok:
@@ -384,51 +429,88 @@ def _use_fused(fused, den, x, backend) -> bool:
     return ok
 
 
-def _run_loop(den, x, table, gen, labels, guidance, snaps, backend, show):
-    """The step-by-step loop: one denoiser call and one fused step call per step (two for Heun)."""
-    kw = {} if labels is None else {"labels": labels, "guidance": guidance}
-    mb = {} if backend == "auto" or not isinstance(den, (MoLRG, _Instances)) else {"backend": backend}
-    step_backend = backend
+# =========================================================================== the sampler loop
+class StepInfo(NamedTuple):
+    """What :func:`run` passes to its ``callback``, once per table row (k-diffusion's callback dict)."""
+    i: int                 # the row, 0 .. len(table) - 1
+    x: torch.Tensor        # the state the denoiser saw: x after i steps (and after this step's EDM churn)
+    alpha: float           # the level of that evaluation (sigma = sigma_hat after churn)
+    sigma: float
+    x0_hat: torch.Tensor   # the denoiser's output D(x; alpha, sigma)
+    step: Step             # the row about to be applied
 
-    def D(x, level):
-        return den(x, level[0], level[1], **kw, **mb)
 
+def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator: Optional[Generator] = None,
+        callback: Optional[Callable[[StepInfo], None]] = None, return_trajectory=None, backend: str = "auto",
+        progress: bool = True, desc: Optional[str] = None):
+    """The step-by-step sampler loop: for each :class:`Step` of ``table`` (:func:`trajectory_table`),
+    one evaluation ``x0_hat = denoiser(x, alpha, sigma)`` at the row's level and one fused step
+    (:func:`fastdiff.ddpm_step`, :func:`fastdiff.ddim_step`, :func:`fastdiff.euler_step`, ...) with
+    ``x0_hat`` as the model output; Heun rows evaluate once more at the predictor (``row.level2``).
+
+    denoiser: ``denoiser(x, alpha, sigma) -> x0_hat``, x's shape (alpha, sigma Python floats).
+    x: x_T, any shape (not modified: the loop runs on a copy, updated in place by ``out=`` steps).
+    generator: the Philox stream every stochastic step (and EDM churn) draws ``x.numel()`` normals
+        from, in table order (default :data:`fastdiff.default_generator`).
+    callback: called once per row, after the row's (first) denoiser evaluation and before the
+        update, with a :class:`StepInfo` ``(i, x, alpha, sigma, x0_hat, step)``; ``x`` is the state
+        after i rows -- ``trajectory[i]`` unless the row churns, then the churned state the denoiser
+        saw -- and is overwritten by the update: clone what you keep.  Not called after the last
+        row (the result is the return value).
+    return_trajectory: as in :func:`fastdiff.sample` (states after k rows, k = 0 .. len(table)).
+    backend: the fused steps' backend.  progress / desc: a tqdm bar (shown for runs over a second).
+    Returns x after every row (and the trajectory, if asked).  Every coefficient is a host float,
+    so the loop never synchronizes with the device.
+    """
+    if not callable(denoiser):
+        raise TypeError(f"denoiser: expected a callable denoiser(x, alpha, sigma) -> x0_hat, got {type(denoiser).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
+    gen = default_generator if generator is None else generator
+    snaps = _snapshots(return_trajectory, len(table))
+    x = x.clone(memory_format=torch.contiguous_format)
+    x_pred = None  # Heun's predictor, one buffer for the whole run
     traj = None
     if snaps is not None:
         traj = torch.empty((len(snaps),) + tuple(x.shape), dtype=x.dtype, device=x.device)
         _save(traj, snaps, 0, x)
-    bar = _progress(len(table), show)
-    for k, st in enumerate(table):
-        name, args, skw = st.call
-        if name == "ddpm_step":
-            x = S.ddpm_step(x, D(x, st.level), *args, prediction="x0", generator=gen, backend=step_backend, **skw)
-        elif name == "ddim_step":
-            x = S.ddim_step(x, D(x, st.level), *args, prediction="x0", generator=gen, backend=step_backend, **skw)
+    bar = _progress(len(table), progress)
+    if bar is not None and desc:
+        bar.set_description(desc, refresh=False)
+    for i, st in enumerate(table):
+        name, args, kw = st.call
+        sigma_hat = st.level[1]
+        if name in ("euler_step", "heun_step") and kw["gamma"] > 0:  # gamma, not st.churn: s_noise = 0 still draws
+            x, sigma_hat = S.edm_churn(x, args[0], kw["gamma"], s_noise=kw["s_noise"], generator=gen, out=x,
+                                       backend=backend)
+        m = denoiser(x, *st.level)
+        if callback is not None:
+            callback(StepInfo(i, x, st.level[0], st.level[1], m, st))
+        if name in ("ddpm_step", "ddim_step"):
+            getattr(S, name)(x, m, *args, prediction="x0", generator=gen, out=x, backend=backend, **kw)
         elif name == "euler_ancestral_step":
-            x = S.euler_ancestral_step(x, D(x, st.level), *args, generator=gen, backend=step_backend, **skw)
+            S.euler_ancestral_step(x, m, *args, generator=gen, out=x, backend=backend, **kw)
         elif name in ("euler_step", "heun_step"):
-            sigma, sigma_next = args
-            sigma_hat = sigma
-            if skw["gamma"] > 0:
-                x, sigma_hat = S.edm_churn(x, sigma, skw["gamma"], s_noise=skw["s_noise"], generator=gen, backend=step_backend)
-            m = D(x, st.level)
-            x_pred = S.euler_step(x, m, sigma_hat, sigma_next, backend=step_backend)
-            if st.level2 is not None:
-                x_pred = S.heun_step(x, m, sigma_hat, sigma_next, x_pred=x_pred, model_output_pred=D(x_pred, st.level2),
-                                     backend=step_backend)
-            x = x_pred
+            sigma_next = args[1]
+            if st.level2 is None:  # Euler (also Heun's last step, to sigma_next = 0)
+                S.euler_step(x, m, sigma_hat, sigma_next, out=x, backend=backend)
+            else:
+                x_pred = S.euler_step(x, m, sigma_hat, sigma_next, out=x_pred, backend=backend)
+                S.heun_step(x, m, sigma_hat, sigma_next, x_pred=x_pred, model_output_pred=denoiser(x_pred, *st.level2),
+                            out=x, backend=backend)
         elif name == "langevin_step":
-            x = S.langevin_step(x, D(x, st.level), args[0], prediction="x0", sigma=skw["sigma"], generator=gen,
-                                backend=step_backend)
+            S.langevin_step(x, m, args[0], prediction="x0", sigma=kw["sigma"], generator=gen, out=x, backend=backend)
         else:  # the jump of walk-jump: x = x0_hat(y)
-            x = D(x, st.level)
+            x = m
         if traj is not None:
-            _save(traj, snaps, k + 1, x)
+            _save(traj, snaps, i + 1, x)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return x, traj
+    return (x, traj) if snaps is not None else x
 
 
 def _save(traj, snaps, k, x):

@@ -75,3 +75,14 @@ def assert_close_scaled(out, ref, dtype, scale=None):
     bound = tol * (ref.abs() + scale) + 1e-30
     worst = (err / bound).max().item() if ref.numel() else 0.0
     assert worst <= 1.0, f"max err/bound = {worst:.3g} (max abs err {err.max().item():.3g}, tol {tol})"
+
+
+def random_molrg(B, n, dims, gen):
+    """A random MoLRG problem in float64, drawn from ``gen`` in this order: orthonormal bases
+    U_k (n, d_k) (QR of Gaussians), mixing weights pi (K,) (normalised uniforms + 0.2), scales
+    tau (K,) (uniform in [0.5, 1.5)) and points x (B, n) (Gaussian, standard deviation 1.5)."""
+    U = [torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64))[0] for d in dims]
+    pi = torch.rand(len(dims), generator=gen, dtype=torch.float64) + 0.2
+    tau = torch.rand(len(dims), generator=gen, dtype=torch.float64) + 0.5
+    x = torch.randn(B, n, generator=gen, dtype=torch.float64) * 1.5
+    return U, pi / pi.sum(), tau, x

@@ -20,7 +20,7 @@ def test_portable_path_passes_the_kernel_tests():
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpp",
          os.path.join(here, "test_fused_kernel.py"), os.path.join(here, "test_rng.py"),
          os.path.join(here, "test_denoise.py"), os.path.join(here, "test_linalg.py"),
-         os.path.join(here, "test_sampling.py"), os.path.join(here, "test_sweeps.py")],
+         os.path.join(here, "test_sampling.py"), os.path.join(here, "test_sweeps_learners.py")],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(here),
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

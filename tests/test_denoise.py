@@ -14,7 +14,7 @@ from fastdiff.denoisers import _cache
 from fastdiff.ops import molrg as molrg_op
 from fastdiff.denoisers.molrg import molrg_params
 from fastdiff.reference import denoisers as R
-from conftest import backend_devices
+from conftest import backend_devices, random_molrg
 
 
 MOLRG_BACKENDS = backend_devices("molrg")
@@ -42,12 +42,8 @@ CASES = [  # (B, n, dims)
 def test_molrg_matches_reference(backend, device, case):
     B, n, dims = CASES[case]
     gen = torch.Generator().manual_seed(case)
-    U = _bases(n, dims, gen)
+    U, pi, tau, x64 = random_molrg(B, n, dims, gen)
     K = len(dims)
-    pi = torch.rand(K, generator=gen, dtype=torch.float64) + 0.2
-    pi = pi / pi.sum()
-    tau = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5
-    x64 = torch.randn(B, n, generator=gen, dtype=torch.float64) * 1.5
     x = x64.float().to(device)
     Uf = [u.float().to(device) for u in U]
     labels = torch.randint(0, K, (B,), generator=gen)

@@ -248,6 +248,31 @@ def test_cfg_per_sample_labels():
     assert torch.equal(comp, labels)
 
 
+@pytest.mark.parametrize("kind,eta", [("vp", 0.0), ("vp", 0.7), ("karras", 0.0), ("karras", 0.7), ("tensor", 0.5)])
+def test_cfg_and_sample_run_the_same_table(kind, eta):
+    """cfg_sample is fastdiff.sample's loop (fastdiff.sampling.run) over the same trajectory_table:
+    ddim on a DDPMSchedule, euler (eta = 0) or euler_ancestral on VE levels; same seed, same bits."""
+    gen = torch.Generator().manual_seed(4)
+    U = torch.linalg.qr(torch.randn(3, 8, 2, generator=gen))[0]
+    mol = MoLRG(U, pi=torch.tensor([0.5, 0.3, 0.2]))
+    sched = {"vp": fastdiff.DDPMSchedule.linear(), "karras": fastdiff.KarrasSchedule(12),
+             "tensor": torch.linspace(2.0, 0.0, 9)}[kind]
+    if kind == "vp":
+        method, kw = "ddim", dict(steps=15, eta=eta)
+    else:
+        method, kw = ("euler", {}) if eta == 0.0 else ("euler_ancestral", dict(eta=eta))
+    table = fastdiff.sampling.trajectory_table(sched, method, **kw)
+    labels = torch.arange(40) % 3
+    x_T = fastdiff.randn(40, 8, generator=fastdiff.Generator(6)) * (1.0 if kind == "vp" else table[0].level[1])
+    steps = []
+    a = G.cfg_sample(mol, labels, 1.5, sched, x=x_T, steps=kw.get("steps"), eta=eta, generator=fastdiff.Generator(3),
+                     disable=True, callback=lambda info: steps.append(info.step))
+    b = fastdiff.sample(mol, x_T, sched, method, labels=labels, guidance=1.5, generator=fastdiff.Generator(3),
+                        fused=False, progress=False, **kw)
+    assert torch.equal(a, b)
+    assert [(s.level, s.cx, s.cm, s.cz) for s in steps] == [(s.level, s.cx, s.cm, s.cz) for s in table]
+
+
 def test_same_seed_same_samples():
     sched = fastdiff.DDPMSchedule.linear()
     kw = dict(num_samples=64, steps=20, eta=0.7, disable=True)

@@ -16,7 +16,7 @@ import torch
 import fastdiff
 from fastdiff.reference import denoisers as RD
 from fastdiff.reference import linalg as R
-from conftest import backend_devices
+from conftest import backend_devices, random_molrg
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -278,12 +278,8 @@ MOLRG_CASES = [  # (B, n, dims, per_sample, delta)
 def test_molrg_jacobian_matches_reference_autograd_and_differences(case):
     B, n, dims, per_sample, delta = MOLRG_CASES[case]
     gen = torch.Generator().manual_seed(100 + case)
-    U = _bases(n, dims, gen)
+    U, pi, tau, x = random_molrg(B, n, dims, gen)
     K = len(dims)
-    pi = torch.rand(K, generator=gen, dtype=torch.float64) + 0.2
-    pi = pi / pi.sum()
-    tau = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5
-    x = torch.randn(B, n, generator=gen, dtype=torch.float64) * 1.5
     alpha = torch.rand(B, generator=gen, dtype=torch.float64) + 0.3 if per_sample else 0.8
     sigma = torch.rand(B, generator=gen, dtype=torch.float64) + 0.2 if per_sample else 0.6
     labels = torch.randint(0, K, (B,), generator=gen)
@@ -396,3 +392,28 @@ def test_fig3b_rank_ratio_along_heun_trajectory():
     assert torch.equal(tr2.ranks, tr3.ranks)
     tr_np = fastdiff.jacobian_rank_trajectory(model, noise[:2].numpy(), schedule=short)
     assert isinstance(tr_np.ratio, np.ndarray)
+
+
+def test_trajectory_ranks_honour_the_molrg_mode():
+    """A hard-mode MoLRG (one-hot weights, seed 002 eq. 16-17) has J = a_k P_k on the winning
+    subspace only: rank d at every level, where the soft posterior's is K d at low SNR.  The
+    closed-form ranks along the trajectory must be the hard model's (they equal the dense
+    autograd Jacobian of the hard denoiser), not the soft formula's at the same points."""
+    gen = torch.Generator().manual_seed(12)
+    n, K, d = 24, 2, 4
+    bases = torch.stack(_bases(n, [K * d], gen)[0].split(d, dim=1))
+    hard, soft = fastdiff.denoisers.MoLRG(bases, mode="hard"), fastdiff.denoisers.MoLRG(bases)
+    noise = torch.randn(8, n, generator=gen, dtype=torch.float64)
+    short = fastdiff.KarrasSchedule(5)
+    th = fastdiff.jacobian_rank_trajectory(hard, noise, schedule=short)
+    dense = fastdiff.jacobian_rank_trajectory(lambda z, a, s: hard(z, a, s), noise, schedule=short)
+    assert torch.equal(th.ranks, dense.ranks) and torch.equal(th.x, dense.x)
+    assert (th.ranks == d).all()
+    ts = fastdiff.jacobian_rank_trajectory(soft, noise, schedule=short)
+    assert (ts.ranks[0] == K * d).all()   # the soft model at the same start: spread over both subspaces
+    # the rank at each visited point is molrg_jacobian_rank in the model's mode
+    xs = []
+    fastdiff.sampling.run(hard, noise * short.floats("sigmas")[0], fastdiff.sampling.trajectory_table(short, "heun"),
+                          callback=lambda info: xs.append((info.x.clone(), info.sigma)), progress=False)
+    for (x, s), r in zip(xs, th.ranks):
+        assert torch.equal(r, fastdiff.molrg_jacobian_rank(x, bases, 1.0, s, mode="hard"))

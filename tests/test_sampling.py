@@ -361,6 +361,85 @@ def test_generic_callable_runs_the_loop():
     _close(a, b, 1e-5)
 
 
+LOOP_CASES = [
+    ("ddpm", lambda: fastdiff.DDPMSchedule(T=12), {}),
+    ("ddim", lambda: fastdiff.DDPMSchedule(T=40), {"steps": 7, "eta": 0.5}),
+    ("heun", lambda: fastdiff.KarrasSchedule(6), {}),
+    ("euler", lambda: fastdiff.KarrasSchedule(6), {"churn": 3.0}),
+    ("euler_ancestral", lambda: fastdiff.KarrasSchedule(6), {"eta": 0.8}),
+    ("walk_jump", lambda: 0.4, {"steps": 5}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LOOP_CASES)), ids=[c[0] for c in LOOP_CASES])
+def test_loop_callback_once_per_step_with_the_step_values(case):
+    """fastdiff.sampling.run's callback: once per table row, before the update, with the row's
+    index, level and row, the state the denoiser saw and the denoiser's output at it.  Without
+    churn that state is the trajectory's (so recording x reproduces return_trajectory); with
+    churn it is the churned one.  A callback changes nothing in the result."""
+    method, sched_fn, kw = LOOP_CASES[case]
+    m = _model()
+    sched = sched_fn()
+    table = sampling.trajectory_table(sched, method, **kw)
+    seen = []
+    cb = lambda info: seen.append(info._replace(x=info.x.clone(), x0_hat=info.x0_hat.clone()))  # noqa: E731
+    x, traj = fastdiff.sample(m, (7, 13), sched, method, generator=fastdiff.Generator(1), callback=cb,
+                              return_trajectory=True, progress=False, **kw)
+    assert [s.i for s in seen] == list(range(len(table)))
+    for s, row in zip(seen, table):
+        assert (s.alpha, s.sigma) == row.level and s.step == row
+        assert torch.equal(s.x0_hat, m(s.x, s.alpha, s.sigma))
+    states = torch.stack([s.x for s in seen] + [x])
+    if method == "euler":   # churn: the denoiser saw x + s1 z, not the trajectory's x
+        assert not torch.equal(states[:-1], traj[:-1]) and torch.equal(states[-1], traj[-1])
+    else:
+        assert torch.equal(states, traj)
+    plain = fastdiff.sample(m, (7, 13), sched, method, generator=fastdiff.Generator(1), fused=False,
+                            progress=False, **kw)
+    assert torch.equal(x, plain)
+
+
+def test_run_with_a_callable_records_the_trajectory_and_keeps_x():
+    m = _model()
+    table = sampling.trajectory_table(fastdiff.KarrasSchedule(8), "heun", churn=2.0)
+    x_T = fastdiff.randn(5, 13, generator=fastdiff.Generator(0)) * 80.0
+    keep = x_T.clone()
+    gen = fastdiff.Generator(3)
+    xs = []
+    out, traj = sampling.run(lambda x, a, s: m(x, a, s), x_T, table, generator=gen, return_trajectory=[0, 8],
+                             callback=lambda info: xs.append(info.x.clone()), progress=False)
+    assert torch.equal(x_T, keep) and torch.equal(traj[0], x_T) and torch.equal(traj[1], out)
+    assert len(xs) == 8 and gen.offset == 8 * 68   # 8 churn draws of 65 normals, quads of 65 -> 68
+    ref = fastdiff.sample(m, x_T, fastdiff.KarrasSchedule(8), "heun", churn=2.0, generator=fastdiff.Generator(3),
+                          fused=False, progress=False)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="fused"):
+        fastdiff.sample(m, x_T, fastdiff.KarrasSchedule(8), "heun", fused=True, callback=lambda info: None)
+    with pytest.raises(TypeError, match="denoiser"):
+        sampling.run(3.0, x_T, table)
+    with pytest.raises(TypeError, match="generator"):
+        sampling.run(m, x_T, table, generator=torch.Generator())
+
+
+def test_ve_levels_as_a_tensor_or_a_list():
+    """euler / heun / euler_ancestral take VE levels as a KarrasSchedule or a 1-D sequence of sigmas
+    (what fastdiff.guidance and jacobian_rank_trajectory accept): the same levels, the same run."""
+    m = _model()
+    K = fastdiff.KarrasSchedule(9)
+    for method in ("heun", "euler_ancestral"):
+        runs = [fastdiff.sample(m, (6, 13), sched, method, generator=fastdiff.Generator(2), progress=False)
+                for sched in (K, K.sigmas, tuple(K.floats("sigmas")), K.floats("sigmas"))]
+        assert all(torch.equal(r, runs[0]) for r in runs[1:])
+        short = fastdiff.sample(m, (6, 13), [80.0, 3.0, 0.5], method, generator=fastdiff.Generator(2), progress=False)
+        assert torch.isfinite(short).all()   # ends at sigma = 0.5 (a last level > 0: a full Heun step)
+    with pytest.raises(ValueError, match="schedule: expected at least two"):
+        fastdiff.sample(m, (2, 13), [1.0, 2.0, 0.0], "heun")
+    with pytest.raises(ValueError, match="steps"):
+        fastdiff.sample(m, (2, 13), [1.0, 0.5, 0.0], "heun", steps=3)
+    with pytest.raises(TypeError, match="schedule"):
+        fastdiff.sample(m, (2, 13), torch.ones(2, 3), "euler")
+
+
 def test_torch_backend_runs_the_loop_in_torch():
     m = _model()
     a = fastdiff.sample(m, (5, 13), fastdiff.DDPMSchedule(T=40), generator=fastdiff.Generator(0), backend="torch",

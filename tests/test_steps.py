@@ -72,14 +72,20 @@ def _run(fn, ref_fn, args, kwargs, *, dtype, backend, device, gen, noise_mode="n
     return out, ref
 
 
+def _over_dtypes_and_predictions(test):
+    """Parametrize a step test over every tested dtype and every prediction type (outermost, as
+    ``@parametrize("dtype")`` over ``@parametrize("prediction")`` over the test's own)."""
+    test = pytest.mark.parametrize("prediction", fastdiff.PREDICTIONS)(test)
+    return pytest.mark.parametrize("dtype", DTYPES, ids=str)(test)
+
+
 def _model_output(shape, dtype, device, gen, cfg):
     if cfg:
         return (_rand(shape, dtype, device, gen), _rand(shape, dtype, device, gen))
     return _rand(shape, dtype, device, gen)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prediction", fastdiff.PREDICTIONS)
+@_over_dtypes_and_predictions
 @pytest.mark.parametrize("tkind", ["scalar", "per_sample"])
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_ddpm(backend_device, dtype, prediction, tkind, variance):
@@ -97,8 +103,7 @@ def test_ddpm(backend_device, dtype, prediction, tkind, variance):
                      dtype=dtype, backend=backend, device=device, gen=gen, noise_mode=noise_mode)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prediction", fastdiff.PREDICTIONS)
+@_over_dtypes_and_predictions
 @pytest.mark.parametrize("tkind", ["scalar", "per_sample"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim(backend_device, dtype, prediction, tkind, eta):
@@ -128,8 +133,7 @@ def test_ddim_eta0_is_seed004_form():
     torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prediction", fastdiff.PREDICTIONS)
+@_over_dtypes_and_predictions
 @pytest.mark.parametrize("skind", ["scalar", "per_sample"])
 def test_euler_family(backend_device, dtype, prediction, skind):
     backend, device = backend_device
@@ -193,8 +197,7 @@ def test_edm_churn(backend_device, dtype, skind):
     assert same is x
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prediction", fastdiff.PREDICTIONS)
+@_over_dtypes_and_predictions
 @pytest.mark.parametrize("which", ["langevin", "ou"])
 def test_langevin_family(backend_device, dtype, prediction, which):
     backend, device = backend_device

@@ -22,13 +22,18 @@ def _finite(row, names):
         assert isinstance(row[n], float) and math.isfinite(row[n]), (n, row)
 
 
+def _rows_of_repeated_runs(tmp_path, experiment, grid, trials):
+    """The rows of REPEATS runs of the same sweep with 2 workers, each into a fresh store."""
+    for rep in range(REPEATS):
+        with sweeps.run_sweep(experiment, grid, trials=trials, store=str(tmp_path / f"{experiment}-{rep}.sqlite"),
+                              progress=False, workers=2) as st:
+            yield st.rows()
+
+
 def test_linear_diffusion_with_two_workers_repeatedly(tmp_path):
     grid = {"n": 8, "N": "2,4,8,9,16,64,256", "ridge": "0,1e-3", "T": 200, "mc_samples": "0,200"}
     tables = []
-    for rep in range(REPEATS):
-        with sweeps.run_sweep("linear-diffusion", grid, trials=3, store=str(tmp_path / f"s{rep}.sqlite"),
-                              progress=False, workers=2) as st:
-            rows = st.rows()
+    for rows in _rows_of_repeated_runs(tmp_path, "linear-diffusion", grid, 3):
         assert len(rows) == 7 * 2 * 2 * 3
         for r in rows:
             assert not _nan(r["kl"]) and r["kl"] >= 0, r
@@ -49,10 +54,7 @@ def test_linear_diffusion_with_two_workers_repeatedly(tmp_path):
 
 def test_memorization_with_two_workers_repeatedly(tmp_path):
     grid = {"n": 8, "K": "1,2", "d": 2, "N": "2,4,8,16", "samples": 32, "T": 60}
-    for rep in range(REPEATS):
-        with sweeps.run_sweep("memorization", grid, trials=2, store=str(tmp_path / f"m{rep}.sqlite"),
-                              progress=False, workers=2) as st:
-            rows = st.rows()
+    for rows in _rows_of_repeated_runs(tmp_path, "memorization", grid, 2):
         assert len(rows) == 2 * 4 * 3 * 2
         for r in rows:
             _finite(r, ("memorized", "generalization", "N_over_d"))

@@ -1,10 +1,13 @@
-"""Grid size checks (issue 13 item 11): absurd grids are refused up front, with their size."""
+"""Grids: parsing value lists, bad grids refused before the store is touched, cells that do not
+apply, the batching plan; size checks (issue 13 item 11): absurd grids are refused up front, with
+their size."""
 import time
 
 import pytest
 
 from fastdiff import sweeps
 from fastdiff.sweeps import runner
+from fastdiff.sweeps.runner import EXPERIMENTS, cell_seed, plan
 
 
 def test_huge_range_is_refused_before_it_is_built(tmp_path):
@@ -69,3 +72,60 @@ def test_exported_tables_sort_numbers_as_numbers(tmp_path):
     with sweeps.Store(str(tmp_path / "linear-diffusion.sqlite"), "linear-diffusion",
                       *sweeps.Store.read_experiment(str(tmp_path / "linear-diffusion.sqlite"))[1:]) as st:
         assert [r["N"] for r in st.aggregate()] == [1, 2, 10, 11, 100]
+
+
+@pytest.mark.parametrize("text,typ,expected", [
+    ("1:12", int, list(range(1, 13))), ("2:48:2", int, list(range(2, 49, 2))), ("1,2", int, [1, 2]),
+    ("1:4,8", int, [1, 2, 3, 4, 8]), ("5", int, [5]), ("0:0.3:0.1", float, [0.0, 0.1, 0.2, 0.3]),
+    ("pca,sgd", str, ["pca", "sgd"]), ("3:3", int, [3]), ([1, 2, 2], int, [1, 2]),
+])
+def test_parse_values(text, typ, expected):
+    assert sweeps.parse_values("x", text, typ) == expected
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "empty"), ("5:1", "inverted range"), ("1:2:0", "step must be positive"), ("1::2", "start:stop"),
+    ("a", "expected int"), ("1.5", "expected int"), ("1,,2", "empty value"), ("1:2:3:4", "start:stop"),
+])
+def test_parse_values_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        sweeps.parse_values("d", text, int)
+
+
+@pytest.mark.parametrize("grid,match", [
+    ({"d": "60"}, "d <= n"), ({"K": 5, "d": 12}, "K d <= n"), ({"N": "0:4"}, "N >= 1"),
+    ({"learner": "svm"}, "expected values in"), ({"K": 2, "learner": "pca"}, "'pca' fits one subspace"),
+    ({"bogus": 1}, "not a parameter"), ({"delta": "-1"}, "delta >= 0"), ({"n": "0"}, "n >= 1"),
+])
+def test_bad_grids_raise_before_touching_the_store(tmp_path, grid, match):
+    p = tmp_path / "s.sqlite"
+    with pytest.raises(ValueError, match=match):
+        sweeps.run_sweep("subspace-recovery", grid, store=str(p), progress=False)
+    assert not p.exists()
+
+
+def test_unknown_experiment_and_options(tmp_path):
+    with pytest.raises(ValueError, match="experiment: expected one of"):
+        sweeps.run_sweep("jacobian-ranks", {}, store=str(tmp_path / "s.sqlite"))
+    for kw, match in (({"trials": 0}, "trials"), ({"seed": -1}, "seed"), ({"executor": "dask"}, "executor"),
+                      ({"threads": 0}, "threads")):
+        with pytest.raises(ValueError, match=match):
+            sweeps.run_sweep("subspace-recovery", {}, store=str(tmp_path / "s.sqlite"), **kw)
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_mixed_grid_skips_cells_that_do_not_apply():
+    cells, skipped = sweeps.build_grid(EXPERIMENTS["subspace-recovery"], {"K": "1,2", "d": 2, "N": 4})
+    assert {(c["K"], c["learner"]) for c in cells} == {(1, "pca"), (1, "ksubspaces"), (2, "ksubspaces")}
+    assert len(skipped) == 1 and "pca" in skipped[0]
+
+
+def test_plan_is_deterministic_and_groups_by_shape():
+    exp = EXPERIMENTS["subspace-recovery"]
+    cells, _ = sweeps.build_grid(exp, {})
+    batches = plan(exp, cells, 20)
+    assert sorted(i for b in batches for i in b) == list(range(len(cells)))
+    for b in batches:
+        assert len({exp.batch_key(cells[i]) for i in b}) == 1
+    assert batches == plan(exp, cells, 20)
+    assert cell_seed("subspace-recovery", 0, cells[0]) != cell_seed("subspace-recovery", 1, cells[0])

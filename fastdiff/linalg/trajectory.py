@@ -1,7 +1,6 @@
 """Jacobian ranks along an EDM Heun sampling trajectory (seed 002 Fig. 3)."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -28,52 +27,44 @@ def jacobian_rank_trajectory(denoiser, noise, *, schedule=None, eta: float = 0.9
                              chunk: Optional[int] = None, backend: str = "auto", progress: bool = False) -> TrajectoryRanks:
     """Ranks of the denoiser's Jacobian at the points an EDM Heun sampler visits (seed 002 Fig. 3).
 
-    ``noise`` (B, n) standard normal; the sampler starts at ``x = sigma_0 noise`` and runs
-    :func:`fastdiff.heun_step` over ``schedule`` (default ``KarrasSchedule(18)``: 18 steps, EDM).
-    At every level sigma_i > 0 the rank of ``d x0_hat(x_i, sigma_i) / d x_i`` is taken before
-    stepping.  ``denoiser`` is a :class:`fastdiff.denoisers.MoLRG` (closed form,
-    :func:`molrg_jacobian_rank`) or any callable ``den(x, alpha, sigma) -> x0_hat``
-    (:func:`jacobian_rank` with ``method``).  NumPy noise gives NumPy arrays in the result.
+    ``noise`` (B, n) standard normal; the sampler (:func:`fastdiff.sampling.run` over the
+    ``"heun"`` :func:`fastdiff.sampling.trajectory_table`) starts at ``x = sigma_0 noise`` and runs
+    over ``schedule`` (default ``KarrasSchedule(18)``: 18 steps, EDM; or a 1-D sequence of
+    decreasing sigmas, all but the last > 0).  At every level sigma_i > 0 the rank of
+    ``d x0_hat(x_i, sigma_i) / d x_i`` is taken before stepping (the loop's per-step callback).
+    ``denoiser`` is a :class:`fastdiff.denoisers.MoLRG` (closed form, :func:`molrg_jacobian_rank`,
+    in the model's own ``mode``) or any callable ``den(x, alpha, sigma) -> x0_hat``
+    (:func:`jacobian_rank` with ``method``).  ``backend``: the rank's SVD.  NumPy noise gives
+    NumPy arrays in the result.
     """
     from fastdiff.denoisers import MoLRG
+    from fastdiff.sampling import run, trajectory_table
     from fastdiff.schedules import KarrasSchedule
-    from fastdiff.steps import heun_step
 
     eta = _check_eta(eta)
     is_numpy = isinstance(noise, np.ndarray)
     x = torch.from_numpy(noise) if is_numpy else noise
     x = _check_x(x)
-    sched = KarrasSchedule(18) if schedule is None else schedule
-    sigmas = [float(s) for s in sched.sigmas] if hasattr(sched, "sigmas") else [float(s) for s in sched]
-    if len(sigmas) < 2 or any(not math.isfinite(s) or s < 0 for s in sigmas):
-        raise ValueError("schedule: expected at least two finite non-negative noise levels (a KarrasSchedule)")
-    x = x * sigmas[0]
+    table = trajectory_table(KarrasSchedule(18) if schedule is None else schedule, "heun")
     levels, ranks = [], []
 
-    den = denoiser
-    steps = range(len(sigmas) - 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="jacobian ranks", leave=False)
-    for i in steps:
-        s, s_next = sigmas[i], sigmas[i + 1]
-        if s <= 0:
-            break
+    def rank_before_step(info):
+        s = info.sigma  # alpha = 1
         if isinstance(denoiser, MoLRG):
-            r = molrg_jacobian_rank(x, denoiser.bases, 1.0, s, eta=eta, pi=denoiser.pi, tau=denoiser.tau,
-                                    delta=denoiser.delta, backend=backend)
+            r = molrg_jacobian_rank(info.x, denoiser.bases, 1.0, s, eta=eta, pi=denoiser.pi, tau=denoiser.tau,
+                                    delta=denoiser.delta, mode=denoiser.mode, backend=backend)
         else:
-            r = jacobian_rank(lambda z: denoiser(z, 1.0, s), x, eta=eta, method=method, chunk=chunk, backend=backend)
+            r = jacobian_rank(lambda z: denoiser(z, 1.0, s), info.x, eta=eta, method=method, chunk=chunk,
+                              backend=backend)
         levels.append(s)
         ranks.append(r.cpu())
+
+    def no_grad_denoiser(z, alpha, sigma):
         with torch.no_grad():
-            x0 = den(x, 1.0, s)
-            x_pred = heun_step(x, x0, s, s_next)
-            if s_next > 0:
-                x = heun_step(x, x0, s, s_next, x_pred=x_pred, model_output_pred=den(x_pred, 1.0, s_next))
-            else:
-                x = x_pred
+            return denoiser(z, alpha, sigma)
+
+    x = run(no_grad_denoiser, x * table[0].level[1], table, callback=rank_before_step, progress=progress,
+            desc="jacobian ranks")
     sig = torch.tensor(levels, dtype=torch.float64)
     R = torch.stack(ranks)
     out = TrajectoryRanks(sig, 1.0 / sig, R, R.double().mean(1) / x.shape[1], x)

@@ -5,7 +5,7 @@
 ``molrg``          the MoLRG posterior mean / CFG / backward (:mod:`fastdiff.denoisers.molrg`)
 ``svd``            batched singular values and energy ranks (:mod:`fastdiff.linalg`)
 ``trajectory``     a whole MoLRG sampling trajectory in one kernel (:func:`fastdiff.sample`)
-``ksubspaces``     K-subspaces clustering (:mod:`fastdiff.sweeps.subspace`)
+``ksubspaces``     K-subspaces clustering (:mod:`fastdiff.sweeps.learners`)
 =================  ==========================================================================
 
 Each ``fastdiff/ops/<op>.py`` holds the op's contract (math, shapes, dtypes), its row of the

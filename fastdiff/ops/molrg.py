@@ -40,7 +40,7 @@ __all__ = ["ROW", "CPP_FUSED_MAX_ND", "CPP_FUSED_MAX_ND_GRAD", "CPP_MAX_K", "for
            "posterior", "guided", "MoLRGFunction", "segment_ops", "offsets", "segments", "has_cpp_mix"]
 
 # fused per-row C++ MoLRG kernels up to this many multiply-adds per row (n * D); torch GEMMs above
-# (the crossover is measured by bench/test_bench_denoise.py)
+# (bench/test_bench_crossovers.py measures the crossover across both thresholds)
 CPP_FUSED_MAX_ND = 1 << 15
 CPP_FUSED_MAX_ND_GRAD = 1 << 13
 # the C++ MoLRG kernels keep per-row logits in fixed stack buffers

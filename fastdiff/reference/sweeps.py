@@ -17,7 +17,7 @@ def pca(X: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def seed_bases(X: torch.Tensor, K: int, d: int, first: int) -> List[torch.Tensor]:
-    """The greedy neighbourhood seeding of :func:`fastdiff.sweeps.subspace.seed_bases`, one instance, one start."""
+    """The greedy neighbourhood seeding of :func:`fastdiff.sweeps.learners.seed_bases`, one instance, one start."""
     N, n = X.shape
     Xn = X / X.norm(dim=1, keepdim=True).clamp(min=torch.finfo(X.dtype).tiny)   # zero rows stay 0 (not 0 / 0)
     C = (Xn @ Xn.T).abs()

@@ -7,6 +7,8 @@ batched computations, stored in a resumable SQLite file, on this process or a Ra
 
 Experiments (``EXPERIMENTS``): ``subspace-recovery`` (:mod:`.subspace`), ``linear-diffusion``
 (:mod:`.linear`), ``memorization`` (:mod:`.memorization`), ``jacobian-rank`` (:mod:`.jacobian`).
+The models they fit (PCA, K-subspaces, SGD on the diffusion loss, the Gaussian) are
+:mod:`.learners`; the parameters they share, :mod:`.params`; a cell's random numbers, :mod:`.streams`.
 """
 from fastdiff.sweeps.runner import EXPERIMENTS, Experiment, Param, build_grid, parse_values, plan, run_sweep
 from fastdiff.sweeps.store import Store

@@ -19,12 +19,12 @@ from typing import Dict, List
 import torch
 
 import fastdiff
+from fastdiff.sweeps.params import check_at_least_one, check_orthogonal_fits, molrg_shape
 from fastdiff.sweeps.runner import Experiment, Param, register
-from fastdiff.sweeps.subspace import molrg_instances, normals
+from fastdiff.sweeps.streams import TRAJECTORY_NOISE, normals
+from fastdiff.sweeps.subspace import molrg_instances
 
 __all__ = ["rank_ratios"]
-
-_S_NOISE = 3  # Philox stream of the trajectories' starting noise (0..2 are the data's, see subspace.py)
 
 
 def rank_ratios(bases: torch.Tensor, noise: torch.Tensor, steps: int, eta: float, levels: int):
@@ -45,7 +45,7 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
         c = cells[members[0]]
         levels = 1 + max(cells[ci]["level"] for ci in members)
         U, _, _ = molrg_instances(c["n"], c["K"], c["d"], 1, 0.0, "orthogonal", seed, trials)
-        z = normals(seed, _S_NOISE, trials, c["samples"], c["n"])
+        z = normals(seed, TRAJECTORY_NOISE, trials, c["samples"], c["n"])
         for t in range(trials):
             sigmas, ratios = rank_ratios(U[t].to(device, torch.float32), z[t].to(device, torch.float32), c["steps"],
                                          c["eta"], levels)
@@ -57,11 +57,8 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 
 
 def _check(c: Dict) -> None:
-    for name in ("n", "K", "d", "samples"):
-        if c[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
-    if c["K"] * c["d"] > c["n"]:
-        raise ValueError(f"--K/--d: orthogonal bases need K d <= n, got K d = {c['K'] * c['d']} > n = {c['n']}")
+    check_at_least_one(c, ("n", "K", "d", "samples"))
+    check_orthogonal_fits(c)
     if c["steps"] < 2:
         raise ValueError(f"--steps: expected at least 2 Karras levels, got {c['steps']}")
     if not 0 <= c["level"] < c["steps"]:
@@ -74,9 +71,7 @@ register(Experiment(
     name="jacobian-rank",
     description="rank / n of the MoLRG denoiser's Jacobian along EDM Heun trajectories, against SNR",
     params=(
-        Param("n", int, (48,), "ambient dimension"),
-        Param("K", int, (2,), "subspaces (orthogonal bases)"),
-        Param("d", int, (6,), "subspace dimension"),
+        *molrg_shape((48,), (2,), (6,), "subspaces (orthogonal bases)"),
         Param("level", int, tuple(range(18)), "Karras level (0 = noisiest) at which the rank is taken"),
         Param("steps", int, (18,), "Karras levels of the Heun sampler (seed 002: 18)"),
         Param("samples", int, (32,), "trajectories per instance"),

@@ -3,9 +3,9 @@
 Data ``N(0, Sigma)``, ``Sigma = diag(l)`` with a power-law spectrum ``l_v = v^-power`` (v = 1..n;
 every quantity below is rotation invariant, so a diagonal Sigma loses nothing).  The linear model
 fitted to N samples is the optimal denoiser of ``N(mu_0, Sigma_0 + c I)`` (``mu_0, Sigma_0`` the
-empirical mean and covariance (1/N), ``c`` = ``ridge``).  Every DDPM step (seed 001's schedule,
-``fixed_small`` variance, from ``x_T ~ N(0, I)``) is then affine per eigenmode ``j`` of
-``Sigma_0 + c I`` (eigenvalue ``lam_j``), ``u_{t-1} = A_t u_t + B_t + s_t z``, with
+empirical mean and covariance (1/N), ``c`` = ``ridge``; :mod:`fastdiff.sweeps.learners`).  Every
+DDPM step (seed 001's schedule, ``fixed_small`` variance, from ``x_T ~ N(0, I)``) is then affine
+per eigenmode ``j`` of ``Sigma_0 + c I`` (eigenvalue ``lam_j``), ``u_{t-1} = A_t u_t + B_t + s_t z``, with
 ``g = alpha lam / (alpha^2 lam + sigma^2)``, ``k = beta (1 - alpha g) / sigma^2``,
 ``A = (1 - k)/sqrt(1 - beta)``, ``B = k alpha m_j / sqrt(1 - beta)`` (``m = V^T mu_0``); so the
 sampled distribution is exactly ``N(V mean, V diag(var) V^T)`` from the O(T n) recursions
@@ -31,8 +31,11 @@ import torch
 
 import fastdiff
 from fastdiff import coefficients as C
+from fastdiff import sampling
+from fastdiff.sweeps.learners import fit_gaussian, null_modes
+from fastdiff.sweeps.params import check_at_least_one, check_ddpm_steps, ddpm_steps, training_samples
 from fastdiff.sweeps.runner import Experiment, Param, register
-from fastdiff.sweeps.subspace import normals
+from fastdiff.sweeps.streams import normals
 
 __all__ = ["fit_instances", "sampled_gaussian", "gaussian_kl", "linear_test_loss", "sample_fused"]
 
@@ -45,11 +48,9 @@ def spectrum(n: int, power: float) -> torch.Tensor:
 
 
 def fit_instances(n: int, power: float, N: int, seed: int, trials: int):
-    """Data (T, N, n) and the fitted ``mu_0`` (T, n), ``Sigma_0`` (T, n, n) (ML, 1/N)."""
+    """Data (T, N, n) and the fitted ``mu_0`` (T, n), ``Sigma_0`` (T, n, n) (ML, 1/N: :func:`fit_gaussian`)."""
     X = normals(seed, _S_DATA, trials, N, n) * spectrum(n, power).sqrt()
-    mu0 = X.mean(1)
-    Xc = X - mu0[:, None]
-    return X, mu0, Xc.mT @ Xc / N
+    return (X, *fit_gaussian(X))
 
 
 def sampled_gaussian(lam: torch.Tensor, m: torch.Tensor, sched: fastdiff.DDPMSchedule):
@@ -101,17 +102,6 @@ def gaussian_kl(mean_q, var_q, V, l_p):
     return 0.5 * (per_mode.clamp(min=0).sum(1) + hadamard + (mu.square() / l_p).sum(1))
 
 
-def null_modes(S0: torch.Tensor, ridge: float):
-    """Eigen-decomposition ``(lam, V)`` of ``Sigma_0 + ridge I`` (float64) with the numerically-zero
-    eigenvalues of ``Sigma_0`` (at most ``n eps max(lam)``: ``Sigma_0`` from N samples has rank
-    ``min(N - 1, n)``) set to exactly 0 before the ridge is added."""
-    lam, V = torch.linalg.eigh(S0)
-    n = S0.shape[-1]
-    tol = n * torch.finfo(DT).eps * lam.abs().amax(-1, keepdim=True)
-    lam = torch.where(lam <= tol, torch.zeros_like(lam), lam)
-    return lam + ridge, V
-
-
 def linear_test_loss(lam, V, mu0, l_p, sched: fastdiff.DDPMSchedule):
     """``E ||eps - eps_hat||^2`` over fresh data ``N(0, diag(l_p))``, noise and t uniform (exact)."""
     a = sched.alpha[:, None, None]
@@ -124,19 +114,20 @@ def linear_test_loss(lam, V, mu0, l_p, sched: fastdiff.DDPMSchedule):
 
 
 def sample_fused(mu0, lam, V, sched, M: int, seed: int, trials: int):
-    """M samples per instance (T, M, n) drawn with ``fastdiff.ddpm_step`` (float32, noise in the
-    kernel from the cell's Philox stream), the linear denoiser applied batched over instances, on
-    the device of the inputs."""
+    """M samples per instance (T, M, n) drawn with ``fastdiff.ddpm_step`` by the sampler loop
+    :func:`fastdiff.sampling.run` (float32, noise in the kernel from the cell's Philox stream), the
+    linear denoiser applied batched over instances, on the device of the inputs."""
     n = mu0.shape[1]
     gen = fastdiff.Generator(seed, _S_MC << 52)
     x = fastdiff.randn(trials * M, n, generator=gen, device=mu0.device)
     V32, mu32, lam32 = V.float(), mu0.float(), lam.float()
-    for t in range(sched.T - 1, -1, -1):
-        a, s2 = sched.floats("alpha")[t], sched.floats("sigma")[t] ** 2
-        g = a * lam32 / (a * a * lam32 + s2)                                 # (T, n)
+
+    def linear_denoisers(x, a, sigma):  # instance t's M chains through its own x0_hat = mu + V g V^T (x - a mu)
+        g = a * lam32 / (a * a * lam32 + sigma ** 2)                          # (T, n)
         xv = x.view(trials, M, n)
-        x0 = mu32[:, None] + (((xv - a * mu32[:, None]) @ V32) * g[:, None]) @ V32.mT
-        x = fastdiff.ddpm_step(x, x0.reshape(trials * M, n), t, sched, prediction="x0", generator=gen, out=x)
+        return (mu32[:, None] + (((xv - a * mu32[:, None]) @ V32) * g[:, None]) @ V32.mT).reshape(trials * M, n)
+
+    x = sampling.run(linear_denoisers, x, sampling.trajectory_table(sched, "ddpm"), generator=gen, progress=False)
     return x.view(trials, M, n).double()
 
 
@@ -221,12 +212,8 @@ def _schedule(T: int) -> fastdiff.DDPMSchedule:
 
 
 def _check(c: Dict) -> None:
-    if c["n"] < 1:
-        raise ValueError(f"--n: expected n >= 1, got {c['n']}")
-    if c["N"] < 1:
-        raise ValueError(f"--N: expected N >= 1, got {c['N']}")
-    if c["T"] < 2:
-        raise ValueError(f"--T: expected T >= 2 steps, got {c['T']}")
+    check_at_least_one(c, ("n", "N"))
+    check_ddpm_steps(c)
     if c["ridge"] < 0:
         raise ValueError(f"--ridge: expected ridge >= 0, got {c['ridge']}")
     if c["mc_samples"] < 0:
@@ -241,9 +228,9 @@ register(Experiment(
     params=(
         Param("n", int, (32,), "data dimension"),
         Param("power", float, (1.0,), "spectrum l_v = v^-power"),
-        Param("N", int, (4, 8, 16, 32, 64, 128, 256, 512, 1024), "training samples"),
+        training_samples((4, 8, 16, 32, 64, 128, 256, 512, 1024)),
         Param("ridge", float, (0.0,), "c of the fitted N(mu_0, Sigma_0 + c I)"),
-        Param("T", int, (1000,), "DDPM steps (seed 001 schedule, beta 1e-4..1e-2)"),
+        ddpm_steps((1000,), "DDPM steps (seed 001 schedule, beta 1e-4..1e-2)"),
         Param("mc_samples", int, (0,), "samples per instance drawn with the fused ddpm_step for kl_mc (0: skip)"),
     ),
     metrics=(("kl", float), ("kl_mc", float), ("kl_mc_se", float), ("kl_mc_meaningful", float), ("test_loss", float),

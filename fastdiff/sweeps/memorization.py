@@ -8,11 +8,12 @@ memorized.  Denoisers (``--denoiser``):
 - ``empirical``: the optimal denoiser of the training set (:class:`fastdiff.denoisers.Empirical`),
   which reproduces training points;
 - ``molrg``: the MoLRG denoiser (:class:`fastdiff.denoisers.MoLRG`) with bases learned from the
-  training set by PCA (K = 1) or K-subspaces (:mod:`fastdiff.sweeps.subspace`);
+  training set by PCA (K = 1) or K-subspaces (:mod:`fastdiff.sweeps.learners`);
 - ``linear``: the Gaussian fitted to the training set (:class:`fastdiff.denoisers.Gaussian`).
 
-Sampling is DDPM (seed 001's schedule) from ``x_T ~ N(0, I)``, in :func:`sample_ddpm`: a plain loop
-over the fused :func:`fastdiff.ddpm_step`, the one place to swap in a fused trajectory sampler.
+Sampling is DDPM (seed 001's schedule) from ``x_T ~ N(0, I)``, in :func:`sample_ddpm`: the sampler
+loop :func:`fastdiff.sampling.run` over the fused :func:`fastdiff.ddpm_step`, the one place to swap
+in a fused trajectory sampler.
 """
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 import fastdiff
+from fastdiff import sampling
+from fastdiff.sweeps.learners import DENOISERS, fit_denoisers
 from fastdiff.sweeps.linear import _schedule
+from fastdiff.sweeps.params import (check_at_least_one, check_d_fits, check_ddpm_steps, check_orthogonal_fits,
+                                    ddpm_steps, molrg_shape, training_samples)
 from fastdiff.sweeps.runner import Experiment, Param, register
-from fastdiff.sweeps.subspace import fit_bases, molrg_instances
+from fastdiff.sweeps.subspace import molrg_instances
 
 __all__ = ["sample_ddpm", "memorized_fraction", "DENOISERS"]
 
-DENOISERS = ("empirical", "molrg", "linear")
 MEMORIZED_RATIO = 1.0 / 3.0
 _S_SAMPLE = 7
 
@@ -35,14 +39,15 @@ _S_SAMPLE = 7
 def sample_ddpm(denoisers: Sequence[Callable], n: int, M: int, sched: fastdiff.DDPMSchedule,
                 generator: fastdiff.Generator, device="cpu") -> torch.Tensor:
     """``M`` DDPM samples (I, M, n) from each of the I denoisers ``den(x, alpha, sigma) -> x0_hat``,
-    all I x M chains advanced by one fused ``ddpm_step`` per timestep (noise from ``generator``), on
-    ``device``."""
+    all I x M chains advanced by one fused ``ddpm_step`` per timestep (:func:`fastdiff.sampling.run`,
+    noise from ``generator``), on ``device``."""
     I = len(denoisers)
     x = fastdiff.randn(I * M, n, generator=generator, device=device)
-    alpha, sigma = sched.floats("alpha"), sched.floats("sigma")
-    for t in range(sched.T - 1, -1, -1):
-        x0 = torch.cat([den(xi, alpha[t], sigma[t]) for den, xi in zip(denoisers, x.view(I, M, n))])
-        x = fastdiff.ddpm_step(x, x0, t, sched, prediction="x0", generator=generator, out=x)
+
+    def all_instances(x, alpha, sigma):  # the I x M chains as one batch, each instance's rows to its denoiser
+        return torch.cat([den(xi, alpha, sigma) for den, xi in zip(denoisers, x.view(I, M, n))])
+
+    x = sampling.run(all_instances, x, sampling.trajectory_table(sched, "ddpm"), generator=generator, progress=False)
     return x.view(I, M, n)
 
 
@@ -54,26 +59,12 @@ def memorized_fraction(samples: torch.Tensor, data: torch.Tensor) -> float:
     return float((dist[:, 0] < MEMORIZED_RATIO * dist[:, 1]).double().mean())
 
 
-def _denoisers(kind: str, c: Dict, X: torch.Tensor, seed: int) -> List[Callable]:
-    T = X.shape[0]
-    if kind == "empirical":
-        return [fastdiff.denoisers.Empirical(X[t].float()) for t in range(T)]
-    if kind == "linear":
-        return [fastdiff.denoisers.Gaussian(X[t].mean(0), torch.cov(X[t].T, correction=0).reshape(c["n"], c["n"]))
-                for t in range(T)]
-    learner = "pca" if c["K"] == 1 else "ksubspaces"
-    params = {"restarts": 4, "max_iter": 40}
-    U = fit_bases(learner, X, torch.full((T,), float(c["N"]), dtype=torch.float64), c["K"], c["d"],
-                  [(seed, t) for t in range(T)], params)
-    return [fastdiff.denoisers.MoLRG(U[t].float()) for t in range(T)]
-
-
 def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.device("cpu")):
     rows = []
     for ci, (c, seed) in enumerate(zip(cells, seeds)):
         _, X, _ = molrg_instances(c["n"], c["K"], c["d"], c["N"], 0.0, "orthogonal", seed, trials)
         X = X.to(device)
-        dens = _denoisers(c["denoiser"], c, X, seed)
+        dens = fit_denoisers(c["denoiser"], X, c["K"], c["d"], seed)
         x = sample_ddpm(dens, c["n"], c["samples"], _schedule(c["T"]), fastdiff.Generator(seed, _S_SAMPLE << 52),
                         device)
         for t in range(trials):
@@ -84,28 +75,21 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
 
 
 def _check(c: Dict) -> None:
-    for name in ("n", "K", "d", "N", "samples", "T"):
-        if c[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected {name} >= 1, got {c[name]}")
-    if c["d"] > c["n"]:
-        raise ValueError(f"--d: expected d <= n = {c['n']}, got d = {c['d']}")
-    if c["K"] * c["d"] > c["n"]:
-        raise ValueError(f"--K/--d: orthogonal bases need K d <= n, got K d = {c['K'] * c['d']} > n = {c['n']}")
-    if c["T"] < 2:
-        raise ValueError(f"--T: expected T >= 2 steps, got {c['T']}")
+    check_at_least_one(c, ("n", "K", "d", "N", "samples", "T"))
+    check_d_fits(c)
+    check_orthogonal_fits(c)
+    check_ddpm_steps(c)
 
 
 register(Experiment(
     name="memorization",
     description="memorized fraction / generalization score of DDPM samples vs N/d",
     params=(
-        Param("n", int, (32,), "ambient dimension"),
-        Param("K", int, (1,), "subspaces of the MoLRG data"),
-        Param("d", int, (4,), "subspace dimension"),
-        Param("N", int, (2, 4, 8, 16, 32, 64), "training samples"),
+        *molrg_shape((32,), (1,), (4,), "subspaces of the MoLRG data"),
+        training_samples((2, 4, 8, 16, 32, 64)),
         Param("denoiser", str, DENOISERS, "empirical, molrg (learned bases) or linear (fitted Gaussian)", DENOISERS),
         Param("samples", int, (256,), "DDPM samples per instance"),
-        Param("T", int, (1000,), "DDPM steps (seed 001 schedule)"),
+        ddpm_steps((1000,), "DDPM steps (seed 001 schedule)"),
     ),
     metrics=(("memorized", float), ("generalization", float), ("N_over_d", float)),
     run_batch=_run_batch,

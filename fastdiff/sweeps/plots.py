@@ -136,43 +136,46 @@ def _linear(Figure, agg, params, path):
     _save(fig, path)
 
 
-def _memorization(Figure, agg, params, path):
-    panels = _panels(agg, params, ("N",))
+def _curves(Figure, agg, params, x: str, y: str, fixed: str, fallback: str):
+    """A (6, 4) figure with one error-bar curve of metric ``y`` (mean and standard error) against the
+    aggregate column ``x`` per combination of the other varying parameters (``fixed`` varies along
+    a curve); returns (fig, ax, [(color, rows sorted by x)])."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for i, (key, rs) in enumerate(sorted(panels.items())):
-        rs = sorted(rs, key=lambda r: r["N"])
-        ax.errorbar([r["N_over_d_mean"] for r in rs], [r["memorized_mean"] for r in rs],
-                    yerr=[r["memorized_se"] for r in rs], fmt="o-", ms=3, color=f"C{i % 10}",
-                    label=", ".join(f"{k}={v}" for k, v in key) or "memorized")
+    curves = []
+    for i, (key, rs) in enumerate(sorted(_panels(agg, params, (fixed,)).items())):
+        rs = sorted(rs, key=lambda r: r[x])
+        color = f"C{i % 10}"
+        ax.errorbar([r[x] for r in rs], [r[f"{y}_mean"] for r in rs], yerr=[r[f"{y}_se"] for r in rs],
+                    fmt="o-", ms=3, color=color, label=", ".join(f"{k}={v}" for k, v in key) or fallback)
+        curves.append((color, rs))
     ax.set_xscale("log")
-    ax.set_ylim(-0.03, 1.03)
-    ax.axvline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("N / d")
-    ax.set_ylabel("memorized fraction (||x - y1|| / ||x - y2|| < 1/3)")
+    return fig, ax, curves
+
+
+def _finish(fig, ax, path, xlabel, ylabel):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _memorization(Figure, agg, params, path):
+    # within a curve d is fixed, so N / d orders the points as N does
+    fig, ax, _ = _curves(Figure, agg, params, "N_over_d_mean", "memorized", "N", "memorized")
+    ax.set_ylim(-0.03, 1.03)
+    ax.axvline(1.0, color="gray", lw=0.8)
+    _finish(fig, ax, path, "N / d", "memorized fraction (||x - y1|| / ||x - y2|| < 1/3)")
 
 
 def _jacobian_rank(Figure, agg, params, path):
-    panels = _panels(agg, params, ("level",))
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for i, (key, rs) in enumerate(sorted(panels.items())):
-        rs = sorted(rs, key=lambda r: r["snr_mean"])
-        color = f"C{i % 10}"
-        ax.errorbar([r["snr_mean"] for r in rs], [r["ratio_mean"] for r in rs], yerr=[r["ratio_se"] for r in rs],
-                    fmt="o-", ms=3, color=color, label=", ".join(f"{k}={v}" for k, v in key) or "rank / n")
+    fig, ax, curves = _curves(Figure, agg, params, "snr_mean", "ratio", "level", "rank / n")
+    for color, rs in curves:
         n, K, d = rs[0]["n"], rs[0]["K"], rs[0]["d"]
         ax.axhline(d / n, color=color, ls=":", lw=0.8)
         ax.axhline(K * d / n, color=color, ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("SNR = 1 / sigma")
-    ax.set_ylabel("Jacobian rank / n   (dotted d/n, dashed Kd/n)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, ax, path, "SNR = 1 / sigma", "Jacobian rank / n   (dotted d/n, dashed Kd/n)")
 
 
 PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memorization": _memorization,
