@@ -20,8 +20,6 @@ from fastdiff.ops import svd as svd_op
 
 __all__ = ["svdvals", "svdvals_rank", "svd"]
 
-_COMPUTE_DTYPES = (torch.float32, torch.float64)
-
 
 def _check_matrices(A, name: str = "A") -> Tuple[torch.Tensor, Tuple[int, ...]]:
     """A (..., m, n) -> (A as (B, m, n) contiguous, batch shape)."""
@@ -95,7 +93,7 @@ def svd(A, k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.T
         raise ValueError(f"k: expected an int in [1, min(m, n) = {N}], got {k!r}")
     if not bool(torch.isfinite(A3).all()):
         raise ValueError("A: expected finite entries (singular vectors of NaN / Inf matrices are undefined)")
-    ct = A3.dtype if A3.dtype in _COMPUTE_DTYPES else torch.float32
+    ct = A3.dtype if A3.dtype in svd_op.COMPUTE_DTYPES else torch.float32
     U, S, Vh = torch.linalg.svd(A3.to(ct), full_matrices=False)
     U, S, Vh = (t.to(A3.dtype) for t in (U[..., :k], S[..., :k], Vh[..., :k, :]))
     m, n = A3.shape[-2:]

@@ -20,7 +20,7 @@ import torch
 
 from fastdiff.ops.table import ANY_DTYPE, CPU, CUDA, TORCH, Impl, Op
 
-__all__ = ["ROW", "svdvals_rank", "energy_rank"]
+__all__ = ["ROW", "svdvals_rank", "energy_rank", "COMPUTE_DTYPES"]
 
 
 def _triton_fits(m: int = 1, n: int = 1, **_) -> Tuple[bool, str]:
@@ -38,7 +38,8 @@ ROW = Op("svd", what="SVD", impls=(
     auto={"cuda": ("triton",), "cpu": ("cpp",)})
 
 
-_COMPUTE_DTYPES = (torch.float32, torch.float64)
+# the dtypes the kernels compute in; float16 / bfloat16 are computed in float32
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 def energy_rank(S: torch.Tensor, eta: float) -> torch.Tensor:
@@ -54,7 +55,7 @@ def energy_rank(S: torch.Tensor, eta: float) -> torch.Tensor:
 
 def svdvals_rank(impl: str, A: torch.Tensor, eta: Optional[float]):
     """``(S, rank or None)`` of A (B, m, n) on backend ``impl`` ("torch", "cpp", "triton"); see the contract."""
-    ct = A.dtype if A.dtype in _COMPUTE_DTYPES else torch.float32
+    ct = A.dtype if A.dtype in COMPUTE_DTYPES else torch.float32
     S, rank = _IMPLS[impl](A.to(ct).contiguous(), eta)
     return S.to(A.dtype), rank
 
