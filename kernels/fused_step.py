@@ -13,14 +13,17 @@ depend on the global position, use the int64 ``start`` / ``offset``.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import List, Mapping, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_INPUTS = 6
-BLOCK = 4096       # elements per program: 8 per thread with 8 warps, 1024 Philox quads
+# elements per program: 4 per thread with 8 warps (one 16-byte float32 vector), 256 Philox quads.
+# 4096 (16 per thread) spilled 76 B/thread in fp32 k=6 Philox per-row and 16 B in randn (k=0) at
+# sm_80 and sm_90 (ptxas -v; bench/results/triton-resources.md); 1024 spills in no variant
+BLOCK = 1024
 NUM_WARPS = 8
 CHUNK = 1 << 30    # elements per launch (tests monkeypatch it); a multiple of BLOCK and of 4
 
@@ -143,13 +146,21 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
 
 # --------------------------------------------------------------------------- AOT variants
 class AOTVariant(NamedTuple):
-    """One compile of a kernel: ``triton.compile(ASTSource(fn, signature, constexprs), options)``."""
+    """One compile of a kernel: ``triton.compile(ASTSource(fn, signature, constexprs), options)``.
+
+    ``op``, ``dtype``, ``sizes``: the ``fastdiff.dispatch.choose(op, "auto", cuda, dtype, **sizes)``
+    call whose launch compiles this variant; the variant is a default when that call picks "triton"
+    (tests/test_aot.py: a default must not spill).  ``op=None``: a tuning option no library call
+    launches (e.g. TF32x3 dots), never a default."""
     name: str
     fn: object
     signature: dict
     constexprs: dict
     num_warps: int
     divisible_by_16: tuple  # arguments the JIT would see as multiples of 16 (aligned pointers, n)
+    op: Optional[str] = None
+    dtype: Optional[torch.dtype] = None
+    sizes: Mapping[str, object] = {}
 
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -164,7 +175,8 @@ def aot_variant(dtype, num_inputs, noise, per_sample) -> AOTVariant:
     sig.update({name: "constexpr" for name in const})
     name = f"fused_step_{_TY[dtype]}_k{num_inputs}_noise{noise}_{'rows' if per_sample else 'scalar'}"
     aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n",)
-    return AOTVariant(name, _fused_step_kernel, sig, const, NUM_WARPS, aligned)
+    # the step API passes no sizes: every variant is what auto runs for its dtype
+    return AOTVariant(name, _fused_step_kernel, sig, const, NUM_WARPS, aligned, "fused_step", dtype)
 
 
 # Every dtype x noise mode x coefficient kind, with the fewest and the most inputs (k = 0 only

@@ -49,8 +49,11 @@ from .fused_step import AOTVariant, _TY
 
 MAX_D = 512
 MAX_K = 32
-NUM_WARPS = 4
-REG_TILE = 8192  # fp32 elements of the P accumulator / U tile per program (64 per thread at 4 warps)
+# fp32 elements of the P accumulator / U tile per program: 16 per thread at 8 warps.  8192 at 4
+# warps (64 per thread) spilled 20 KB/thread at D_PAD 128 (sm_80; ptxas -v,
+# bench/results/triton-resources.md)
+NUM_WARPS = 8
+REG_TILE = 4096
 
 
 @triton.jit
@@ -136,10 +139,11 @@ def _pow2(v, lo=16):
 
 
 def _blocks(B, n, D, K):
-    """(BLOCK_B, BLOCK_N, D_PAD, K_PAD): the P accumulator and the U tile each <= REG_TILE fp32."""
+    """(BLOCK_B, BLOCK_N, D_PAD, K_PAD): the P accumulator <= REG_TILE fp32, the U tile <= half
+    of it (at D_PAD 128 a 32-row U tile spilled 12 B/thread at sm_90, 16 rows none)."""
     D_PAD, K_PAD = _pow2(D), _pow2(K)
-    BLOCK_B = min(64, REG_TILE // D_PAD, _pow2(B))
-    BLOCK_N = min(64, REG_TILE // D_PAD, _pow2(n))
+    BLOCK_B = max(16, min(64, REG_TILE // D_PAD, _pow2(B)))  # tl.dot takes no dimension below 16
+    BLOCK_N = max(16, min(64, REG_TILE // 2 // D_PAD, _pow2(n)))
     return BLOCK_B, BLOCK_N, D_PAD, K_PAD
 
 
@@ -250,7 +254,7 @@ def _bwd_blocks(B, n, D, K):
     """Two (BLOCK_B, D_PAD) accumulators live through pass 1: half the forward's row block."""
     D_PAD, K_PAD = _pow2(D), _pow2(K)
     BLOCK_B = max(16, min(32, REG_TILE // (2 * D_PAD), _pow2(B)))
-    BLOCK_N = min(64, REG_TILE // D_PAD, _pow2(n))
+    BLOCK_N = max(16, min(64, REG_TILE // D_PAD, _pow2(n)))
     return BLOCK_B, BLOCK_N, D_PAD, K_PAD
 
 
@@ -303,7 +307,8 @@ def aot_variant(dtype, D, K, hard, labels, write_w, precision="ieee") -> AOTVari
     name = (f"molrg_{_TY[dtype]}_D{D_PAD}_K{K_PAD}_{'hard' if hard else 'soft'}"
             f"{'_labels' if labels else ''}{'_w' if write_w else ''}{'' if precision == 'ieee' else '_' + precision}")
     aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n", "D")
-    return AOTVariant(name, _molrg_fwd_kernel, sig, const, NUM_WARPS, aligned)
+    op = "molrg" if precision == "ieee" else None  # the library always launches "ieee" dots
+    return AOTVariant(name, _molrg_fwd_kernel, sig, const, NUM_WARPS, aligned, op, dtype, {"n": 1 << 10, "D": D, "K": K})
 
 
 def aot_variant_backward(D, K, hard, labels) -> AOTVariant:
@@ -317,7 +322,8 @@ def aot_variant_backward(D, K, hard, labels) -> AOTVariant:
     sig.update({name: "constexpr" for name in const})
     name = f"molrg_bwd_D{D_PAD}_K{K_PAD}_{'hard' if hard else 'soft'}{'_labels' if labels else ''}"
     aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n", "D")
-    return AOTVariant(name, _molrg_bwd_kernel, sig, const, NUM_WARPS, aligned)
+    return AOTVariant(name, _molrg_bwd_kernel, sig, const, NUM_WARPS, aligned, "molrg", torch.float32,
+                      {"n": 1 << 10, "D": D, "K": K, "grad": True})
 
 
 # The tile extremes (D_PAD 16 / 128 / 512, K_PAD 16 / 32) and each constexpr branch once;

@@ -281,7 +281,8 @@ def aot_variant(dtype, m, n, with_rank, compute_f64=True) -> AOTVariant:
     name = (f"svd_{_PTR[dtype][1:]}_{M_PAD}x{N_PAD}{'_rank' if with_rank else ''}"
             f"{'' if compute_f64 else '_f32compute'}")
     aligned = ("a_ptr", "s_ptr", "rank_ptr", "scratch_ptr")
-    return AOTVariant(name, _svd_kernel, sig, const, num_warps_for(M_PAD, N_PAD), aligned)
+    op = "svd" if compute_f64 else None  # the library always computes in float64
+    return AOTVariant(name, _svd_kernel, sig, const, num_warps_for(M_PAD, N_PAD), aligned, op, dtype, {"m": m, "n": n})
 
 
 # Each constexpr branch once and the tile extremes: 1 x 1, tall 256 x 1, the benchmark's 64 x 64,
@@ -292,6 +293,7 @@ AOT_KERNELS: List[AOTVariant] = [
     aot_variant(torch.float32, 64, 64, True),
     aot_variant(torch.float32, 64, 64, False),
     aot_variant(torch.float64, 64, 64, True),
+    aot_variant(torch.float32, 128, 64, True),   # the largest tile auto runs (fastdiff/ops/svd.py)
     aot_variant(torch.float32, 128, 128, True),
     aot_variant(torch.float64, 256, 256, True),
     aot_variant(torch.float32, 64, 64, True, compute_f64=False),

@@ -36,6 +36,15 @@ REG_TILE = 4096  # fp32 elements of U (N_PAD x D_PAD) held per program (32 regis
 NUM_WARPS = 4
 
 
+def num_warps_for(n_pad: int, d_pad: int) -> int:
+    """8 warps up to a 32 x 16 U tile, else NUM_WARPS.  ptxas -v (registers / spill stores per
+    thread): 16 x 16 with 4 warps 96 / 8 B (sm_90), 16 x 32 K 32 with 4 warps 255 / 16 B, with 8
+    warps at most 177 / 0 B; at 32 x 32 the spills come and go with the warps, K and the flags
+    (4 warps: 0 to 312 B, 8: 0 to 28 B), so auto stops at 32 x 16 (fastdiff/ops/trajectory.py;
+    the variants' numbers: bench/results/triton-resources.md)."""
+    return 8 if n_pad * d_pad <= 32 * 16 else NUM_WARPS
+
+
 @triton.jit
 def _normals(seed, off, g_rel):
     """The Philox normals at global indices off + g_rel (int64 tensor), tl.randn's mapping: quad
@@ -192,7 +201,7 @@ def molrg_trajectory(x, I, B, ucat, offsets, params, p_istride, labels, hard, co
         x, ucat, seg, params, labels if labels is not None else idx, coef, idx, traj if traj is not None else x,
         B, n, D, K, p_istride, I * B * n, t0, t1, seed,
         BLOCK_B=BLOCK_B, N_PAD=N_PAD, D_PAD=D_PAD, K_PAD=K_PAD, HARD=bool(hard), HAS_LABELS=labels is not None,
-        HAS_TRAJ=traj is not None, DOT_PRECISION=dot_precision, num_warps=NUM_WARPS,
+        HAS_TRAJ=traj is not None, DOT_PRECISION=dot_precision, num_warps=num_warps_for(N_PAD, D_PAD),
     )
 
 
@@ -208,12 +217,21 @@ def aot_variant(n, D, K, hard, labels, traj) -> AOTVariant:
     name = (f"molrg_trajectory_N{N_PAD}_D{D_PAD}_K{K_PAD}_{'hard' if hard else 'soft'}"
             f"{'_labels' if labels else ''}{'_traj' if traj else ''}")
     aligned = tuple(k for k, ty in sig.items() if ty.startswith("*"))
-    return AOTVariant(name, _molrg_trajectory_kernel, sig, const, NUM_WARPS, aligned)
+    return AOTVariant(name, _molrg_trajectory_kernel, sig, const, num_warps_for(N_PAD, D_PAD), aligned, "trajectory",
+                      torch.float32,
+                      {"n": n, "D": D, "K": K})
 
 
-# The benchmark shape (n 48, D 24, K 3), every constexpr branch once, and the largest tile.
+# The benchmark shape (n 48, D 24, K 3), every constexpr branch once, and the largest tile; the
+# tiles auto runs (fastdiff/ops/trajectory.py: up to 32 x 16, K up to 32, every branch) and the
+# first one above them.
 AOT_KERNELS: List[AOTVariant] = [
     aot_variant(48, 24, 3, False, False, False),
     aot_variant(48, 24, 3, True, True, True),
     aot_variant(128, 32, 32, False, True, False),
+    aot_variant(16, 16, 3, False, False, False),
+    aot_variant(16, 16, 32, True, True, True),
+    aot_variant(32, 16, 32, False, True, False),
+    aot_variant(16, 32, 32, True, True, True),
+    aot_variant(32, 32, 32, False, True, False),
 ]

@@ -88,6 +88,33 @@ def _compile_all(cc):
 AOT_NAMES = [v.name for v in _kernels_package().AOT_KERNELS]
 
 
+def _is_default(variant) -> bool:
+    """Whether ``backend="auto"`` runs this variant on a GPU: the dispatch table
+    (``fastdiff.dispatch.choose``, i.e. the triton row's ``fits`` and ``prefer``) picks "triton"
+    for the call that launches it (``variant.op / dtype / sizes``); ``op=None`` is a tuning option.
+    Decided as where Triton runs: TRITON_INTERPRET=1 is what makes ``fastdiff.backends`` report it
+    without a GPU (conftest.py sets it for the tests; ``--table`` runs without it)."""
+    if variant.op is None:
+        return False
+    import torch
+
+    from fastdiff import dispatch
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        assert dispatch.exists(variant.op, "triton"), f"{variant.name}: no Triton {variant.op} kernel here"
+        return dispatch.choose(variant.op, "auto", torch.device("cuda"), variant.dtype, **variant.sizes) == "triton"
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+DEFAULTS = {v.name: _is_default(v) for v in _kernels_package().AOT_KERNELS}
+
+
 def _compile_everywhere():
     """{cc: worker result}, the workers of every cc side by side, without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -95,7 +122,12 @@ def _compile_everywhere():
                                   stderr=subprocess.PIPE, text=True) for cc in CCS}
     out = {}
     for cc, p in procs.items():
-        stdout, stderr = p.communicate(timeout=600)
+        try:  # ~10 min of CPU per cc; more on a shared machine
+            stdout, stderr = p.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise
         assert p.returncode == 0, f"AOT worker for sm_{cc} failed:\n{stderr[-4000:]}"
         out[cc] = json.loads(stdout.strip().splitlines()[-1])
     return out
@@ -130,31 +162,69 @@ def test_triton_shared_memory_fits(triton_cubins, name, cc):
     assert res["smem"] <= SMEM_LIMIT[cc], f"{name} needs {res['smem']} B of shared memory, sm_{cc} has {SMEM_LIMIT[cc]}"
 
 
+def _spilled(res) -> int:
+    """Bytes per thread of register spill traffic (stores + loads); a stack frame alone (a local
+    array, e.g. libdevice's sin/cos argument reduction) is not a spill."""
+    return res["spill_stores"] + res["spill_loads"]
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
+@pytest.mark.parametrize("name", AOT_NAMES)
+def test_triton_default_variants_do_not_spill(triton_cubins, name, cc):
+    """A variant that backend="auto" runs (DEFAULTS, from the dispatch table) keeps every value in
+    registers; a spilling one is fixed or its triton row's ``prefer`` refuses its sizes."""
+    res = triton_cubins[cc].get(name)
+    assert isinstance(res, dict), res
+    if DEFAULTS[name]:
+        assert _spilled(res) == 0, (f"{name} is a default (auto picks triton for its sizes) and spills "
+                                    f"{res['spill_stores']} B stores / {res['spill_loads']} B loads per thread at sm_{cc}")
+
+
 def _resource_table(results, triton_version) -> str:
     lines = ["# Triton kernels: registers, spills and shared memory per variant", "",
              f"What `ptxas -v` reports for the PTX of every `fastdiff.kernels.AOT_KERNELS` variant (the code a",
              f"GPU run compiles), made without a GPU by `python tests/test_aot.py --table`; triton {triton_version}.",
              "`tests/test_aot.py` recompiles every variant in CI and fails when this table is stale (same triton",
-             "version) or a variant's shared memory exceeds the architecture's limit. Spills are bytes per thread",
-             "(local memory traffic); `regs` is per thread (255 is the ceiling).", "",
-             "| variant | warps | " + " | ".join(f"sm_{cc} {c}" for cc in CCS for c in _RESOURCE_COLUMNS) + " |",
-             "|---|---:|" + "---:|" * (len(CCS) * len(_RESOURCE_COLUMNS))]
+             "version), a variant's shared memory exceeds the architecture's limit, or a default spills. Spills",
+             "are bytes per thread (local memory traffic); `regs` is per thread (255 is the ceiling); `stack`",
+             "without spills is a local array (libdevice's sin/cos argument reduction, in the Philox variants).",
+             "`default`: `backend=\"auto\"` runs this variant on a GPU (`fastdiff.dispatch.choose` picks triton",
+             "for the sizes that launch it); a \"no\" is a tuning option or sizes whose triton row's `prefer`",
+             "refuses them (its reason, printed by `fastdiff info` as the limit, cites the spill measured here).", "",
+             "| variant | default | warps | " + " | ".join(f"sm_{cc} {c}" for cc in CCS for c in _RESOURCE_COLUMNS) + " |",
+             "|---|---|---:|" + "---:|" * (len(CCS) * len(_RESOURCE_COLUMNS))]
     for name in AOT_NAMES:
         row = [results[cc][name] for cc in CCS]
-        lines.append(f"| {name} | {row[0]['num_warps']} | " + " | ".join(str(r[c]) for r in row for c in _RESOURCE_COLUMNS) + " |")
+        lines.append(f"| {name} | {'yes' if DEFAULTS[name] else 'no'} | {row[0]['num_warps']} | "
+                     + " | ".join(str(r[c]) for r in row for c in _RESOURCE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _parse_resource_table(text):
+    """(triton version, {variant: {cc: {column: int}}}, {variant: default?})."""
     version = re.search(r"triton ([\w.+-]+)\.", text)
-    rows = {}
+    rows, defaults = {}, {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 2 + len(CCS) * len(_RESOURCE_COLUMNS) and cells[1].isdigit():
-            vals = [int(c) for c in cells[2:]]
+        if len(cells) == 3 + len(CCS) * len(_RESOURCE_COLUMNS) and cells[2].isdigit():
+            vals = [int(c) for c in cells[3:]]
             rows[cells[0]] = {cc: dict(zip(_RESOURCE_COLUMNS, vals[i * len(_RESOURCE_COLUMNS):(i + 1) * len(_RESOURCE_COLUMNS)]))
                               for i, cc in enumerate(CCS)}
-    return (version.group(1) if version else None), rows
+            defaults[cells[0]] = cells[1]
+    return (version.group(1) if version else None), rows, defaults
+
+
+def test_resource_table_defaults_are_the_dispatch_tables_and_do_not_spill():
+    """The table's `default` column is what the dispatch table decides now, and no default row of
+    the committed table spills at sm_80 or sm_90 (no compile: the table is checked current above)."""
+    assert RESOURCE_TABLE.exists(), f"{RESOURCE_TABLE} missing: run python tests/test_aot.py --table"
+    _, rows, defaults = _parse_resource_table(RESOURCE_TABLE.read_text())
+    assert sorted(rows) == sorted(AOT_NAMES), "the table's variants differ from AOT_KERNELS: regenerate it"
+    wrong = {n: defaults[n] for n in AOT_NAMES if defaults[n] != ("yes" if DEFAULTS[n] else "no")}
+    assert not wrong, f"default column differs from fastdiff.dispatch (regenerate the table): {wrong}"
+    spilling = {(n, cc): (rows[n][cc]["spill_stores"], rows[n][cc]["spill_loads"])
+                for n in AOT_NAMES for cc in CCS if DEFAULTS[n] and _spilled(rows[n][cc])}
+    assert not spilling, f"default variants that spill (stores, loads B/thread): {spilling}"
 
 
 def test_triton_resource_table_is_current(triton_cubins):
@@ -163,7 +233,7 @@ def test_triton_resource_table_is_current(triton_cubins):
     import triton
 
     assert RESOURCE_TABLE.exists(), f"{RESOURCE_TABLE} missing: run python tests/test_aot.py --table"
-    version, rows = _parse_resource_table(RESOURCE_TABLE.read_text())
+    version, rows, _ = _parse_resource_table(RESOURCE_TABLE.read_text())
     assert sorted(rows) == sorted(AOT_NAMES), "the table's variants differ from AOT_KERNELS: regenerate it"
     if version != triton.__version__:
         pytest.skip(f"table made with triton {version}, this is {triton.__version__}: numbers not compared")
