@@ -47,6 +47,10 @@ def _from_torch(r, kind, out_tensor=None, out_array=None):
     return r
 
 
+# what _to_torch may convert (with cupy.ndarray once cupy is imported); anything else passes as is
+_CONVERTIBLE = (np.ndarray, list, tuple)
+
+
 def accepts_arrays(fn):
     """Decorator: NumPy/CuPy arguments become tensors (sharing memory); tensor results come back
     as the kind of the first array argument.  ``out=`` arrays are written in place and returned
@@ -54,6 +58,17 @@ def accepts_arrays(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        cp = sys.modules.get("cupy")
+        kinds = _CONVERTIBLE if cp is None else (*_CONVERTIBLE, cp.ndarray)
+        for a in args:
+            if isinstance(a, kinds):
+                break
+        else:
+            for v in kwargs.values():
+                if isinstance(v, kinds):
+                    break
+            else:  # no array, and no list or tuple that could hold one: nothing to convert (the common call)
+                return fn(*args, **kwargs)
         kind = None
         new_args = []
         for a in args:

@@ -1,40 +1,28 @@
-"""Backend probes and the fused affine step (which backend runs an op: :mod:`fastdiff.dispatch`).
+"""The backends themselves: their names, whether each runs here (probes), and the CPU GEMM choice.
 
 Backends: ``"triton"`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
 ``"cuda"`` (CUDA C++ compiled at run time with NVRTC through CuPy), ``"cpp"`` (the
 ``fastdiff._C`` OpenMP kernels, CPU tensors) and ``"torch"`` (pure torch, any device, any
-float dtype).  For the fused step ``"auto"`` picks Triton (then CUDA C++) for CUDA tensors, C++
-for CPU tensors, and torch where neither works (or for float64, which the compiled kernels do not
-take); the table is :data:`fastdiff.dispatch.OPS`.
+float dtype).  Which backend runs an op is :mod:`fastdiff.dispatch`'s table (its rows are
+declared by ``fastdiff/ops/<op>.py``); this module only answers "does backend X run here"
+(:func:`available`, :func:`has_kernel`), for the dispatcher and for ``fastdiff info``.
 
-Every backend implements the same primitive, the fused affine step (one pass over memory)::
-
-    out[i] = sum_j c[b, j] * in_j[i] + c[b, k] * z[i],      b = i // inner
-
-with ``z`` absent, an explicit noise tensor, or the Philox stream at ``offset + i``.  Each
-reverse-step API in :mod:`fastdiff.steps` reduces to it by computing the per-sample
-coefficients ``c`` from its schedule (in float64, on the host for scalar timesteps).
-
-The primitive is registered as the ``torch.library`` op ``fastdiff::fused_step_`` (with a
-fake implementation) so ``torch.compile(fullgraph=True)`` traces code that calls it; in
-eager mode the op layer is skipped and the backend is called directly.
+:func:`mm` is here too: it picks between two GEMM libraries of this torch build (oneDNN or MKL)
+for one product, the same kind of question one level down, and every op that multiplies
+matrices on the CPU shares it.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 __all__ = ["BACKENDS", "available"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_INPUTS = 6
-NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
-
-Coefs = Union[Sequence[float], torch.Tensor]
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled kernels take
 
 
 # --------------------------------------------------------------------------- availability
@@ -142,221 +130,3 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if op is not None:
             return op(a, b.T, None, "none", [None], "")
     return a @ b
-
-
-# --------------------------------------------------------------------------- implementations
-# Each takes (out, ins, coefs, inner, noise_mode, noise, seed, offset[, start]) on flat contiguous
-# tensors; ``start`` (kernel backends) is the global index of out[0] within a larger logical tensor.
-def _fused_step_torch(out, ins, coefs, inner, noise_mode, noise, seed, offset):
-    """Pure torch: computes in float32 (float64 for float64 tensors) and writes ``out``."""
-    ctype = torch.float64 if out.dtype == torch.float64 else torch.float32
-    n = out.numel()
-    if isinstance(coefs, torch.Tensor):
-        rows = coefs.to(ctype)
-        c = [rows[:, j].repeat_interleave(inner)[:n] for j in range(rows.shape[1])]
-    else:
-        c = [float(v) for v in coefs]
-    acc = torch.zeros(n, dtype=ctype, device=out.device)
-    for j, t in enumerate(ins):
-        acc += c[j] * t.to(ctype)
-    if noise_mode == NOISE_TENSOR:
-        acc += c[len(ins)] * noise.to(ctype)
-    elif noise_mode == NOISE_PHILOX:
-        from fastdiff.reference.rng import randn_torch
-
-        acc += c[len(ins)] * randn_torch(seed, offset, n, out.device).to(ctype)
-    out.copy_(acc)
-
-
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _fused_step_cpp(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0):
-    from fastdiff import _C
-
-    if isinstance(coefs, torch.Tensor):
-        coef_ptr, scalars = coefs.data_ptr(), []
-    else:
-        coef_ptr, scalars = 0, [float(v) for v in coefs]
-    _C.fused_step(
-        out.data_ptr(), [t.data_ptr() for t in ins], _DTYPE_CODE[out.dtype], out.numel(), inner, start,
-        coef_ptr, scalars, noise_mode, noise.data_ptr() if noise is not None else 0, seed, offset,
-    )
-
-
-def _fused_step_triton(*args, **kwargs):
-    from fastdiff.kernels.fused_step import fused_step as launch
-
-    launch(*args, **kwargs)
-
-
-def _fused_step_cuda(*args, **kwargs):
-    from fastdiff._cuda import fused_step as launch
-
-    launch(*args, **kwargs)
-
-
-_IMPLS: Dict[str, Callable] = {
-    "torch": _fused_step_torch,
-    "cpp": _fused_step_cpp,
-    "triton": _fused_step_triton,
-    "cuda": _fused_step_cuda,
-}
-
-
-def _run(out, ins, coefs, noise_mode, noise, seed, offset, backend):
-    rows = coefs.shape[0] if isinstance(coefs, torch.Tensor) else 1
-    inner = max(out.numel() // rows, 1)
-    _IMPLS[backend](out, list(ins), coefs, inner, noise_mode, noise, seed, offset)
-
-
-# --------------------------------------------------------------------------- autograd
-class _FusedStepFunction(torch.autograd.Function):
-    """The fused step on a compiled backend, differentiable.  The step is affine, so with
-    ``g = dL/d out`` and ``c_j`` row ``b``'s coefficient expanded over its elements::
-
-        dL/d in_j = c_j * g,   dL/d noise = c_k * g,   dL/d c[b, j] = sum_{i in row b} g[i] in_j[i]
-
-    (``in_k`` being the noise: the tensor, or the Philox draws regenerated by the same kernel).
-    The inputs are saved only when the coefficients need a gradient."""
-
-    @staticmethod
-    def forward(ctx, backend, like, coefs, scalars, noise_mode, noise, seed, offset, *ins):
-        res = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-        _run(res, ins, coefs if coefs is not None else scalars, noise_mode, noise, seed, offset, backend)
-        ctx.backend, ctx.scalars, ctx.noise_mode, ctx.seed, ctx.offset = backend, scalars, noise_mode, seed, offset
-        ctx.n_ins, ctx.has_coefs, ctx.has_noise = len(ins), coefs is not None, noise is not None
-        ctx.coefs_grad = coefs is not None and coefs.requires_grad
-        saved = [coefs] if coefs is not None else []
-        if ctx.coefs_grad:
-            saved += list(ins) + ([noise] if noise is not None else [])
-        ctx.save_for_backward(*saved)
-        return res
-
-    @staticmethod
-    def backward(ctx, g):
-        saved = ctx.saved_tensors
-        coefs = saved[0] if ctx.has_coefs else None
-        n, k = g.numel(), ctx.n_ins
-        ctype = torch.float64 if g.dtype == torch.float64 else torch.float32
-        gc = g.to(ctype)
-        if coefs is not None:
-            R = coefs.shape[0]
-            inner = max(n // R, 1)
-            cols = coefs.detach().to(ctype)
-            col = lambda j: cols[:, j].repeat_interleave(inner)[:n]  # noqa: E731
-        else:
-            col = lambda j: ctx.scalars[j]  # noqa: E731
-        need = ctx.needs_input_grad
-        grad_ins = [(col(j) * gc).to(g.dtype) if need[8 + j] else None for j in range(k)]
-        grad_noise = (col(k) * gc).to(g.dtype) if ctx.has_noise and need[5] else None
-        grad_coefs = None
-        if ctx.coefs_grad and need[2]:
-            R = coefs.shape[0]
-            inner = max(n // R, 1)
-            row = (torch.arange(n, device=g.device) // inner).clamp(max=R - 1)
-            terms = list(saved[1:1 + k])
-            if ctx.noise_mode == NOISE_TENSOR:
-                terms.append(saved[1 + k])
-            elif ctx.noise_mode == NOISE_PHILOX:  # the very draws the forward used
-                z = torch.empty(n, dtype=g.dtype, device=g.device)
-                _run(z, [], [1.0], NOISE_PHILOX, None, ctx.seed, ctx.offset, ctx.backend)
-                terms.append(z)
-            grad_coefs = torch.zeros(coefs.shape, dtype=ctype, device=g.device)
-            for j, t in enumerate(terms):
-                grad_coefs[:, j].index_add_(0, row, gc * t.detach().to(ctype))
-            grad_coefs = grad_coefs.to(coefs.dtype)
-        return (None, None, grad_coefs, None, None, grad_noise, None, None, *grad_ins)
-
-
-def _needs_grad(out, ins, coefs, noise) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    if out.requires_grad or (noise is not None and noise.requires_grad):
-        return True
-    if isinstance(coefs, torch.Tensor) and coefs.requires_grad:
-        return True
-    for t in ins:
-        if t.requires_grad:
-            return True
-    return False
-
-
-# --------------------------------------------------------------------------- torch.library op
-@torch.library.custom_op("fastdiff::fused_step_", mutates_args=("out",))
-def _fused_step_op(
-    out: torch.Tensor,
-    ins: List[torch.Tensor],
-    coefs: Optional[torch.Tensor],
-    scalar_coefs: List[float],
-    noise_mode: int,
-    noise: Optional[torch.Tensor],
-    seed: int,
-    offset: int,
-    backend: str,
-) -> None:
-    _run(out, ins, coefs if coefs is not None else scalar_coefs, noise_mode, noise, seed, offset, backend)
-
-
-@_fused_step_op.register_fake
-def _(out, ins, coefs, scalar_coefs, noise_mode, noise, seed, offset, backend) -> None:
-    return None
-
-
-def _fused_step(
-    out: torch.Tensor,
-    ins: Sequence[torch.Tensor],
-    coefs: Coefs,
-    *,
-    noise: Optional[torch.Tensor] = None,
-    seed: int = 0,
-    offset: int = 0,
-    philox: bool = False,
-    backend: str,
-) -> torch.Tensor:
-    """``out = sum_j coefs[:, j] * ins[j] + coefs[:, k] * z`` in one pass (see the module docstring).
-
-    ``out``, ``ins`` and ``noise`` are flat contiguous tensors of one dtype and device (callers in
-    :mod:`fastdiff.steps` validate and flatten); ``coefs`` is a list of ``k+1`` floats or a float32
-    ``(R, k+1)`` tensor on the same device (row ``b`` applies to elements ``[b*n/R, (b+1)*n/R)``).
-    ``z`` is ``noise`` if given, else the Philox stream ``(seed, offset + i)`` if ``philox``.
-    ``backend`` is a concrete one, already chosen by :func:`fastdiff.dispatch.choose` (which reads
-    this module's probes: the choice is the caller's, so the two modules do not import each other).
-
-    Private on purpose: the compiled kernels read and write through raw pointers, and only the
-    public steps check shapes, dtypes, contiguity and lengths (a misuse here reads past the end of
-    a buffer).  Public code calls :mod:`fastdiff.steps` instead.
-    """
-    if len(ins) > MAX_INPUTS:
-        raise ValueError(f"ins: at most {MAX_INPUTS} inputs, got {len(ins)}")
-    noise_mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if philox else NOISE_NONE)
-    if noise_mode == NOISE_PHILOX and offset % 4:
-        raise ValueError(f"offset: the Philox window must start on a quad (multiple of 4), got {offset}")
-    if torch.compiler.is_compiling() and _needs_grad(out, ins, coefs, noise):
-        # the registered op has no autograd formula: traced code that needs a gradient runs the
-        # pure torch step, which torch differentiates
-        rows = coefs.shape[0] if isinstance(coefs, torch.Tensor) else 1
-        _fused_step_torch(out, list(ins), coefs, max(out.numel() // rows, 1), noise_mode, noise, seed, offset)
-        return out
-    if backend != "torch" and _needs_grad(out, ins, coefs, noise):
-        # the kernels write through raw pointers, invisible to autograd: run them inside an
-        # autograd.Function, then copy into out, so out= joins the graph exactly as the torch
-        # backend's out.copy_ does
-        tensor_coefs = coefs if isinstance(coefs, torch.Tensor) else None
-        scalars = [] if tensor_coefs is not None else [float(v) for v in coefs]
-        res = _FusedStepFunction.apply(backend, out.detach(), tensor_coefs, scalars, noise_mode, noise, seed, offset,
-                                       *ins)
-        out.copy_(res)
-        return out
-    if torch.compiler.is_compiling():
-        tensor_coefs = coefs if isinstance(coefs, torch.Tensor) else None
-        scalars = [] if tensor_coefs is not None else [float(v) for v in coefs]
-        _fused_step_op(out, list(ins), tensor_coefs, scalars, noise_mode, noise, seed, offset, backend)
-    else:
-        _run(out, ins, coefs, noise_mode, noise, seed, offset, backend)
-        if backend != "torch":
-            # the kernel wrote through a raw pointer, which autograd never sees: bump the version
-            # counter as an in-place torch op would, so a tensor saved for backward and then
-            # overwritten makes backward raise instead of using the new values
-            torch.autograd.graph.increment_version(out)
-    return out

@@ -90,6 +90,12 @@ def check_backend(op: str, backend) -> Op:
     return table
 
 
+# choose()'s answers for calls without sizes, keyed by (op, backend name, torch.device, dtype): every
+# step call asks, and the answer is pure (the probes are cached for the process).  A forced "triton"
+# is not kept: whether it runs on CPU tensors reads TRITON_INTERPRET at each call.  Errors are not kept.
+_CHOSEN: Dict[tuple, str] = {}
+
+
 def choose(op: str, backend: str, device, dtype: torch.dtype, *, explain: bool = False, **sizes):
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype`` at these ``sizes``.
 
@@ -99,6 +105,16 @@ def choose(op: str, backend: str, device, dtype: torch.dtype, *, explain: bool =
     (unknown name, not available here, wrong dtype or device, no kernel in this build, too large),
     except the op's ``soft`` refusals, which fall back.  ``explain=True``: (choice, why) instead,
     why saying what was refused ("" when a kernel runs)."""
+    if explain or sizes or backend == "triton" or not isinstance(backend, str) or not isinstance(device, torch.device):
+        return _decide(op, backend, device, dtype, explain, sizes)
+    key = (op, backend, device, dtype)
+    choice = _CHOSEN.get(key)
+    if choice is None:
+        choice = _CHOSEN[key] = _decide(op, backend, device, dtype, False, sizes)
+    return choice
+
+
+def _decide(op: str, backend: str, device, dtype: torch.dtype, explain: bool, sizes: dict):
     table = check_backend(op, backend)
     device = torch.device(device)
     if backend == "auto":

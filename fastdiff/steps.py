@@ -5,8 +5,9 @@ draw: ``x_next = a x + c m + s z`` (Heun's corrector reads four tensors, classif
 guidance splits ``m`` into its unconditional and conditional halves).  Each function computes
 its per-sample coefficients ``(a, c, s)`` in float64 from the schedule and the prediction type
 (the formulas live once, in :mod:`fastdiff.coefficients`, shared with the trajectory tables),
-then makes **one** pass over memory with :func:`fastdiff.backends._fused_step`: 2 reads and 1
-write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's dtype.
+then makes **one** pass over memory with the fused-step op (:mod:`fastdiff.ops.fused_step`): 2
+reads and 1 write for a DDPM step, noise drawn in the kernel, compute in float32, output in x's
+dtype.
 
 Conventions shared by every step:
 
@@ -37,11 +38,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from fastdiff import backends, dispatch
+from fastdiff import dispatch
 from fastdiff import coefficients as C
 from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_float_tensor,
                                check_no_partial_overlap, check_not_meta, check_out_writable)
 from fastdiff.generator import Generator, default_generator
+from fastdiff.ops.fused_step import _fused_step
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 
 __all__ = [
@@ -140,13 +142,14 @@ class _Call:
     def timestep(self, name: str, t, T: int, *, allow_final=False):
         """An integer timestep in [0, T) ([-1, T) with ``allow_final``): int, or (B,) int64 tensor."""
         lo = -1 if allow_final else 0
-        if isinstance(t, torch.Tensor):
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise TypeError(f"{name}: expected integer timesteps, got dtype {t.dtype}")
-            if t.numel() == 1 and t.ndim <= 1 and t.device.type == "cpu" and (t.ndim == 0 or self.B != 1):
-                t = int(t.item())
-        elif isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise TypeError(f"{name}: expected an int or an integer (B,) tensor, got {type(t).__name__}")
+        if type(t) is not int:  # the common call, a plain int, skips these (numbers.Integral is an ABC lookup)
+            if isinstance(t, torch.Tensor):
+                if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                    raise TypeError(f"{name}: expected integer timesteps, got dtype {t.dtype}")
+                if t.numel() == 1 and t.ndim <= 1 and t.device.type == "cpu" and (t.ndim == 0 or self.B != 1):
+                    t = int(t.item())
+            elif isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"{name}: expected an int or an integer (B,) tensor, got {type(t).__name__}")
         if not isinstance(t, torch.Tensor):
             t = int(t)
             if not lo <= t < T:
@@ -217,16 +220,18 @@ class _Call:
             if self.invalid is not None:
                 packed = torch.where(self.invalid.reshape(-1, 1).expand(R, 1), float("nan"), packed)
             packed = packed.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
-        flat = [t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1) for t, _ in merged]
+        # contiguous tensors go to the op as they are (it reads them flat; a view per tensor costs
+        # more than a small step's kernel), strided ones as contiguous copies
+        ins = [t if t.is_contiguous() else t.contiguous() for t, _ in merged]
         target = out if (out is not None and out.is_contiguous()) else torch.empty_like(x, memory_format=torch.contiguous_format)
         seed = offset = 0
         philox = False
         if wants_noise and noise is None:
             gen = generator if generator is not None else default_generator
             seed, offset, philox = gen.seed, gen.draw(x.numel()), True
-        backends._fused_step(
-            target.view(-1), flat, packed,
-            noise=(noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().view(-1)) if (wants_noise and noise is not None) else None,
+        _fused_step(
+            target, ins, packed,
+            noise=(noise if noise.is_contiguous() else noise.contiguous()) if (wants_noise and noise is not None) else None,
             seed=seed, offset=offset, philox=philox,
             backend=dispatch.choose("fused_step", backend, x.device, x.dtype),
         )
@@ -431,6 +436,19 @@ def _score_form(call, prediction, alpha, sigma):
     return C.score_form(prediction, alpha, sigma)
 
 
+def _score_step(coefficients, x, model_output, step_size, prediction, alpha, sigma, guidance, noise, generator, out,
+                backend):
+    """A step ``cx x + cs score(x) + cz z`` whose ``(cx, cs, cz) = coefficients(step_size)``."""
+    call = _Call(x)
+    _check_prediction(prediction)
+    g = call.value("step_size", step_size, min_value=0.0)
+    mterms = call.model_output("model_output", model_output, guidance)
+    form = _score_form(call, prediction, alpha, sigma)
+    cx, cs, cz = coefficients(g)
+    return call.launch(_terms(x, mterms, cx, form, cs), cz, noise=noise, generator=generator,
+                       out=out, backend=backend)
+
+
 @accepts_arrays
 def langevin_step(x, model_output, step_size, *, prediction: str = "score", alpha: float = 1.0, sigma=None,
                   guidance=None, noise=None, generator: Optional[Generator] = None, out=None, backend: str = "auto"):
@@ -440,14 +458,8 @@ def langevin_step(x, model_output, step_size, *, prediction: str = "score", alph
     (``score = (alpha x0_hat - x) / sigma^2``).  At fixed ``sigma`` this is the "walk" of walk-jump
     sampling; the "jump" is :func:`predict_x0`.
     """
-    call = _Call(x)
-    _check_prediction(prediction)
-    g = call.value("step_size", step_size, min_value=0.0)
-    mterms = call.model_output("model_output", model_output, guidance)
-    form = _score_form(call, prediction, alpha, sigma)
-    cx, cs, cz = C.langevin(g)
-    return call.launch(_terms(x, mterms, cx, form, cs), cz, noise=noise, generator=generator,
-                       out=out, backend=backend)
+    return _score_step(C.langevin, x, model_output, step_size, prediction, alpha, sigma, guidance, noise, generator,
+                       out, backend)
 
 
 @accepts_arrays
@@ -457,14 +469,8 @@ def ou_reverse_step(x, model_output, step_size, *, prediction: str = "score", al
 
         y_{k+1} = y_k + gamma y_k + 2 gamma score(y_k) + sqrt(2 gamma) z
     """
-    call = _Call(x)
-    _check_prediction(prediction)
-    g = call.value("step_size", step_size, min_value=0.0)
-    mterms = call.model_output("model_output", model_output, guidance)
-    form = _score_form(call, prediction, alpha, sigma)
-    cx, cs, cz = C.ou_reverse(g)
-    return call.launch(_terms(x, mterms, cx, form, cs), cz, noise=noise, generator=generator,
-                       out=out, backend=backend)
+    return _score_step(C.ou_reverse, x, model_output, step_size, prediction, alpha, sigma, guidance, noise, generator,
+                       out, backend)
 
 
 # =========================================================================== conversions and noise
@@ -516,8 +522,8 @@ def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, de
         dispatch.check_backend("fused_step", backend)  # a bad name is an error on every input
         return out
     gen = generator if generator is not None else default_generator
-    backends._fused_step(out.view(-1), [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
-                         backend=dispatch.choose("fused_step", backend, out.device, out.dtype))
+    _fused_step(out, [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
+                backend=dispatch.choose("fused_step", backend, out.device, out.dtype))
     return out
 
 

@@ -1,16 +1,8 @@
-"""The fused MoLRG trajectory: host-side tables and the launch (C++ on CPU, Triton on CUDA).
+"""The fused MoLRG trajectory, public side: which denoisers it runs, and its tables built from a
+sampler's steps (:func:`fastdiff.sampling.trajectory_table` rows); the op (its contract, the
+table layout, the launch) is :mod:`fastdiff.ops.trajectory`.
 
-:func:`fastdiff.sample` calls :func:`run` for MoLRG denoisers.  The tables (see
-``csrc/trajectory.cpp`` and ``kernels/trajectory.py`` for the per-step program they encode):
-
-- ``coef`` (T, 8) float32 ``[s1, cx, cm, cz, hx, hm, hxp, hmp]``: the step's affine map (float64 on
-  the host, :func:`fastdiff.sampling.trajectory_table`, rounded once);
-- ``idx`` (T, 5) int64 ``[off1, off2, prow1, prow2, snap]``: the Philox offsets of the churn noise
-  and of the step noise (-1: no draw), taken from the generator in the order the step-by-step
-  loop takes them; the denoiser's parameter rows of the step's evaluation(s) (-1: no Heun
-  corrector); the trajectory slot the state after the step goes to (-1: none);
-- ``params`` (I or 1, P, 3K + 2) float32: one MoLRG parameter row (:func:`fastdiff.denoisers.molrg.molrg_params`)
-  per distinct noise level, per instance when the instances' pi / tau / delta differ.
+:func:`fastdiff.sample` asks :func:`supported`, then calls :func:`run` for MoLRG denoisers.
 """
 from __future__ import annotations
 
@@ -22,10 +14,10 @@ from fastdiff import dispatch
 from fastdiff.ops.molrg import offsets as _offsets
 from fastdiff.denoisers.molrg import _molrg_params_scalar
 from fastdiff.denoisers import MoLRG
+from fastdiff.ops.trajectory import NCOEF, NIDX, _trajectory
 
 __all__ = ["supported", "run", "tables"]
 
-NCOEF, NIDX = 8, 5
 # steps per launch while a progress bar is shown (~50 updates per run)
 PROGRESS_UPDATES = 50
 
@@ -107,39 +99,17 @@ def tables(models: Sequence[MoLRG], table, numel: int, gen, guidance, snaps, dev
 def run(den, x: torch.Tensor, table, gen, labels, guidance, snaps, backend: str, show: bool):
     """The fused trajectory from ``x`` (not modified); returns (x_final, trajectory or None)."""
     models = _models(den)
-    impl, _ = _choose(models[0], x, backend)
     m0 = models[0]
-    I = len(models)
-    n = m0.n
-    B = x.numel() // (I * n)
+    impl, _ = _choose(m0, x, backend)
     coef, idx, params, istride = tables(models, table, x.numel(), gen, guidance, snaps, x.device)
     ucat = torch.stack([m.ucat for m in models]).to(x.device, torch.float32).contiguous()  # (I, n, D)
-    state = x.to(torch.float32).contiguous().view(I * B, n)
-    if state.data_ptr() == x.data_ptr():
-        state = state.clone()
     lab = labels.reshape(-1).to(x.device).contiguous() if labels is not None else None
-    traj = None
-    if snaps is not None:
-        traj = torch.empty((len(snaps), I * B, n), dtype=torch.float32, device=x.device)
-    offsets = _offsets(m0.dims)
     T = len(table)
-    chunk = T if not show else max(1, -(-T // PROGRESS_UPDATES))
     bar = _progress(T, show)
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        if impl == "cpp":
-            from fastdiff import _C
-
-            _C.molrg_trajectory(state.data_ptr(), I, B, n, ucat.data_ptr(), offsets, params.data_ptr(), istride,
-                                lab.data_ptr() if lab is not None else 0, m0.mode == "hard", coef.data_ptr(),
-                                idx.data_ptr(), t0, t1, traj.data_ptr() if traj is not None else 0, gen.seed)
-        else:
-            from fastdiff.kernels.trajectory import molrg_trajectory
-
-            molrg_trajectory(state, I, B, ucat, offsets, params, istride, lab, m0.mode == "hard", coef, idx, t0, t1,
-                             traj, gen.seed)
-        if bar is not None:
-            bar.update(t1 - t0)
+    state, traj = _trajectory(x, ucat, _offsets(m0.dims), params, istride, lab, m0.mode == "hard", coef, idx,
+                              len(snaps) if snaps is not None else None, gen.seed, backend=impl,
+                              chunk=T if not show else max(1, -(-T // PROGRESS_UPDATES)),
+                              progress=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
     out = state.view(x.shape).to(x.dtype)

@@ -1,16 +1,15 @@
-"""The kernels' launchers, installed as ``fastdiff.kernels``: one Triton file per op, and
-``cpp.py``, every ``fastdiff._C`` launcher.
+"""The launchers of fastdiff's kernels, one file per op (installed as ``fastdiff.kernels``): the
+Triton kernels (``<op>.py``) and every ``fastdiff._C`` call (``cpp.py``).
 
-``AOT_KERNELS`` collects every kernel variant that ``tests/test_aot.py`` compiles ahead of
-time for sm_80 and sm_90 (no GPU needed), so a kernel that only breaks in the compiler
-(not in the interpreter) fails CI.  It is assembled on first access: importing this package
-(for :mod:`.cpp`, which the CPU paths call) must not import Triton, an optional dependency.
+``AOT_KERNELS`` collects every Triton kernel variant that ``tests/test_aot.py`` compiles ahead of
+time for sm_80 and sm_90 (no GPU needed), so a kernel that only breaks in the compiler (not in
+the interpreter) fails CI.  It is built on first access: importing ``fastdiff.kernels.cpp`` (the
+C++ backend) must not import Triton, which is optional on CPU.
 """
-
 __all__ = ["AOT_KERNELS"]
 
 
-def __getattr__(name: str):
+def __getattr__(name):
     if name == "AOT_KERNELS":
         from .fused_step import AOT_KERNELS as fused_step
         from .molrg import AOT_KERNELS as molrg

@@ -51,6 +51,51 @@ def ksubspaces(X, counts, K: int, starts, max_iter: int, tol: float, refit_iter:
                   tol, refit_iter, 0, torch.get_num_threads())
 
 
+# =========================================================================== fused_step
+# csrc/fused_step.cpp; the contract: fastdiff/ops/fused_step.py.  (Section-level imports, unlike
+# the sections that import per call: a small step's whole budget is ~20 us, an import statement
+# per call ~0.5 us.  The module still imports without the C++ build.)
+import torch  # noqa: E402
+
+try:
+    from fastdiff import _C
+except ImportError:  # not built: the "cpp" backend is never chosen, these launchers never run
+    _C = None
+
+_FUSED_STEP_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernel's dtype codes
+
+
+def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0) -> None:
+    """``_C.fused_step`` on CPU tensors: ``out``, ``ins`` (0..6) and ``noise`` (or None) contiguous,
+    of ``out.numel()`` elements and ``out``'s dtype (float32 / float16 / bfloat16); ``coefs``: k + 1
+    floats, or a float32 contiguous (R, k + 1) tensor read through its pointer; ``inner``: elements
+    per coefficient row; ``start``: global index of ``out[0]``; noise mode 0/1/2, Philox
+    ``(seed, offset + start + i)``."""
+    if isinstance(coefs, torch.Tensor):
+        coef_ptr, scalars = coefs.data_ptr(), []
+    else:
+        coef_ptr, scalars = 0, [float(v) for v in coefs]
+    _C.fused_step(
+        out.data_ptr(), [t.data_ptr() for t in ins], _FUSED_STEP_DTYPE[out.dtype], out.numel(), inner, start,
+        coef_ptr, scalars, noise_mode, noise.data_ptr() if noise is not None else 0, seed, offset,
+    )
+
+
+# =========================================================================== trajectory
+# csrc/trajectory.cpp; the contract and the tables: fastdiff/ops/trajectory.py.
+def molrg_trajectory(x, I, B, ucat, offsets, params, p_istride, labels, hard, coef, idx, t0, t1, traj, seed) -> None:
+    """``_C.molrg_trajectory``: steps ``[t0, t1)`` of the fused MoLRG trajectory, ``x`` updated in
+    place.  x: (I B, n) float32 contiguous; ucat: (I, n, D) float32 contiguous; offsets: K + 1 ints;
+    params: float32 contiguous, instance stride ``p_istride`` elements (0: shared); labels: (I B,)
+    int64 contiguous or None; coef (T, 8) float32 and idx (T, 5) int64 contiguous; traj:
+    (S, I B, n) float32 contiguous or None; seed: the generator's seed."""
+    from fastdiff import _C
+
+    _C.molrg_trajectory(x.data_ptr(), I, B, x.shape[1], ucat.data_ptr(), offsets, params.data_ptr(), p_istride,
+                        labels.data_ptr() if labels is not None else 0, bool(hard), coef.data_ptr(), idx.data_ptr(),
+                        t0, t1, traj.data_ptr() if traj is not None else 0, seed)
+
+
 # =========================================================================== molrg
 # The four MoLRG kernels (csrc/molrg_forward.cpp, molrg_backward.cpp, molrg_mix.cpp), float32 only.
 # What they share:

@@ -59,24 +59,21 @@ def _fused_step_kernel(
             row = (r0.to(tl.int32) + a) // inner.to(tl.int32)
         # gathers of a few distinct addresses per block: served by L1
         crow = coef_ptr + b0 * K1 + row * K1
+    else:
+        crow = coef_ptr  # unused: _coef returns the scalar kernel argument
 
+    # the inputs' terms; a slot past NUM_INPUTS adds nothing (its pointer is a placeholder)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    if NUM_INPUTS > 0:
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, 0, c0, mask, PER_SAMPLE) * tl.load(in0 + offs, mask=mask).to(tl.float32)
-    if NUM_INPUTS > 1:
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, 1, c1, mask, PER_SAMPLE) * tl.load(in1 + offs, mask=mask).to(tl.float32)
-    if NUM_INPUTS > 2:
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, 2, c2, mask, PER_SAMPLE) * tl.load(in2 + offs, mask=mask).to(tl.float32)
-    if NUM_INPUTS > 3:
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, 3, c3, mask, PER_SAMPLE) * tl.load(in3 + offs, mask=mask).to(tl.float32)
-    if NUM_INPUTS > 4:
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, 4, c4, mask, PER_SAMPLE) * tl.load(in4 + offs, mask=mask).to(tl.float32)
-    if NUM_INPUTS > 5:
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, 5, c5, mask, PER_SAMPLE) * tl.load(in5 + offs, mask=mask).to(tl.float32)
+    acc = _term(acc, in0, 0, c0, crow, offs, mask, NUM_INPUTS, PER_SAMPLE)
+    acc = _term(acc, in1, 1, c1, crow, offs, mask, NUM_INPUTS, PER_SAMPLE)
+    acc = _term(acc, in2, 2, c2, crow, offs, mask, NUM_INPUTS, PER_SAMPLE)
+    acc = _term(acc, in3, 3, c3, crow, offs, mask, NUM_INPUTS, PER_SAMPLE)
+    acc = _term(acc, in4, 4, c4, crow, offs, mask, NUM_INPUTS, PER_SAMPLE)
+    acc = _term(acc, in5, 5, c5, crow, offs, mask, NUM_INPUTS, PER_SAMPLE)
 
     if NOISE == 1:
         z = tl.load(noise_ptr + offs, mask=mask).to(tl.float32)
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
+        acc += _coef(crow, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
     if NOISE == 2:
         # One Philox call per quad of 4 elements (not per element: 4x less integer work).
         # Quad q of the stream: counter (lo32(q), hi32(q), 0, 0), key = seed.
@@ -86,9 +83,17 @@ def _fused_step_kernel(
         n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2_), tl.uint_to_uniform_float(r3_))
         # (Q, 2, 2)[q, i, j] = n_{2i+j}; row-major flattening puts n_l at element 4q + l.
         z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK,))
-        acc += _coef(crow if PER_SAMPLE else coef_ptr, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
+        acc += _coef(crow, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
 
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _term(acc, in_ptr, j: tl.constexpr, scalar, crow, offs, mask, NUM_INPUTS: tl.constexpr, PER_SAMPLE: tl.constexpr):
+    """``acc + c_j * in_j`` for input ``j < NUM_INPUTS``; ``acc`` itself for an unused slot."""
+    if j < NUM_INPUTS:
+        acc += _coef(crow, j, scalar, mask, PER_SAMPLE) * tl.load(in_ptr + offs, mask=mask).to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -101,10 +106,10 @@ def _coef(row_ptr, j: tl.constexpr, scalar, mask, PER_SAMPLE: tl.constexpr):
 
 
 def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0):
-    """Launch the fused step on flat contiguous tensors (CUDA, or CPU under TRITON_INTERPRET=1).
+    """Launch the fused step on contiguous tensors, read as flat (CUDA, or CPU under TRITON_INTERPRET=1).
 
-    out: tensor (n,); ins: list of 0..6 tensors (n,) of out's dtype; coefs: list of k+1 floats
-    or a float32 (R, k+1) contiguous tensor (row b for elements [b*inner, (b+1)*inner));
+    out: tensor of n elements; ins: list of 0..6 tensors of n elements and out's dtype; coefs:
+    list of k+1 floats or a float32 (R, k+1) contiguous tensor (row b for elements [b*inner, (b+1)*inner));
     inner: elements per coefficient row; noise_mode: 0 none, 1 ``noise`` tensor, 2 Philox
     stream (seed, offset + i) with offset % 4 == 0; seed, offset: ints.  ``start``: global index
     of ``out[0]`` when the tensors are a window of a larger logical tensor (row and counter math
@@ -133,12 +138,13 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
             NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
         return out
+    flat_out, flat_ins, flat_nz = out.view(-1), [t.view(-1) for t in ins], nz.view(-1)
     for s in range(0, n, CHUNK):
         e = min(s + CHUNK, n)
-        o = out[s:e]
-        ptrs = [t[s:e] for t in ins] + [o] * (MAX_INPUTS - k)
+        o = flat_out[s:e]
+        ptrs = [t[s:e] for t in flat_ins] + [o] * (MAX_INPUTS - k)
         _fused_step_kernel[(triton.cdiv(e - s, BLOCK),)](
-            o, *ptrs, nz[s:e], coef_t, *cs, e - s, inner, start + s, seed, offset,
+            o, *ptrs, flat_nz[s:e], coef_t, *cs, e - s, inner, start + s, seed, offset,
             NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
     return out

@@ -2,7 +2,7 @@
 
 One program per (tile of BLOCK_B samples, instance).  The tile x (BLOCK_B, N_PAD) and the
 instance's bases Ucat (N_PAD, D_PAD) stay in registers for all steps of [t0, t1); per step
-(tables from fastdiff/trajectory.py; csrc/trajectory.cpp runs the same program on CPU):
+(the contract and the tables: fastdiff/ops/trajectory.py; csrc/trajectory.cpp runs the same program on CPU):
 
     coef[t] = [s1, cx, cm, cz, hx, hm, hxp, hmp]     idx[t] = [off1, off2, prow1, prow2, snap]
     x  <- x + s1 z(off1)                                  if off1 >= 0   (EDM churn)
@@ -130,7 +130,7 @@ def _molrg_trajectory_kernel(
         off2 = tl.load(ix + 1)
         p1 = tl.load(ix + 2)
         p2 = tl.load(ix + 3)
-        # at most one of the two draws per step (fastdiff/trajectory.py checks): one call site
+        # at most one of the two draws per step (fastdiff/trajectory.py: tables checks): one call site
         offz = tl.maximum(off1, off2)
         if offz >= 0:
             z = tl.where(xm, _normals(seed, offz, g_rel), 0.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import backends
+from fastdiff.ops import fused_step as fused_step_op
 from fastdiff.reference import rng as ref_rng
 from conftest import TOLERANCE, is_interpreter
 
@@ -18,7 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _launch(backend, *args, **kwargs):
-    backends._IMPLS[backend](*args, **kwargs)
+    fused_step_op.LAUNCHERS[backend](*args, **kwargs)
 
 
 def _case(k, noise_mode, per_sample, dtype, device, n, inner, start, seed=1234, offset=8, gen=None):

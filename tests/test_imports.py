@@ -122,7 +122,8 @@ def test_graph_sees_the_package():
     g = _graph()
     assert "fastdiff.sampling" in g and "fastdiff.steps" in g
     assert "fastdiff.steps" in g["fastdiff.sampling"]  # module-level "from fastdiff import steps as S"
-    assert "fastdiff.backends" in g["fastdiff.steps"]
+    assert "fastdiff.dispatch" in g["fastdiff.steps"]  # "from fastdiff import dispatch": a submodule
+    assert "fastdiff.ops.fused_step" in g["fastdiff.steps"]  # "from fastdiff.ops.fused_step import _fused_step"
 
 
 def test_cycle_finder_finds_a_cycle():

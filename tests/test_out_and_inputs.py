@@ -17,6 +17,8 @@ def test_fused_step_is_private():
     assert "fused_step" not in backends.__all__
     assert not hasattr(backends, "fused_step")
     assert "fused_step" not in fastdiff.__all__
+    from fastdiff.ops import fused_step as op  # the op module exports its table row and constants only
+    assert not hasattr(op, "fused_step") and "_fused_step" not in op.__all__
 
 
 # --------------------------------------------------------------------------- helpers

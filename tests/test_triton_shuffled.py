@@ -122,12 +122,13 @@ def test_fused_step_shuffled():
     """The primitive: 2 inputs, Philox noise, per-sample rows; n = 3 blocks + 5 (4 programs)."""
     from test_fused_kernel import _case, _check
     from fastdiff.kernels.fused_step import BLOCK
+    from fastdiff.ops import fused_step as fused_step_op
     dtype, n, inner = torch.float32, 3 * BLOCK + 5, 1000
     ins, noise, coefs, ref, c = _case(2, 2, True, dtype, "cpu", n, inner, 0)
 
     def run():
         out = torch.full((n,), float("nan"), dtype=dtype)
-        backends._IMPLS["triton"](out, ins, coefs, inner, 2, noise, 1234, 8)
+        fused_step_op.LAUNCHERS["triton"](out, ins, coefs, inner, 2, noise, 1234, 8)
         return (out,)
 
     (out,), (shuffled,), progs = _in_order_and_shuffled(run)

@@ -1,4 +1,5 @@
-"""The shape of a dispatch-table row: :class:`Op` (one per op) and :class:`Impl` (one per backend).
+"""The shape of a dispatch-table row: :class:`Op` (one per op) and :class:`Impl` (one per backend);
+and :class:`Launchers`, the shape of an op's table of launchers.
 
 Pure data, so that every ``fastdiff/ops/<op>.py`` can declare its ``ROW`` next to its contract
 and :mod:`fastdiff.dispatch` can collect the rows without either importing the other's logic.
@@ -12,7 +13,7 @@ import torch
 
 from fastdiff.backends import BACKENDS, KERNEL_DTYPES
 
-__all__ = ["Impl", "Op", "Fits", "ANY_DTYPE", "CPU", "CUDA", "ALL", "TORCH", "fits_always"]
+__all__ = ["Impl", "Op", "Launchers", "Fits", "ANY_DTYPE", "CPU", "CUDA", "ALL", "TORCH", "fits_always"]
 
 ANY_DTYPE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU, CUDA, ALL = ("cpu",), ("cuda",), ("cpu", "cuda")
@@ -54,3 +55,17 @@ class Op:
 
 
 TORCH = Impl("torch", ALL, ANY_DTYPE, limit="any device, any float dtype")
+
+
+class Launchers(dict):
+    """An op's launchers, ``{backend: launcher}``.  A backend not in the table yet is loaded by
+    ``load(backend)`` (which imports its module, so a backend's code, Triton or CuPy, loads only in
+    a process that runs it) and kept; ``ready`` are the launchers that need no import."""
+
+    def __init__(self, load: Callable[[str], Callable], **ready: Callable):
+        super().__init__(ready)
+        self._load = load
+
+    def __missing__(self, backend: str) -> Callable:
+        fn = self[backend] = self._load(backend)
+        return fn
