@@ -2,7 +2,7 @@
 // structure and code paths are described at the top of molrg_forward.cpp; phase 2 (the
 // per-row mix) is in molrg_mix.cpp.
 //
-// Fused MoLRG backward (CPU), the math of denoisers._molrg_ops._MoLRGFunction.backward per row:
+// Fused MoLRG backward (CPU), the math of fastdiff.ops.molrg.MoLRGFunction.backward per row:
 //   P = U^T x (recomputed), c_j = w'_{k(j)} C_{k(j)}, q = P c, dq = U^T G, dP = dq c
 //   (soft: + 2 P_j g_k dl_k, dc_k = sum_{j in k} dq_j P_j, dw = (1 - gw) C dc,
 //   dl = w (dw - <w, dw>)), dx = A G + U dP, dU = sum_rows G q^T + x dP^T.

@@ -315,7 +315,7 @@ using namespace molrg_detail;
 
 // =======================================================================================
 // The per-row mix alone (phase 2 of the forward and of the backward), for callers that do
-// the big products with a library GEMM: denoisers._molrg_ops._molrg_torch on large CPU problems, where
+// the big products with a library GEMM: fastdiff.ops.molrg.forward_torch on large CPU problems, where
 // oneDNN's GEMM outruns the register tiles above and the mix is what torch would otherwise
 // spread over a dozen (B, D) passes.  P = x Ucat (B, D), row-major with stride D (the masked /
 // generic row routines take any stride); rows in blocks of 64 over OpenMP threads.

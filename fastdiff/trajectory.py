@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from fastdiff import dispatch
-from fastdiff.denoisers._molrg_ops import _offsets
+from fastdiff.ops.molrg import offsets as _offsets
 from fastdiff.denoisers.molrg import _molrg_params_scalar
 from fastdiff.denoisers import MoLRG
 from fastdiff.ops.trajectory import NCOEF, NIDX, _trajectory

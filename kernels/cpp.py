@@ -94,3 +94,70 @@ def molrg_trajectory(x, I, B, ucat, offsets, params, p_istride, labels, hard, co
     _C.molrg_trajectory(x.data_ptr(), I, B, x.shape[1], ucat.data_ptr(), offsets, params.data_ptr(), p_istride,
                         labels.data_ptr() if labels is not None else 0, bool(hard), coef.data_ptr(), idx.data_ptr(),
                         t0, t1, traj.data_ptr() if traj is not None else 0, seed)
+
+
+# =========================================================================== molrg
+# The four MoLRG kernels (csrc/molrg_forward.cpp, molrg_backward.cpp, molrg_mix.cpp), float32 only.
+# What they share:
+#   offsets  K + 1 column offsets of the components in Ucat (strictly increasing, offsets[K] = D);
+#   params   (R, 3K + 2) float32 contiguous, rows [g_k | b_k | C_k | A | gw], R in {1, B}
+#            (R = 1: one row for the whole batch);
+#   labels   (B,) int64 contiguous, values in [0, K), or None (no guidance);
+#   hard     one-hot argmax weights instead of the softmax.
+# Every other tensor is float32, contiguous (row-major); outputs are written, never read.
+def _molrg_ptr(t) -> int:
+    """A tensor's address, 0 for None (the kernels' "absent")."""
+    return t.data_ptr() if t is not None else 0
+
+
+def molrg_forward(x, ucat, offsets, params, labels, hard: bool, out, w) -> None:
+    """The fused forward: ``out = A x + sum_k w'_k C_k U_k U_k^T x``.  x, out (B, n); ucat (n, D);
+    w (B, K) (the posterior before guidance) or None."""
+    from fastdiff import _C
+
+    B, n = x.shape
+    _C.molrg_forward(x.data_ptr(), out.data_ptr(), _molrg_ptr(w), B, n, ucat.data_ptr(), offsets, params.data_ptr(),
+                     params.shape[0], _molrg_ptr(labels), hard)
+
+
+def molrg_backward(x, G, w, ucat, offsets, params, labels, hard: bool, dx, dU) -> None:
+    """The fused backward: ``dx = A G + dP Ucat^T``, ``dU = G^T q + x^T dP`` (both overwritten).
+    x, G, dx (B, n), dx not aliasing x or G; w (B, K) the forward's posterior; ucat, dU (n, D)."""
+    from fastdiff import _C
+
+    B, n = x.shape
+    _C.molrg_backward(x.data_ptr(), G.data_ptr(), w.data_ptr(), dx.data_ptr(), dU.data_ptr(), B, n, ucat.data_ptr(),
+                      offsets, params.data_ptr(), params.shape[0], _molrg_ptr(labels), hard)
+
+
+def molrg_mix(P, offsets, params, labels, hard: bool, q, w) -> None:
+    """The forward's per-row mix between the two GEMMs: from P = x Ucat (B, D), writes
+    ``q_j = w'_{k(j)} C_{k(j)} P_j`` (B, D) and w (B, K) (or None)."""
+    from fastdiff import _C
+
+    _C.molrg_mix(P.data_ptr(), q.data_ptr(), _molrg_ptr(w), P.shape[0], offsets, params.data_ptr(), params.shape[0],
+                 _molrg_ptr(labels), hard)
+
+
+def molrg_mix_backward(P, dP, w, offsets, params, labels, hard: bool, q) -> None:
+    """The backward's per-row mix: P (B, D); dP (B, D) holds dq = G Ucat on entry and dP on exit
+    (in place); w (B, K) the forward's posterior; writes q (B, D)."""
+    from fastdiff import _C
+
+    _C.molrg_mix_backward(P.data_ptr(), dP.data_ptr(), w.data_ptr(), q.data_ptr(), P.shape[0], offsets,
+                          params.data_ptr(), params.shape[0], _molrg_ptr(labels), hard)
+
+
+# =========================================================================== svd
+def svdvals_rank(A, eta, S, rank) -> None:
+    """Batched singular values with the energy rank fused in (csrc/svd.cpp, float64 arithmetic).
+    A (B, m, n) float32 or float64 contiguous; S (B, min(m, n)) A's dtype, written descending;
+    rank (B,) int64 or None (then ``eta`` is unused and may be None)."""
+    import torch
+
+    from fastdiff import _C
+
+    B, m, n = A.shape
+    _C.svdvals_rank(A.data_ptr(), 0 if A.dtype == torch.float32 else 1, B, m, n, S.data_ptr(),
+                    rank.data_ptr() if rank is not None else 0,
+                    eta if eta is not None else 1.0)

@@ -57,6 +57,17 @@ REG_TILE = 4096
 
 
 @triton.jit
+def _row_block(B, n, D, K, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    """This program's rows and the index ranges both kernels tile with: ``(rows, rmask, xrow, cols,
+    cmask, ii, kk, kmask)`` -- the rows and their mask, each row's int64 offset into x (B * n may
+    pass 2^31), the columns of Ucat, the offsets within an n tile, the components (with masks)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, D_PAD)
+    kk = tl.arange(0, K_PAD)
+    return rows, rows < B, rows.to(tl.int64) * n, cols, cols < D, tl.arange(0, BLOCK_N), kk, kk < K
+
+
+@triton.jit
 def _molrg_fwd_kernel(
     x_ptr, u_ptr, seg_ptr, params_ptr, labels_ptr, out_ptr, w_ptr,
     B, n, D, K,
@@ -64,15 +75,7 @@ def _molrg_fwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
     HARD: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_W: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    xrow = rows.to(tl.int64) * n           # B * n may pass 2^31
-    cols = tl.arange(0, D_PAD)
-    cmask = cols < D
-    ii = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, K_PAD)
-    kmask = kk < K
+    rows, rmask, xrow, cols, cmask, ii, kk, kmask = _row_block(B, n, D, K, BLOCK_B, BLOCK_N, D_PAD, K_PAD)
 
     # ---- pass 1: P = x @ Ucat, (BLOCK_B, D_PAD) fp32 in registers
     P = tl.zeros([BLOCK_B, D_PAD], dtype=tl.float32)
@@ -183,7 +186,7 @@ def _molrg_bwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
     HARD: tl.constexpr, HAS_LABELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Per row, with G = dL/d out (the math of ``fastdiff.denoisers._molrg_ops._MoLRGFunction.backward``):
+    """Per row, with G = dL/d out (the math of ``fastdiff.ops.molrg.MoLRGFunction.backward``):
 
         P = x Ucat, dq = G Ucat, c = (w' C)[seg], q = P c
         dw = (1 - gw) C segsum(dq P);  dl = w (dw - <w, dw>)  (soft; 0 for hard)
@@ -193,15 +196,7 @@ def _molrg_bwd_kernel(
     two library GEMMs (a reduction over the whole batch: cuBLAS does it deterministically and at
     full rate, where per-program atomics would be neither).
     """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    xrow = rows.to(tl.int64) * n
-    cols = tl.arange(0, D_PAD)
-    cmask = cols < D
-    ii = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, K_PAD)
-    kmask = kk < K
+    rows, rmask, xrow, cols, cmask, ii, kk, kmask = _row_block(B, n, D, K, BLOCK_B, BLOCK_N, D_PAD, K_PAD)
 
     # ---- pass 1: P = x Ucat and dq = G Ucat share every U tile
     P = tl.zeros([BLOCK_B, D_PAD], dtype=tl.float32)

@@ -1,4 +1,4 @@
-"""Triton batched singular values (and the SPEC-3 energy rank) of many small matrices.
+"""Triton batched singular values (and the energy rank, docs/math.md section 3) of many small matrices.
 
     S[b]    = singular values of A[b] (m x n), descending,        (B, min(m, n)), A's dtype
     rank[b] = min { r : sum_{i<=r} s_i^2 > eta^2 sum_i s_i^2 }    (B,) int64, in the same kernel

@@ -10,7 +10,8 @@ import torch
 from scipy import stats
 
 import fastdiff
-from fastdiff.denoisers import _cache, _molrg_ops
+from fastdiff.denoisers import _cache
+from fastdiff.ops import molrg as molrg_op
 from fastdiff.denoisers.molrg import molrg_params
 from fastdiff.reference import denoisers as R
 from conftest import backend_devices, random_molrg
@@ -363,7 +364,7 @@ def test_molrg_triton_backward_kernel_writes_everything(case):
     D = sum(dims)
     poison = dict(dx=torch.full((B, n), float("nan"), device=device),
                   q=torch.full((B, D), float("nan"), device=device), dP=torch.full((B, D), float("nan"), device=device))
-    dx, dU = molrg_backward(x, G64.float().to(device), ucat, _molrg_ops._segments(dims, device), len(dims),
+    dx, dU = molrg_backward(x, G64.float().to(device), ucat, molrg_op.segments(dims, device), len(dims),
                             params.float().contiguous(), None if labels is None else labels.to(device),
                             kw["mode"] == "hard", w.contiguous(), **poison)
     U = [u.clone().requires_grad_() for u in U64]
@@ -434,7 +435,7 @@ def test_molrg_large_gradients_and_empirical_on_the_library_gemm():
     _rel_close(fastdiff.empirical_denoise(x.float(), data.float(), 0.9, sig[:64] + 2), R.empirical_denoise(x, data, 0.9, sig[:64] + 2))
 
 
-@pytest.mark.skipif(not _molrg_ops._has_cpp_mix(), reason="fastdiff._C without molrg_mix")
+@pytest.mark.skipif(not molrg_op.has_cpp_mix(), reason="fastdiff._C without molrg_mix")
 @pytest.mark.parametrize("opts", [dict(), dict(hard=True), dict(labels=True), dict(per_sample=True), dict(labels=True, hard=True)],
                          ids=["soft", "hard", "cfg", "per-sample", "cfg-hard"])
 @pytest.mark.parametrize("B,dims", [(1, [1]), (130, [3, 5, 1]), (67, [16] * 9)], ids=str)
@@ -454,27 +455,27 @@ def test_cpp_mix_matches_torch_ops_and_writes_everything(B, dims, opts, monkeypa
     params = molrg_params(0.9, sig, dims, [1.0 / K] * K, None, 0.1, "eps", 1.5 if labels is not None else None,
                                   B, x.device)
     hard = bool(opts.get("hard"))
-    _, w_ref, P = _molrg_ops._molrg_torch(x, ucat, dims, params, labels, hard, True, keep_p=True)
-    q_ref = P * _molrg_ops._segment_ops(dims, x.device)[1](
+    _, w_ref, P = molrg_op.forward_torch(x, ucat, dims, params, labels, hard, True, keep_p=True)
+    q_ref = P * molrg_op.segment_ops(dims, x.device)[1](
         (w_ref if labels is None else (1 - params[:, -1:]) * w_ref + params[:, -1:] * torch.nn.functional.one_hot(labels, K))
         * params[:, 2 * K:3 * K])
-    dx_ref, dU_ref = _molrg_ops._molrg_backward("torch", x, ucat, params, w_ref, labels, G, dims, hard, P)
+    dx_ref, dU_ref = molrg_op.backward("torch", x, ucat, params, w_ref, labels, G, dims, hard, P)
 
     p32 = params.float().contiguous()
     P32 = P.float()
     q = torch.full((B, D), float("nan"))
     w = torch.full((B, K), float("nan"))
     lab = labels.data_ptr() if labels is not None else 0
-    _C.molrg_mix(P32.data_ptr(), q.data_ptr(), w.data_ptr(), B, _molrg_ops._offsets(dims), p32.data_ptr(), p32.shape[0], lab, hard)
+    _C.molrg_mix(P32.data_ptr(), q.data_ptr(), w.data_ptr(), B, molrg_op.offsets(dims), p32.data_ptr(), p32.shape[0], lab, hard)
     _rel_close(w, w_ref)
     _rel_close(q, q_ref)
     dq = (G @ ucat).float()
     q2 = torch.full((B, D), float("nan"))
-    _C.molrg_mix_backward(P32.data_ptr(), dq.data_ptr(), w.data_ptr(), q2.data_ptr(), B, _molrg_ops._offsets(dims), p32.data_ptr(),
+    _C.molrg_mix_backward(P32.data_ptr(), dq.data_ptr(), w.data_ptr(), q2.data_ptr(), B, molrg_op.offsets(dims), p32.data_ptr(),
                           p32.shape[0], lab, hard)
     _rel_close(q2, q_ref)
     # dP, through the float32 path end to end: the GEMM form with the C++ mix (float32) vs float64 torch ops
-    dx, dU = _molrg_ops._molrg_backward("torch", x.float(), ucat.float(), params.float(), w, labels, G.float(), dims, hard, P32)
+    dx, dU = molrg_op.backward("torch", x.float(), ucat.float(), params.float(), w, labels, G.float(), dims, hard, P32)
     _rel_close(dx, dx_ref, 1e-4)
     _rel_close(dU, dU_ref, 1e-4)
     with pytest.raises(ValueError, match="molrg_mix: offsets must be strictly increasing"):

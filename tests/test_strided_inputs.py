@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff import dispatch
-from fastdiff.denoisers import _molrg_ops
+from fastdiff.ops import molrg as molrg_op
 from fastdiff.denoisers.molrg import molrg_params
 from fastdiff.reference import denoisers as R
 from fastdiff.reference import steps as RS
@@ -91,7 +91,7 @@ def test_molrg_triton_launchers_take_strided_views():
     G = torch.randn(n, B, generator=gen).T
     dims = [d] * K
     params = molrg_params(0.8, 0.5, dims, None, None, 0.0, "x0", None, B, "cpu").float()
-    seg = _molrg_ops._segments(dims, "cpu")
+    seg = molrg_op.segments(dims, "cpu")
     outs = []
     for u in (ucat, ucat_t):
         out, w = torch.empty(B, n), torch.empty(B, K)

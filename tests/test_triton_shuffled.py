@@ -22,7 +22,8 @@ tl = pytest.importorskip("triton.language")
 
 import fastdiff  # noqa: E402
 from fastdiff import backends  # noqa: E402
-from fastdiff.denoisers import _cache, _molrg_ops  # noqa: E402
+from fastdiff.denoisers import _cache  # noqa: E402
+from fastdiff.ops import molrg as molrg_op  # noqa: E402
 from fastdiff.denoisers.molrg import molrg_params  # noqa: E402
 from fastdiff.reference import denoisers as R  # noqa: E402
 from triton_order import ShuffleUnsupported, check_supported, shuffled_program_order  # noqa: E402
@@ -181,7 +182,7 @@ def test_molrg_backward_shuffled():
     def run():
         poison = dict(dx=torch.full((B, n), float("nan")), q=torch.full((B, D), float("nan")),
                       dP=torch.full((B, D), float("nan")))
-        return molrg_backward(x, G64.float(), ucat, _molrg_ops._segments(dims, "cpu"), len(dims),
+        return molrg_backward(x, G64.float(), ucat, molrg_op.segments(dims, "cpu"), len(dims),
                               params.float().contiguous(), None, False, w.contiguous(), **poison)
 
     _, (dx, dU), progs = _in_order_and_shuffled(run)

@@ -1,4 +1,4 @@
-"""The MoLRG denoiser (SPEC 2): the softmax projection onto a mixture of low-rank Gaussians.
+"""The MoLRG denoiser (docs/math.md section 2): the softmax projection onto a mixture of low-rank Gaussians.
 
 It returns the posterior mean ``x0_hat = E[x_0 | x_t]`` of ``x_t = alpha x_0 + sigma eps`` (or its
 eps / score form) for ``x`` of shape (B, n), with scalar or per-sample (B,) ``alpha, sigma``.
@@ -27,7 +27,7 @@ from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays
 from fastdiff._args import OUTPUTS, _check_x, _per_sample, _torch_generator
 from fastdiff.denoisers._cache import _packed, pack_bases
-from fastdiff.denoisers._molrg_ops import _molrg_forward_op, _molrg_kernel, _molrg_torch, _MoLRGFunction, _under_transform
+from fastdiff.ops import molrg as molrg_op
 
 __all__ = ["molrg_denoise", "molrg_params", "pack_bases", "MoLRG"]
 
@@ -73,14 +73,9 @@ def _floats(v) -> List[float]:
     return [float(e) for e in torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist()]
 
 
-def _molrg_params_scalar(a, s, dims, pi, tau, delta, output, gw):
-    """The (1, 3K+2) table from Python floats: microseconds, where tensor ops would take ~0.3 ms."""
-    K = len(dims)
-    for name, v in (("alpha", a), ("sigma", s)):
-        if not math.isfinite(v):
-            raise ValueError(f"{name}: expected finite values, got {v}")
-        if v <= 0:
-            raise ValueError(f"{name}: expected {name} > 0, got {v}")
+def _checked_mixture(K: int, pi, tau, delta):
+    """``(pi, tau)`` as K Python floats each (defaults: uniform, 1), with ``pi``, ``tau`` and ``delta``
+    checked: the validation of the scalar path, which :class:`MoLRG` runs once on construction."""
     pis = [1.0 / K] * K if pi is None else _floats(pi)
     if len(pis) != K:
         raise ValueError(f"pi: expected {K} mixing weights (one per component), got {len(pis)}")
@@ -96,6 +91,18 @@ def _molrg_params_scalar(a, s, dims, pi, tau, delta, output, gw):
         raise ValueError("tau: expected finite positive component scales")
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta) or delta < 0:
         raise ValueError(f"delta: expected a finite value >= 0, got {delta!r}")
+    return pis, taus
+
+
+def _molrg_params_scalar(a, s, dims, pi, tau, delta, output, gw):
+    """The (1, 3K+2) table from Python floats: microseconds, where tensor ops would take ~0.3 ms."""
+    K = len(dims)
+    for name, v in (("alpha", a), ("sigma", s)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected finite values, got {v}")
+        if v <= 0:
+            raise ValueError(f"{name}: expected {name} > 0, got {v}")
+    pis, taus = _checked_mixture(K, pi, tau, delta)
     v_perp = a * a * delta * delta + s * s
     p, q = {"x0": (0.0, 1.0), "eps": (1.0 / s, -a / s), "score": (-1.0 / (s * s), a / (s * s))}[output]
     a_perp = a * delta * delta / v_perp
@@ -148,15 +155,25 @@ def molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, device
 
 def _molrg_inputs(x, bases, mode: str, output: str, labels, guidance, check_orthonormal: bool):
     """The checks every MoLRG entry point shares: ``(x, ucat, dims, labels)`` validated and packed."""
+    x = _check_options(x, mode, output)
+    ucat, dims = _packed(bases, x.shape[1], check_orthonormal)
+    return x, ucat, dims, _check_bound(x, ucat, dims, labels, guidance)
+
+
+def _check_options(x, mode: str, output: str) -> torch.Tensor:
     x = _check_x(x)
     if mode not in ("soft", "hard"):
         raise ValueError(f"mode: expected 'soft' or 'hard', got {mode!r}")
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-    ucat, dims = _packed(bases, x.shape[1], check_orthonormal)
+    return x
+
+
+def _check_bound(x, ucat, dims, labels, guidance) -> Optional[torch.Tensor]:
+    """The packed bases on x's device; the CFG labels checked against them."""
     if ucat.device != x.device:
         raise ValueError(f"bases: expected tensors on {x.device} (the device of x), got {ucat.device}")
-    return x, ucat, dims, _check_labels(labels, guidance, x.shape[0], len(dims), x.device)
+    return _check_labels(labels, guidance, x.shape[0], len(dims), x.device)
 
 
 def _check_labels(labels, guidance, B: int, K: int, device) -> Optional[torch.Tensor]:
@@ -184,7 +201,7 @@ def _check_labels(labels, guidance, B: int, K: int, device) -> Optional[torch.Te
 def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0.0, mode: str = "soft",
                   labels=None, guidance=None, output: str = "x0", return_weights: bool = False,
                   check_orthonormal: bool = False, backend: str = "auto"):
-    """Posterior mean of a mixture of low-rank Gaussians (SPEC 2; module docstring for the formula).
+    """Posterior mean of a mixture of low-rank Gaussians (docs/math.md section 2; module docstring for the formula).
 
     x: (B, n). bases: (K, n, d) tensor or list of (n, d_k) orthonormal tensors (ragged d_k allowed).
     alpha, sigma: scalars or (B,). pi: (K,) mixing weights summing to 1 (uniform). tau: scalar or
@@ -193,44 +210,45 @@ def molrg_denoise(x, bases, alpha, sigma, *, pi=None, tau=None, delta: float = 0
     guidance ``(1 - w) x0_hat + w x0_hat(x | y)`` (seed 004 eq. 7.4.20). output: "x0", "eps" or
     "score". return_weights: also return the posterior responsibilities w (B, K) (before
     guidance).  Differentiable in ``x`` and ``bases``: the fused forward with a hand-derived
-    backward (:class:`_MoLRGFunction`); the returned weights are detached.  backend: "auto",
+    backward (:class:`fastdiff.ops.molrg.MoLRGFunction`); the returned weights are detached.  backend: "auto",
     "torch", "cpp", "triton"; sizes a fused kernel cannot hold (C++: K > 1024; Triton:
     sum d_k > 512 or K > 32) run the GEMM form in torch ops instead, as do calls under
     torch.func transforms (jvp / vjp / vmap) and forward-mode AD.
     """
     x, ucat, dims, labels = _molrg_inputs(x, bases, mode, output, labels, guidance, check_orthonormal)
+    params = molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, x.shape[0], x.device)
+    return _denoise(x, ucat, dims, params, labels, mode, return_weights, backend)
+
+
+@accepts_arrays
+def _model_denoise(x, model: "MoLRG", alpha, sigma, *, mode: str, labels, guidance, output: str,
+                   return_weights: bool, check_orthonormal: bool, backend: str):
+    """:meth:`MoLRG.__call__`: :func:`molrg_denoise` on the model's packed bases and checked pi, tau,
+    delta (nothing re-packed; the same checks of everything else, with the same messages)."""
+    x = _check_options(x, mode, output)
+    if x.shape[1] != model.n:
+        raise ValueError(f"bases: expected n = {x.shape[1]} rows (x has shape (B, {x.shape[1]})), got {model.n}")
+    if check_orthonormal:
+        pack_bases(model.bases, check_orthonormal=True)
+    labels = _check_bound(x, model.ucat, model.dims, labels, guidance)
+    params = molrg_params(alpha, sigma, model.dims, model.pi, model.tau, model.delta, output, guidance, x.shape[0],
+                          x.device)
+    return _denoise(x, model.ucat, model.dims, params, labels, mode, return_weights, backend)
+
+
+def _denoise(x, ucat, dims, params, labels, mode: str, return_weights: bool, backend: str):
+    """The backend chosen and the op run on validated, packed inputs; ``out`` in x's dtype (and w)."""
     B, n = x.shape
-    K = len(dims)
-    params = molrg_params(alpha, sigma, dims, pi, tau, delta, output, guidance, B, x.device)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xc, uc = x.to(ct), ucat.to(ct)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or ucat.requires_grad)
-    impl = dispatch.choose("molrg", backend, x.device, ct, n=n, D=ucat.shape[1], K=K, grad=needs_grad)
-    if _under_transform(x, ucat):
-        # torch.func (jvp / vjp / vmap, e.g. jacobian_rank(..., method="lanczos")) and forward-mode
-        # AD: the fused kernels read raw pointers and _MoLRGFunction has no jvp / vmap rule; the
-        # GEMM form in plain torch ops is what these transforms can trace
-        out, w = _molrg_torch(xc, uc, dims, params, labels, mode == "hard", return_weights, plain=True)
-        out = out.to(x.dtype)
-        return (out, w.detach() if w is not None else None) if return_weights else out
-    if impl != "torch" and torch.compiler.is_compiling():
-        out, w = _molrg_forward_op(xc, uc, params.to(torch.float32), labels, list(dims), mode == "hard", impl)
-        out = out.to(x.dtype)
-        return (out, w) if return_weights else out
-    if needs_grad:
-        out, w = _MoLRGFunction.apply(xc, uc, params, labels, mode == "hard", dims, impl, return_weights)
-        out = out.to(x.dtype)
-        return (out, w) if return_weights else out
-    if impl == "torch":
-        out, w = _molrg_torch(xc, uc, dims, params, labels, mode == "hard", return_weights)
-    else:
-        out, w = _molrg_kernel(impl, xc.contiguous(), uc.contiguous(), dims, params, labels, mode == "hard", return_weights)
+    impl = dispatch.choose("molrg", backend, x.device, ct, n=n, D=ucat.shape[1], K=len(dims), grad=needs_grad)
+    out, w = molrg_op.forward(impl, x.to(ct), ucat.to(ct), dims, params, labels, mode == "hard", return_weights)
     out = out.to(x.dtype)
     return (out, w) if return_weights else out
 
 
 class MoLRG:
-    """Mixture of low-rank Gaussians (SPEC 2): component k (probability ``pi_k``) is
+    """Mixture of low-rank Gaussians (docs/math.md section 2): component k (probability ``pi_k``) is
     ``x_0 = U_k a + delta g``, ``a ~ N(0, tau_k^2 I_{d_k})``, ``g ~ N(0, I_n)``.
 
     ``bases``: (K, n, d) tensor or list of (n, d_k) orthonormal tensors.  ``mode``: the
@@ -250,13 +268,17 @@ class MoLRG:
         self.tau = (torch.ones(self.K, dtype=torch.float64) if tau is None
                     else torch.as_tensor(tau, dtype=torch.float64).reshape(-1).expand(self.K).clone())
         self.delta = float(delta)
-        # validate pi/tau/delta once, with the same messages as the kernel call
-        molrg_denoise(torch.zeros(1, self.n, dtype=self.ucat.dtype, device=self.ucat.device), self.bases, 1.0, 1.0,
-                      pi=self.pi, tau=self.tau, delta=self.delta, backend="torch")
+        # validated once, with the same messages as molrg_denoise; every call uses ucat, dims, pi,
+        # tau and delta as they are (no re-packing)
+        _checked_mixture(self.K, self.pi, self.tau, self.delta)
 
-    def __call__(self, x, alpha, sigma, **kwargs):
-        kwargs.setdefault("mode", self.mode)
-        return molrg_denoise(x, self.bases, alpha, sigma, pi=self.pi, tau=self.tau, delta=self.delta, **kwargs)
+    def __call__(self, x, alpha, sigma, *, mode: Optional[str] = None, labels=None, guidance=None,
+                 output: str = "x0", return_weights: bool = False, check_orthonormal: bool = False,
+                 backend: str = "auto"):
+        """:func:`molrg_denoise` with this model's bases, pi, tau, delta (and mode, unless given)."""
+        return _model_denoise(x, self, alpha, sigma, mode=self.mode if mode is None else mode, labels=labels,
+                              guidance=guidance, output=output, return_weights=return_weights,
+                              check_orthonormal=check_orthonormal, backend=backend)
 
     def sample(self, N: int, generator=None, *, return_labels: bool = False):
         """``N`` draws of x_0 (N, n) (and their components (N,) with ``return_labels``)."""
