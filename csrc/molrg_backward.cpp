@@ -39,10 +39,9 @@ FD_MOLRG_ALIGNED void bwd_chunk_generic(const MolrgBwd& Bw, int64_t r0, int64_t 
   const int64_t n = J.n, D8 = J.D8, M = r1 - r0;
   float* P = S;
   float* Q = S + M * D8;
-  float* T = Q + M * D8;  // n x D8 (phase 4; phase 1's block sums use 4 x D8 of it)
+  float* T = Q + M * D8;  // n x D8 (phase 4; phase 1's block sums use 8 x D8 of it: >= 8 D8 follow Q)
   // phase 1: P = X U (the forward's sums, recomputed), dq = G U
-  proj_rows_generic(J, r0, r1, J.x, P, T);
-  proj_rows_generic(J, r0, r1, Bw.G, Q, T);
+  proj_rows_generic(J, r0, r1, J.x, P, T, Bw.G, Q);
   bwd_mix_rows_generic(Bw, r0, r1, P, Q);
   // phase 3: dx = A G + dP Ut
   out_rows_generic(J, r0, r1, Q, Bw.G);

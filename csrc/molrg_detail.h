@@ -307,29 +307,77 @@ struct ScalarIsa {
 
 // Phase 1, generic path, rows [r0, r1): P[r - r0, :] = X[r, :] U (rows of D8, padding columns
 // 0), summed over i in blocks of IBLK (T: scratch of 4 D8 floats for the block sums), rows in
-// groups of 4.  The avx2 path's proj_rows_avx2 (molrg_avx2.h) sums in the same blocks.
+// groups of 4; with X2 also P2 = X2 U in the same pass (the backward: P = x U and dq = G U share
+// each row of U; T then holds 8 D8 floats).  The avx2 path's proj_rows_avx2 (molrg_avx2.h) sums
+// in the same blocks.
 FD_MOLRG_INLINE void proj_rows_generic(const MolrgJob& J, int64_t r0, int64_t r1, const float* X,
-                                       float* P, float* T) {
+                                       float* P, float* T, const float* X2 = nullptr,
+                                       float* P2 = nullptr) {
   const int64_t n = J.n, D = J.D, D8 = J.D8;
+  float* T2 = T + 4 * D8;
+  const int nx = X2 ? 2 : 1;
   for (int64_t r = r0; r < r1; r += 4) {
     const int rg = static_cast<int>(std::min<int64_t>(4, r1 - r));
-    float* Pr = P + (r - r0) * D8;
-    for (int rr = 0; rr < rg; ++rr) std::fill(Pr + rr * D8, Pr + (rr + 1) * D8, 0.0f);
+    for (int s = 0; s < nx; ++s) {
+      float* Pr = (s ? P2 : P) + (r - r0) * D8;
+      for (int rr = 0; rr < rg; ++rr) std::fill(Pr + rr * D8, Pr + (rr + 1) * D8, 0.0f);
+    }
     for (int64_t i0 = 0; i0 < n; i0 += IBLK) {
       const int64_t i1 = std::min(n, i0 + IBLK);
-      for (int rr = 0; rr < rg; ++rr) std::fill(T + rr * D8, T + rr * D8 + D, 0.0f);
+      for (int rr = 0; rr < 4 * nx; ++rr) std::fill(T + rr * D8, T + rr * D8 + D, 0.0f);
       for (int64_t i = i0; i < i1; ++i) {
         const float* __restrict u = J.U + i * D;
         for (int rr = 0; rr < rg; ++rr) {
           const float xv = X[(r + rr) * n + i];
           float* __restrict tt = T + rr * D8;
-          for (int64_t j = 0; j < D; ++j) tt[j] += xv * u[j];
+          if (!X2) {
+            for (int64_t j = 0; j < D; ++j) tt[j] += xv * u[j];
+            continue;
+          }
+          const float gv = X2[(r + rr) * n + i];
+          float* __restrict t2 = T2 + rr * D8;
+          for (int64_t j = 0; j < D; ++j) {
+            tt[j] += xv * u[j];
+            t2[j] += gv * u[j];
+          }
         }
       }
+      for (int s = 0; s < nx; ++s)
+        for (int rr = 0; rr < rg; ++rr) {
+          float* __restrict pp = (s ? P2 : P) + (r - r0 + rr) * D8;
+          const float* __restrict tt = (s ? T2 : T) + rr * D8;
+          for (int64_t j = 0; j < D; ++j) pp[j] += tt[j];
+        }
+    }
+  }
+}
+
+// Phase 3, generic path, rows [r0, r1): out[r, :] = A_r src[r, :] + Q[r - r0, :] Ut (Q rows of
+// stride D8), rows in groups of 4.  The forward passes src = x with the mixed projections q
+// (x0_hat = A x + U q); the backward src = G with dP (its J.out is dx).  src and out may alias
+// (the forward in place).  Inline, so that each chunk keeps its loops in its own (aligned) body.
+FD_MOLRG_INLINE void out_rows_generic(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q,
+                                      const float* src) {
+  const int64_t n = J.n, D = J.D, D8 = J.D8;
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int rg = static_cast<int>(std::min<int64_t>(4, r1 - r));
+    const float* Qr = Q + (r - r0) * D8;
+    // (src and out may alias: each element is read before it is written)
+    for (int rr = 0; rr < rg; ++rr) {
+      const float A = params_row(J, r + rr)[3 * J.K];
+      const float* xr = src + (r + rr) * n;
+      float* o = J.out + (r + rr) * n;
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC ivdep
+#endif
+      for (int64_t i = 0; i < n; ++i) o[i] = A * xr[i];
+    }
+    for (int64_t j = 0; j < D; ++j) {
+      const float* __restrict u = J.Ut + j * J.n8;
       for (int rr = 0; rr < rg; ++rr) {
-        float* __restrict pp = Pr + rr * D8;
-        const float* __restrict tt = T + rr * D8;
-        for (int64_t j = 0; j < D; ++j) pp[j] += tt[j];
+        const float qv = Qr[rr * D8 + j];
+        float* __restrict o = J.out + (r + rr) * n;
+        for (int64_t i = 0; i < n; ++i) o[i] += qv * u[i];
       }
     }
   }
@@ -350,10 +398,6 @@ RowPlan row_plan(int64_t B, int64_t n, int64_t D, int64_t D8, int64_t min_work);
 // Ut[j, i] = U[i, j], rows [i0, i1) of U; padding columns [n, n8) of Ut zeroed by the caller.
 void transpose_block(const MolrgJob& J, float* Ut, int64_t i0, int64_t i1);
 
-// Phase 3, generic path, rows [r0, r1): out[r, :] = A_r src[r, :] + Q[r - r0, :] Ut (Q rows of
-// stride D8).  The forward passes src = x with the mixed projections q (x0_hat = A x + U q); the
-// backward src = G with dP (its J.out is dx).  src and out may alias (the forward in place).
-void out_rows_generic(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q, const float* src);
 
 // ---- molrg_mix.cpp: phase 2 (mix_rows / bwd_mix_rows above) instantiated for the generic
 // path (the avx2 ones in molrg_avx2.h), as the fused kernels and the GEMM form call them.

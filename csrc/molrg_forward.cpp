@@ -70,34 +70,6 @@ void transpose_block(const MolrgJob& J, float* Ut, int64_t i0, int64_t i1) {
   }
 }
 
-// (declared in molrg_detail.h) Rows in groups of 4, as the forward's phase 1.
-FD_MOLRG_ALIGNED void out_rows_generic(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q,
-                                       const float* src) {
-  const int64_t n = J.n, D = J.D, D8 = J.D8;
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int rg = static_cast<int>(std::min<int64_t>(4, r1 - r));
-    const float* Qr = Q + (r - r0) * D8;
-    // (src and out may alias: each element is read before it is written)
-    for (int rr = 0; rr < rg; ++rr) {
-      const float A = params_row(J, r + rr)[3 * J.K];
-      const float* xr = src + (r + rr) * n;
-      float* o = J.out + (r + rr) * n;
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC ivdep
-#endif
-      for (int64_t i = 0; i < n; ++i) o[i] = A * xr[i];
-    }
-    for (int64_t j = 0; j < D; ++j) {
-      const float* __restrict u = J.Ut + j * J.n8;
-      for (int rr = 0; rr < rg; ++rr) {
-        const float qv = Qr[rr * D8 + j];
-        float* __restrict o = J.out + (r + rr) * n;
-        for (int64_t i = 0; i < n; ++i) o[i] += qv * u[i];
-      }
-    }
-  }
-}
-
 RowPlan row_plan(int64_t B, int64_t n, int64_t D, int64_t D8, int64_t min_work) {
   RowPlan p;
 #ifdef _OPENMP
@@ -146,10 +118,16 @@ namespace {
 // ---------------------------------------------------------------------------------------
 // Generic path: plain loops (GCC vectorizes the innermost, contiguous ones).
 // P: scratch of (r1 - r0 + 4) x D8 floats (the last 4 rows: block partial sums).
+// Rows in groups of 4 through all three phases (the group's P stays in L1).
 FD_MOLRG_ALIGNED void chunk_generic(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
-  proj_rows_generic(J, r0, r1, J.x, P, P + (r1 - r0) * J.D8);  // phase 1
-  mix_rows_generic(J, r0, r1, P);                              // phase 2 (the posterior)
-  out_rows_generic(J, r0, r1, P, J.x);                         // phase 3: A x + U q
+  float* T = P + (r1 - r0) * J.D8;
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int64_t re = std::min(r1, r + 4);
+    float* Pr = P + (r - r0) * J.D8;
+    proj_rows_generic(J, r, re, J.x, Pr, T);  // phase 1
+    mix_rows_generic(J, r, re, Pr);           // phase 2 (the posterior)
+    out_rows_generic(J, r, re, Pr, J.x);      // phase 3: A x + U q
+  }
 }
 // ---------------------------------------------------------------------------------------
 // AVX2 + FMA path (x86-64 only, selected at run time).
