@@ -162,30 +162,36 @@ FD_INLINE void combine_scalar_loop(void* out, const void* const* in, const float
   }
 }
 
-template <int DT, int NS, bool HZ>
-void combine_generic(void* out, const void* const* in, const float* z, const float* c,
-                     int64_t i0, int64_t len) {
-  combine_scalar_loop<DT, NS, HZ>(out, in, z, c, i0, len);
-}
+// A code path's combine loops are the member template run<DT, NS, HZ> of its struct
+// (GenericCombine, Avx2Combine); combine_for picks the one of a call.
+struct GenericCombine {
+  template <int DT, int NS, bool HZ>
+  static void run(void* out, const void* const* in, const float* z, const float* c, int64_t i0,
+                  int64_t len) {
+    combine_scalar_loop<DT, NS, HZ>(out, in, z, c, i0, len);
+  }
+};
 
 void normals_generic(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
   philox::philox_normals(ks, q0, nq, z);
 }
 
-template <int DT, int... N>
-CombineFn pick_generic(int ns, bool hz, std::integer_sequence<int, N...>) {
+template <class Path, int DT, int... N>
+CombineFn pick_combine(int ns, bool hz, std::integer_sequence<int, N...>) {
   CombineFn r = nullptr;
-  ((ns == N ? (r = hz ? &combine_generic<DT, N, true> : &combine_generic<DT, N, false>) : r),
+  ((ns == N ? (r = hz ? &Path::template run<DT, N, true> : &Path::template run<DT, N, false>) : r),
    ...);
   return r;
 }
 
-CombineFn lookup_generic(int dt, int ns, bool hz) {
+// Path's combine loop for dtype code dt, ns streamed inputs, with (hz) or without a philox term.
+template <class Path>
+CombineFn combine_for(int dt, int ns, bool hz) {
   using Seq = std::make_integer_sequence<int, MAX_STREAMS + 1>;
   switch (dt) {
-    case DT_F32: return pick_generic<DT_F32>(ns, hz, Seq{});
-    case DT_F16: return pick_generic<DT_F16>(ns, hz, Seq{});
-    default: return pick_generic<DT_BF16>(ns, hz, Seq{});
+    case DT_F32: return pick_combine<Path, DT_F32>(ns, hz, Seq{});
+    case DT_F16: return pick_combine<Path, DT_F16>(ns, hz, Seq{});
+    default: return pick_combine<Path, DT_BF16>(ns, hz, Seq{});
   }
 }
 
@@ -232,58 +238,44 @@ inline void st8(void* base, int64_t i, __m256 v) {
   }
 }
 
-template <int DT, int NS, bool HZ>
-void combine_avx2(void* out, const void* const* in, const float* z, const float* c, int64_t i0,
+struct Avx2Combine {
+  template <int DT, int NS, bool HZ>
+  static void run(void* out, const void* const* in, const float* z, const float* c, int64_t i0,
                   int64_t len) {
-  constexpr int NC = NS + (HZ ? 1 : 0);
-  __m256 cv[MAX_STREAMS + 1];
-  const void* p[MAX_STREAMS + 1];
-  for (int j = 0; j < NC; ++j) cv[j] = _mm256_set1_ps(c[j]);
-  for (int j = 0; j < NS; ++j) p[j] = in[j];
-  int64_t i = 0;
-  const int64_t len8 = len & ~int64_t(7);
-  for (; i < len8; i += 8) {
-    const int64_t g = i0 + i;
-    __m256 acc = _mm256_setzero_ps();
-    if constexpr (NS > 0) acc = _mm256_mul_ps(cv[0], ld8<DT>(p[0], g));
-    if constexpr (NS > 1) acc = _mm256_fmadd_ps(cv[1], ld8<DT>(p[1], g), acc);
-    if constexpr (NS > 2) acc = _mm256_fmadd_ps(cv[2], ld8<DT>(p[2], g), acc);
-    if constexpr (NS > 3) acc = _mm256_fmadd_ps(cv[3], ld8<DT>(p[3], g), acc);
-    if constexpr (NS > 4) acc = _mm256_fmadd_ps(cv[4], ld8<DT>(p[4], g), acc);
-    if constexpr (NS > 5) acc = _mm256_fmadd_ps(cv[5], ld8<DT>(p[5], g), acc);
-    if constexpr (NS > 6) acc = _mm256_fmadd_ps(cv[6], ld8<DT>(p[6], g), acc);
-    if constexpr (HZ) {
-      if constexpr (NS > 0) acc = _mm256_fmadd_ps(cv[NS], _mm256_loadu_ps(z + i), acc);
-      else acc = _mm256_mul_ps(cv[0], _mm256_loadu_ps(z + i));
+    constexpr int NC = NS + (HZ ? 1 : 0);
+    __m256 cv[MAX_STREAMS + 1];
+    const void* p[MAX_STREAMS + 1];
+    for (int j = 0; j < NC; ++j) cv[j] = _mm256_set1_ps(c[j]);
+    for (int j = 0; j < NS; ++j) p[j] = in[j];
+    int64_t i = 0;
+    const int64_t len8 = len & ~int64_t(7);
+    for (; i < len8; i += 8) {
+      const int64_t g = i0 + i;
+      __m256 acc = _mm256_setzero_ps();
+      if constexpr (NS > 0) acc = _mm256_mul_ps(cv[0], ld8<DT>(p[0], g));
+      if constexpr (NS > 1) acc = _mm256_fmadd_ps(cv[1], ld8<DT>(p[1], g), acc);
+      if constexpr (NS > 2) acc = _mm256_fmadd_ps(cv[2], ld8<DT>(p[2], g), acc);
+      if constexpr (NS > 3) acc = _mm256_fmadd_ps(cv[3], ld8<DT>(p[3], g), acc);
+      if constexpr (NS > 4) acc = _mm256_fmadd_ps(cv[4], ld8<DT>(p[4], g), acc);
+      if constexpr (NS > 5) acc = _mm256_fmadd_ps(cv[5], ld8<DT>(p[5], g), acc);
+      if constexpr (NS > 6) acc = _mm256_fmadd_ps(cv[6], ld8<DT>(p[6], g), acc);
+      if constexpr (HZ) {
+        if constexpr (NS > 0) acc = _mm256_fmadd_ps(cv[NS], _mm256_loadu_ps(z + i), acc);
+        else acc = _mm256_mul_ps(cv[0], _mm256_loadu_ps(z + i));
+      }
+      st8<DT>(out, g, acc);
     }
-    st8<DT>(out, g, acc);
+    if (i < len) {
+      combine_scalar_loop<DT, NS, HZ>(out, in, HZ ? z + i : z, c, i0 + i, len - i);
+    }
   }
-  if (i < len) {
-    combine_scalar_loop<DT, NS, HZ>(out, in, HZ ? z + i : z, c, i0 + i, len - i);
-  }
-}
+};
 
 void normals_avx2(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
   philox::philox_normals_avx2(ks, q0, nq, z);
 }
 
-template <int DT, int... N>
-CombineFn pick_avx2(int ns, bool hz, std::integer_sequence<int, N...>) {
-  CombineFn r = nullptr;
-  ((ns == N ? (r = hz ? &combine_avx2<DT, N, true> : &combine_avx2<DT, N, false>) : r), ...);
-  return r;
-}
-
 #pragma GCC pop_options
-
-CombineFn lookup_avx2(int dt, int ns, bool hz) {
-  using Seq = std::make_integer_sequence<int, MAX_STREAMS + 1>;
-  switch (dt) {
-    case DT_F32: return pick_avx2<DT_F32>(ns, hz, Seq{});
-    case DT_F16: return pick_avx2<DT_F16>(ns, hz, Seq{});
-    default: return pick_avx2<DT_BF16>(ns, hz, Seq{});
-  }
-}
 
 #endif  // FD_X86
 
@@ -367,12 +359,12 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
   J.gbase = offset + static_cast<uint64_t>(start);
 #if FD_X86
   if (use_avx2()) {
-    J.combine = lookup_avx2(dtype, ns, J.hz);
+    J.combine = combine_for<Avx2Combine>(dtype, ns, J.hz);
     J.normals = &normals_avx2;
   } else
 #endif
   {
-    J.combine = lookup_generic(dtype, ns, J.hz);
+    J.combine = combine_for<GenericCombine>(dtype, ns, J.hz);
     J.normals = &normals_generic;
   }
   const KeySchedule ks(seed);

@@ -43,79 +43,82 @@ void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_
                       uintptr_t idx_ptr, int64_t t0, int64_t t1, uintptr_t traj_ptr, uint64_t seed);
 }  // namespace fastdiff
 
+namespace {
+
+// A kernel entry point: a plain function of pointers, sizes and scalars, its arguments named
+// (the launchers in kernels/cpp.py pass them by keyword), the GIL released while it runs.
+template <class R, class... A, class... Names>
+void def_kernel(py::module_& m, const char* name, R (*fn)(A...), const char* doc, Names... names) {
+  static_assert(sizeof...(A) == sizeof...(Names), "one name per argument");
+  m.def(name, fn, py::arg(names)..., py::call_guard<py::gil_scoped_release>(), doc);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdiff CPU kernels (OpenMP + SIMD)";
-  m.def("fused_step", &fastdiff::fused_step, py::arg("out_ptr"), py::arg("in_ptrs"),
-        py::arg("dtype"), py::arg("n"), py::arg("inner"), py::arg("start"), py::arg("coef_ptr"),
-        py::arg("coefs"), py::arg("noise_mode"), py::arg("noise_ptr"), py::arg("seed"),
-        py::arg("offset"), py::call_guard<py::gil_scoped_release>(),
-        "out[i] = sum_{j<k} c[b,j]*in_j[i] + c[b,k]*z_i, b = (start+i)//inner.\n"
-        "dtype: 0 float32, 1 float16, 2 bfloat16; noise_mode: 0 none, 1 tensor at noise_ptr,\n"
-        "2 philox stream (seed, offset+start+i); coef_ptr: float32 (R, k+1) rows or 0 for coefs.");
-  m.def("molrg_forward", &fastdiff::molrg_forward, py::arg("x_ptr"), py::arg("out_ptr"),
-        py::arg("w_ptr"), py::arg("B"), py::arg("n"), py::arg("u_ptr"), py::arg("offsets"),
-        py::arg("params_ptr"), py::arg("R"), py::arg("labels_ptr"), py::arg("hard"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Fused MoLRG denoiser forward, float32.  x, out (B, n); Ucat (n, D) = [U_0|...|U_{K-1}],\n"
-        "component k = columns [offsets[k], offsets[k+1]); params (R, 3K+2) rows\n"
-        "[g(K), b(K), C(K), A, gw], R in {1, B}; labels int64 (B,) or 0; w (B, K) or 0.\n"
-        "P = U^T x, l_k = b_k + g_k |P_k|^2, w = softmax(l) (hard: one_hot(argmax)),\n"
-        "w' = (1-gw) w + gw onehot(label), out = A x + sum_k w'_k C_k U_k P_k.");
-  m.def("molrg_backward", &fastdiff::molrg_backward, py::arg("x_ptr"), py::arg("g_ptr"),
-        py::arg("w_ptr"), py::arg("dx_ptr"), py::arg("du_ptr"), py::arg("B"), py::arg("n"),
-        py::arg("u_ptr"), py::arg("offsets"), py::arg("params_ptr"), py::arg("R"),
-        py::arg("labels_ptr"), py::arg("hard"), py::call_guard<py::gil_scoped_release>(),
-        "Fused MoLRG denoiser backward, float32 (the math of _MoLRGFunction.backward).\n"
-        "x, G = dL/dout, dx (B, n); w (B, K) the forward's posterior; Ucat, dU (n, D);\n"
-        "params / offsets / labels / hard as molrg_forward.  P = U^T x recomputed,\n"
-        "dx = A G + U dP, dU = G^T q + x^T dP (both overwritten; dx must not alias x / G).");
-  m.def("molrg_mix", &fastdiff::molrg_mix, py::arg("p_ptr"), py::arg("q_ptr"), py::arg("w_ptr"),
-        py::arg("B"), py::arg("offsets"), py::arg("params_ptr"), py::arg("R"),
-        py::arg("labels_ptr"), py::arg("hard"), py::call_guard<py::gil_scoped_release>(),
-        "The MoLRG forward's per-row mix, float32: P = x Ucat (B, D) given (row-major);\n"
-        "writes q (B, D) = w'_{k(j)} C_{k(j)} P_j and w (B, K) (or 0).  params / offsets /\n"
-        "labels / hard as molrg_forward.");
-  m.def("molrg_mix_backward", &fastdiff::molrg_mix_backward, py::arg("p_ptr"), py::arg("dq_ptr"),
-        py::arg("w_ptr"), py::arg("q_ptr"), py::arg("B"), py::arg("offsets"),
-        py::arg("params_ptr"), py::arg("R"), py::arg("labels_ptr"), py::arg("hard"),
-        py::call_guard<py::gil_scoped_release>(),
-        "The MoLRG backward's per-row mix, float32: P (B, D), dq = G Ucat (B, D) in, dP out\n"
-        "(in place); w (B, K) the forward's posterior; writes q (B, D).  Then\n"
-        "dx = A G + dP Ucat^T and dU = G^T q + x^T dP are library GEMMs.");
-  m.def("svdvals_rank", &fastdiff::svdvals_rank, py::arg("a_ptr"), py::arg("dtype"), py::arg("B"),
-        py::arg("m"), py::arg("n"), py::arg("s_ptr"), py::arg("rank_ptr"), py::arg("eta"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Batched singular values (float64 arithmetic) with the energy rank fused in.\n"
-        "A (B, m, n) contiguous, dtype 0 float32 / 1 float64; S (B, min(m, n)) same dtype, descending;\n"
-        "rank int64 (B,) or 0: min r with sum_{i<=r} s_i^2 > eta^2 sum s_i^2 (clamped to min(m, n);\n"
-        "zero matrix: 0).  Non-finite entries: S = NaN, rank = -1.");
-  m.def("molrg_trajectory", &fastdiff::molrg_trajectory, py::arg("x_ptr"), py::arg("I"),
-        py::arg("B"), py::arg("n"), py::arg("u_ptr"), py::arg("offsets"), py::arg("params_ptr"),
-        py::arg("params_istride"), py::arg("labels_ptr"), py::arg("hard"), py::arg("coef_ptr"),
-        py::arg("idx_ptr"), py::arg("t0"), py::arg("t1"), py::arg("traj_ptr"), py::arg("seed"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Fused MoLRG sampling trajectory, float32, steps [t0, t1) (see csrc/trajectory.cpp).\n"
-        "x (I*B, n) in/out; U (I, n, D); params (I or 1, P, 3K+2) with instance stride\n"
-        "params_istride (0: shared); labels int64 (I*B) or 0; coef float32 (T, 8)\n"
-        "[s1, cx, cm, cz, hx, hm, hxp, hmp]; idx int64 (T, 5) [off1, off2, prow1, prow2, snap]\n"
-        "(-1: none); traj (S, I*B, n) or 0.");
-  m.def("ksubspaces", &fastdiff::ksubspaces, py::arg("x_ptr"), py::arg("B"), py::arg("N"), py::arg("n"),
-        py::arg("counts_ptr"), py::arg("K"), py::arg("d"), py::arg("R"), py::arg("u_ptr"),
-        py::arg("starts_ptr"), py::arg("max_iter"), py::arg("bases_ptr"), py::arg("labels_ptr"),
-        py::arg("converged_ptr"), py::arg("tol"), py::arg("refit_iter"), py::arg("iters_ptr"),
-        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
-        "K-subspaces of the subspace-recovery sweep, float32 (see csrc/ksubspaces.cpp).\n"
-        "X (B, N, n), the first counts[b] (int64, >= 1) rows of instance b are points; u float32\n"
-        "(B, R) uniforms: seed the starts (B, R, K, n, d) into starts_ptr (0: read them from there);\n"
-        "bases (B, K, n, d): each cluster of the best start refitted by top_subspace (tol,\n"
-        "refit_iter), converged uint8 (B, K), labels int64 (B, N) (bases 0: seeding only);\n"
-        "iters int64 (B,) assignment refits done, or 0; threads: OpenMP threads.");
-  m.def("top_subspace", &fastdiff::top_subspace, py::arg("x_ptr"), py::arg("B"), py::arg("N"), py::arg("n"),
-        py::arg("counts_ptr"), py::arg("d"), py::arg("v0_ptr"), py::arg("tol"), py::arg("max_iter"),
-        py::arg("v_ptr"), py::arg("converged_ptr"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
-        "Top-d right singular subspaces by subspace iteration, float32 (see csrc/ksubspaces.cpp).\n"
-        "X (B, N, n) of which the first counts[b] (int64) rows count; V0, V (B, n, d); converged\n"
-        "uint8 (B,): 0 where max_iter updates did not reach ||C V - V V^T C V|| <= tol ||X||_F^2.");
+  def_kernel(m, "fused_step", &fastdiff::fused_step,
+R"(out[i] = sum_{j<k} c[b,j]*in_j[i] + c[b,k]*z_i, b = (start+i)//inner.
+dtype: 0 float32, 1 float16, 2 bfloat16; noise_mode: 0 none, 1 tensor at noise_ptr,
+2 philox stream (seed, offset+start+i); coef_ptr: float32 (R, k+1) rows or 0 for coefs.)",
+             "out_ptr", "in_ptrs", "dtype", "n", "inner", "start", "coef_ptr", "coefs",
+             "noise_mode", "noise_ptr", "seed", "offset");
+  def_kernel(m, "molrg_forward", &fastdiff::molrg_forward,
+R"(Fused MoLRG denoiser forward, float32.  x, out (B, n); Ucat (n, D) = [U_0|...|U_{K-1}],
+component k = columns [offsets[k], offsets[k+1]); params (R, 3K+2) rows
+[g(K), b(K), C(K), A, gw], R in {1, B}; labels int64 (B,) or 0; w (B, K) or 0.
+P = U^T x, l_k = b_k + g_k |P_k|^2, w = softmax(l) (hard: one_hot(argmax)),
+w' = (1-gw) w + gw onehot(label), out = A x + sum_k w'_k C_k U_k P_k.)",
+             "x_ptr", "out_ptr", "w_ptr", "B", "n", "u_ptr", "offsets", "params_ptr", "R",
+             "labels_ptr", "hard");
+  def_kernel(m, "molrg_backward", &fastdiff::molrg_backward,
+R"(Fused MoLRG denoiser backward, float32 (the math of _MoLRGFunction.backward).
+x, G = dL/dout, dx (B, n); w (B, K) the forward's posterior; Ucat, dU (n, D);
+params / offsets / labels / hard as molrg_forward.  P = U^T x recomputed,
+dx = A G + U dP, dU = G^T q + x^T dP (both overwritten; dx must not alias x / G).)",
+             "x_ptr", "g_ptr", "w_ptr", "dx_ptr", "du_ptr", "B", "n", "u_ptr", "offsets",
+             "params_ptr", "R", "labels_ptr", "hard");
+  def_kernel(m, "molrg_mix", &fastdiff::molrg_mix,
+R"(The MoLRG forward's per-row mix, float32: P = x Ucat (B, D) given (row-major);
+writes q (B, D) = w'_{k(j)} C_{k(j)} P_j and w (B, K) (or 0).  params / offsets /
+labels / hard as molrg_forward.)",
+             "p_ptr", "q_ptr", "w_ptr", "B", "offsets", "params_ptr", "R", "labels_ptr", "hard");
+  def_kernel(m, "molrg_mix_backward", &fastdiff::molrg_mix_backward,
+R"(The MoLRG backward's per-row mix, float32: P (B, D), dq = G Ucat (B, D) in, dP out
+(in place); w (B, K) the forward's posterior; writes q (B, D).  Then
+dx = A G + dP Ucat^T and dU = G^T q + x^T dP are library GEMMs.)",
+             "p_ptr", "dq_ptr", "w_ptr", "q_ptr", "B", "offsets", "params_ptr", "R",
+             "labels_ptr", "hard");
+  def_kernel(m, "svdvals_rank", &fastdiff::svdvals_rank,
+R"(Batched singular values (float64 arithmetic) with the energy rank fused in.
+A (B, m, n) contiguous, dtype 0 float32 / 1 float64; S (B, min(m, n)) same dtype, descending;
+rank int64 (B,) or 0: min r with sum_{i<=r} s_i^2 > eta^2 sum s_i^2 (clamped to min(m, n);
+zero matrix: 0).  Non-finite entries: S = NaN, rank = -1.)",
+             "a_ptr", "dtype", "B", "m", "n", "s_ptr", "rank_ptr", "eta");
+  def_kernel(m, "molrg_trajectory", &fastdiff::molrg_trajectory,
+R"(Fused MoLRG sampling trajectory, float32, steps [t0, t1) (see csrc/trajectory.cpp).
+x (I*B, n) in/out; U (I, n, D); params (I or 1, P, 3K+2) with instance stride
+params_istride (0: shared); labels int64 (I*B) or 0; coef float32 (T, 8)
+[s1, cx, cm, cz, hx, hm, hxp, hmp]; idx int64 (T, 5) [off1, off2, prow1, prow2, snap]
+(-1: none); traj (S, I*B, n) or 0.)",
+             "x_ptr", "I", "B", "n", "u_ptr", "offsets", "params_ptr", "params_istride",
+             "labels_ptr", "hard", "coef_ptr", "idx_ptr", "t0", "t1", "traj_ptr", "seed");
+  def_kernel(m, "ksubspaces", &fastdiff::ksubspaces,
+R"(K-subspaces of the subspace-recovery sweep, float32 (see csrc/ksubspaces.cpp).
+X (B, N, n), the first counts[b] (int64, >= 1) rows of instance b are points; u float32
+(B, R) uniforms: seed the starts (B, R, K, n, d) into starts_ptr (0: read them from there);
+bases (B, K, n, d): each cluster of the best start refitted by top_subspace (tol,
+refit_iter), converged uint8 (B, K), labels int64 (B, N) (bases 0: seeding only);
+iters int64 (B,) assignment refits done, or 0; threads: OpenMP threads.)",
+             "x_ptr", "B", "N", "n", "counts_ptr", "K", "d", "R", "u_ptr", "starts_ptr",
+             "max_iter", "bases_ptr", "labels_ptr", "converged_ptr", "tol", "refit_iter",
+             "iters_ptr", "threads");
+  def_kernel(m, "top_subspace", &fastdiff::top_subspace,
+R"(Top-d right singular subspaces by subspace iteration, float32 (see csrc/ksubspaces.cpp).
+X (B, N, n) of which the first counts[b] (int64) rows count; V0, V (B, n, d); converged
+uint8 (B,): 0 where max_iter updates did not reach ||C V - V V^T C V|| <= tol ||X||_F^2.)",
+             "x_ptr", "B", "N", "n", "counts_ptr", "d", "v0_ptr", "tol", "max_iter", "v_ptr",
+             "converged_ptr", "threads");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }

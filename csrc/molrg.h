@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fastdiff {
 
@@ -23,6 +24,12 @@ struct MolrgJob {
   const int64_t* labels;    // nullptr: no guidance
   bool hard;
 };
+
+// The checks and fields every entry point shares (sizes, offsets, params, labels), errors
+// prefixed with fn; the callers set the data pointers.  B == 0 passes (the caller returns
+// early); labels (B of them) are range-checked.  J.off points into offsets.
+MolrgJob molrg_job(const char* fn, int64_t B, int64_t n, const std::vector<int64_t>& offsets,
+                   uintptr_t params_ptr, int64_t R, uintptr_t labels_ptr, bool hard);
 
 // out (and w) of rows [r0, r1) of J, on the calling thread.  scratch: (r1 - r0 + 4) * D8
 // floats.  A row's result does not depend on r0 / r1 (each row is computed alone).

@@ -1,6 +1,6 @@
 // fastdiff fused MoLRG softmax-projection denoiser backward (CPU).  The forward's math, tile
 // structure and code paths are described at the top of molrg_forward.cpp; phase 2 (the
-// per-row mix) is in molrg_mix.cpp.
+// per-row mix and the softmax backward) is the posterior's one implementation, molrg_detail.h.
 //
 // Fused MoLRG backward (CPU), the math of fastdiff.ops.molrg.MoLRGFunction.backward per row:
 //   P = U^T x (recomputed), c_j = w'_{k(j)} C_{k(j)}, q = P c, dq = U^T G, dP = dq c
@@ -36,41 +36,15 @@ namespace {
 FD_MOLRG_ALIGNED void bwd_chunk_generic(const MolrgBwd& Bw, int64_t r0, int64_t r1, float* S,
                                         double* acc) {
   const MolrgJob& J = Bw.J;
-  const int64_t n = J.n, D = J.D, D8 = J.D8, M = r1 - r0;
+  const int64_t n = J.n, D8 = J.D8, M = r1 - r0;
   float* P = S;
   float* Q = S + M * D8;
-  float* T = Q + M * D8;  // n x D8
-  // phase 1 (plain sums of n terms)
-  for (int64_t r = r0; r < r1; ++r) {
-    float* __restrict pp = P + (r - r0) * D8;
-    float* __restrict qq = Q + (r - r0) * D8;
-    std::fill(pp, pp + D8, 0.0f);
-    std::fill(qq, qq + D8, 0.0f);
-    const float* xr = J.x + r * n;
-    const float* gr = Bw.G + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      const float* __restrict u = J.U + i * D;
-      const float xv = xr[i], gv = gr[i];
-      for (int64_t j = 0; j < D; ++j) {
-        pp[j] += xv * u[j];
-        qq[j] += gv * u[j];
-      }
-    }
-  }
-  bwd_mix_rows(Bw, r0, r1, P, Q);
-  // phase 3
-  for (int64_t r = r0; r < r1; ++r) {
-    const float A = params_row(J, r)[3 * J.K];
-    const float* gr = Bw.G + r * n;
-    float* __restrict o = J.out + r * n;
-    for (int64_t i = 0; i < n; ++i) o[i] = A * gr[i];
-    const float* dp = Q + (r - r0) * D8;
-    for (int64_t j = 0; j < D; ++j) {
-      const float* __restrict u = J.Ut + j * J.n8;
-      const float v = dp[j];
-      for (int64_t i = 0; i < n; ++i) o[i] += v * u[i];
-    }
-  }
+  float* T = Q + M * D8;  // n x D8 (phase 4; phase 1's block sums use 8 x D8 of it: >= 8 D8 follow Q)
+  // phase 1: P = X U (the forward's sums, recomputed), dq = G U
+  proj_rows_generic(J, r0, r1, J.x, P, T, Bw.G, Q);
+  bwd_mix_rows_generic(Bw, r0, r1, P, Q);
+  // phase 3: dx = A G + dP Ut
+  out_rows_generic(J, r0, r1, Q, Bw.G);
   // phase 4
   std::fill(T, T + n * D8, 0.0f);
   for (int64_t r = r0; r < r1; ++r) {
@@ -98,39 +72,21 @@ __attribute__((always_inline)) inline void du_tile(const float* G, const float* 
                                                    int64_t rows, const float* q, const float* dp,
                                                    int64_t ldq, double* acc, int64_t lda) {
   __m256 a[MR][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) a[r][v] = _mm256_setzero_ps();
+  for_each_vec<MR, NV>([&](int r, int v) { a[r][v] = _mm256_setzero_ps(); });
   for (int64_t t = 0; t < rows; ++t) {
     __m256 u[NV];
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) u[v] = _mm256_loadu_ps(q + t * ldq + 8 * v);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(G + t * n + r);
-#pragma GCC unroll 3
-      for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(b, u[v], a[r][v]);
-    }
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) u[v] = _mm256_loadu_ps(dp + t * ldq + 8 * v);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(X + t * n + r);
-#pragma GCC unroll 3
-      for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(b, u[v], a[r][v]);
-    }
+    load_row<NV, false>(q + t * ldq, u);
+    rank1_update(a, G + t * n, 1, u);
+    load_row<NV, false>(dp + t * ldq, u);
+    rank1_update(a, X + t * n, 1, u);
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) {
-      double* d = acc + r * lda + 8 * v;
-      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a[r][v]));
-      const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a[r][v], 1));
-      _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), lo));
-      _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), hi));
-    }
+  for_each_vec<MR, NV>([&](int r, int v) {
+    double* d = acc + r * lda + 8 * v;
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a[r][v]));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a[r][v], 1));
+    _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), lo));
+    _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), hi));
+  });
 }
 
 template <int MR>

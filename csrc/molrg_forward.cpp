@@ -33,10 +33,12 @@
 //   generic: plain C++ loops of the same structure that GCC vectorizes for the baseline ISA.
 //
 // Files: this one (the per-row forward: molrg_rows / molrg_transpose / molrg_forward, phases 1
-// and 3, and the checks shared by the entry points), molrg_mix.cpp (phase 2, the per-row mix,
-// forward and backward; also molrg_mix / molrg_mix_backward for the GEMM form),
-// molrg_backward.cpp (molrg_backward), molrg_detail.h / molrg_avx2.h (what they share),
-// molrg.h (the per-row routine, shared with trajectory.cpp).
+// and 3, and the checks shared by the entry points), molrg_detail.h (the posterior, phase 2,
+// written once for every caller: logits, softmax / argmax, guidance, the mix and its backward;
+// the generic phases 1 and 3), molrg_avx2.h (the AVX2 register tiles and the posterior's AVX2
+// loops), molrg_mix.cpp (phase 2 instantiated per code path; molrg_mix / molrg_mix_backward for
+// the GEMM form), molrg_backward.cpp (molrg_backward), molrg.h (the per-row routine, shared
+// with trajectory.cpp).
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -86,8 +88,65 @@ RowPlan row_plan(int64_t B, int64_t n, int64_t D, int64_t D8, int64_t min_work) 
   return p;
 }
 
-// The checks and fields every entry point shares (sizes, offsets, params, labels); the callers
-// set the data pointers.  B == 0 passes (the caller returns early); labels are range-checked.
+#if FD_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// (declared in molrg_avx2.h)
+FD_MOLRG_ALIGNED void out_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q,
+                                    const float* src) {
+  const int64_t n = J.n, D = J.D, D8 = J.D8;
+  for (int64_t jb = 0; jb < D; jb += KBLK) {
+    const int64_t je = std::min(D, jb + KBLK);
+    for_each_tile(n, r0, r1, [&](auto mr, int64_t r, int64_t it, int nv, bool mask, __m256i m) {
+      constexpr int MR = decltype(mr)::value;
+      float A[MR];
+      for (int rr = 0; rr < MR; ++rr) A[rr] = params_row(J, r + rr)[3 * J.K];
+      out_dispatch<MR>(nv, mask, Q + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8, src + r * n + it,
+                       J.out + r * n + it, n, A, m);
+    });
+  }
+}
+#pragma GCC pop_options
+#endif  // FD_X86
+
+}  // namespace molrg_detail
+
+using namespace molrg_detail;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Generic path: plain loops (GCC vectorizes the innermost, contiguous ones).
+// P: scratch of (r1 - r0 + 4) x D8 floats (the last 4 rows: block partial sums).
+// Rows in groups of 4 through all three phases (the group's P stays in L1).
+FD_MOLRG_ALIGNED void chunk_generic(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
+  float* T = P + (r1 - r0) * J.D8;
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int64_t re = std::min(r1, r + 4);
+    float* Pr = P + (r - r0) * J.D8;
+    proj_rows_generic(J, r, re, J.x, Pr, T);  // phase 1
+    mix_rows_generic(J, r, re, Pr);           // phase 2 (the posterior)
+    out_rows_generic(J, r, re, Pr, J.x);      // phase 3: A x + U q
+  }
+}
+// ---------------------------------------------------------------------------------------
+// AVX2 + FMA path (x86-64 only, selected at run time).
+#if FD_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+FD_MOLRG_ALIGNED void chunk_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
+  proj_rows_avx2(J, r0, r1, J.x, P);  // phase 1: P (rows of D8, padding columns 0)
+  mix_rows_avx2(J, r0, r1, P);        // phase 2 (the posterior)
+  out_rows_avx2(J, r0, r1, P, J.x);   // phase 3: A x + U q
+}
+
+#pragma GCC pop_options
+#endif  // FD_X86
+
+}  // namespace
+
+// (declared in molrg.h)
 MolrgJob molrg_job(const char* fn, int64_t B, int64_t n, const std::vector<int64_t>& offsets,
                    uintptr_t params_ptr, int64_t R, uintptr_t labels_ptr, bool hard) {
   const std::string f(fn);
@@ -120,113 +179,6 @@ MolrgJob molrg_job(const char* fn, int64_t B, int64_t n, const std::vector<int64
         throw std::invalid_argument(f + ": label out of range [0, K)");
   return J;
 }
-
-#if FD_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-// (declared in molrg_avx2.h)
-FD_MOLRG_ALIGNED void out_rows_avx2(const MolrgJob& J, int64_t r0, int64_t r1, const float* Q,
-                                    const float* src) {
-  const int64_t n = J.n, D = J.D, D8 = J.D8;
-  float A[4];
-  for (int64_t jb = 0; jb < D; jb += KBLK) {
-    const int64_t je = std::min(D, jb + KBLK);
-    for (int64_t it = 0; it < n; it += TILE) {
-      const int64_t cols = std::min(TILE, n - it);
-      const int nv = static_cast<int>((cols + 7) / 8);
-      const bool mask = (cols & 7) != 0;
-      const __m256i m = tail_mask(mask ? (cols & 7) : 8);
-      int64_t r = r0;
-      for (; r + 4 <= r1; r += 4) {
-        for (int rr = 0; rr < 4; ++rr) A[rr] = params_row(J, r + rr)[3 * J.K];
-        out_dispatch<4>(nv, mask, Q + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
-                        src + r * n + it, J.out + r * n + it, n, A, m);
-      }
-      for (; r < r1; ++r) {
-        A[0] = params_row(J, r)[3 * J.K];
-        out_dispatch<1>(nv, mask, Q + (r - r0) * D8, D8, jb, je, J.Ut + it, J.n8,
-                        src + r * n + it, J.out + r * n + it, n, A, m);
-      }
-    }
-  }
-}
-#pragma GCC pop_options
-#endif  // FD_X86
-
-}  // namespace molrg_detail
-
-using namespace molrg_detail;
-
-namespace {
-
-// ---------------------------------------------------------------------------------------
-// Generic path: plain loops (GCC vectorizes the innermost, contiguous ones).
-// P: scratch of (r1 - r0 + 4) x D8 floats (the last 4 rows: block partial sums).
-FD_MOLRG_ALIGNED void chunk_generic(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
-  const int64_t n = J.n, D = J.D, D8 = J.D8;
-  float* T = P + (r1 - r0) * D8;
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int rg = static_cast<int>(std::min<int64_t>(4, r1 - r));
-    float* Pr = P + (r - r0) * D8;
-    // phase 1
-    for (int rr = 0; rr < rg; ++rr) std::fill(Pr + rr * D8, Pr + rr * D8 + D, 0.0f);
-    for (int64_t i0 = 0; i0 < n; i0 += IBLK) {
-      const int64_t i1 = std::min(n, i0 + IBLK);
-      for (int rr = 0; rr < rg; ++rr) std::fill(T + rr * D8, T + rr * D8 + D, 0.0f);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* __restrict u = J.U + i * D;
-        for (int rr = 0; rr < rg; ++rr) {
-          const float xv = J.x[(r + rr) * n + i];
-          float* __restrict tt = T + rr * D8;
-          for (int64_t j = 0; j < D; ++j) tt[j] += xv * u[j];
-        }
-      }
-      for (int rr = 0; rr < rg; ++rr) {
-        float* __restrict pp = Pr + rr * D8;
-        const float* __restrict tt = T + rr * D8;
-        for (int64_t j = 0; j < D; ++j) pp[j] += tt[j];
-      }
-    }
-    // phase 2
-    mix_rows_generic(J, r, r + rg, Pr);
-    // phase 3 (x and out may alias: each element is read before it is written)
-    for (int rr = 0; rr < rg; ++rr) {
-      const float A = params_row(J, r + rr)[3 * J.K];
-      const float* xr = J.x + (r + rr) * n;
-      float* o = J.out + (r + rr) * n;
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC ivdep
-#endif
-      for (int64_t i = 0; i < n; ++i) o[i] = A * xr[i];
-    }
-    for (int64_t j = 0; j < D; ++j) {
-      const float* __restrict u = J.Ut + j * J.n8;
-      for (int rr = 0; rr < rg; ++rr) {
-        const float qv = Pr[rr * D8 + j];
-        float* __restrict o = J.out + (r + rr) * n;
-        for (int64_t i = 0; i < n; ++i) o[i] += qv * u[i];
-      }
-    }
-  }
-}
-// ---------------------------------------------------------------------------------------
-// AVX2 + FMA path (x86-64 only, selected at run time).
-#if FD_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-
-FD_MOLRG_ALIGNED void chunk_avx2(const MolrgJob& J, int64_t r0, int64_t r1, float* P) {
-  proj_rows_avx2(J, r0, r1, J.x, P);  // phase 1: P (rows of D8, padding columns 0)
-  // phase 2
-  mix_rows_avx2(J, r0, r1, P);
-  // phase 3
-  out_rows_avx2(J, r0, r1, P, J.x);
-}
-
-#pragma GCC pop_options
-#endif  // FD_X86
-
-}  // namespace
 
 void molrg_rows(const MolrgJob& J, int64_t r0, int64_t r1, float* scratch) {
 #if FD_X86

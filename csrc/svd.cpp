@@ -79,6 +79,28 @@ FD_INLINE double householder(double alpha, double x_tail_sq, double* beta, doubl
   return (b - alpha) / b;
 }
 
+// Rows i..i+3 of W (row stride ld) and their coefficients a_l = s c[i + l]: the block of four
+// rows that both passes of the bidiagonalization update together, r_l[j] <- r_l[j] + a_l t_j.
+struct Rows4 {
+  double *r0, *r1, *r2, *r3;
+  double a0, a1, a2, a3;
+  FD_INLINE Rows4(double* W, int64_t i, int64_t ld, double s, const double* c)
+      : r0(W + i * ld), r1(r0 + ld), r2(r1 + ld), r3(r2 + ld),
+        a0(s * c[i]), a1(s * c[i + 1]), a2(s * c[i + 2]), a3(s * c[i + 3]) {}
+  // column j: r_l[j] = x_l = madd(a_l, t, r_l[j]) (the updated entries are returned in x_l)
+  template <bool FMA>
+  FD_INLINE void update(int64_t j, double t, double& x0, double& x1, double& x2, double& x3) const {
+    x0 = madd<FMA>(a0, t, r0[j]);
+    x1 = madd<FMA>(a1, t, r1[j]);
+    x2 = madd<FMA>(a2, t, r2[j]);
+    x3 = madd<FMA>(a3, t, r3[j]);
+    r0[j] = x0;
+    r1[j] = x1;
+    r2[j] = x2;
+    r3[j] = x3;
+  }
+};
+
 // Step 2: W (M, N) row-major, M >= N >= 1, destroyed.  d (N) diagonal, e (N) with e[0] = 0 and
 // e[j] the superdiagonal entry (j-1, j).  v (M), w, u (N), z (M): scratch.
 template <bool FMA>
@@ -120,21 +142,13 @@ FD_INLINE void bidiagonalize(double* W, int64_t M, int64_t N, double* d, double*
     // that each w / u vector load serves four rows
     int64_t i = k + 1;
     for (; i + 4 <= M; i += 4) {
-      double* r0 = W + i * ld;
-      double* r1 = r0 + ld;
-      double* r2 = r1 + ld;
-      double* r3 = r2 + ld;
-      const double a0 = -tau_l * v[i], a1 = -tau_l * v[i + 1], a2 = -tau_l * v[i + 2], a3 = -tau_l * v[i + 3];
+      const Rows4 R(W, i, ld, -tau_l, v);
       double z0 = 0.0, z1 = 0.0, z2 = 0.0, z3 = 0.0;
 #pragma omp simd reduction(+ : z0, z1, z2, z3)
       for (int64_t j = k + 1; j < N; ++j) {
-        const double wj = w[j], uj = u[j];
-        const double x0 = madd<FMA>(a0, wj, r0[j]), x1 = madd<FMA>(a1, wj, r1[j]);
-        const double x2 = madd<FMA>(a2, wj, r2[j]), x3 = madd<FMA>(a3, wj, r3[j]);
-        r0[j] = x0;
-        r1[j] = x1;
-        r2[j] = x2;
-        r3[j] = x3;
+        const double uj = u[j];
+        double x0, x1, x2, x3;
+        R.update<FMA>(j, w[j], x0, x1, x2, x3);
         z0 = madd<FMA>(x0, uj, z0);
         z1 = madd<FMA>(x1, uj, z1);
         z2 = madd<FMA>(x2, uj, z2);
@@ -176,21 +190,12 @@ FD_INLINE void bidiagonalize(double* W, int64_t M, int64_t N, double* d, double*
     if (j0 < N) {
       int64_t i = k + 1;
       for (; i + 4 <= M; i += 4) {  // rows in fours: one load and store of w per four rows
-        double* r0 = W + i * ld;
-        double* r1 = r0 + ld;
-        double* r2 = r1 + ld;
-        double* r3 = r2 + ld;
-        const double a0 = -tau_r * z[i], a1 = -tau_r * z[i + 1], a2 = -tau_r * z[i + 2], a3 = -tau_r * z[i + 3];
+        const Rows4 R(W, i, ld, -tau_r, z);
         const double v0 = v[i], v1 = v[i + 1], v2 = v[i + 2], v3 = v[i + 3];
 #pragma omp simd
         for (int64_t j = j0; j < N; ++j) {
-          const double uj = u[j];
-          const double x0 = madd<FMA>(a0, uj, r0[j]), x1 = madd<FMA>(a1, uj, r1[j]);
-          const double x2 = madd<FMA>(a2, uj, r2[j]), x3 = madd<FMA>(a3, uj, r3[j]);
-          r0[j] = x0;
-          r1[j] = x1;
-          r2[j] = x2;
-          r3[j] = x3;
+          double x0, x1, x2, x3;
+          R.update<FMA>(j, u[j], x0, x1, x2, x3);
           w[j] = madd<FMA>(v3, x3, madd<FMA>(v2, x2, madd<FMA>(v1, x1, madd<FMA>(v0, x0, w[j]))));
         }
       }

@@ -94,15 +94,11 @@ FD_TRAJ_INLINE void combine4(float* out, const float* x, float a, const float* y
 struct Traj {
   float* x;                  // (I B, n) in / out
   int64_t I, B, n;
+  MolrgJob den;              // the denoiser's sizes, offsets, labels (I B), hard (molrg_job)
   const float* U;            // (I, n, D)
   const float* Ut;           // (I, D, n8)
-  const int64_t* off;
-  int K;
-  int64_t D, D8, n8;
   const float* params;       // (I or 1, P, 3K + 2)
   int64_t pistride;          // 0 (shared) or P (3K + 2)
-  const int64_t* labels;     // (I B) or nullptr
-  bool hard;
   const float* coef;         // (T, NCOEF)
   const int64_t* idx;        // (T, NIDX)
   int64_t t0, t1;
@@ -153,21 +149,12 @@ FD_TRAJ_INLINE void run_tile(const Traj& T, int64_t inst, int64_t r0, int64_t r1
   float* xp = buf.xp.get();
   float* x0p = buf.x0p.get();
   std::memcpy(x, T.x + grow0 * n, sizeof(float) * len);
-  MolrgJob J;
-  J.w = nullptr;
+  MolrgJob J = T.den;  // the tile's rows of instance inst (one parameter row per call)
   J.B = M;
-  J.n = n;
-  J.D = T.D;
-  J.D8 = T.D8;
-  J.n8 = T.n8;
-  J.K = T.K;
-  J.U = T.U + inst * n * T.D;
-  J.Ut = T.Ut + inst * T.D * T.n8;
-  J.off = T.off;
+  J.U = T.U + inst * n * J.D;
+  J.Ut = T.Ut + inst * J.D * J.n8;
   J.R = 1;
-  J.pstride = 3 * T.K + 2;
-  J.labels = T.labels ? T.labels + grow0 : nullptr;
-  J.hard = T.hard;
+  J.labels = T.den.labels ? T.den.labels + grow0 : nullptr;
   const float* pinst = T.params + inst * T.pistride;
   const int64_t e0 = grow0 * n, numel = T.I * T.B * n;  // the tile's window elements
   constexpr int64_t STEP_BLOCK = 2048;                   // fused_step.cpp's BLOCK
@@ -226,45 +213,29 @@ void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_
                       int64_t params_istride, uintptr_t labels_ptr, bool hard, uintptr_t coef_ptr,
                       uintptr_t idx_ptr, int64_t t0, int64_t t1, uintptr_t traj_ptr,
                       uint64_t seed) {
-  const int64_t K = static_cast<int64_t>(offsets.size()) - 1;
-  if (K < 1 || K > 1024) throw std::invalid_argument("molrg_trajectory: need 1 <= K <= 1024");
-  if (offsets[0] != 0) throw std::invalid_argument("molrg_trajectory: offsets[0] must be 0");
-  for (int64_t k = 0; k < K; ++k)
-    if (offsets[k + 1] <= offsets[k])
-      throw std::invalid_argument("molrg_trajectory: offsets must be strictly increasing");
   if (I < 0 || B < 0 || n < 0 || t0 < 0 || t1 < t0)
     throw std::invalid_argument("molrg_trajectory: negative size or step range");
-  if (I == 0 || B == 0 || n == 0 || t1 == t0) return;
-  if (x_ptr == 0 || u_ptr == 0 || params_ptr == 0 || coef_ptr == 0 || idx_ptr == 0)
-    throw std::invalid_argument("molrg_trajectory: null pointer");
-
   Traj T;
+  T.den = molrg_job("molrg_trajectory", I * B, n, offsets, params_ptr, 1, labels_ptr, hard);
+  if (I == 0 || B == 0 || n == 0 || t1 == t0) return;
+  if (x_ptr == 0 || u_ptr == 0 || coef_ptr == 0 || idx_ptr == 0)
+    throw std::invalid_argument("molrg_trajectory: null pointer");
   T.x = reinterpret_cast<float*>(x_ptr);
   T.I = I;
   T.B = B;
   T.n = n;
   T.U = reinterpret_cast<const float*>(u_ptr);
-  T.off = offsets.data();
-  T.K = static_cast<int>(K);
-  T.D = offsets[K];
-  T.D8 = (T.D + 7) & ~int64_t(7);
-  T.n8 = (n + 7) & ~int64_t(7);
   T.params = reinterpret_cast<const float*>(params_ptr);
   T.pistride = params_istride;
-  T.labels = reinterpret_cast<const int64_t*>(labels_ptr);
-  T.hard = hard;
   T.coef = reinterpret_cast<const float*>(coef_ptr);
   T.idx = reinterpret_cast<const int64_t*>(idx_ptr);
   T.t0 = t0;
   T.t1 = t1;
   T.traj = reinterpret_cast<float*>(traj_ptr);
   T.seed = seed;
-  if (T.labels)
-    for (int64_t r = 0; r < I * B; ++r)
-      if (T.labels[r] < 0 || T.labels[r] >= K)
-        throw std::invalid_argument("molrg_trajectory: label out of range [0, K)");
+  const MolrgJob& den = T.den;
 
-  std::unique_ptr<float[]> ut(new float[static_cast<size_t>(I * T.D * T.n8)]);
+  std::unique_ptr<float[]> ut(new float[static_cast<size_t>(I * den.D * den.n8)]);
   T.Ut = ut.get();
 #ifdef _OPENMP
   const int nthreads = omp_get_max_threads();
@@ -286,14 +257,11 @@ void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < I; ++i) {
-      MolrgJob J{};
-      J.n = n;
-      J.D = T.D;
-      J.n8 = T.n8;
-      J.U = T.U + i * n * T.D;
-      molrg_transpose(J, ut.get() + i * T.D * T.n8);
+      MolrgJob J = den;
+      J.U = T.U + i * n * den.D;
+      molrg_transpose(J, ut.get() + i * den.D * den.n8);
     }
-    Buffers buf(M, n, T.D8);
+    Buffers buf(M, n, den.D8);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t inst = tile / tiles_per;
