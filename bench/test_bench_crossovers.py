@@ -32,28 +32,19 @@ def _problem(d, grad):
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("d", DIMS)
-def test_molrg_crossover_forward(record, device, d, backend):
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_molrg_crossover(record, device, grad, d, backend):
     if device != "cpu":
         pytest.skip("a CPU crossover")
-    x, U = _problem(d, grad=False)
+    x, U = _problem(d, grad)
     nd = N_DIM * K * d
-    group = f"molrg crossover fwd n*sum d_k={nd} ({'cpp' if nd <= CPP_FUSED_MAX_ND else 'torch'} by auto)"
-    with torch.no_grad():
-        record(group, COLUMN[backend], lambda: fastdiff.molrg_denoise(x, U, 0.8, 0.6, backend=backend),
-               flops=4 * B * nd)
+    limit = CPP_FUSED_MAX_ND_GRAD if grad else CPP_FUSED_MAX_ND
+    group = f"molrg crossover {'fwd+bwd' if grad else 'fwd'} n*sum d_k={nd} ({'cpp' if nd <= limit else 'torch'} by auto)"
 
-
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
-@pytest.mark.parametrize("d", DIMS)
-def test_molrg_crossover_backward(record, device, d, backend):
-    if device != "cpu":
-        pytest.skip("a CPU crossover")
-    x, U = _problem(d, grad=True)
-    nd = N_DIM * K * d
-    group = f"molrg crossover fwd+bwd n*sum d_k={nd} ({'cpp' if nd <= CPP_FUSED_MAX_ND_GRAD else 'torch'} by auto)"
-
-    def step():
+    def call():
         out = fastdiff.molrg_denoise(x, U, 0.8, 0.6, backend=backend)
-        torch.autograd.grad(out.square().sum(), (x, U))
+        if grad:
+            torch.autograd.grad(out.square().sum(), (x, U))
 
-    record(group, COLUMN[backend], step, flops=3 * 4 * B * nd)
+    with torch.set_grad_enabled(grad):
+        record(group, COLUMN[backend], call, flops=(3 if grad else 1) * 4 * B * nd)

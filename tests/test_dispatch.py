@@ -93,6 +93,17 @@ def test_unknown_backend_name_is_an_error_on_empty_tensors():
         fastdiff.randn(0, 3, backend="gpu")
     with pytest.raises(ValueError, match=match):
         fastdiff.molrg_denoise(e, torch.linalg.qr(torch.randn(6, 2))[0][None], 0.9, 0.5, backend="gpu")
+    U = torch.linalg.qr(torch.randn(6, 2))[0][None]
+    empty_matrices = torch.empty(0, 3, 3)
+    for call in (lambda: fastdiff.linalg.svdvals(empty_matrices, backend="gpu"),
+                 lambda: fastdiff.linalg.svdvals_rank(empty_matrices, backend="gpu"),
+                 lambda: fastdiff.linalg.jacobian_rank(empty_matrices, backend="gpu"),
+                 lambda: fastdiff.linalg.molrg_jacobian_rank(e, U, 1.0, 0.5, backend="gpu"),
+                 lambda: fastdiff.jacobian_rank_trajectory(fastdiff.denoisers.MoLRG(U), e, backend="gpu"),
+                 lambda: fastdiff.sample(fastdiff.denoisers.MoLRG(U), (0, 6), fastdiff.DDPMSchedule(T=10),
+                                         backend="gpu", progress=False)):
+        with pytest.raises(ValueError, match=match):
+            call()
     for op in OPS:
         with pytest.raises(ValueError, match=match):
             dispatch.choose(op, "gpu", CPU, F32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays
 from fastdiff.denoisers._cache import _tensor_key, cache_get, cache_put
 from fastdiff.denoisers.molrg import _molrg_inputs, molrg_params
@@ -108,6 +109,7 @@ def molrg_jacobian_rank(x, bases, alpha, sigma, *, eta: float = 0.99, pi=None, t
     |A|.  Cost O(B (n D + D^3)) instead of O(B n^3).  Returns ranks (B,) int64 (and the singular
     values (B, n), descending, with ``return_svals``); a non-finite x gives rank -1.
     """
+    dispatch.check_backend("svd", backend)  # an unknown name is an error on every input, empty ones too
     eta = _check_eta(eta)
     A, (e, soft), U, x, ucat, dims = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
                                                   output)

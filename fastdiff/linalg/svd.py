@@ -63,6 +63,7 @@ def svdvals(A, *, backend: str = "auto") -> torch.Tensor:
 
     Non-finite matrices give all-NaN rows (module docstring: accuracy per backend); where A requires
     grad torch computes S (the kernels have no backward)."""
+    dispatch.check_backend("svd", backend)  # an unknown name is an error on every input, empty ones too
     A3, batch = _check_matrices(A)
     S, _ = _svdvals_rank(A3, None, backend)
     return S.reshape(*batch, S.shape[-1])
@@ -71,6 +72,7 @@ def svdvals(A, *, backend: str = "auto") -> torch.Tensor:
 @accepts_arrays
 def svdvals_rank(A, eta: float = 0.99, *, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(svdvals(A), jacobian_rank(A, eta))`` from one kernel pass: (..., min(m, n)) and (...,) int64."""
+    dispatch.check_backend("svd", backend)  # an unknown name is an error on every input, empty ones too
     eta = _check_eta(eta)
     A3, batch = _check_matrices(A)
     S, rank = _svdvals_rank(A3, eta, backend)

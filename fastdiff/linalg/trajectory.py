@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from fastdiff import dispatch
 from fastdiff._args import _check_x
 from fastdiff.linalg.jacobian import jacobian_rank
 from fastdiff.linalg.molrg_jacobian import molrg_jacobian_rank
@@ -37,6 +38,7 @@ def jacobian_rank_trajectory(denoiser, noise, *, schedule=None, eta: float = 0.9
     (:func:`jacobian_rank` with ``method``).  ``backend``: the rank's SVD.  NumPy noise gives
     NumPy arrays in the result.
     """
+    dispatch.check_backend("svd", backend)  # an unknown name is an error on every input, empty ones too
     from fastdiff.denoisers import MoLRG
     from fastdiff.sampling import run, trajectory_table
     from fastdiff.schedules import KarrasSchedule
