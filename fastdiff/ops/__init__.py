@@ -9,7 +9,7 @@
 =================  ==========================================================================
 
 Each ``fastdiff/ops/<op>.py`` holds the op's contract (math, shapes, dtypes), its row of the
-dispatch table (``ROW``, an :class:`fastdiff.ops.table.Op`), and, as the slices are filled in, the
+dispatch table (``ROW``, an :class:`fastdiff.ops.table.Op`), the
 pure-torch form and the autograd / ``torch.library`` registration.  The launchers (tensors to
 pointers and grids) are ``fastdiff/kernels/<op>.py`` (Triton), ``fastdiff/kernels/cpp.py`` (every
 ``fastdiff._C`` call) and ``fastdiff/_cuda.py`` (NVRTC).  :mod:`fastdiff.dispatch` collects the
