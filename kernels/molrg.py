@@ -57,6 +57,31 @@ REG_TILE = 4096
 
 
 @triton.jit
+def posterior_weights(logit, kk, kmask, HARD: tl.constexpr):
+    """The MoLRG posterior w (BLOCK_B, K_PAD) from the logits ``l = b + g s`` (module docstring), over
+    the live components ``kmask``: softmax, or (HARD) the one-hot of the lowest k attaining the max
+    (torch.argmax's tie rule), a row with a NaN logit all NaN.  The one Triton copy: the denoiser
+    kernel and the fused trajectory (kernels/trajectory.py) both call it."""
+    logit = tl.where(kmask[None, :], logit, float("-inf"))
+    m = tl.max(logit, axis=1)
+    if HARD:
+        first = tl.min(tl.where(logit == m[:, None], kk[None, :], 1 << 30), axis=1)
+        w = tl.where(kk[None, :] == first[:, None], 1.0, 0.0)
+        nan_row = tl.max(tl.where(logit != logit, 1, 0), axis=1) > 0
+        w = tl.where(nan_row[:, None], float("nan"), w)
+    else:
+        e = tl.exp(logit - m[:, None])     # padded columns: exp(-inf) = 0
+        w = e / tl.sum(e, axis=1)[:, None]
+    return w
+
+
+@triton.jit
+def guided_weights(w, gw, lab, kk):
+    """CFG: ``w' = (1 - gw) w + gw onehot(label)`` (seed 004 eq. 7.4.20); gw per row (BLOCK_B, 1) or one scalar."""
+    return (1.0 - gw) * w + tl.where(kk[None, :] == lab[:, None], gw, 0.0)
+
+
+@triton.jit
 def _row_block(B, n, D, K, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr):
     """This program's rows and the index ranges both kernels tile with: ``(rows, rmask, xrow, cols,
     cmask, ii, kk, kmask)`` -- the rows and their mask, each row's int64 offset into x (B * n may
@@ -100,23 +125,13 @@ def _molrg_fwd_kernel(
     A = tl.load(prow + 3 * K, mask=rmask, other=0.0)
 
     # ---- posterior over the K components
-    logit = tl.where(kmask[None, :], b + g * s, float("-inf"))
-    m = tl.max(logit, axis=1)
-    if HARD:
-        # lowest k attaining the max (torch.argmax's tie rule); NaN logits -> NaN weights
-        first = tl.min(tl.where(logit == m[:, None], kk[None, :], K_PAD), axis=1)
-        w = tl.where(kk[None, :] == first[:, None], 1.0, 0.0)
-        nan_row = tl.max(tl.where(logit != logit, 1, 0), axis=1) > 0
-        w = tl.where(nan_row[:, None], float("nan"), w)
-    else:
-        e = tl.exp(logit - m[:, None])     # padded columns: exp(-inf) = 0
-        w = e / tl.sum(e, axis=1)[:, None]
+    w = posterior_weights(b + g * s, kk, kmask, HARD)
     if WRITE_W:
         tl.store(w_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :], w.to(w_ptr.dtype.element_ty), mask=pm)
     if HAS_LABELS:
         gw = tl.load(prow + 3 * K + 1, mask=rmask, other=0.0)
         lab = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int32)
-        w = (1.0 - gw)[:, None] * w + tl.where(kk[None, :] == lab[:, None], gw[:, None], 0.0)
+        w = guided_weights(w, gw[:, None], lab, kk)
 
     # ---- q_j = w'_{seg j} C_{seg j} P_j: broadcast back over each component's columns
     wc = tl.where(kmask[None, :], w * C, 0.0)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .fused_step import AOTVariant
+from .molrg import guided_weights, posterior_weights
 
 MAX_K = 32
 REG_TILE = 4096  # fp32 elements of U (N_PAD x D_PAD) held per program (32 registers per thread at 4 warps)
@@ -72,19 +73,9 @@ def _posterior_mean(x, U, S, prow, kk, kmask, K, lab, HARD: tl.constexpr, HAS_LA
     b = tl.load(prow + K + kk, mask=kmask, other=0.0)
     C = tl.load(prow + 2 * K + kk, mask=kmask, other=0.0)
     A = tl.load(prow + 3 * K)
-    logit = tl.where(kmask[None, :], b[None, :] + g[None, :] * s, float("-inf"))
-    m = tl.max(logit, axis=1)
-    if HARD:
-        first = tl.min(tl.where(logit == m[:, None], kk[None, :], K + 1024), axis=1)
-        w = tl.where(kk[None, :] == first[:, None], 1.0, 0.0)
-        nan_row = tl.max(tl.where(logit != logit, 1, 0), axis=1) > 0
-        w = tl.where(nan_row[:, None], float("nan"), w)
-    else:
-        e = tl.exp(logit - m[:, None])
-        w = e / tl.sum(e, axis=1)[:, None]
+    w = posterior_weights(b[None, :] + g[None, :] * s, kk, kmask, HARD)
     if HAS_LABELS:
-        gw = tl.load(prow + 3 * K + 1)
-        w = (1.0 - gw) * w + tl.where(kk[None, :] == lab[:, None], gw, 0.0)
+        w = guided_weights(w, tl.load(prow + 3 * K + 1), lab, kk)
     wc = tl.where(kmask[None, :], w * C[None, :], 0.0)
     q = P * tl.dot(wc, tl.trans(S), input_precision=DOT_PRECISION)  # (BLOCK_B, D_PAD)
     return A * x + tl.dot(q, tl.trans(U), input_precision=DOT_PRECISION)

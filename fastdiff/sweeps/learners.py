@@ -38,6 +38,7 @@ import torch
 
 import fastdiff
 from fastdiff import dispatch
+from fastdiff.ops.molrg import posterior
 from fastdiff.ops import ksubspaces as op
 from fastdiff.ops.ksubspaces import DT, orth
 from fastdiff.sweeps.streams import LEARNER_INIT, LEARNER_SGD, normals
@@ -161,9 +162,13 @@ def _denoise_batched(xt, U, sigma, K, d):
     GEMM form: xt (B, M, n), U (B, n, K d), sigma (B, M, 1).  Differentiable (autograd)."""
     B, M, n = xt.shape
     s2 = sigma * sigma
-    g = 1.0 / (2 * s2 * (1 + s2))                                      # logit gain; the bias is equal for all k
     P = xt @ U                                                         # (B, M, K d)
-    w = torch.softmax(g * P.reshape(B, M, K, d).square().sum(-1), -1)   # (B, M, K)
+    # the posterior's parameter rows [g | b | C | A | gw]: the logit gain g per row, b = 0 (the bias
+    # is equal for all k with uniform pi and equal d); only g and b enter the weights
+    params = P.new_zeros(B * M, 3 * K + 2)
+    params[:, :K] = (1.0 / (2 * s2 * (1 + s2))).reshape(B * M, 1)
+    w, _ = posterior(P.reshape(B * M, K * d), params, [d] * K, False, None)
+    w = w.reshape(B, M, K)
     q = (P.reshape(B, M, K, d) * w[..., None]).reshape(B, M, K * d) / (1 + s2)
     return q @ U.mT
 
