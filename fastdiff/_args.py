@@ -59,3 +59,21 @@ def _torch_generator(generator, device) -> Optional[torch.Generator]:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     return torch.Generator(device=device).manual_seed(int(generator))
+
+
+def check_positive(name: str, v, *, allow_zero=False) -> float:
+    """A finite real ``v > 0`` (``>= 0`` with ``allow_zero``) as a float; one ValueError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or \
+            (v < 0 if allow_zero else v <= 0):
+        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
+    return float(v)
+
+
+def check_eta(eta) -> float:
+    """The energy fraction of a rank, ``0 < eta <= 1`` (seed 002 eq. 12), as a float."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f"eta: expected a number in (0, 1], got {type(eta).__name__}")
+    eta = float(eta)
+    if not 0.0 < eta <= 1.0:  # NaN fails too
+        raise ValueError(f"eta: expected a value in (0, 1], got {eta}")
+    return eta

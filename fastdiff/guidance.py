@@ -39,6 +39,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from fastdiff._args import check_positive
 from fastdiff._interop import accepts_arrays
 from fastdiff.denoisers import Gaussian
 from fastdiff.generator import Generator
@@ -52,11 +53,6 @@ METHODS = ("dps", "exact")
 
 
 # =========================================================================== argument checks
-def _positive(name: str, v, *, allow_zero=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or \
-            (v < 0 if allow_zero else v <= 0):
-        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
-    return float(v)
 
 
 def _measurement(A, y, device, dtype):
@@ -100,7 +96,7 @@ def gaussian_posterior(prior: Gaussian, A: torch.Tensor, y: torch.Tensor, noise_
         raise ValueError(f"A: expected a (d, {prior.n}) matrix, got {getattr(A, 'shape', type(A).__name__)}")
     if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.shape[0] != A.shape[0]:
         raise ValueError(f"y: expected one measurement of shape ({A.shape[0]},), got {getattr(y, 'shape', type(y).__name__)}")
-    s2 = _positive("noise_std", noise_std) ** 2
+    s2 = check_positive("noise_std", noise_std) ** 2
     A64, y64 = A.detach().double().cpu(), y.detach().double().cpu()
     S, mu = prior.cov, prior.mean
     SAt = S @ A64.T                                                   # (D, d)
@@ -115,7 +111,7 @@ def _table(schedule, steps, eta, spacing):
     """``(trajectory_table rows, "vp" | "ve")``: DDIM (``steps``, ``spacing``, ``eta``) on a
     DDPMSchedule; Euler (``eta = 0``, seed 004's update with ``alpha = 1``) or Euler ancestral
     (``eta > 0``) on VE levels."""
-    eta = _positive("eta", eta, allow_zero=True)
+    eta = check_positive("eta", eta, allow_zero=True)
     if isinstance(schedule, DDPMSchedule):
         return trajectory_table(schedule, "ddim", steps=steps, eta=eta, spacing=spacing), "vp"
     if not isinstance(schedule, (KarrasSchedule, torch.Tensor)):
@@ -176,8 +172,8 @@ def posterior_sample(denoiser, y, A: Union[torch.Tensor, Callable], noise_std: f
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    noise_std = _positive("noise_std", noise_std)
-    scale = _positive("scale", scale, allow_zero=True)
+    noise_std = check_positive("noise_std", noise_std)
+    scale = check_positive("scale", scale, allow_zero=True)
     if not callable(denoiser):
         raise TypeError(f"denoiser: expected a callable den(x, alpha, sigma), got {type(denoiser).__name__}")
     table, kind = _table(schedule, steps, eta, spacing)

@@ -12,7 +12,8 @@ import torch
 from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays
 from fastdiff._args import _check_x
-from fastdiff.linalg.svd import _check_eta, _check_matrices, _svdvals_rank
+from fastdiff._args import check_eta
+from fastdiff.linalg.svd import _check_matrices, _svdvals_rank
 
 __all__ = ["jacobian", "jacobian_rank"]
 
@@ -36,7 +37,7 @@ def jacobian_rank(J, x=None, *args, eta: float = 0.99, method: str = "dense", ba
     Non-finite matrices (or Jacobians) give rank -1.  NumPy in, NumPy out.
     """
     dispatch.check_backend("svd", backend)  # an unknown name is an error on every input, empty ones too
-    eta = _check_eta(eta)
+    eta = check_eta(eta)
     if method not in ("dense", "lanczos"):
         raise ValueError(f"method: expected 'dense' or 'lanczos', got {method!r}")
     if callable(J) and not isinstance(J, (torch.Tensor, np.ndarray)):

@@ -8,7 +8,8 @@ from fastdiff import dispatch
 from fastdiff._interop import accepts_arrays
 from fastdiff.denoisers._cache import _tensor_key, cache_get, cache_put
 from fastdiff.denoisers.molrg import _molrg_inputs, molrg_params
-from fastdiff.linalg.svd import _check_eta, _svdvals_rank
+from fastdiff._args import check_eta
+from fastdiff.linalg.svd import _svdvals_rank
 from fastdiff.ops.molrg import posterior, segment_ops
 from fastdiff.ops.svd import energy_rank
 
@@ -110,7 +111,7 @@ def molrg_jacobian_rank(x, bases, alpha, sigma, *, eta: float = 0.99, pi=None, t
     values (B, n), descending, with ``return_svals``); a non-finite x gives rank -1.
     """
     dispatch.check_backend("svd", backend)  # an unknown name is an error on every input, empty ones too
-    eta = _check_eta(eta)
+    eta = check_eta(eta)
     A, (e, soft), U, x, ucat, dims = _molrg_parts(x, bases, alpha, sigma, pi, tau, delta, mode, labels, guidance,
                                                   output)
     B, n = x.shape

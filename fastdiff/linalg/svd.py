@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastdiff import dispatch
+from fastdiff._args import check_eta
 from fastdiff._interop import accepts_arrays, check_not_meta
 from fastdiff.ops import svd as svd_op
 
@@ -39,13 +40,6 @@ def _check_matrices(A, name: str = "A") -> Tuple[torch.Tensor, Tuple[int, ...]]:
     return A.reshape(-1, m, n).contiguous(), batch
 
 
-def _check_eta(eta) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-        raise TypeError(f"eta: expected a number in (0, 1], got {type(eta).__name__}")
-    eta = float(eta)
-    if not 0.0 < eta <= 1.0:  # NaN fails too
-        raise ValueError(f"eta: expected a value in (0, 1], got {eta}")
-    return eta
 
 
 
@@ -73,7 +67,7 @@ def svdvals(A, *, backend: str = "auto") -> torch.Tensor:
 def svdvals_rank(A, eta: float = 0.99, *, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(svdvals(A), jacobian_rank(A, eta))`` from one kernel pass: (..., min(m, n)) and (...,) int64."""
     dispatch.check_backend("svd", backend)  # an unknown name is an error on every input, empty ones too
-    eta = _check_eta(eta)
+    eta = check_eta(eta)
     A3, batch = _check_matrices(A)
     S, rank = _svdvals_rank(A3, eta, backend)
     return S.reshape(*batch, S.shape[-1]), rank.reshape(batch)

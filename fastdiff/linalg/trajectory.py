@@ -10,7 +10,7 @@ from fastdiff import dispatch
 from fastdiff._args import _check_x
 from fastdiff.linalg.jacobian import jacobian_rank
 from fastdiff.linalg.molrg_jacobian import molrg_jacobian_rank
-from fastdiff.linalg.svd import _check_eta
+from fastdiff._args import check_eta
 
 __all__ = ["TrajectoryRanks", "jacobian_rank_trajectory"]
 
@@ -43,7 +43,7 @@ def jacobian_rank_trajectory(denoiser, noise, *, schedule=None, eta: float = 0.9
     from fastdiff.sampling import run, trajectory_table
     from fastdiff.schedules import KarrasSchedule
 
-    eta = _check_eta(eta)
+    eta = check_eta(eta)
     is_numpy = isinstance(noise, np.ndarray)
     x = torch.from_numpy(noise) if is_numpy else noise
     x = _check_x(x)
