@@ -69,7 +69,7 @@ FD_INLINE void axpy(float* y, float a, const float* x, int64_t m) {
 
 // Rows of a small GEMM with the accumulators in registers: out (rows, ldb) = A B, A(r, k) = a[r ar + k ak],
 // B (K, ldb) row-major, ldb a multiple of 8; up to 8 vectors of 8 columns accumulate across all of k
-// (an axpy per k would load and store the output row K times: measured the kernel's hot spot).
+// (an axpy per k would load and store the output row K times, and the output is the kernel's hot loop).
 typedef float v8f __attribute__((vector_size(32)));
 
 FD_INLINE int64_t padded(int64_t w) { return (w + 7) / 8 * 8; }

@@ -26,7 +26,7 @@
 //      bidiagonalization is O(M N^2)).  Squaring into B^T B (Gram + symmetric eigenvalues, or
 //      bisection on it) would cost accuracy ~sqrt(eps) s_1 in the small values; bisection on
 //      the 2N Golub-Kahan tridiagonal keeps eps * s_1 but needs ~50 Sturm counts of O(N) per
-//      value (~N^2 100 divisions: several times the QR's cost at N = 48, measured).
+//      value (~100 N^2 divisions against the QR's O(N^2) rotations: several times its cost).
 //   4. sort descending; the rank from the prefix sums of s_i^2 (same order as the reference:
 //      largest first).
 // Parallel over the batch (OpenMP, static schedule; one workspace per thread).  Two code paths
@@ -221,7 +221,7 @@ FD_INLINE void bidiagonalize(double* W, int64_t M, int64_t N, double* d, double*
 // Each bulge-chasing step is a chain of two dependent (sqrt, divide) pairs: latency-bound
 // (~90 cycles a step on one matrix).  LANES matrices are therefore iterated together: their
 // deflation logic runs one after another, but their sweeps run in one loop whose body holds
-// LANES independent chains that the CPU overlaps (measured ~3x over one at a time at N = 48).
+// LANES independent chains that the CPU overlaps (bench/test_bench_linalg.py times the result).
 constexpr int LANES = 4;
 
 struct QrLane {

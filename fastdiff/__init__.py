@@ -24,6 +24,7 @@ from fastdiff.sampling import sample
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.steps import (
     PREDICTIONS,
+    affine_step,
     ddim_step,
     ddpm_step,
     edm_churn,
@@ -54,7 +55,7 @@ def manual_seed(seed: int) -> Generator:
 
 __all__ = [
     "DDPMSchedule", "KarrasSchedule", "Generator", "default_generator", "manual_seed", "info", "available",
-    "PREDICTIONS", "ddpm_step", "ddim_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step",
+    "PREDICTIONS", "affine_step", "ddpm_step", "ddim_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step",
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
     "svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",

@@ -209,3 +209,175 @@ def ou_reverse(step_size: Num) -> Tuple[Num, Num, Num]:
     """Euler-Maruyama step of the reverse Ornstein-Uhlenbeck SDE:
     ``y + gamma y + 2 gamma score + sqrt(2 gamma) z``.  Returns ``(cx, c_score, s)``."""
     return 1.0 + step_size, 2.0 * step_size, sqrt(2.0 * step_size)
+
+
+# =========================================================================== exponential-integrator solvers
+# DPM-Solver / DPM-Solver++ (Lu et al. 2022, "DPM-Solver", NeurIPS 2022; "DPM-Solver++", arXiv:2211.01095)
+# integrate the probability-flow ODE in lambda = log(alpha / sigma) (half the log-SNR) with the linear
+# part exact.  With the data prediction D = x0_hat, from level (alpha, sigma) to (alpha_n, sigma_n),
+# h = lambda_n - lambda (DPM-Solver++ eq. 9 / Alg. 1):
+#
+#     x_n = (sigma_n / sigma) x + alpha_n (1 - e^{-h}) D          (first order: DDIM)
+#
+# and the multistep forms replace D by a finite-difference extrapolation of the earlier D's.  For VE
+# levels (alpha = 1) these are k-diffusion's ``sample_dpmpp_*`` (Crowson 2022).  Each function returns
+# the coefficients of ``x_n = cx x + sum_j c_j D_{i-j} + cz z``: ``(cx, (c_0, c_1, ...), cz)``.
+# docs/math.md section 1b.
+
+def log_snr(alpha: float, sigma: float) -> float:
+    """``lambda = log(alpha / sigma)`` (DPM-Solver's half log-SNR; ``+inf`` at ``sigma = 0``)."""
+    return math.inf if sigma == 0.0 else math.log(alpha / sigma)
+
+
+def _steps_h(levels):
+    """``h_k = lambda_{k+1} - lambda_k`` for consecutive levels (alpha, sigma)."""
+    lam = [log_snr(a, s) for a, s in levels]
+    return [b - a for a, b in zip(lam, lam[1:])]
+
+
+def dpmpp_2m(level: Tuple[float, float], level_next: Tuple[float, float], h_last: float = None):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; k-diffusion ``sample_dpmpp_2m``):
+
+        x_n = (sigma_n/sigma) x - alpha_n expm1(-h) D,   D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_last / h
+
+    first order (``h_last`` None) and to ``sigma_n = 0`` (``x_n = alpha_n D_i``, k-diffusion's last step).
+    Returns ``(cx, (c_0[, c_1]), 0.0)``."""
+    (a, s), (an, sn) = level, level_next
+    if sn == 0.0:
+        return 0.0, (an,), 0.0
+    h = log_snr(an, sn) - log_snr(a, s)
+    c = -an * math.expm1(-h)
+    if h_last is None:
+        return sn / s, (c,), 0.0
+    r = h_last / h
+    return sn / s, (c * (1.0 + 1.0 / (2.0 * r)), -c / (2.0 * r)), 0.0
+
+
+def dpmpp_2m_sde(level, level_next, h_last=None, *, eta: float = 1.0, s_noise: float = 1.0,
+                 solver_type: str = "midpoint"):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b, Sec. 5 / App. B; k-diffusion ``sample_dpmpp_2m_sde``), with
+    ``eta h`` the share of the step taken as noise (``eta = 0``: the ODE; ``eta = 1``: the SDE):
+
+        x_n = (sigma_n/sigma) e^{-eta h} x + alpha_n (1 - e^{-(1+eta) h}) D_i + corr
+              + sigma_n sqrt(1 - e^{-2 eta h}) s_noise z,
+        corr = alpha_n (1 - e^{-(1+eta)h}) / (2 r) (D_i - D_{i-1})                        (midpoint)
+             = alpha_n ((1 - e^{-(1+eta)h}) / (-(1+eta)h) + 1) / r (D_i - D_{i-1})         (heun)
+
+    ``r = h_last / h``; no correction without ``h_last``; ``x_n = alpha_n D_i`` to ``sigma_n = 0``; no draw
+    (``cz = 0``) when ``eta = 0``.  Returns ``(cx, (c_0[, c_1]), cz)``."""
+    (a, s), (an, sn) = level, level_next
+    if sn == 0.0:
+        return 0.0, (an,), 0.0
+    h = log_snr(an, sn) - log_snr(a, s)
+    eh = eta * h
+    g = -math.expm1(-h - eh)
+    c0 = an * g
+    cs = ()
+    if h_last is not None:
+        r = h_last / h
+        k = 0.5 * g / r if solver_type == "midpoint" else (g / (-h - eh) + 1.0) / r
+        c0, cs = c0 + an * k, (-an * k,)
+    cz = sn * math.sqrt(-math.expm1(-2.0 * eh)) * s_noise if eta else 0.0
+    return sn / s * math.exp(-eh), (c0,) + cs, cz
+
+
+def dpmpp_3m_sde(level, level_next, h_1=None, h_2=None, *, eta: float = 1.0, s_noise: float = 1.0):
+    """DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``; ``eta = 0`` is the 3M ODE solver of
+    Lu et al. 2022b, App. B), with ``h_eta = (1 + eta) h``, ``phi_2 = expm1(-h_eta)/h_eta + 1``,
+    ``phi_3 = phi_2/h_eta - 1/2``, ``r0 = h_1/h``, ``r1 = h_2/h``:
+
+        x_n = (sigma_n/sigma) e^{-eta h} x + alpha_n [(1 - e^{-h_eta}) D_i + phi_2 d1 - phi_3 d2]
+              + sigma_n sqrt(1 - e^{-2 eta h}) s_noise z,
+        d1_0 = (D_i - D_{i-1})/r0,  d1_1 = (D_{i-1} - D_{i-2})/r1,
+        d1 = d1_0 + (d1_0 - d1_1) r0/(r0 + r1),  d2 = (d1_0 - d1_1)/(r0 + r1)
+
+    (second order, ``x += alpha_n phi_2 (D_i - D_{i-1})/r0``, with ``h_1`` only; first order with neither).
+    Returns ``(cx, (c_0, c_1, c_2)[:order], cz)``."""
+    (a, s), (an, sn) = level, level_next
+    if sn == 0.0:
+        return 0.0, (an,), 0.0
+    h = log_snr(an, sn) - log_snr(a, s)
+    he = h * (eta + 1.0)
+    c = [-math.expm1(-he), 0.0, 0.0]
+    phi_2 = math.expm1(-he) / he + 1.0
+    if h_2 is not None:
+        r0, r1 = h_1 / h, h_2 / h
+        d10 = (1.0 / r0, -1.0 / r0, 0.0)
+        d11 = (0.0, 1.0 / r1, -1.0 / r1)
+        diff = [p - q for p, q in zip(d10, d11)]
+        d1 = [p + q * r0 / (r0 + r1) for p, q in zip(d10, diff)]
+        d2 = [q / (r0 + r1) for q in diff]
+        phi_3 = phi_2 / he - 0.5
+        c = [cj + phi_2 * p - phi_3 * q for cj, p, q in zip(c, d1, d2)]
+        order = 3
+    elif h_1 is not None:
+        r = h_1 / h
+        c = [c[0] + phi_2 / r, -phi_2 / r, 0.0]
+        order = 2
+    else:
+        order = 1
+    cz = sn * math.sqrt(-math.expm1(-2.0 * h * eta)) * s_noise if eta else 0.0
+    return sn / s * math.exp(-eta * h), tuple(an * cj for cj in c[:order]), cz
+
+
+def dpmpp_2s_ancestral(sigma: float, sigma_next: float, eta: float = 1.0, s_noise: float = 1.0):
+    """DPM-Solver++(2S) ancestral, VE (k-diffusion ``sample_dpmpp_2s_ancestral``): with
+    ``(sigma_down, sigma_up)`` of :func:`ancestral_sigmas`, ``t = -log sigma``, ``h = log(sigma/sigma_down)``,
+    a single-step second-order move to ``sigma_down`` through the midpoint ``sigma_s = sqrt(sigma sigma_down)``:
+
+        x_2 = (sigma_s/sigma) x - expm1(-h/2) D(x),   x_n = (sigma_down/sigma) x - expm1(-h) D(x_2; sigma_s)
+              + s_noise sigma_up z     (no noise to sigma_next = 0)
+
+    and Euler to ``sigma_down = 0``.  Returns ``(predictor, corrector, level2)``: ``predictor = (cx, c0)``
+    of x_2, ``corrector = (hx, hm, hxp, hmp, hz)`` of ``x_n = hx x + hm D(x) + hxp x_2 + hmp D(x_2) + hz z``,
+    ``level2 = sigma_s`` (None: one stage, ``x_n = hx x + hm D(x) + hz z``)."""
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, eta)
+    hz = s_noise * sigma_up if sigma_next > 0.0 else 0.0
+    if sigma_down == 0.0:
+        cx, c0 = euler(sigma, sigma_down)
+        return (cx, c0), (cx, c0, 0.0, 0.0, hz), None
+    h = math.log(sigma / sigma_down)
+    sigma_s = math.exp(-(-math.log(sigma) + 0.5 * h))
+    return (sigma_s / sigma, -math.expm1(-0.5 * h)), (sigma_down / sigma, 0.0, 0.0, -math.expm1(-h), hz), sigma_s
+
+
+def dpm_2(sigma: float, sigma_target: float):
+    """DPM-Solver-2 in Karras et al.'s form (k-diffusion ``sample_dpm_2``; Lu et al. 2022a, Alg. 1 with
+    the midpoint in log sigma): ``sigma_mid = exp((log sigma + log sigma_target)/2)``,
+
+        x_2 = x + (sigma_mid - sigma) d,          d   = (x - D(x))/sigma,
+        x_n = x + (sigma_target - sigma) d_2,     d_2 = (x_2 - D(x_2; sigma_mid))/sigma_mid.
+
+    Returns ``((cx, c0), (hx, hm, hxp, hmp), sigma_mid)``; Euler (``level2`` None) to ``sigma_target = 0``."""
+    if sigma_target == 0.0:
+        cx, c0 = euler(sigma, sigma_target)
+        return (cx, c0), (cx, c0, 0.0, 0.0), None
+    sigma_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_target)))
+    cx, c0 = euler(sigma, sigma_mid)
+    k = (sigma_target - sigma) / sigma_mid
+    return (cx, c0), (1.0, 0.0, k, -k), sigma_mid
+
+
+def lms(sigmas, i: int, order: int = 4):
+    """Linear multistep in sigma (k-diffusion ``sample_lms``; Adams-Bashforth on the ODE
+    ``dx/dsigma = d = (x - D)/sigma``): ``x_{i+1} = x_i + sum_j c_j d_{i-j}``, j < min(i + 1, order), with
+
+        c_j = integral_{sigma_i}^{sigma_{i+1}} prod_{k != j} (tau - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k}) dtau
+
+    (the Lagrange basis through the last ``order`` levels, integrated exactly: k-diffusion integrates
+    it numerically with ``scipy.integrate.quad``, exact for these low-degree polynomials up to rounding).
+    Returns the tuple ``(c_0, c_1, ...)``."""
+    p = min(i + 1, order)
+    t = [float(v) for v in sigmas]
+    out = []
+    for j in range(p):
+        poly = [1.0]  # coefficients, lowest degree first
+        for k in range(p):
+            if k == j:
+                continue
+            den = t[i - j] - t[i - k]
+            # poly *= (tau - t[i-k]) / den
+            poly = [(b - t[i - k] * a) / den for a, b in zip(poly + [0.0], [0.0] + poly)]
+        F = lambda u: sum(a * u ** (d + 1) / (d + 1) for d, a in enumerate(poly))  # noqa: E731
+        out.append(F(t[i + 1]) - F(t[i]))
+    return tuple(out)

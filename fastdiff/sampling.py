@@ -55,29 +55,13 @@ from fastdiff.trajectory import _progress
 from fastdiff.denoisers import MoLRG
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
+from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length, ve_solver_table
 
 __all__ = ["sample", "run", "StepInfo", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
-METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump")
+METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump") + MULTISTEP_METHODS
+VE_METHODS = ("euler", "euler_ancestral", "heun") + MULTISTEP_METHODS
 _SQRT2M1 = math.sqrt(2.0) - 1.0
-
-
-class Step(NamedTuple):
-    """One trajectory step as an affine map of x and the denoiser outputs (see the module docstring).
-
-    ``call`` is the step-function call of the loop path: ``(name, args, kwargs)``.
-    """
-    level: Tuple[float, float]            # (alpha, sigma) the denoiser sees at x (after churn)
-    churn: float                          # s1: x += s1 z1 first (0: none)
-    cx: float
-    cm: float
-    cz: float                             # 0: no draw
-    level2: Optional[Tuple[float, float]]  # Heun corrector's evaluation at x' (None: no corrector)
-    hx: float
-    hm: float
-    hxp: float
-    hmp: float
-    call: Tuple[str, tuple, dict]
 
 
 # =========================================================================== per-step coefficients
@@ -186,7 +170,8 @@ def _ve_sigmas(method: str, schedule) -> List[float]:
 
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
                      churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
-                     step_size: Optional[float] = None, spacing: str = "linspace") -> List[Step]:
+                     step_size: Optional[float] = None, spacing: str = "linspace", solver_type: str = "midpoint",
+                     order: int = 4) -> List[Step]:
     """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
 
     ``schedule``: a :class:`fastdiff.DDPMSchedule` (ddpm, ddim), VE levels (euler, heun,
@@ -200,6 +185,12 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
     gamma (default ``0.1 sigma^2`` per level).  ``spacing``: ddim's timesteps,
     :func:`fastdiff.coefficients.timesteps` (``"linspace"``: T-1 down to 0, the default and what
     :mod:`fastdiff.guidance` uses; ``"leading"``, ``"trailing"`` as in diffusers).
+
+    The multistep and exponential-integrator solvers (:data:`fastdiff.solvers.MULTISTEP_METHODS`:
+    ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpmpp_2s_ancestral``, ``dpm_2``,
+    ``dpm_2_ancestral``, ``lms``) take VE levels like euler; ``eta`` (the SDE / ancestral ones, default 1),
+    ``churn`` (dpm_2), ``solver_type`` (dpmpp_2m_sde: ``"midpoint"`` or ``"heun"``), ``order`` (lms, 1..4):
+    :func:`fastdiff.solvers.ve_solver_table`.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -209,6 +200,9 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
     s_noise = _check_number("s_noise", s_noise)
     if spacing not in C.SPACINGS:
         raise ValueError(f"spacing: expected one of {C.SPACINGS}, got {spacing!r}")
+    if method not in MULTISTEP_METHODS and (solver_type != "midpoint" or order != 4):
+        raise ValueError(f"solver_type, order: only used by the multistep solvers {MULTISTEP_METHODS}, "
+                         f"got solver_type={solver_type!r}, order={order!r} with method={method!r}")
     if spacing != "linspace" and method != "ddim":
         raise ValueError(f"spacing: only used by method='ddim' (its timesteps), got spacing={spacing!r} with method={method!r}")
     if method in ("ddpm", "ddim"):
@@ -229,11 +223,14 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         # default: evenly spaced from T-1 down to 0 (diffusers' "linspace"; guidance's DDIM loop uses the same)
         ts = C.timesteps(T, n, spacing)
         return [_ddim(schedule, t, ts[i + 1] if i + 1 < n else -1, eta) for i, t in enumerate(ts)]
-    if method in ("euler", "euler_ancestral", "heun"):
+    if method in VE_METHODS:
         sig = _ve_sigmas(method, schedule)
         n = len(sig) - 1
         if steps not in (None, n):
             raise ValueError(f"steps: expected None or the schedule's n = {n}, got {steps}")
+        if method in MULTISTEP_METHODS:
+            return ve_solver_table(method, sig, eta=None if eta is None else _check_number("eta", eta),
+                                   s_noise=s_noise, churn=churn, solver_type=solver_type, order=order)
         if method == "euler_ancestral" and churn:
             raise ValueError("churn: not used by euler_ancestral (its noise is set by eta)")
         eta = 1.0 if eta is None else _check_number("eta", eta)
@@ -301,7 +298,7 @@ def _as_denoiser(denoiser):
 def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] = None,
            generator: Optional[Generator] = None, eta: Optional[float] = None, churn: float = 0.0,
            s_noise: float = 1.0, variance: str = "fixed_small", step_size: Optional[float] = None,
-           spacing: str = "linspace",
+           spacing: str = "linspace", solver_type: str = "midpoint", order: int = 4,
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
            disable: Optional[bool] = None, callback: Optional[Callable[["StepInfo"], None]] = None):
@@ -313,7 +310,8 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     x: the initial state x_T (a tensor, not modified), or a shape: then x_T is drawn from
         ``generator`` as ``scale * N(0, I)`` (scale 1 for ddpm/ddim, sigma_max for the Karras
         methods, sqrt(1 + sigma^2) for langevin/walk_jump) in ``dtype`` on ``device``.
-    schedule, method, steps, eta, churn, s_noise, variance, step_size, spacing: see :func:`trajectory_table`.
+    schedule, method, steps, eta, churn, s_noise, variance, step_size, spacing, solver_type, order: see
+        :func:`trajectory_table` (the multistep solvers, ``dpmpp_2m`` and the rest, run the loop).
     generator: :class:`fastdiff.Generator` (default :data:`fastdiff.default_generator`); each
         stochastic step draws ``x.numel()`` normals from it, exactly as the step-by-step loop.
     labels, guidance: per-sample class labels ((B,), or (I, B) for instances) and the CFG weight
@@ -328,7 +326,8 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         only appears for runs longer than a second.
     """
     table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
-                             variance=variance, step_size=step_size, spacing=spacing)
+                             variance=variance, step_size=step_size, spacing=spacing, solver_type=solver_type,
+                             order=order)
     den = _as_denoiser(denoiser)
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
@@ -337,7 +336,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     labels, guidance = _check_labels(labels, guidance, x, den)
     snaps = _snapshots(return_trajectory, len(table))
     show = progress and not disable
-    if _use_fused(fused, den, x, backend, callback):
+    if _use_fused(fused, den, x, backend, callback, method):
         out, traj = fused_impl.run(den, x, table, gen, labels, guidance, snaps, backend, show)
         return (out, traj) if snaps is not None else out
     kw = {} if labels is None else {"labels": labels, "guidance": guidance}
@@ -364,7 +363,7 @@ def _initial(x, table, method, schedule, gen, dtype, device, den):
                 (den.ucat.device if isinstance(den, MoLRG) else "cpu")
         if method in ("ddpm", "ddim"):
             scale = 1.0
-        elif method in ("euler", "euler_ancestral", "heun"):
+        elif method in VE_METHODS:
             scale = _ve_sigmas(method, schedule)[0]
         else:
             scale = math.sqrt(1.0 + table[0].level[1] ** 2)
@@ -416,8 +415,13 @@ def _snapshots(spec, nsteps) -> Optional[List[int]]:
     return idx
 
 
-def _use_fused(fused, den, x, backend, callback) -> bool:
+def _use_fused(fused, den, x, backend, callback, method) -> bool:
     if fused is False:
+        return False
+    if method in MULTISTEP_METHODS:
+        if fused:
+            raise ValueError(f"fused: the fused trajectory kernel runs the single-step methods; method={method!r} "
+                             "runs the step-by-step loop (fused=None or False)")
         return False
     if callback is not None:
         if fused:
@@ -442,7 +446,7 @@ class StepInfo(NamedTuple):
 
 def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator: Optional[Generator] = None,
         callback: Optional[Callable[[StepInfo], None]] = None, return_trajectory=None, backend: str = "auto",
-        progress: bool = True, desc: Optional[str] = None):
+        progress: bool = True, desc: Optional[str] = None, noise: Optional[Callable[[int, Step], torch.Tensor]] = None):
     """The step-by-step sampler loop: for each :class:`Step` of ``table`` (:func:`trajectory_table`),
     one evaluation ``x0_hat = denoiser(x, alpha, sigma)`` at the row's level and one fused step
     (:func:`fastdiff.ddpm_step`, :func:`fastdiff.ddim_step`, :func:`fastdiff.euler_step`, ...) with
@@ -459,6 +463,12 @@ def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator
         row (the result is the return value).
     return_trajectory: as in :func:`fastdiff.sample` (states after k rows, k = 0 .. len(table)).
     backend: the fused steps' backend.  progress / desc: a tqdm bar (shown for runs over a second).
+    noise: ``noise(i, row) -> tensor like x``, called for each draw of the solver rows of
+        :mod:`fastdiff.solvers` (``"affine"`` rows) in place of the generator (k-diffusion's
+        ``noise_sampler``); the other rows always draw from ``generator``.
+    Multistep rows remember earlier denoiser outputs (``Step.push``), so ``denoiser`` must return a
+    tensor it does not overwrite later (a fresh one, as a model call does); an output that reuses a
+    remembered one's memory raises ``ValueError``.
     Returns x after every row (and the trajectory, if asked).  Every coefficient is a host float,
     so the loop never synchronizes with the device.
     """
@@ -479,17 +489,21 @@ def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator
     bar = _progress(len(table), progress)
     if bar is not None and desc:
         bar.set_description(desc, refresh=False)
+    history: List[torch.Tensor] = []  # the multistep rows' pushes h_{i-1}, h_{i-2}, ..., latest first
+    keep = history_length(table)
     for i, st in enumerate(table):
         name, args, kw = st.call
         sigma_hat = st.level[1]
-        if name in ("euler_step", "heun_step") and kw["gamma"] > 0:  # gamma, not st.churn: s_noise = 0 still draws
+        if kw.get("gamma", 0.0) > 0:  # gamma, not st.churn: s_noise = 0 still draws
             x, sigma_hat = S.edm_churn(x, args[0], kw["gamma"], s_noise=kw["s_noise"], generator=gen,
                                        out=_inplace(x), backend=backend)
         m = denoiser(x, *st.level)
         if callback is not None:
             callback(StepInfo(i, x, st.level[0], st.level[1], m, st))
         out = _inplace(x, m)
-        if name in ("ddpm_step", "ddim_step"):
+        if name == "affine":
+            x, x_pred = apply_row(denoiser, x, m, st, i, history, keep, gen, noise, out, x_pred, backend)
+        elif name in ("ddpm_step", "ddim_step"):
             x = getattr(S, name)(x, m, *args, prediction="x0", generator=gen, out=out, backend=backend, **kw)
         elif name == "euler_ancestral_step":
             x = S.euler_ancestral_step(x, m, *args, generator=gen, out=out, backend=backend, **kw)
@@ -549,6 +563,9 @@ def gaussian_sampler_variance(eigenvalues, table: Sequence[Step], init_var=1.0) 
         return a * lam / (a * a * lam + s * s)
 
     for st in table:
+        if st.call[0] == "affine":
+            raise NotImplementedError("gaussian_sampler_variance: the multistep solver rows of fastdiff.solvers "
+                                      "are not supported here yet")
         v = v + st.churn ** 2
         g1 = gain(st.level)
         m = st.cx + st.cm * g1

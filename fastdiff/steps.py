@@ -43,11 +43,12 @@ from fastdiff import coefficients as C
 from fastdiff._interop import (accepts_arrays, check_float_dtype as _check_float_dtype, check_float_tensor,
                                check_no_partial_overlap, check_not_meta, check_out_writable)
 from fastdiff.generator import Generator, default_generator
-from fastdiff.ops.fused_step import _fused_step
+from fastdiff.ops.fused_step import MAX_INPUTS, _fused_step
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 
 __all__ = [
     "PREDICTIONS",
+    "affine_step",
     "ddpm_step",
     "ddim_step",
     "euler_step",
@@ -471,6 +472,32 @@ def ou_reverse_step(x, model_output, step_size, *, prediction: str = "score", al
     """
     return _score_step(C.ou_reverse, x, model_output, step_size, prediction, alpha, sigma, guidance, noise, generator,
                        out, backend)
+
+
+# =========================================================================== the primitive itself
+def affine_step(terms: Sequence[Tuple[torch.Tensor, Num]], noise_coef: Num = 0.0, *, noise=None,
+                generator: Optional[Generator] = None, out=None, backend: str = "auto"):
+    """``out = sum_j c_j t_j + noise_coef z`` in one pass: the fused step with the coefficients given.
+
+    Every solver step is this map (:mod:`fastdiff.solvers`); the multistep solvers of
+    :func:`fastdiff.sample` run on it, and it is the building block for a solver fastdiff lacks.
+    ``terms``: ``(tensor, c)`` pairs, at least one, the tensors alike (shape, dtype, device: the first's),
+    at most six distinct (a tensor repeated is read once), ``c`` a number or a per-sample ``(B,)``
+    tensor; ``z``: ``noise`` or the in-kernel Philox stream of ``generator`` (drawn only where
+    ``noise_coef`` is not 0).  ``out`` as for every step.
+    """
+    if isinstance(terms, torch.Tensor) or not isinstance(terms, (list, tuple)) or not terms:
+        raise TypeError("terms: expected a non-empty sequence of (tensor, coefficient) pairs")
+    for k, term in enumerate(terms):
+        if not isinstance(term, (tuple, list)) or len(term) != 2:
+            raise TypeError(f"terms[{k}]: expected a (tensor, coefficient) pair, got {type(term).__name__}")
+    call = _Call(terms[0][0])
+    tensors = [(call.like_x(f"terms[{k}]", t) if k else t, call.value(f"terms[{k}] coefficient", c))
+               for k, (t, c) in enumerate(terms)]
+    if len({id(t) for t, _ in tensors}) > MAX_INPUTS:
+        raise ValueError(f"terms: at most {MAX_INPUTS} distinct tensors in one step, got {len({id(t) for t, _ in tensors})}")
+    return call.launch(tensors, call.value("noise_coef", noise_coef), noise=noise, generator=generator, out=out,
+                       backend=backend)
 
 
 # =========================================================================== conversions and noise

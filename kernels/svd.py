@@ -45,15 +45,12 @@ registers, 2x the FP rate on H100) whose accuracy is measured in tests/test_svd_
 Rounds: enough for 2^-52 of the bound (float64 output) or 2^-36 (float32 output; far below the
 float32 rounding of S, and keeps the rank's energy ratio error below 1e-7).
 
-Performance (an estimate: no GPU was available when this was written; bench/test_bench_svd_gpu.py
-measures it).  The kernel is latency bound, not FP64 bound: per Householder step about ten
-block-wide reductions (shuffles + a barrier each), and per multisection round a chain of 2N - 1
-dependent float64 divisions.  At 64 x 64 (4 warps, 254 registers: 2 programs per SM) that is
-roughly 0.2-0.3 ms per matrix per program, i.e. ~1M matrices/s on an H100 for (16384, 64, 64),
-about 1 TFLOP/s of float64 (bidiagonalization flops), a few % of the 34 TFLOP/s FP64 peak; torch
-and cuSOLVER loop one solver call per matrix above 32 x 32 (around a millisecond each), so the
->= 10x target should hold by a wide margin.  Float32 compute halves the registers (more programs
-per SM) and the division latency.
+Performance (reasoning, not a measurement: bench/test_bench_svd_gpu.py measures it on a GPU).  The
+kernel is latency bound, not FP64 bound: per Householder step about ten block-wide reductions
+(shuffles + a barrier each), and per multisection round a chain of 2N - 1 dependent float64
+divisions, so it runs far below the FP64 peak; what it saves is torch's and cuSOLVER's one solver
+call per matrix above 32 x 32.  Float32 compute halves the registers (more programs per SM) and the
+division latency.
 
 64-bit offsets: the matrix offset b * m * n is formed in int64 (B * m * n may pass 2^31); offsets
 within one matrix are below 2^16.

@@ -1,7 +1,7 @@
-"""k-diffusion's samplers (Karras et al. 2022, EDM Alg. 2) with fastdiff's fused steps.
+"""k-diffusion's samplers (Karras et al. 2022, EDM Alg. 2; DPM-Solver / DPM-Solver++) with fastdiff's fused steps.
 
-    from fastdiff.adapters.k_diffusion import sample_euler, sample_heun, sample_euler_ancestral
-    x = sample_heun(model, x, sigmas, extra_args={"cond": c}, disable=False)
+    from fastdiff.adapters.k_diffusion import sample_heun, sample_dpmpp_2m
+    x = sample_dpmpp_2m(model, x, sigmas, extra_args={"cond": c}, disable=False)
 
 Same signatures, semantics and callback payloads as ``k_diffusion.sampling``: ``model(x, sigma *
 s_in, **extra_args)`` returns the denoised ``x0_hat``; ``sigmas`` decreasing, ending at 0.  Each
@@ -15,6 +15,17 @@ draws its own; without one, the Philox stream of ``generator`` (:class:`fastdiff
 default :data:`fastdiff.default_generator`) is drawn inside the kernel.  k-diffusion's Euler and
 Heun draw ``torch.randn_like(x)`` on every step even when ``gamma = 0``; these draw only when the
 churn acts.
+
+The multistep and two-stage samplers (``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``,
+``sample_dpmpp_2s_ancestral``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``, ``sample_lms``) are rows of
+:mod:`fastdiff.solvers` run by :func:`fastdiff.sampling.run`, one fused pass per update.  The SDE samplers
+default to k-diffusion's ``BrownianTreeNoiseSampler``, which needs torchsde; here, without a
+``noise_sampler``, they draw independent normals from ``generator``.
+
+Dtypes follow k-diffusion's arithmetic: the samplers built on ``to_d`` (Euler, Heun, Euler ancestral,
+DPM-2, LMS) divide by a sigma tensor of ``sigmas.dtype`` and so carry the state in
+``torch.promote_types(x.dtype, sigmas.dtype)`` (half-precision ``x`` with float32 sigmas: float32);
+the DPM-Solver++ samplers keep ``x.dtype``.
 """
 from __future__ import annotations
 
@@ -26,12 +37,15 @@ from tqdm.auto import trange
 
 from fastdiff.generator import Generator
 from fastdiff import steps
+from fastdiff.sampling import run
+from fastdiff.solvers import ve_solver_table
 
 # samplers hand the steps torch tensors only: skip their NumPy/CuPy conversion wrapper (~5 us a call)
 edm_churn, euler_step = steps.edm_churn.__wrapped__, steps.euler_step.__wrapped__
 euler_ancestral_step, heun_step = steps.euler_ancestral_step.__wrapped__, steps.heun_step.__wrapped__
 
-__all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral"]
+__all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
+           "sample_dpmpp_3m_sde", "sample_dpmpp_2s_ancestral", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_lms"]
 
 
 def _levels(x, sigmas):
@@ -44,6 +58,14 @@ def _levels(x, sigmas):
     if not all(math.isfinite(s) and s >= 0 for s in levels) or any(s <= 0 for s in levels[:-1]):
         raise ValueError("sigmas: expected finite levels, all > 0 but the last (which may be 0)")
     return levels
+
+
+def _to(dtype, *tensors):
+    """The tensors in the sampler's state dtype.  The samplers built on ``to_d`` divide by a sigma of
+    ``sigmas.dtype`` broadcast to x's rank, which promotes (a 0-d tensor would not): k-diffusion's first
+    model call sees x as given, and the state is ``promote_types(x.dtype, sigmas.dtype)`` from its first
+    update on.  Converting x and the model output up front gives the same values (the conversion is exact)."""
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def _noise(noise_sampler: Optional[Callable], generator, sigma, sigma_next):
@@ -73,11 +95,12 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     ``x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z`` (churn ``gamma = min(s_churn/n, sqrt 2 - 1)``
     inside ``[s_tmin, s_tmax]``), then ``x = x_hat + (sigma_next - sigma_hat) (x_hat - x0_hat)/sigma_hat``."""
     levels = _levels(x, sigmas)
+    state = torch.promote_types(x.dtype, sigmas.dtype)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(levels) - 1, disable=disable):
         x, sigma_hat, sh = _churn(x, sigmas, i, levels, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator)
-        denoised = model(x, sigma_hat * s_in, **extra_args).to(x.dtype)  # k-diffusion's arithmetic would promote
+        x, denoised = _to(state, x, model(x, sigma_hat * s_in, **extra_args))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
         x = euler_step(x, denoised, sh, levels[i + 1], prediction="x0")
@@ -91,11 +114,12 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     at ``(x_pred, sigma_next)``, then ``x = x_hat + (sigma_next - sigma_hat)(d + d')/2``; Euler on the
     last step (``sigma_next = 0``)."""
     levels = _levels(x, sigmas)
+    state = torch.promote_types(x.dtype, sigmas.dtype)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(levels) - 1, disable=disable):
         x, sigma_hat, sh = _churn(x, sigmas, i, levels, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator)
-        denoised = model(x, sigma_hat * s_in, **extra_args).to(x.dtype)
+        x, denoised = _to(state, x, model(x, sigma_hat * s_in, **extra_args))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
         x_pred = heun_step(x, denoised, sh, levels[i + 1], prediction="x0")
@@ -115,10 +139,11 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     ``sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2)/sigma^2))``,
     ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``; no noise on the last step."""
     levels = _levels(x, sigmas)
+    state = torch.promote_types(x.dtype, sigmas.dtype)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(levels) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args).to(x.dtype)
+        x, denoised = _to(state, x, model(x, sigmas[i] * s_in, **extra_args))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if levels[i + 1] > 0 and eta:
@@ -128,3 +153,89 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         else:  # eta = 0 or the last step: k-diffusion's plain Euler to sigma_next, no draw
             x = euler_step(x, denoised, levels[i], levels[i + 1], prediction="x0")
     return x
+
+
+# =========================================================================== the solvers of fastdiff.solvers
+def _solve(method, model, x, sigmas, extra_args, callback, disable, noise_sampler, generator, promote, **options):
+    """k-diffusion's ``sample_<method>`` as a table of :mod:`fastdiff.solvers` rows run by
+    :func:`fastdiff.sampling.run`; the model sees ``sigma * s_in`` as k-diffusion passes it."""
+    levels = _levels(x, sigmas)
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"noise_sampler: expected a callable noise_sampler(sigma, sigma_next), got {type(noise_sampler).__name__}")
+    table = ve_solver_table(method, levels, **options)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])  # k-diffusion's: the model sees sigma in x's own dtype
+    given, first = x.dtype, [True]
+    if promote:  # to_d promotes (see _to); the first model call still sees x as given (exact round trip)
+        x, = _to(torch.promote_types(x.dtype, sigmas.dtype), x)
+
+    def denoiser(xc, alpha, sigma):
+        if first[0]:
+            first[0] = False
+            return model(xc.to(given), s_in * sigma, **extra_args).to(xc.dtype)
+        return model(xc, s_in * sigma, **extra_args).to(xc.dtype)
+
+    cb = None
+    if callback is not None:
+        def cb(info):  # run() updates x in place after the callback; k-diffusion hands out the tensor itself
+            callback({"x": info.x.clone(), "i": info.i, "sigma": sigmas[info.i], "sigma_hat": sigmas.new_tensor(info.sigma),
+                      "denoised": info.x0_hat})
+    noise = None if noise_sampler is None else (lambda i, row: noise_sampler(sigmas[i], sigmas[i + 1]))
+    return run(denoiser, x, table, generator=generator, callback=cb, noise=noise, progress=not disable,
+               desc=f"sample_{method}")
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                    generator: Optional[Generator] = None):
+    """DPM-Solver++(2M) (Lu et al. 2022b): :func:`fastdiff.coefficients.dpmpp_2m`."""
+    return _solve("dpmpp_2m", model, x, sigmas, extra_args, callback, disable, None, generator, False)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, solver_type="midpoint", *, generator: Optional[Generator] = None):
+    """DPM-Solver++(2M) SDE: :func:`fastdiff.coefficients.dpmpp_2m_sde` (``solver_type`` midpoint / heun)."""
+    return _solve("dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable, noise_sampler, generator, False,
+                  eta=float(eta), s_noise=float(s_noise), solver_type=solver_type)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, *, generator: Optional[Generator] = None):
+    """DPM-Solver++(3M) SDE: :func:`fastdiff.coefficients.dpmpp_3m_sde` (``eta = 0``: the 3M ODE solver)."""
+    return _solve("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, disable, noise_sampler, generator, False,
+                  eta=float(eta), s_noise=float(s_noise))
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                              noise_sampler=None, *, generator: Optional[Generator] = None):
+    """Ancestral DPM-Solver++(2S): :func:`fastdiff.coefficients.dpmpp_2s_ancestral`."""
+    return _solve("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, disable, noise_sampler, generator,
+                  False, eta=float(eta), s_noise=float(s_noise))
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float("inf"), s_noise=1., *, generator: Optional[Generator] = None):
+    """DPM-Solver-2 with EDM churn: :func:`fastdiff.coefficients.dpm_2`; the churn draws from ``generator``."""
+    return _solve("dpm_2", model, x, sigmas, extra_args, callback, disable, None, generator, True,
+                  churn=float(s_churn), s_tmin=float(s_tmin), s_tmax=float(s_tmax), s_noise=float(s_noise))
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, generator: Optional[Generator] = None):
+    """Ancestral DPM-Solver-2: DPM-2 to ``sigma_down``, then ``s_noise sigma_up z``."""
+    return _solve("dpm_2_ancestral", model, x, sigmas, extra_args, callback, disable, noise_sampler, generator, True,
+                  eta=float(eta), s_noise=float(s_noise))
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, *,
+               generator: Optional[Generator] = None):
+    """Linear multistep of ``order`` (1..4): :func:`fastdiff.coefficients.lms`."""
+    return _solve("lms", model, x, sigmas, extra_args, callback, disable, None, generator, True, order=order)

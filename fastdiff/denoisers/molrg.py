@@ -95,7 +95,8 @@ def _checked_mixture(K: int, pi, tau, delta):
 
 
 def _molrg_params_scalar(a, s, dims, pi, tau, delta, output, gw):
-    """The (1, 3K+2) table from Python floats: microseconds, where tensor ops would take ~0.3 ms."""
+    """The (1, 3K+2) table from Python floats: K scalar expressions on the host, where the same
+    expressions as tensor ops would be dozens of tiny op launches."""
     K = len(dims)
     for name, v in (("alpha", a), ("sigma", s)):
         if not math.isfinite(v):

@@ -80,8 +80,8 @@ _BASIS_CACHE: dict = {}
 def _range_basis(ucat: torch.Tensor, dims):
     """(Q (n, r) orthonormal, R (r, D), G (K, r, r) = R_k R_k^T per component) with Ucat = Q R in
     float64, r = numerical rank of Ucat
-    (bases may overlap), from an SVD of Ucat.  The SVD (~80 ms at n = 768, D = 160, far more
-    than the rest of a call) is cached per packed-bases tensor (weak reference + version
+    (bases may overlap), from an SVD of Ucat.  The SVD (O(n D^2), more than the rest of a call, which works in the
+    r-dimensional range) is cached per packed-bases tensor (weak reference + version
     counter, as :func:`fastdiff.denoisers._cache._packed` caches the packing itself), so a sweep over
     many points and noise levels with one set of bases pays it once."""
     key = _tensor_key([ucat], (tuple(dims),))

@@ -311,8 +311,8 @@ _GC_FROZEN = False
 def gc_frozen():
     """Move the objects alive on entry (torch's and the user's, ~350k after ``import torch``) out of the
     garbage collector's view until exit (``gc.freeze`` / ``gc.unfreeze``): a sweep allocates enough
-    rows and tensors to trigger full collections, and each traversed them all (measured 0.18 s, a
-    sixth of the default sweep).  Objects made inside are collected as usual.  Reentrant."""
+    rows and tensors to trigger full collections, and each traversed them all (a sizeable share of
+    the default sweep, bench/test_bench_sweeps.py).  Objects made inside are collected as usual.  Reentrant."""
     global _GC_FROZEN
     if _GC_FROZEN or not gc.isenabled():
         yield
@@ -336,8 +336,8 @@ def run_sweep(experiment: str, grid: Optional[Dict[str, object]] = None, *, tria
     parameters).  Cells already in the store are skipped.  ``executor``: ``"local"`` (this process)
     or ``"ray"`` (each batch a Ray task with a CPU hint, retried up to ``max_retries`` times;
     ``address`` of a running cluster, or a local instance).  ``threads``: torch/OpenMP threads per
-    batch (1 by default: a batch is many small batched ops, and measured on the 2-core machine the
-    default sweep ran 3x slower on 2 threads than on 1 when the cores were shared; scale out with
+    batch (1 by default: a batch is many small batched ops, too small to amortise an OpenMP barrier, and
+    threads that share cores with other batches wait for each other at every one; scale out with
     more batches in parallel instead).  ``workers``: batches run side by side in this process (local
     executor; default: one per core with ``threads = 1``): torch releases the GIL inside its kernels,
     so two single-threaded batches use two cores; the store is written from this thread only, each

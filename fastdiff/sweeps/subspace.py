@@ -28,8 +28,9 @@ from fastdiff.sweeps.streams import MOLRG_DATA, normals
 __all__ = ["molrg_instances", "molrg_batch", "subspace_errors", "bottleneck_assignment"]
 
 BASES = ("orthogonal", "random")
-# float32: measured 1.5x faster than float64 for the whole default sweep (GEMMs and QRs of 48 x d
-# blocks), errors of exact recoveries stay below 1e-3 (threshold 0.1); the error itself is scored in float64.
+# float32: the sweep is GEMMs and QRs of 48 x d blocks, which float32 runs at twice float64's SIMD width
+# (bench/test_bench_sweeps.py times the whole default sweep); errors of exact recoveries stay below 1e-3
+# (threshold 0.1, tests/test_sweeps_subspace*.py); the error itself is scored in float64.
 # (The C++ K-subspaces kernels take float32 too: fastdiff.ops.ksubspaces.DT.)
 DT = torch.float32
 
@@ -194,5 +195,7 @@ register(Experiment(
     # data (N x n) and its copies, the bases, the N x n min(N, n) factorisation, assignments per restart
     instance_bytes=lambda c: 8.0 * (4 * c["N"] * c["n"] + 4 * c["K"] * c["n"] * c["d"] + c["n"] * min(c["N"], c["n"])
                                     + c["N"] * c["K"] * c["restarts"]),
-    max_cost=1024.0,  # measured: 1024 beats 4096 (less padding of N) and 256 (more per-batch overhead)
+    # per batch: larger batches pad more instances to the batch's largest N, smaller ones pay the
+    # per-batch overhead more often (bench/test_bench_sweeps.py times the default sweep with it)
+    max_cost=1024.0,
 ))
