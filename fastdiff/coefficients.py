@@ -56,7 +56,13 @@ def gt0(v: Num):
 def prediction_forms(prediction: str, alpha: Num, sigma: Num) -> Tuple[Form, Form]:
     """Linear forms ``x0_hat = px x + pm m`` and ``eps_hat = ex x + em m`` of the model output ``m``
     (``x = alpha x0 + sigma eps``): eps: ``x0 = (x - sigma eps)/alpha``; x0; v = alpha eps - sigma x0
-    (Salimans & Ho 2022); score = -eps/sigma.  Returns ``((px, pm), (ex, em))``."""
+    (Salimans & Ho 2022); score = -eps/sigma; flow = eps - x0, the rectified-flow velocity
+    (Liu et al. 2023, Lipman et al. 2023: ``dx_t/dt`` on the path ``x_t = (1 - t) x0 + t eps``; from
+    ``x = (alpha + sigma) x0 + sigma flow``, ``x0 = (x - sigma flow)/(alpha + sigma)`` on any path).
+    Returns ``((px, pm), (ex, em))``."""
+    if prediction == "flow":
+        d = alpha + sigma
+        return (1.0 / d, -sigma / d), (1.0 / d, alpha / d)
     if prediction == "eps":
         return (1.0 / alpha, -sigma / alpha), (0.0, 1.0)
     if prediction == "x0":
@@ -225,8 +231,12 @@ def ou_reverse(step_size: Num) -> Tuple[Num, Num, Num]:
 # docs/math.md section 1b.
 
 def log_snr(alpha: float, sigma: float) -> float:
-    """``lambda = log(alpha / sigma)`` (DPM-Solver's half log-SNR; ``+inf`` at ``sigma = 0``)."""
-    return math.inf if sigma == 0.0 else math.log(alpha / sigma)
+    """``lambda = log(alpha / sigma)`` (DPM-Solver's half log-SNR; ``+inf`` at ``sigma = 0``, ``-inf`` at
+    ``alpha = 0``, the pure noise a flow path starts from, where a step's ``h`` is infinite and its
+    first-order update ``x_n = (sigma_n/sigma) x + alpha_n D`` the exact limit)."""
+    if sigma == 0.0:
+        return math.inf
+    return -math.inf if alpha == 0.0 else math.log(alpha / sigma)
 
 
 def _steps_h(levels):

@@ -55,7 +55,7 @@ from fastdiff.trajectory import _progress
 from fastdiff.denoisers import MoLRG
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
-from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length, ve_solver_table
+from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length, solver_table
 
 __all__ = ["sample", "run", "StepInfo", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
@@ -171,7 +171,7 @@ def _ve_sigmas(method: str, schedule) -> List[float]:
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
                      churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
                      step_size: Optional[float] = None, spacing: str = "linspace", solver_type: str = "midpoint",
-                     order: int = 4) -> List[Step]:
+                     order: int = 4, path: str = "ve") -> List[Step]:
     """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
 
     ``schedule``: a :class:`fastdiff.DDPMSchedule` (ddpm, ddim), VE levels (euler, heun,
@@ -190,7 +190,9 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
     ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpmpp_2s_ancestral``, ``dpm_2``,
     ``dpm_2_ancestral``, ``lms``) take VE levels like euler; ``eta`` (the SDE / ancestral ones, default 1),
     ``churn`` (dpm_2), ``solver_type`` (dpmpp_2m_sde: ``"midpoint"`` or ``"heun"``), ``order`` (lms, 1..4):
-    :func:`fastdiff.solvers.ve_solver_table`.
+    :func:`fastdiff.solvers.solver_table`.  ``path="flow"`` (those methods and euler / heun): the levels
+    are rectified-flow times ``t`` in [0, 1], the denoiser sees ``(alpha, sigma) = (1 - t, t)``
+    (``method="euler"`` is FlowMatch Euler).
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -200,6 +202,9 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
     s_noise = _check_number("s_noise", s_noise)
     if spacing not in C.SPACINGS:
         raise ValueError(f"spacing: expected one of {C.SPACINGS}, got {spacing!r}")
+    if path != "ve" and method not in VE_METHODS:
+        raise ValueError(f"path: only used by the methods on noise levels {VE_METHODS}, got path={path!r} with "
+                         f"method={method!r}")
     if method not in MULTISTEP_METHODS and (solver_type != "midpoint" or order != 4):
         raise ValueError(f"solver_type, order: only used by the multistep solvers {MULTISTEP_METHODS}, "
                          f"got solver_type={solver_type!r}, order={order!r} with method={method!r}")
@@ -228,9 +233,9 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         n = len(sig) - 1
         if steps not in (None, n):
             raise ValueError(f"steps: expected None or the schedule's n = {n}, got {steps}")
-        if method in MULTISTEP_METHODS:
-            return ve_solver_table(method, sig, eta=None if eta is None else _check_number("eta", eta),
-                                   s_noise=s_noise, churn=churn, solver_type=solver_type, order=order)
+        if method in MULTISTEP_METHODS or path != "ve":
+            return solver_table(method, sig, path=path, eta=None if eta is None else _check_number("eta", eta),
+                                s_noise=s_noise, churn=churn, solver_type=solver_type, order=order)
         if method == "euler_ancestral" and churn:
             raise ValueError("churn: not used by euler_ancestral (its noise is set by eta)")
         eta = 1.0 if eta is None else _check_number("eta", eta)
@@ -298,7 +303,7 @@ def _as_denoiser(denoiser):
 def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] = None,
            generator: Optional[Generator] = None, eta: Optional[float] = None, churn: float = 0.0,
            s_noise: float = 1.0, variance: str = "fixed_small", step_size: Optional[float] = None,
-           spacing: str = "linspace", solver_type: str = "midpoint", order: int = 4,
+           spacing: str = "linspace", solver_type: str = "midpoint", order: int = 4, path: str = "ve",
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
            disable: Optional[bool] = None, callback: Optional[Callable[["StepInfo"], None]] = None):
@@ -309,9 +314,9 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         ``denoiser(x, alpha, sigma[, labels=, guidance=]) -> x0_hat`` (loop over fused steps).
     x: the initial state x_T (a tensor, not modified), or a shape: then x_T is drawn from
         ``generator`` as ``scale * N(0, I)`` (scale 1 for ddpm/ddim, sigma_max for the Karras
-        methods, sqrt(1 + sigma^2) for langevin/walk_jump) in ``dtype`` on ``device``.
-    schedule, method, steps, eta, churn, s_noise, variance, step_size, spacing, solver_type, order: see
-        :func:`trajectory_table` (the multistep solvers, ``dpmpp_2m`` and the rest, run the loop).
+        methods (t_0 on the flow path), sqrt(1 + sigma^2) for langevin/walk_jump) in ``dtype`` on ``device``.
+    schedule, method, steps, eta, churn, s_noise, variance, step_size, spacing, solver_type, order, path: see
+        :func:`trajectory_table` (the multistep solvers, ``dpmpp_2m`` and the rest, and the flow path run the loop).
     generator: :class:`fastdiff.Generator` (default :data:`fastdiff.default_generator`); each
         stochastic step draws ``x.numel()`` normals from it, exactly as the step-by-step loop.
     labels, guidance: per-sample class labels ((B,), or (I, B) for instances) and the CFG weight
@@ -327,16 +332,16 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     """
     table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
                              variance=variance, step_size=step_size, spacing=spacing, solver_type=solver_type,
-                             order=order)
+                             order=order, path=path)
     den = _as_denoiser(denoiser)
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
     gen = generator if generator is not None else default_generator
-    x = _initial(x, table, method, schedule, gen, dtype, device, den)
+    x = _initial(x, table, method, schedule, gen, dtype, device, den)  # flow: scale t_0 (1: pure noise)
     labels, guidance = _check_labels(labels, guidance, x, den)
     snaps = _snapshots(return_trajectory, len(table))
     show = progress and not disable
-    if _use_fused(fused, den, x, backend, callback, method):
+    if _use_fused(fused, den, x, backend, callback, method if path == "ve" else "flow"):
         out, traj = fused_impl.run(den, x, table, gen, labels, guidance, snaps, backend, show)
         return (out, traj) if snaps is not None else out
     kw = {} if labels is None else {"labels": labels, "guidance": guidance}
@@ -418,9 +423,10 @@ def _snapshots(spec, nsteps) -> Optional[List[int]]:
 def _use_fused(fused, den, x, backend, callback, method) -> bool:
     if fused is False:
         return False
-    if method in MULTISTEP_METHODS:
+    if method in MULTISTEP_METHODS or method == "flow":
         if fused:
-            raise ValueError(f"fused: the fused trajectory kernel runs the single-step methods; method={method!r} "
+            what = "the flow path" if method == "flow" else f"method={method!r}"
+            raise ValueError(f"fused: the fused trajectory kernel runs the single-step VE/VP methods; {what} "
                              "runs the step-by-step loop (fused=None or False)")
         return False
     if callback is not None:

@@ -27,7 +27,8 @@ import torch
 from fastdiff import coefficients as C
 from fastdiff.steps import affine_step
 
-__all__ = ["Step", "MULTISTEP_METHODS", "ve_solver_table", "apply_row", "history_length"]
+__all__ = ["Step", "MULTISTEP_METHODS", "FLOW_METHODS", "PATHS", "solver_table", "level_of", "apply_row",
+           "history_length"]
 
 
 class Step(NamedTuple):
@@ -64,18 +65,41 @@ def _row(level, cx, cm, *, hist=(), cz=0.0, push=None, churn=0.0, level2=None, s
                 tuple(hist), push, hz)
 
 
-def ve_solver_table(method: str, sigmas: Sequence[float], *, eta: Optional[float] = None, s_noise: float = 1.0,
-                    churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, solver_type: str = "midpoint",
-                    order: int = 4) -> List[Step]:
-    """The rows of ``method`` over the VE levels ``sigmas`` (``alpha = 1``, decreasing, last may be 0), as
-    k-diffusion's samplers of the same names take their steps (:mod:`fastdiff.coefficients`):
+PATHS = ("ve", "flow")
+FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2", "lms")
+
+
+def level_of(path: str, s: float) -> Tuple[float, float]:
+    """The denoiser's ``(alpha, sigma)`` at the schedule value ``s``: VE ``(1, s)``; flow (rectified flow,
+    ``x_t = (1 - t) x0 + t eps``) ``(1 - t, t)``."""
+    return (1.0, s) if path == "ve" else (1.0 - s, s)
+
+
+def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta: Optional[float] = None,
+                 s_noise: float = 1.0, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                 solver_type: str = "midpoint", order: int = 4) -> List[Step]:
+    """The rows of ``method`` over the decreasing levels ``sigmas`` (the last may be 0), as k-diffusion's
+    samplers of the same names take their steps (:mod:`fastdiff.coefficients`).
+
+    ``path``: ``"ve"`` (``x = x0 + sigma eps``, k-diffusion's convention) or ``"flow"`` (``x_t = (1 - t) x0 +
+    t eps``, ``sigmas`` the times ``t`` in (0, 1]: SD3 / Flux's FlowMatch samplers).  The probability-flow ODE
+    is ``dx/ds = (x - D)/s`` on both paths, so Euler (FlowMatch Euler on ``"flow"``), Heun, DPM-2 and LMS
+    take the same steps in ``s``; the DPM-Solver++ ones use the path's ``(alpha, sigma)``; the ancestral
+    ones are VE only.  Methods:
 
     ``dpmpp_2m``; ``dpmpp_2m_sde`` (``eta`` default 1, ``solver_type`` ``"midpoint"`` / ``"heun"``);
     ``dpmpp_3m_sde`` (``eta`` default 1; ``eta = 0`` is DPM-Solver++(3M)); ``dpmpp_2s_ancestral`` and
     ``dpm_2_ancestral`` (``eta`` default 1); ``dpm_2`` (EDM churn ``churn``, ``gamma = min(churn/n, sqrt 2 - 1)`` where ``s_tmin <= sigma <= s_tmax``);
     ``lms`` (``order`` 1..4, default 4).  ``s_noise`` scales every draw."""
-    if method not in MULTISTEP_METHODS:
-        raise ValueError(f"method: expected one of {MULTISTEP_METHODS}, got {method!r}")
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if method not in (MULTISTEP_METHODS if path == "ve" else FLOW_METHODS):
+        raise ValueError(f"method: expected one of {MULTISTEP_METHODS if path == 've' else FLOW_METHODS} on the "
+                         f"{path!r} path, got {method!r}")
+    if path == "flow" and not all(0.0 <= float(t) <= 1.0 for t in sigmas):
+        raise ValueError("sigmas: the flow path's times t must lie in [0, 1]")
+    if path == "flow" and churn:
+        raise ValueError("churn: VE only (EDM churn adds noise at constant signal scale)")
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
@@ -86,31 +110,49 @@ def ve_solver_table(method: str, sigmas: Sequence[float], *, eta: Optional[float
         raise ValueError(f"solver_type: only used by method='dpmpp_2m_sde', got {solver_type!r} with method={method!r}")
     if churn and method != "dpm_2":
         raise ValueError(f"churn: used by euler, heun and dpm_2, got churn={churn} with method={method!r}")
-    if eta is not None and method in ("dpmpp_2m", "dpm_2", "lms"):
+    if eta is not None and method in ("euler", "heun", "dpmpp_2m", "dpm_2", "lms"):
         raise ValueError(f"eta: not used by method={method!r} (a deterministic solver)")
     eta = 1.0 if eta is None else eta
     sig = [float(s) for s in sigmas]
+    lev = [level_of(path, s) for s in sig]
     n = len(sig) - 1
     rows: List[Step] = []
-    if method == "dpmpp_2m":
+
+    def h_between(j, k):  # lambda_k - lambda_j; None (no usable history) for the infinite step from pure noise
+        h = C.log_snr(*lev[k]) - C.log_snr(*lev[j])
+        return h if math.isfinite(h) else None
+    if method == "euler":  # on the flow path: FlowMatch Euler, x + (t_next - t) flow
         for i in range(n):
-            h_last = None if i == 0 else C.log_snr(1.0, sig[i]) - C.log_snr(1.0, sig[i - 1])
-            cx, cs, _ = C.dpmpp_2m((1.0, sig[i]), (1.0, sig[i + 1]), h_last)
-            rows.append(_row((1.0, sig[i]), cx, cs[0], hist=cs[1:], push=_D, call_args=(sig[i], sig[i + 1])))
+            cx, c0 = C.euler(sig[i], sig[i + 1])
+            rows.append(_row(lev[i], cx, c0, call_args=(sig[i], sig[i + 1])))
+    elif method == "heun":
+        for i in range(n):
+            cx, c0 = C.euler(sig[i], sig[i + 1])
+            if sig[i + 1] == 0.0:  # the last step is Euler, as EDM's
+                rows.append(_row(lev[i], cx, c0, call_args=(sig[i], sig[i + 1])))
+                continue
+            hx, h0, hxp, h0p, level2 = C.heun_corrector(sig[i], sig[i + 1])
+            rows.append(_row(lev[i], cx, c0, level2=level_of(path, level2), second=(hx, h0, hxp, h0p),
+                             call_args=(sig[i], sig[i + 1])))
+    elif method == "dpmpp_2m":
+        for i in range(n):
+            h_last = None if i == 0 else h_between(i - 1, i)
+            cx, cs, _ = C.dpmpp_2m(lev[i], lev[i + 1], h_last)
+            rows.append(_row(lev[i], cx, cs[0], hist=cs[1:], push=_D, call_args=(sig[i], sig[i + 1])))
     elif method == "dpmpp_2m_sde":
         for i in range(n):
-            h_last = None if i == 0 else C.log_snr(1.0, sig[i]) - C.log_snr(1.0, sig[i - 1])
-            cx, cs, cz = C.dpmpp_2m_sde((1.0, sig[i]), (1.0, sig[i + 1]), h_last, eta=eta, s_noise=s_noise,
-                                        solver_type=solver_type)
-            rows.append(_row((1.0, sig[i]), cx, cs[0], hist=cs[1:], cz=cz, push=_D, call_args=(sig[i], sig[i + 1])))
+            h_last = None if i == 0 else h_between(i - 1, i)
+            cx, cs, cz = C.dpmpp_2m_sde(lev[i], lev[i + 1], h_last, eta=eta, s_noise=s_noise, solver_type=solver_type)
+            rows.append(_row(lev[i], cx, cs[0], hist=cs[1:], cz=cz, push=_D, call_args=(sig[i], sig[i + 1])))
     elif method == "dpmpp_3m_sde":
         hs: List[float] = []  # h of the earlier steps, latest first (k-diffusion's h_1, h_2)
         for i in range(n):
             h1, h2 = (hs + [None, None])[:2]
-            cx, cs, cz = C.dpmpp_3m_sde((1.0, sig[i]), (1.0, sig[i + 1]), h1, h2, eta=eta, s_noise=s_noise)
-            rows.append(_row((1.0, sig[i]), cx, cs[0], hist=cs[1:], cz=cz, push=_D, call_args=(sig[i], sig[i + 1])))
+            cx, cs, cz = C.dpmpp_3m_sde(lev[i], lev[i + 1], h1, h2, eta=eta, s_noise=s_noise)
+            rows.append(_row(lev[i], cx, cs[0], hist=cs[1:], cz=cz, push=_D, call_args=(sig[i], sig[i + 1])))
             if sig[i + 1] > 0.0:
-                hs.insert(0, C.log_snr(1.0, sig[i + 1]) - C.log_snr(1.0, sig[i]))
+                h = h_between(i, i + 1)
+                hs = [] if h is None else [h] + hs
     elif method == "dpmpp_2s_ancestral":
         for i in range(n):
             (cx, c0), second, mid = C.dpmpp_2s_ancestral(sig[i], sig[i + 1], eta, s_noise)
@@ -134,22 +176,25 @@ def ve_solver_table(method: str, sigmas: Sequence[float], *, eta: Optional[float
             (cx, c0), second, mid = C.dpm_2(s_hat, target)
             kw = {"gamma": g, "s_noise": s_noise} if g > 0.0 else {}
             if mid is None:  # Euler to the target; k-diffusion's dpm_2_ancestral then adds no noise
-                rows.append(_row((1.0, s_hat), cx, c0, churn=s1, call_args=(sig[i], sig[i + 1]), call_kw=kw))
+                rows.append(_row(level_of(path, s_hat), cx, c0, churn=s1, call_args=(sig[i], sig[i + 1]), call_kw=kw))
             else:
-                rows.append(_row((1.0, s_hat), cx, c0, churn=s1, level2=(1.0, mid), second=second, hz=hz,
-                                 call_args=(sig[i], sig[i + 1]), call_kw=kw))
+                rows.append(_row(level_of(path, s_hat), cx, c0, churn=s1, level2=level_of(path, mid), second=second,
+                                 hz=hz, call_args=(sig[i], sig[i + 1]), call_kw=kw))
     else:  # lms: x_{i+1} = x_i + sum_j c_j d_{i-j}, d = (x - D)/sigma remembered
         for i in range(n):
             cs = C.lms(sig, i, order)
             s = sig[i]
-            rows.append(_row((1.0, s), 1.0 + cs[0] / s, -cs[0] / s, hist=cs[1:], push=(1.0 / s, -1.0 / s),
+            rows.append(_row(lev[i], 1.0 + cs[0] / s, -cs[0] / s, hist=cs[1:], push=(1.0 / s, -1.0 / s),
                              call_args=(sig[i], sig[i + 1])))
     return rows
 
 
 def history_length(table: Sequence[Step]) -> int:
     """How many earlier pushes a table's rows read at most."""
-    return max((len(st.hist) for st in table), default=0)
+    n = 0
+    for st in table:  # a loop, not max(..., default=): dynamo traces this inside the sampler loop
+        n = max(n, len(st.hist))
+    return n
 
 
 def apply_row(denoiser, x, m, st: Step, i, history, keep, gen, noise, out, x_pred, backend):
@@ -163,7 +208,8 @@ def apply_row(denoiser, x, m, st: Step, i, history, keep, gen, noise, out, x_pre
 
     h = None
     if st.push is not None and keep:
-        if any(m.data_ptr() == r.data_ptr() for r in history if r.numel()):
+        # (not while torch.compile traces: the traced graph allocates every output afresh)
+        if not torch.compiler.is_compiling() and any(m.data_ptr() == r.data_ptr() for r in history if r.numel()):
             raise ValueError("denoiser: returned the memory of an earlier step's output, which this multistep "
                              "solver still needs; return a fresh tensor (e.g. .clone())")
         # the data prediction itself is kept as it is; anything else (LMS's derivative) is computed

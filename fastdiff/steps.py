@@ -14,8 +14,9 @@ Conventions shared by every step:
 - ``x`` is ``(B, ...)``; timesteps / noise levels are scalars (Python numbers or 0-d tensors)
   or per-sample ``(B,)`` tensors.
 - ``model_output`` is the network's output in the form named by ``prediction``
-  (``"eps"``, ``"x0"``, ``"v"`` or ``"score"``) and is converted inside the kernel:
-  ``x0_hat = (x - sigma eps)/alpha``, ``v = alpha eps - sigma x0``, ``score = -eps/sigma``.
+  (``"eps"``, ``"x0"``, ``"v"``, ``"score"`` or ``"flow"``) and is converted inside the kernel:
+  ``x0_hat = (x - sigma eps)/alpha``, ``v = alpha eps - sigma x0``, ``score = -eps/sigma``,
+  ``flow = eps - x0`` (the rectified-flow velocity: ``x0_hat = (x - sigma flow)/(alpha + sigma)``).
 - Classifier-free guidance: pass ``model_output=(uncond, cond)`` and ``guidance=w``;
   ``x0_hat = (1 - w) x0_hat(uncond) + w x0_hat(cond)`` (scalar or ``(B,)`` ``w``).
 - Noise: ``noise=`` (a tensor like ``x``, for bitwise agreement with code that draws its own)
@@ -61,7 +62,7 @@ __all__ = [
     "randn",
 ]
 
-PREDICTIONS = ("eps", "x0", "v", "score")
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 Num = Union[float, torch.Tensor]  # a coefficient: Python float (scalar step) or float64 tensor (R,)
 
 

@@ -224,7 +224,7 @@ def test_predict_x0_roundtrip(backend_device, prediction):
     eps = torch.randn(5, 11, dtype=torch.float64)
     alpha, sigma = 0.8, 0.6
     xt = alpha * x0 + sigma * eps
-    m = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma}[prediction]
+    m = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma, "flow": eps - x0}[prediction]
     got = fastdiff.predict_x0(xt.float().to(device), m.float().to(device), alpha, sigma, prediction=prediction, backend=backend)
     torch.testing.assert_close(got.double().cpu(), x0, rtol=1e-5, atol=1e-5)
 

@@ -38,7 +38,7 @@ from tqdm.auto import trange
 from fastdiff.generator import Generator
 from fastdiff import steps
 from fastdiff.sampling import run
-from fastdiff.solvers import ve_solver_table
+from fastdiff.solvers import solver_table
 
 # samplers hand the steps torch tensors only: skip their NumPy/CuPy conversion wrapper (~5 us a call)
 edm_churn, euler_step = steps.edm_churn.__wrapped__, steps.euler_step.__wrapped__
@@ -164,7 +164,7 @@ def _solve(method, model, x, sigmas, extra_args, callback, disable, noise_sample
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"noise_sampler: expected a callable noise_sampler(sigma, sigma_next), got {type(noise_sampler).__name__}")
-    table = ve_solver_table(method, levels, **options)
+    table = solver_table(method, levels, **options)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])  # k-diffusion's: the model sees sigma in x's own dtype
     given, first = x.dtype, [True]

@@ -24,6 +24,8 @@ def to_x0(x, m, alpha, sigma, prediction):
         return (alpha * x - sigma * m) / (alpha**2 + sigma**2)
     if prediction == "score":  # score = -eps / sigma
         return (x + sigma**2 * m) / alpha
+    if prediction == "flow":  # flow = eps - x0, x = alpha x0 + sigma eps = (alpha + sigma) x0 + sigma flow
+        return (x - sigma * m) / (alpha + sigma)
     raise ValueError(prediction)
 
 
