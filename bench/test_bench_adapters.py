@@ -49,3 +49,36 @@ def test_diffusers_step(record, device, case, impl):
 
     record(f"diffusers {name}.step {case} {'x'.join(map(str, SHAPE))}", impl, step,
            bytes_moved=4 * x.numel() * x.element_size(), rounds=200)
+
+
+MULTISTEP = {  # name -> config
+    "DPMSolverMultistep 2M": dict(),
+    "DPMSolverMultistep 3M": dict(solver_order=3),
+    "DPMSolverMultistep 2M SDE (noise)": dict(algorithm_type="sde-dpmsolver++"),
+}
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
+@pytest.mark.parametrize("case", list(MULTISTEP))
+def test_diffusers_multistep_step(record, device, case, impl):
+    """One interior step of a 25-step multistep schedule, the history already full (every timed call
+    is the same step: the step index is reset and the history shifts in place)."""
+    from fastdiff.adapters.diffusers_multistep import DPMSolverMultistepScheduler
+    cls = DPMSolverMultistepScheduler if impl == "fastdiff" else diffusers.DPMSolverMultistepScheduler
+    sched = cls(**MULTISTEP[case])
+    sched.set_timesteps(25, device=device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen).to(device)
+    m = torch.randn(SHAPE, generator=gen).to(device)
+    t = sched.timesteps[10]
+    sched._step_index = 10
+    sched.lower_order_nums = sched.config.solver_order
+    sched.model_outputs = [torch.randn(SHAPE, generator=gen).to(device) for _ in range(sched.config.solver_order)]
+    generator = fastdiff.Generator(0) if impl == "fastdiff" else None
+
+    def step():
+        sched._step_index = 10
+        return sched.step(m, t, x, generator=generator)
+
+    record(f"diffusers {case}.step {'x'.join(map(str, SHAPE))}", impl, step,
+           bytes_moved=(3 + sched.config.solver_order) * x.numel() * x.element_size(), rounds=200)

@@ -256,6 +256,8 @@ def dpmpp_2m(level: Tuple[float, float], level_next: Tuple[float, float], h_last
     if sn == 0.0:
         return 0.0, (an,), 0.0
     h = log_snr(an, sn) - log_snr(a, s)
+    if h == 0.0:  # no step (a repeated last level, diffusers' final_sigmas_type="sigma_min"): x_n = x
+        return sn / s, (0.0,) * (1 if h_last is None else 2), 0.0
     c = -an * math.expm1(-h)
     if h_last is None:
         return sn / s, (c,), 0.0
@@ -279,6 +281,8 @@ def dpmpp_2m_sde(level, level_next, h_last=None, *, eta: float = 1.0, s_noise: f
     if sn == 0.0:
         return 0.0, (an,), 0.0
     h = log_snr(an, sn) - log_snr(a, s)
+    if h == 0.0:  # no step: x_n = x
+        return sn / s, (0.0,) * (1 if h_last is None else 2), 0.0
     eh = eta * h
     g = -math.expm1(-h - eh)
     c0 = an * g
@@ -307,6 +311,8 @@ def dpmpp_3m_sde(level, level_next, h_1=None, h_2=None, *, eta: float = 1.0, s_n
     if sn == 0.0:
         return 0.0, (an,), 0.0
     h = log_snr(an, sn) - log_snr(a, s)
+    if h == 0.0:  # no step: x_n = x
+        return sn / s, (0.0,) * (1 + (h_1 is not None) + (h_2 is not None)), 0.0
     he = h * (eta + 1.0)
     c = [-math.expm1(-he), 0.0, 0.0]
     phi_2 = math.expm1(-he) / he + 1.0

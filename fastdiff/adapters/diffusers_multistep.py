@@ -1,0 +1,160 @@
+"""diffusers' multistep schedulers whose ``step`` runs fastdiff's fused kernels.
+
+    from fastdiff.adapters.diffusers_multistep import DPMSolverMultistepScheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+``DPMSolverMultistepScheduler``: the same constructor, config, state (``model_outputs``,
+``lower_order_nums``, ``step_index``) and ``step`` signature and return type as diffusers'.  A step is
+at most two fused passes where diffusers runs ~10-15 elementwise ops: the data prediction
+``x0`` (kept in ``model_outputs``, as diffusers keeps it) and the update
+``x_t = cx x + c_0 x0_i + c_1 x0_{i-1} + c_2 x0_{i-2} + cz z`` (:func:`fastdiff.affine_step`), its
+coefficients from :func:`fastdiff.coefficients.dpmpp_2m_sde` / :func:`~fastdiff.coefficients.dpmpp_3m_sde`
+(DPM-Solver++, Lu et al. 2022b; ``eta = 0`` for ``dpmsolver++``, ``eta = 1`` for
+``sde-dpmsolver++``) in float64 on the host from diffusers' own ``sigmas``.
+
+Fused: ``algorithm_type`` ``dpmsolver++`` (orders 1-3, ``solver_type`` midpoint / heun) and
+``sde-dpmsolver++`` (orders 1-2); ``prediction_type`` epsilon / sample / v_prediction /
+flow_prediction (diffusers' conversions, as diffusers writes them); every sigma option
+(``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``, ``use_lu_lambdas``,
+``use_flow_sigmas``), ``timestep_spacing``, ``final_sigmas_type``, ``lower_order_final``,
+``euler_at_final``.  Handed to diffusers' own ``step``: ``thresholding``; learned variances; the
+noise-prediction ``dpmsolver`` / ``sde-dpmsolver``; a model output whose shape or device differs from
+the sample's; and ``sde-dpmsolver++``'s third-order steps, whose diffusers formula weights ``D2`` by
+``(1 - e^{-2h} - 2h)/(2h)^2 - 1/2`` where the exponential integrator's weight is ``... + 1/2``
+(k-diffusion's ``sample_dpmpp_3m_sde``; fastdiff's own ``method="dpmpp_3m_sde"`` takes that one), so
+the drop-in keeps diffusers' numbers.  ``fastdiff_supports`` tells which path a call takes.
+
+Noise (``sde-dpmsolver++``): a ``torch.Generator`` or ``variance_noise`` gives exactly diffusers' draw
+(``randn_tensor``, float32, on every step as diffusers draws); a :class:`fastdiff.Generator` or ``None``
+draws the Philox stream in the kernel (no noise tensor; seed with :func:`fastdiff.manual_seed`).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple, Union
+
+import torch
+from diffusers import DPMSolverMultistepScheduler as _DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from fastdiff import coefficients as C
+from fastdiff import steps
+from fastdiff.adapters.diffusers import _cached, _for_diffusers, _noise_source
+from fastdiff.generator import Generator
+
+__all__ = ["DPMSolverMultistepScheduler"]
+
+affine_step = steps.affine_step
+_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+
+def _levels(self) -> List[Tuple[float, float]]:
+    """``(alpha_t, sigma_t)`` of every entry of ``self.sigmas``, in float64: diffusers'
+    ``_sigma_to_alpha_sigma_t`` (``1 - s, s`` on flow sigmas; ``1/sqrt(1 + s^2), s/sqrt(1 + s^2)`` else)."""
+    out = []
+    for s in self.sigmas.detach().double().cpu().tolist():
+        if self.config.use_flow_sigmas:
+            out.append((1.0 - s, s))
+        else:
+            a = 1.0 / math.sqrt(s * s + 1.0)
+            out.append((a, s * a))
+    return out
+
+
+def _raw_sigmas(self) -> List[float]:
+    return self.sigmas.detach().double().cpu().tolist()
+
+
+class DPMSolverMultistepScheduler(_DPMSolverMultistepScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` with a fused ``step`` (module docstring: what is fused)."""
+
+    def _order_of_this_step(self) -> int:
+        """diffusers' choice of the update's order at ``step_index`` (its ``step``, verbatim in logic)."""
+        i, n = self.step_index, len(self.timesteps)
+        lower_order_final = (i == n - 1) and (self.config.euler_at_final or (self.config.lower_order_final and n < 15)
+                                              or self.config.final_sigmas_type == "zero")
+        lower_order_second = (i == n - 2) and self.config.lower_order_final and n < 15
+        if self.config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            return 1
+        if self.config.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            return 2
+        return 3
+
+    def fastdiff_supports(self, model_output, timestep, sample) -> bool:
+        """Whether :meth:`step` runs the fused kernels for these arguments (else ``super().step``); never raises."""
+        try:
+            cfg = self.config
+            if (cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") or cfg.thresholding
+                    or cfg.variance_type is not None or cfg.prediction_type not in _PREDICTIONS
+                    or self.num_inference_steps is None):
+                return False
+            if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
+                    and model_output.shape == sample.shape and model_output.device == sample.device
+                    and model_output.is_floating_point() and sample.is_floating_point()):
+                return False
+            if cfg.algorithm_type == "sde-dpmsolver++" and cfg.solver_order >= 3:
+                if self.step_index is None:
+                    return False  # the order depends on the step; diffusers' own step finds it
+                return self._order_of_this_step() < 3
+            return True
+        except Exception:  # noqa: BLE001 - a question about a config must not raise
+            return False
+
+    def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
+             generator: Union[torch.Generator, Generator, None] = None, variance_noise=None,
+             return_dict: bool = True) -> Union[SchedulerOutput, tuple]:
+        if self.num_inference_steps is not None and self.step_index is None:
+            self._init_step_index(timestep)  # as diffusers' step does first (the order depends on it)
+        if not self.fastdiff_supports(model_output, timestep, sample):
+            return super().step(model_output, timestep, sample, generator=_for_diffusers(generator, sample),
+                                variance_noise=variance_noise, return_dict=return_dict)
+        levels = _cached(self, (self.sigmas,), _levels)
+        i = self.step_index
+        order = self._order_of_this_step()
+        a, s = levels[i]
+        # the data prediction, in the model output's dtype, as diffusers' convert_model_output writes it
+        # (diffusers' arithmetic promotes: the sample's and the output's common dtype)
+        pred = self.config.prediction_type
+        dt = torch.promote_types(sample.dtype, model_output.dtype)
+        xs, ms = sample.to(dt), model_output.to(dt)
+        if pred == "sample":
+            x0 = model_output
+        elif pred == "epsilon":
+            x0 = affine_step([(xs, 1.0 / a), (ms, -s / a)])
+        elif pred == "v_prediction":
+            x0 = affine_step([(xs, a), (ms, -s)])
+        else:  # flow_prediction: diffusers takes the raw sigma
+            x0 = affine_step([(xs, 1.0), (ms, -_cached(self, (self.sigmas,), _raw_sigmas)[i])])
+        for k in range(self.config.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+        self.model_outputs[-1] = x0
+        sde = self.config.algorithm_type == "sde-dpmsolver++"
+        noise, gen = None, None
+        if sde:
+            if variance_noise is not None:
+                noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+            else:
+                # diffusers draws float32 noise on the model output's device, on every step
+                noise, gen = _noise_source(generator, model_output.shape,
+                                           torch.empty(0, dtype=torch.float32, device=model_output.device))
+        eta = 1.0 if sde else 0.0
+
+        def h(j, k):  # lambda_k - lambda_j
+            return C.log_snr(*levels[k]) - C.log_snr(*levels[j])
+        if order == 1:
+            cx, cs, cz = C.dpmpp_2m_sde(levels[i], levels[i + 1], None, eta=eta)
+        elif order == 2:
+            cx, cs, cz = C.dpmpp_2m_sde(levels[i], levels[i + 1], h(i - 1, i), eta=eta,
+                                        solver_type=self.config.solver_type)
+        else:
+            cx, cs, cz = C.dpmpp_3m_sde(levels[i], levels[i + 1], h(i - 1, i), h(i - 2, i - 1), eta=eta)
+        sample32 = sample.to(torch.float32)
+        hist = [self.model_outputs[-1 - j].to(torch.float32) for j in range(len(cs))]
+        prev = affine_step([(sample32, cx)] + list(zip(hist, cs)), cz, noise=noise, generator=gen)
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
