@@ -63,7 +63,7 @@ MULTISTEP = {  # name -> config
 def test_diffusers_multistep_step(record, device, case, impl):
     """One interior step of a 25-step multistep schedule, the history already full (every timed call
     is the same step: the step index is reset and the history shifts in place)."""
-    from fastdiff.adapters.diffusers_multistep import DPMSolverMultistepScheduler
+    from fastdiff.adapters.diffusers_solvers import DPMSolverMultistepScheduler
     cls = DPMSolverMultistepScheduler if impl == "fastdiff" else diffusers.DPMSolverMultistepScheduler
     sched = cls(**MULTISTEP[case])
     sched.set_timesteps(25, device=device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install fastdiff[adapters])")
-from fastdiff.adapters.diffusers_multistep import DPMSolverMultistepScheduler  # noqa: E402
+from fastdiff.adapters.diffusers_solvers import DPMSolverMultistepScheduler  # noqa: E402
 
 import fastdiff  # noqa: E402
 
@@ -128,3 +128,61 @@ def test_in_kernel_noise_with_a_fastdiff_generator_is_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
     var = a.double().var(0)
     assert ((var - lam.double()).abs() <= 5 * lam.double() * (2 / 20000) ** 0.5 + 0.02 * lam.double()).all(), var
+
+
+# =========================================================================== FlowMatch Euler
+from fastdiff.adapters.diffusers_solvers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+
+FLOW_CONFIGS = [dict(), dict(shift=3.0), dict(use_dynamic_shifting=True), dict(stochastic_sampling=True),
+                dict(shift=3.0, stochastic_sampling=True), dict(shift_terminal=0.1), dict(invert_sigmas=True),
+                dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True)]
+
+
+def _flow_trajectory(cls, config, steps, x, seed):
+    sch = cls(**config)
+    sch.set_timesteps(steps, mu=0.7 if config.get("use_dynamic_shifting") else None)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in sch.timesteps:
+        x = sch.step(_model(x, t), t, x, generator=g).prev_sample
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("config", FLOW_CONFIGS, ids=[",".join(f"{k}={v}" for k, v in c.items()) or "default" for c in FLOW_CONFIGS])
+def test_flowmatch_matches_diffusers(config):
+    for steps in (10, 25, 50):
+        x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(steps))
+        want = _flow_trajectory(diffusers.FlowMatchEulerDiscreteScheduler, config, steps, x, 5)
+        got = _flow_trajectory(FlowMatchEulerDiscreteScheduler, config, steps, x, 5)
+        for k, (p, q) in enumerate(zip(got, want)):
+            assert p.dtype == q.dtype
+            torch.testing.assert_close(p, q, rtol=1e-6 * (k + 1), atol=1e-6 * (k + 1))
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_flowmatch_per_token_timesteps(stochastic):
+    """Per-token timesteps (B, T) for a (B, T, C) sample: one coefficient row per token in one pass,
+    the same as diffusers' per-token step (float32 result, as diffusers leaves it)."""
+    B, T, C = 2, 7, 5
+    ours, orig = FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic), \
+        diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic)
+    for s in (ours, orig):
+        s.set_timesteps(12)
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    ptt = ours.timesteps[torch.randint(0, 11, (B, T), generator=g)].float()
+    t = ours.timesteps[3]
+    a = orig.step(m, t, x, per_token_timesteps=ptt, generator=torch.Generator().manual_seed(1)).prev_sample
+    b = ours.step(m, t, x, per_token_timesteps=ptt, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert b.dtype == a.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert ours.fastdiff_supports(m, t, x, ptt) and not ours.fastdiff_supports(m, t, x, ptt[:, :3])
+
+
+def test_flowmatch_integer_timestep_falls_back_to_diffusers_error():
+    sch = FlowMatchEulerDiscreteScheduler()
+    sch.set_timesteps(5)
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="integer indices"):
+        sch.step(x, 0, x)

@@ -1,6 +1,6 @@
-"""diffusers' multistep schedulers whose ``step`` runs fastdiff's fused kernels.
+"""diffusers' DPM-Solver and FlowMatch schedulers whose ``step`` runs fastdiff's fused kernels.
 
-    from fastdiff.adapters.diffusers_multistep import DPMSolverMultistepScheduler
+    from fastdiff.adapters.diffusers_solvers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 
 ``DPMSolverMultistepScheduler``: the same constructor, config, state (``model_outputs``,
@@ -27,6 +27,13 @@ the drop-in keeps diffusers' numbers.  ``fastdiff_supports`` tells which path a 
 Noise (``sde-dpmsolver++``): a ``torch.Generator`` or ``variance_noise`` gives exactly diffusers' draw
 (``randn_tensor``, float32, on every step as diffusers draws); a :class:`fastdiff.Generator` or ``None``
 draws the Philox stream in the kernel (no noise tensor; seed with :func:`fastdiff.manual_seed`).
+
+``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, HunyuanVideo, LTX, CogView4): the step
+``x + (t_next - t) v`` is one fused pass, and so is ``stochastic_sampling``'s
+``(1 - t_next)(x - t v) + t_next z``.  ``per_token_timesteps`` (a ``(B, T)`` tensor of per-token
+timesteps for a ``(B, T, ...)`` sample, as video models pass them) gives a coefficient per token,
+broadcast over the token's elements in the same kernel.  ``s_churn`` and friends are accepted and
+ignored, as diffusers ignores them.
 """
 from __future__ import annotations
 
@@ -35,14 +42,18 @@ from typing import List, Tuple, Union
 
 import torch
 from diffusers import DPMSolverMultistepScheduler as _DPMSolverMultistepScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler as _FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import coefficients as C
 from fastdiff import steps
 from fastdiff.adapters.diffusers import _cached, _for_diffusers, _noise_source
 from fastdiff.generator import Generator
+from fastdiff.ops.fused_step import _fused_step
+from fastdiff import dispatch
 
-__all__ = ["DPMSolverMultistepScheduler"]
+__all__ = ["DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"]
 
 affine_step = steps.affine_step
 _PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -158,3 +169,81 @@ class DPMSolverMultistepScheduler(_DPMSolverMultistepScheduler):
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+
+# =========================================================================== FlowMatch Euler
+class FlowMatchEulerDiscreteScheduler(_FlowMatchEulerDiscreteScheduler):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` with a fused ``step`` (module docstring)."""
+
+    def fastdiff_supports(self, model_output, timestep, sample, per_token_timesteps=None) -> bool:
+        """Whether :meth:`step` runs the fused kernels for these arguments (else ``super().step``); never raises."""
+        try:
+            if self.sigmas is None or self.timesteps is None or isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+                return False
+            if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
+                    and model_output.shape == sample.shape and model_output.device == sample.device
+                    and model_output.is_floating_point() and sample.is_floating_point()):
+                return False
+            if per_token_timesteps is not None:
+                pt = per_token_timesteps
+                return (isinstance(pt, torch.Tensor) and pt.ndim == 2 and sample.ndim >= 3
+                        and tuple(pt.shape) == tuple(sample.shape[:2]) and pt.is_floating_point())
+            return True
+        except Exception:  # noqa: BLE001 - a question about a call must not raise
+            return False
+
+    def step(self, model_output: torch.FloatTensor, timestep, sample: torch.FloatTensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+             generator: Union[torch.Generator, Generator, None] = None, per_token_timesteps=None,
+             return_dict: bool = True):
+        if not self.fastdiff_supports(model_output, timestep, sample, per_token_timesteps):
+            return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                                s_noise=s_noise, generator=_for_diffusers(generator, sample),
+                                per_token_timesteps=per_token_timesteps, return_dict=return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sample = sample.to(torch.float32)  # diffusers' upcast
+        m = model_output.to(torch.float32)
+        stochastic = self.config.stochastic_sampling
+        noise = gen = None
+        if stochastic:
+            noise, gen = _noise_source(generator, sample.shape, sample)
+        if per_token_timesteps is None:
+            sigmas = _cached(self, (self.sigmas,), _raw_sigmas)
+            s, sn = sigmas[self.step_index], sigmas[self.step_index + 1]
+            if stochastic:  # (1 - t_next)(x - t v) + t_next z
+                prev = affine_step([(sample, 1.0 - sn), (m, -(1.0 - sn) * s)], sn, noise=noise, generator=gen)
+            else:
+                prev = affine_step([(sample, 1.0), (m, sn - s)])
+            prev = prev.to(model_output.dtype)
+        else:
+            prev = self._per_token(sample, m, per_token_timesteps, stochastic, noise, gen)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+
+    def _per_token(self, sample, m, per_token_timesteps, stochastic, noise, gen):
+        """One coefficient row per token: diffusers' per-token sigma and the next lower schedule sigma
+        (device ops on the (B, T) timesteps only), then the fused pass with rows of ``numel / (B T)``."""
+        t = per_token_timesteps.to(device=sample.device, dtype=torch.float32) / self.config.num_train_timesteps
+        sig = self.sigmas.to(device=sample.device, dtype=torch.float32)[:, None, None]
+        nxt = ((sig < t[None] - 1e-6) * sig).max(dim=0).values
+        t, nxt = t.reshape(-1).double(), nxt.reshape(-1).double()
+        if stochastic:
+            rows = [1.0 - nxt, -(1.0 - nxt) * t, nxt]
+        else:
+            # diffusers' per-token dt is t - t_next (the scalar path's is t_next - t): kept as diffusers has it
+            rows = [torch.ones_like(t), t - nxt, torch.zeros_like(t)]
+        coefs = torch.stack(rows, dim=1).to(torch.float32).contiguous()
+        out = torch.empty_like(sample)
+        seed = offset = 0
+        philox = stochastic and noise is None
+        if philox:
+            from fastdiff.generator import default_generator
+            g = gen if gen is not None else default_generator
+            seed, offset = g.seed, g.draw(sample.numel())
+        _fused_step(out, [sample.contiguous(), m.contiguous()], coefs,
+                    noise=None if noise is None else noise.to(torch.float32).contiguous(), seed=seed, offset=offset,
+                    philox=philox, backend=dispatch.choose("fused_step", "auto", sample.device, sample.dtype))
+        return out  # diffusers leaves the per-token result in float32
