@@ -4,6 +4,8 @@
 //   b      = (start + i) / inner                                      (int64)
 //   z_i    = float(noise[i])                   noise_mode 1 (explicit noise tensor)
 //          = philox stream (seed, offset + start + i)   noise_mode 2
+//          = philox stream (seeds[b'], offset + j)     noise_mode 2, per-sample seeds (seeds_ptr != 0):
+//            g = start + i = b' per + j, seeds int64 (B,) holding the u64 bits (0 <= j < per)
 //          = (no noise term)                   noise_mode 0
 //
 // dtype of out / inputs / noise: float32 (0), float16 (1), bfloat16 (2); math in float32,
@@ -290,6 +292,9 @@ struct Job {
   float coefs[MAX_STREAMS + 1];
   bool hz;                 // philox term
   uint64_t gbase;          // offset + start (global index of element 0)
+  const uint64_t* seeds;   // per-sample keys (nullptr: one key for the whole tensor)
+  int64_t per;             // elements per sample (per-sample keys)
+  uint64_t offset;         // the per-sample streams' counter of j = 0
   CombineFn combine;
   NormalsFn normals;
 };
@@ -298,7 +303,26 @@ void run_block(const Job& J, const KeySchedule& ks, int64_t i0, int64_t i1) {
   alignas(64) float zbuf[BLOCK + 8];
   const float* z = nullptr;
   const int64_t len = i1 - i0;
-  if (J.hz) {
+  if (J.hz && J.seeds != nullptr) {
+    // Per-sample keys: cut the block at sample boundaries and generate each piece from its
+    // sample's stream at counter offset + j.  A piece starts on a stream quad except the block's
+    // first (j0 % 4 may be != 0), written sh elements early into the 4-float lead of zbuf; each
+    // piece's whole-quad tail (<= 3 extra normals) is overwritten by the next piece, generated
+    // after it, so a quad straddling two samples gets each element from its own key.
+    float* zb = zbuf + 4;
+    int64_t i = i0;
+    while (i < i1) {
+      const int64_t g = J.start + i;
+      const int64_t b = g / J.per;
+      const int64_t seg_end = std::min(i1, (b + 1) * J.per - J.start);
+      const uint64_t c = J.offset + static_cast<uint64_t>(g - b * J.per);
+      const int64_t sh = static_cast<int64_t>(c & 3u);  // 0 but for the block's first piece
+      const KeySchedule kb(J.seeds[b]);
+      J.normals(kb, c >> 2, (sh + (seg_end - i) + 3) / 4, zb + (i - i0) - sh);
+      i = seg_end;
+    }
+    z = zb;
+  } else if (J.hz) {
     const uint64_t g0 = J.gbase + static_cast<uint64_t>(i0);
     const int64_t sh = static_cast<int64_t>(g0 & 3u);  // 0 when (offset + start) % 4 == 0
     const int64_t nq = (sh + len + 3) / 4;
@@ -331,7 +355,8 @@ int num_threads() {
 
 void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dtype, int64_t n,
                 int64_t inner, int64_t start, uintptr_t coef_ptr, const std::vector<float>& coefs,
-                int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset) {
+                int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset,
+                uintptr_t seeds_ptr, int64_t per) {
   const int k = static_cast<int>(in_ptrs.size());
   if (k > MAX_K) throw std::invalid_argument("fused_step: at most 6 inputs");
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("fused_step: bad dtype code");
@@ -340,6 +365,8 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
   if (coef_ptr == 0 && static_cast<int>(coefs.size()) < ncoef)
     throw std::invalid_argument("fused_step: too few coefficients");
   if (coef_ptr != 0 && inner <= 0) throw std::invalid_argument("fused_step: inner must be > 0");
+  if (seeds_ptr != 0 && (per <= 0 || noise_mode != 2))
+    throw std::invalid_argument("fused_step: per-sample seeds need noise_mode 2 and per > 0");
   if (n <= 0) return;
 
   Job J;
@@ -357,6 +384,9 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
     for (int j = 0; j < ncoef; ++j) J.coefs[j] = coefs[j];
   J.hz = noise_mode == 2;
   J.gbase = offset + static_cast<uint64_t>(start);
+  J.seeds = reinterpret_cast<const uint64_t*>(seeds_ptr);
+  J.per = per;
+  J.offset = offset;
 #if FD_X86
   if (use_avx2()) {
     J.combine = combine_for<Avx2Combine>(dtype, ns, J.hz);

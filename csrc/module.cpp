@@ -13,7 +13,8 @@ namespace py = pybind11;
 namespace fastdiff {
 void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dtype, int64_t n,
                 int64_t inner, int64_t start, uintptr_t coef_ptr, const std::vector<float>& coefs,
-                int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset);
+                int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset,
+                uintptr_t seeds_ptr, int64_t per);
 int num_threads();
 void ksubspaces(uintptr_t x_ptr, int64_t B, int64_t N, int64_t n, uintptr_t counts_ptr, int64_t K,
                 int64_t d, int64_t R, uintptr_t u_ptr, uintptr_t starts_ptr, int64_t max_iter,
@@ -60,9 +61,11 @@ PYBIND11_MODULE(_C, m) {
   def_kernel(m, "fused_step", &fastdiff::fused_step,
 R"(out[i] = sum_{j<k} c[b,j]*in_j[i] + c[b,k]*z_i, b = (start+i)//inner.
 dtype: 0 float32, 1 float16, 2 bfloat16; noise_mode: 0 none, 1 tensor at noise_ptr,
-2 philox stream (seed, offset+start+i); coef_ptr: float32 (R, k+1) rows or 0 for coefs.)",
+2 philox stream (seed, offset+start+i); coef_ptr: float32 (R, k+1) rows or 0 for coefs.
+seeds_ptr: 0, or per-sample seeds int64 (B,) (u64 bits): mode 2 then draws element j of sample b
+(start+i = b*per + j) from (seeds[b], offset+j).)",
              "out_ptr", "in_ptrs", "dtype", "n", "inner", "start", "coef_ptr", "coefs",
-             "noise_mode", "noise_ptr", "seed", "offset");
+             "noise_mode", "noise_ptr", "seed", "offset", "seeds_ptr", "per");
   def_kernel(m, "molrg_forward", &fastdiff::molrg_forward,
 R"(Fused MoLRG denoiser forward, float32.  x, out (B, n); Ucat (n, D) = [U_0|...|U_{K-1}],
 component k = columns [offsets[k], offsets[k+1]); params (R, 3K+2) rows

@@ -74,7 +74,9 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
 
     out: tensor (n,) contiguous; ins: list of 0..6 tensors; coefs: list of k+1 floats or a
     float32 contiguous (R, k+1) tensor; inner: elements per coefficient row; noise_mode 0/1/2;
-    noise: tensor or None; seed, offset: ints (offset % 4 == 0 for the Philox stream).
+    noise: tensor or None; seed, offset: ints (offset % 4 == 0 for the Philox stream); ``seed`` an
+    int64 (B,) CUDA tensor: per-sample seeds, element ``start + i = b per + j`` from
+    ``(seed[b], offset + j)``, ``per = (start + n) // B``, read through its pointer (no sync).
     """
     import cupy
     import numpy as np
@@ -102,6 +104,9 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
     if noise_mode != 1:
         noise_ptr = out.data_ptr()
     scalars = [np.float32(c) for c in cs]
+    seeds_ptr, per = 0, 0
+    if isinstance(seed, torch.Tensor):
+        seeds_ptr, per, seed = seed.data_ptr(), (start + n) // seed.numel(), 0
     seed64 = np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
     with cupy.cuda.Device(dev), _stream(torch.cuda.current_stream(out.device).cuda_stream):
         for s in range(0, n, CHUNK):
@@ -111,6 +116,6 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
             fn((grid,), (THREADS,), (
                 np.uint64(out.data_ptr() + d), *(np.uint64(p + d) for p in ptrs), np.uint64(noise_ptr + d),
                 np.uint64(coef_ptr), *scalars, np.int32(m), np.int64(inner), np.int64(start + s), seed64,
-                np.int64(offset), np.int32(k), np.int32(noise_mode), np.int32(per_sample), np.int32(vec),
+                np.int64(offset), np.uint64(seeds_ptr), np.int64(per), np.int32(k), np.int32(noise_mode), np.int32(per_sample), np.int32(vec),
             ))
     return out

@@ -341,7 +341,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     labels, guidance = _check_labels(labels, guidance, x, den)
     snaps = _snapshots(return_trajectory, len(table))
     show = progress and not disable
-    if _use_fused(fused, den, x, backend, callback, method if path == "ve" else "flow"):
+    if _use_fused(fused, den, x, backend, callback, method if path == "ve" else "flow", gen):
         out, traj = fused_impl.run(den, x, table, gen, labels, guidance, snaps, backend, show)
         return (out, traj) if snaps is not None else out
     kw = {} if labels is None else {"labels": labels, "guidance": guidance}
@@ -420,7 +420,7 @@ def _snapshots(spec, nsteps) -> Optional[List[int]]:
     return idx
 
 
-def _use_fused(fused, den, x, backend, callback, method) -> bool:
+def _use_fused(fused, den, x, backend, callback, method, gen=None) -> bool:
     if fused is False:
         return False
     if method in MULTISTEP_METHODS or method == "flow":
@@ -433,7 +433,7 @@ def _use_fused(fused, den, x, backend, callback, method) -> bool:
         if fused:
             raise ValueError("fused: the fused trajectory kernel cannot call a per-step callback (use fused=None or False)")
         return False
-    ok, why = fused_impl.supported(den, x, backend)
+    ok, why = fused_impl.supported(den, x, backend, gen)
     if fused and not ok:
         raise ValueError(f"fused: the fused trajectory kernel cannot run this call: {why}")
     return ok

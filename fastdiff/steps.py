@@ -201,6 +201,8 @@ class _Call:
             return out if out is not None else torch.empty_like(x)
         if generator is not None and not isinstance(generator, Generator):
             raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
+        if generator is not None:
+            generator.check_batch(self.B)
         # merge repeated tensors (x appears in several terms) so each is read once
         merged: List[Tuple[torch.Tensor, Num]] = []
         for t, c in terms:
@@ -230,7 +232,11 @@ class _Call:
         philox = False
         if wants_noise and noise is None:
             gen = generator if generator is not None else default_generator
-            seed, offset, philox = gen.seed, gen.draw(x.numel()), True
+            if gen.per_sample:  # sample b draws x.numel() / B normals of its own stream (fastdiff.generator)
+                gen.check_batch(self.B)
+                seed, offset, philox = gen.seed_tensor(x.device), gen.draw(x.numel() // self.B), True
+            else:
+                seed, offset, philox = gen.seed, gen.draw(x.numel()), True
         _fused_step(
             target, ins, packed,
             noise=(noise if noise.is_contiguous() else noise.contiguous()) if (wants_noise and noise is not None) else None,
@@ -521,6 +527,9 @@ def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, de
           backend: str = "auto") -> torch.Tensor:
     """Normals from the shared Philox stream (the noise every fused step draws), advancing ``generator``.
 
+    A per-sample ``generator`` (``Generator(seed=[s_0, ..., s_{B-1}])``) needs ``shape = (B, ...)``:
+    sample ``b`` is ``s_b``'s stream from the generator's offset, whatever ``B``.
+
     ``shape``: non-negative ints (or one tuple of them); with ``out=`` (a tensor or NumPy array,
     written and returned) it may be omitted, else it must be ``out``'s shape.  ``dtype``: one of
     float16, bfloat16, float32, float64 (``out``'s own dtype when ``out`` is given).
@@ -550,7 +559,13 @@ def randn(*shape, generator: Optional[Generator] = None, dtype=torch.float32, de
         dispatch.check_backend("fused_step", backend)  # a bad name is an error on every input
         return out
     gen = generator if generator is not None else default_generator
-    _fused_step(out, [], [1.0], seed=gen.seed, offset=gen.draw(out.numel()), philox=True,
+    seed, per = gen.seed, out.numel()
+    if gen.per_sample:  # shape (B, ...): sample b from its own stream
+        if out.ndim == 0:
+            raise ValueError("shape: per-sample seeds need a shape (B, ...), got a 0-d shape")
+        gen.check_batch(out.shape[0], "shape")
+        seed, per = gen.seed_tensor(out.device), out.numel() // out.shape[0]
+    _fused_step(out, [], [1.0], seed=seed, offset=gen.draw(per), philox=True,
                 backend=dispatch.choose("fused_step", backend, out.device, out.dtype))
     return out
 

@@ -43,9 +43,14 @@ def _requires_grad(model: MoLRG) -> bool:
     return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals)
 
 
-def supported(den, x: torch.Tensor, backend: str) -> Tuple[bool, str]:
-    """Whether the fused trajectory kernel runs this denoiser from ``x`` (else why not)."""
+def supported(den, x: torch.Tensor, backend: str, gen=None) -> Tuple[bool, str]:
+    """Whether the fused trajectory kernel runs this denoiser from ``x`` with generator ``gen``
+    (else why not)."""
     models = _models(den)
+    if gen is not None and gen.per_sample:
+        dispatch.choose("trajectory", backend, x.device, x.dtype)  # an unknown backend name still raises
+        return False, ("the generator has per-sample seeds, and the fused trajectory kernel draws from one "
+                       "seed (the step-by-step loop draws each sample's own stream)")
     if models is None:
         dispatch.choose("trajectory", backend, x.device, x.dtype)  # an unknown backend name still raises
         return False, "the denoiser is not a fastdiff.denoisers.MoLRG (or a list of them)"

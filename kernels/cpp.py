@@ -70,14 +70,19 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
     of ``out.numel()`` elements and ``out``'s dtype (float32 / float16 / bfloat16); ``coefs``: k + 1
     floats, or a float32 contiguous (R, k + 1) tensor read through its pointer; ``inner``: elements
     per coefficient row; ``start``: global index of ``out[0]``; noise mode 0/1/2, Philox
-    ``(seed, offset + start + i)``."""
+    ``(seed, offset + start + i)``; ``seed`` an int64 (B,) contiguous CPU tensor (per-sample seeds):
+    element ``start + i = b per + j`` from ``(seed[b], offset + j)``, ``per = out.numel() // B``
+    (``start == 0``; a window of a larger tensor would pass that tensor's ``per``)."""
     if isinstance(coefs, torch.Tensor):
         coef_ptr, scalars = coefs.data_ptr(), []
     else:
         coef_ptr, scalars = 0, [float(v) for v in coefs]
+    seeds_ptr = per = 0
+    if isinstance(seed, torch.Tensor):
+        seeds_ptr, per, seed = seed.data_ptr(), out.numel() // seed.numel(), 0
     _C.fused_step(
         out.data_ptr(), [t.data_ptr() for t in ins], _FUSED_STEP_DTYPE[out.dtype], out.numel(), inner, start,
-        coef_ptr, scalars, noise_mode, noise.data_ptr() if noise is not None else 0, seed, offset,
+        coef_ptr, scalars, noise_mode, noise.data_ptr() if noise is not None else 0, seed, offset, seeds_ptr, per,
     )
 
 

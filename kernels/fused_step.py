@@ -4,12 +4,20 @@
     b      = (start + i) // inner                                      (int64)
     z_i    = float(noise[i])                          NOISE == 1
            = Philox normal stream (seed, offset + start + i)   NOISE == 2 (fastdiff/reference/rng.py)
+           = per-sample streams (seeds[b'], offset + j)      NOISE == 2, SEEDS > 0: start + i = b' per + j
            = no noise term                            NOISE == 0
 
 k = NUM_INPUTS in 0..6 (k = 0 with NOISE = 2 is ``randn``).  Math in float32, one rounding on
 the store.  The launcher cuts n into chunks of at most ``CHUNK`` elements and offsets the
 pointers, so in-kernel offsets stay int32; only the row index and the Philox counter, which
 depend on the global position, use the int64 ``start`` / ``offset``.
+
+Per-sample seeds (``SEEDS``; int64 ``seeds_ptr``, ``per`` elements per sample): ``SEEDS == 1``
+when ``per % 4 == 0`` and ``start % 4 == 0``, so every quad of 4 elements lies in one sample and
+on one of its stream quads: one Philox call per quad, keyed by that sample's seed.  ``SEEDS == 2``
+otherwise: a quad of elements can straddle two samples (two keys) and sit across two stream quads,
+so each element runs the Philox quad of its own ``(seeds[b'], (offset + j) // 4)`` and keeps lane
+``(offset + j) % 4`` (one Box-Muller pair per element).
 """
 from __future__ import annotations
 
@@ -28,9 +36,9 @@ NUM_WARPS = 8
 CHUNK = 1 << 30    # elements per launch (tests monkeypatch it); a multiple of BLOCK and of 4
 
 
-@triton.jit(do_not_specialize=["start", "seed", "offset"])
+@triton.jit(do_not_specialize=["start", "seed", "offset", "per"])
 def _fused_step_kernel(
-    out_ptr, in0, in1, in2, in3, in4, in5, noise_ptr, coef_ptr,
+    out_ptr, in0, in1, in2, in3, in4, in5, noise_ptr, coef_ptr, seeds_ptr,
     # scalar coefficients: c0..c5 multiply in0..in5, cz the noise (used when not PER_SAMPLE)
     c0: tl.float32, c1: tl.float32, c2: tl.float32, c3: tl.float32, c4: tl.float32, c5: tl.float32,
     cz: tl.float32,
@@ -39,7 +47,9 @@ def _fused_step_kernel(
     start: tl.int64,  # global index of this launch's first element
     seed: tl.int64,
     offset: tl.int64,  # Philox counter of global element 0; (offset + start) % 4 == 0
+    per: tl.int64,     # elements per sample of the per-sample seeds (SEEDS > 0)
     NUM_INPUTS: tl.constexpr, NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+    SEEDS: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     a = tl.arange(0, BLOCK)
@@ -74,7 +84,33 @@ def _fused_step_kernel(
     if NOISE == 1:
         z = tl.load(noise_ptr + offs, mask=mask).to(tl.float32)
         acc += _coef(crow, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
-    if NOISE == 2:
+    if NOISE == 2 and SEEDS == 1:
+        # per-sample keys, quads inside samples: quad t's 4 elements share a sample b' and a stream quad
+        gq = start + 4 * (pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int64)  # first element
+        bq = gq // per
+        cq = offset + (gq - bq * per)  # counter of the quad's first element, a multiple of 4
+        key = tl.load(seeds_ptr + bq, mask=gq < start + n, other=0)
+        q = cq >> 2
+        r0_, r1_, r2_, r3_ = tl.philox(key, q.to(tl.uint32), (q >> 32).to(tl.uint32), 0, 0)
+        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0_), tl.uint_to_uniform_float(r1_))
+        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2_), tl.uint_to_uniform_float(r3_))
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK,))
+        acc += _coef(crow, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
+    if NOISE == 2 and SEEDS == 2:
+        # per-sample keys, any per: element by element (a quad may straddle two samples)
+        g = start + offs.to(tl.int64)
+        b = g // per
+        c = offset + (g - b * per)
+        key = tl.load(seeds_ptr + b, mask=mask, other=0)
+        q = c >> 2
+        lane = (c & 3).to(tl.int32)
+        r0_, r1_, r2_, r3_ = tl.philox(key, q.to(tl.uint32), (q >> 32).to(tl.uint32), 0, 0)
+        hi = lane >= 2  # lanes 2, 3: the second pair
+        na, nb = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(tl.where(hi, r2_, r0_)),
+                                           tl.uint_to_uniform_float(tl.where(hi, r3_, r1_)))
+        z = tl.where((lane & 1) == 1, nb, na)
+        acc += _coef(crow, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
+    if NOISE == 2 and SEEDS == 0:
         # One Philox call per quad of 4 elements (not per element: 4x less integer work).
         # Quad q of the stream: counter (lo32(q), hi32(q), 0, 0), key = seed.
         q = (offset + start) // 4 + (pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4))  # int64
@@ -113,7 +149,9 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
     inner: elements per coefficient row; noise_mode: 0 none, 1 ``noise`` tensor, 2 Philox
     stream (seed, offset + i) with offset % 4 == 0; seed, offset: ints.  ``start``: global index
     of ``out[0]`` when the tensors are a window of a larger logical tensor (row and counter math
-    use ``start + i``; (offset + start) % 4 == 0).  No host-device sync.
+    use ``start + i``; (offset + start) % 4 == 0).  ``seed`` an int64 (B,) tensor on out's device:
+    per-sample seeds, element ``start + i = b per + j`` from ``(seed[b], offset + j)`` with
+    ``per = (start + n) // B`` (``start`` 0, or a window ending at the tensor's end).  No host-device sync.
     """
     n = out.numel()
     k = len(ins)
@@ -127,6 +165,10 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
         # inputs' coefficients in c0..c5, the noise coefficient in cz (slot 6)
         cs = (*(float(c) for c in coefs[:k]), *((0.0,) * (MAX_INPUTS - k)), float(coefs[k]) if noise_mode else 0.0)
         coef_t = out  # unused pointer slot
+    seeds, per, mode = out, 0, 0  # placeholder pointer when there are no per-sample seeds
+    if isinstance(seed, torch.Tensor):
+        seeds, per, seed = seed, (start + n) // seed.numel(), 0
+        mode = 1 if per % 4 == 0 and start % 4 == 0 else 2
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     if seed >= 1 << 63:  # pass as int64 (same bits): one kernel for every seed
         seed -= 1 << 64
@@ -134,8 +176,8 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
     if n <= CHUNK:  # the common case: no slicing
         ptrs = list(ins) + [out] * (MAX_INPUTS - k)
         _fused_step_kernel[(triton.cdiv(n, BLOCK),)](
-            out, *ptrs, nz, coef_t, *cs, n, inner, start, seed, offset,
-            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            out, *ptrs, nz, coef_t, seeds, *cs, n, inner, start, seed, offset, per,
+            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, SEEDS=mode, num_warps=NUM_WARPS,
         )
         return out
     flat_out, flat_ins, flat_nz = out.view(-1), [t.view(-1) for t in ins], nz.view(-1)
@@ -144,8 +186,8 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
         o = flat_out[s:e]
         ptrs = [t[s:e] for t in flat_ins] + [o] * (MAX_INPUTS - k)
         _fused_step_kernel[(triton.cdiv(e - s, BLOCK),)](
-            o, *ptrs, flat_nz[s:e], coef_t, *cs, e - s, inner, start + s, seed, offset,
-            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            o, *ptrs, flat_nz[s:e], coef_t, seeds, *cs, e - s, inner, start + s, seed, offset, per,
+            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, SEEDS=mode, num_warps=NUM_WARPS,
         )
     return out
 
@@ -175,9 +217,9 @@ _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 def aot_variant(dtype, num_inputs, noise, per_sample) -> AOTVariant:
     t = "*" + _TY[dtype]
     sig = {"out_ptr": t, **{f"in{j}": t for j in range(MAX_INPUTS)}, "noise_ptr": t, "coef_ptr": "*fp32",
-           **{f"c{j}": "fp32" for j in range(MAX_INPUTS)}, "cz": "fp32",
-           "n": "i32", "inner": "i64", "start": "i64", "seed": "i64", "offset": "i64"}
-    const = {"NUM_INPUTS": num_inputs, "NOISE": noise, "PER_SAMPLE": per_sample, "BLOCK": BLOCK}
+           "seeds_ptr": t, **{f"c{j}": "fp32" for j in range(MAX_INPUTS)}, "cz": "fp32",
+           "n": "i32", "inner": "i64", "start": "i64", "seed": "i64", "offset": "i64", "per": "i64"}
+    const = {"NUM_INPUTS": num_inputs, "NOISE": noise, "PER_SAMPLE": per_sample, "BLOCK": BLOCK, "SEEDS": 0}
     sig.update({name: "constexpr" for name in const})
     name = f"fused_step_{_TY[dtype]}_k{num_inputs}_noise{noise}_{'rows' if per_sample else 'scalar'}"
     aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n",)

@@ -5,6 +5,8 @@
 //   b      = (start + i) / inner                                      (int64)
 //   z_i    = float(noise[i])                                   noise_mode 1
 //          = Philox normal stream (seed, offset + start + i)   noise_mode 2
+//          = per-sample streams (seeds[b'], offset + j)        noise_mode 2, seeds != 0:
+//            start + i = b' per + j, seeds int64 (B,) holding the u64 bits, 0 <= j < per
 //          = (no noise term)                                   noise_mode 0
 //
 // The stream is defined in fastdiff/reference/rng.py (Triton's randn4x mapping): quad
@@ -19,6 +21,11 @@
 // cz the noise; per-sample coefficients are a float32 (R, k+1) row-major table (noise last).
 // The launcher splits n into launches of at most 2^30 elements (int32 local indices); start
 // and offset are the int64 global position of the launch.
+//
+// Per-sample seeds: a thread's quad of elements may straddle two (or, per < 4, more) samples
+// and two stream quads; each element takes lane (offset + j) % 4 of the Philox quad
+// (seeds[b'], (offset + j) / 4), and a quad is generated again only when (b', quad) changes, so
+// a quad inside one sample on a stream quad (per % 4 == 0) still costs one Philox call.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -134,7 +141,7 @@ template <class D>
 __device__ __forceinline__ void fused_step_quad(
     typename D::S* __restrict__ out, const typename D::S* const ins[6], const typename D::S* __restrict__ noise,
     const float* __restrict__ coefs, const float cs[7], int n, i64 inner, i64 start, u64 seed, i64 offset,
-    int k, int noise_mode, bool per_sample, bool vec) {
+    const u64* __restrict__ seeds, i64 per, int k, int noise_mode, bool per_sample, bool vec) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;  // quad of this launch; n <= 2^30
   const int i = t * 4;
   if (i >= n) return;
@@ -176,6 +183,26 @@ __device__ __forceinline__ void fused_step_quad(
   if (noise_mode != 0) {
     if (noise_mode == 1) {
       load4<D>(noise, i, cnt, vec, x);
+    } else if (seeds != nullptr) {
+      const i64 g = start + i;
+      i64 b = g / per, j = g - b * per, bq = -1;
+      u64 q = 0;
+      float zq[4];
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        x[l] = 0.0f;
+        if (l < cnt) {
+          const u64 c = static_cast<u64>(offset) + static_cast<u64>(j);
+          if (b != bq || (c >> 2) != q) {
+            bq = b;
+            q = c >> 2;
+            normal_quad(__ldg(seeds + b), q, zq);
+          }
+          const u32 lane = static_cast<u32>(c & 3u);  // selects, not a dynamic index (registers)
+          x[l] = lane == 0u ? zq[0] : lane == 1u ? zq[1] : lane == 2u ? zq[2] : zq[3];
+          if (++j == per) { j = 0; ++b; }
+        }
+      }
     } else {
       normal_quad(seed, static_cast<u64>(offset + start) / 4u + static_cast<u64>(t), x);
     }
@@ -195,11 +222,11 @@ __device__ __forceinline__ void fused_step_quad(
       D::S* __restrict__ out, const D::S* in0, const D::S* in1, const D::S* in2, const D::S* in3,          \
       const D::S* in4, const D::S* in5, const D::S* noise, const float* coefs, float c0, float c1,         \
       float c2, float c3, float c4, float c5, float cz, int n, i64 inner, i64 start, u64 seed, i64 offset, \
-      int k, int noise_mode, int per_sample, int vec) {                                                    \
+      const u64* seeds, i64 per, int k, int noise_mode, int per_sample, int vec) {                         \
     const D::S* const ins[6] = {in0, in1, in2, in3, in4, in5};                                             \
     const float cs[7] = {c0, c1, c2, c3, c4, c5, cz};                                                      \
-    fastdiff::fused_step_quad<D>(out, ins, noise, coefs, cs, n, inner, start, seed, offset, k, noise_mode, \
-                                 per_sample != 0, vec != 0);                                               \
+    fastdiff::fused_step_quad<D>(out, ins, noise, coefs, cs, n, inner, start, seed, offset, seeds, per, k, \
+                                 noise_mode, per_sample != 0, vec != 0);                                   \
   }
 
 FASTDIFF_FUSED_STEP(fused_step_f32, fastdiff::F32)

@@ -82,6 +82,9 @@ def _for_diffusers(generator, like: torch.Tensor):
     """The generator for a call handed to diffusers' own step: a fastdiff.Generator becomes a
     torch.Generator seeded from its stream position (and advances it), so the run stays reproducible."""
     if isinstance(generator, Generator):
+        if generator.per_sample:  # diffusers' step draws the whole batch from one torch.Generator
+            raise ValueError("generator: per-sample seeds need fastdiff's fused step; this configuration runs "
+                             "diffusers' own step, which draws from one torch.Generator (pass one seed)")
         seed = (generator.seed * 0x9E3779B97F4A7C15 + generator.draw(like.numel())) % (1 << 63)
         return torch.Generator(device=like.device).manual_seed(seed)
     return generator

@@ -18,6 +18,13 @@ Contract (every backend; the public steps check it, nothing here does):
 - ``z``, by noise mode: :data:`NOISE_NONE` no term; :data:`NOISE_TENSOR` ``noise[i]``;
   :data:`NOISE_PHILOX` the normal Philox stream at ``(seed, offset + i)`` (fastdiff/reference/rng.py),
   ``offset % 4 == 0``.
+- Per-sample seeds (:data:`NOISE_PHILOX` with ``seed`` an int64 ``(B,)`` contiguous tensor on the
+  device, each entry a u64 seed's bits, ``n % B == 0``): the ``n`` elements are ``B`` samples of
+  ``per = n // B`` and ``z[b per + j] = philox_normal(key = seed[b], counter = offset + j)``, i.e.
+  element ``j`` of sample ``b``'s own stream, the same whatever ``B`` and position.  A sample's
+  region starts at ``j = 0`` on a quad (``offset % 4 == 0``), but ``per`` need not be a multiple of 4:
+  the kernels, which generate whole Philox quads, split a quad that straddles two samples (two
+  keys) by element.  64-bit index math; the seeds are read through their pointer (no sync).
 - Math in float32 (float64 for float64 tensors), one rounding on the store.
 
 The layers, top to bottom: :func:`_fused_step` (the entry :mod:`fastdiff.steps` calls, with a
@@ -27,8 +34,9 @@ it); where autograd needs a graph through a compiled kernel :class:`_FusedStepFu
 launcher per backend (:data:`LAUNCHERS`): :func:`_fused_step_torch` here,
 ``fastdiff.kernels.cpp.fused_step`` (C++), ``fastdiff.kernels.fused_step.fused_step`` (Triton),
 ``fastdiff._cuda.fused_step`` (CUDA C++ through NVRTC).  Every launcher takes
-``(out, ins, coefs, inner, noise_mode, noise, seed, offset[, start])``; ``start`` (the kernel
-launchers) is the global index of ``out[0]`` within a larger logical tensor.
+``(out, ins, coefs, inner, noise_mode, noise, seed, offset[, start])`` (``seed`` an int or the
+per-sample seed tensor); ``start`` (the kernel launchers) is the global index of ``out[0]`` within
+a larger logical tensor (per-sample: of the ``B * per`` elements the seeds cover).
 """
 from __future__ import annotations
 
@@ -181,14 +189,16 @@ def _fused_step_op(
     noise_mode: int,
     noise: Optional[torch.Tensor],
     seed: int,
+    seeds: Optional[torch.Tensor],
     offset: int,
     backend: str,
 ) -> None:
-    _run(out, ins, coefs if coefs is not None else scalar_coefs, noise_mode, noise, seed, offset, backend)
+    _run(out, ins, coefs if coefs is not None else scalar_coefs, noise_mode, noise,
+         seeds if seeds is not None else seed, offset, backend)
 
 
 @_fused_step_op.register_fake
-def _(out, ins, coefs, scalar_coefs, noise_mode, noise, seed, offset, backend) -> None:
+def _(out, ins, coefs, scalar_coefs, noise_mode, noise, seed, seeds, offset, backend) -> None:
     return None
 
 
@@ -206,14 +216,15 @@ def _fused_step(
     coefs: Coefs,
     *,
     noise: Optional[torch.Tensor] = None,
-    seed: int = 0,
+    seed: Union[int, torch.Tensor] = 0,
     offset: int = 0,
     philox: bool = False,
     backend: str,
 ) -> torch.Tensor:
     """``out = sum_j coefs[:, j] * ins[j] + coefs[:, k] * z`` in one pass (the module's contract).
 
-    ``z`` is ``noise`` if given, else the Philox stream ``(seed, offset + i)`` if ``philox``.
+    ``z`` is ``noise`` if given, else the Philox stream ``(seed, offset + i)`` if ``philox``
+    (``seed`` a per-sample seed tensor: each sample's own stream, see the module's contract).
     ``backend`` is a concrete one, already chosen by :func:`fastdiff.dispatch.choose` (the choice is
     the caller's: an op module never imports the dispatcher, which imports the op modules).
 
@@ -233,7 +244,9 @@ def _fused_step(
             # pure torch step, which torch differentiates
             _fused_step_torch(out, ins, coefs, _inner(out, coefs), noise_mode, noise, seed, offset)
         else:
-            _fused_step_op(out, list(ins), *_split(coefs), noise_mode, noise, seed, offset, backend)
+            seeds = seed if isinstance(seed, torch.Tensor) else None
+            _fused_step_op(out, list(ins), *_split(coefs), noise_mode, noise, 0 if seeds is not None else seed,
+                           seeds, offset, backend)
         return out
     if grad and backend != "torch":
         # the kernels write through raw pointers, invisible to autograd: run them inside an

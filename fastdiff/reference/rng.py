@@ -15,6 +15,11 @@ This is Triton's ``tl.randn4x`` mapping (``triton.language.random``): the same r
 constants, the same uint -> uniform map and Box-Muller, with the 64-bit quad index ``q``
 spread over the first two counter words so streams longer than 2^32 quads never wrap.
 Every float step is float32, as in the kernels, so backends agree to a few ulp.
+
+Per-sample seeds (``fastdiff.Generator(seed=[s_0, ..., s_{B-1}])``): a tensor of ``B * per``
+elements is ``B`` samples of ``per``; element ``j`` of sample ``b`` is the normal ``(s_b, offset + j)``
+of ``s_b``'s own stream (:func:`randn_per_sample`), so a sample's noise does not depend on its
+batch-mates, on ``B`` or on its position.
 """
 from __future__ import annotations
 
@@ -84,6 +89,11 @@ def randn(seed: int, offset: int, n: int) -> np.ndarray:
     return vals[np.arange(n), g % 4]
 
 
+def randn_per_sample(seeds, offset: int, per: int) -> np.ndarray:
+    """The per-sample stream: ``(B, per)`` float32, row ``b`` = ``randn(seeds[b], offset, per)``."""
+    return np.stack([randn(int(s), offset, per) for s in seeds]).reshape(len(seeds), per)
+
+
 def randn_at(seed: int, g: np.ndarray) -> np.ndarray:
     """Stream values at arbitrary global indices ``g`` (int64 array)."""
     g = np.asarray(g, dtype=np.int64)
@@ -91,15 +101,27 @@ def randn_at(seed: int, g: np.ndarray) -> np.ndarray:
     return np.take_along_axis(vals, (g % 4)[..., None], axis=-1)[..., 0]
 
 
-def randn_torch(seed: int, offset: int, n: int, device="cpu"):
-    """The same stream computed with torch int64 ops on any device (the torch backend's noise)."""
+def randn_torch(seed, offset: int, n: int, device="cpu"):
+    """The same stream computed with torch int64 ops on any device (the torch backend's noise).
+
+    ``seed``: an int, or per-sample seeds as an int64 ``(B,)`` tensor on ``device`` holding the u64
+    bits (``fastdiff.Generator.seed_tensor``); then ``n = B * per`` and element ``i = b per + j`` is
+    ``(seeds[b], offset + j)`` (:func:`randn_per_sample`), with no host sync."""
     import torch
 
     m32 = 0xFFFFFFFF
-    g = torch.arange(n, dtype=torch.int64, device=device) + int(offset)
+    g = torch.arange(n, dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        per = n // seed.numel()
+        b = g // per
+        g = g - b * per + int(offset)       # the counter within the sample's own stream
+        key = seed.to(device)[b]
+        k0, k1 = key & m32, (key >> 32) & m32  # arithmetic shift, then the low 32 bits: the u64's high word
+    else:
+        g = g + int(offset)
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        k0, k1 = seed & m32, seed >> 32
     q = g >> 2
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    k0, k1 = seed & m32, seed >> 32
     c0, c1 = q & m32, (q >> 32) & m32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
