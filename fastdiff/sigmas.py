@@ -38,7 +38,7 @@ from fastdiff._args import check_number
 __all__ = [
     "karras", "exponential", "polyexponential", "vp", "kl_optimal",
     "simple", "normal", "sgm_uniform", "beta", "diffusers_karras", "diffusers_exponential", "diffusers_beta",
-    "flow", "flow_mu", "linear_quadratic", "FINALS",
+    "flow", "flow_mu", "linear_quadratic", "FINALS", "TIME_SHIFTS",
 ]
 
 FINALS = ("zero", "last", None)
@@ -289,7 +289,8 @@ def flow(n: int, shift: float = 1.0, *, mu: Optional[float] = None, shift_termin
     With ``N = num_train_timesteps`` and ``g`` the shift: ``t_i`` uniform from 1 to ``t_min``
     (``i = 0 .. n-1``), then ``sigma_i = g(t_i)``:
 
-    - static shift (``mu=None``; Esser et al. 2024, *Scaling Rectified Flow Transformers*, SD3 eq. 23):
+    - static shift (``mu=None``; the resolution-dependent timestep shift of Esser et al. 2024, *Scaling
+      Rectified Flow Transformers*, arXiv:2403.03206, SD3):
       ``g(t) = s t / (1 + (s - 1) t)``, and ``t_min = g(1/N)`` (diffusers shifts its lowest training level
       in ``__init__`` and again in ``set_timesteps``; matched, not corrected);
     - dynamic shift (``mu`` given, ``shift`` must stay 1): ``t_min = 1/N`` and
@@ -298,15 +299,22 @@ def flow(n: int, shift: float = 1.0, *, mu: Optional[float] = None, shift_termin
     - ``shift_terminal`` in (0, 1) (LTX-Video): ``sigma <- 1 - (1 - sigma) (1 - shift_terminal) / (1 - sigma_{n-1})``,
       so the last level is ``shift_terminal`` (needs ``n >= 2``).
 
-    ``final="zero"`` is diffusers' appended 0.  Returns float64 (n + 1,) in (0, 1], decreasing.
+    ``final="zero"`` is diffusers' appended 0.  Returns float64 (n + 1,): levels in (0, 1], decreasing, then 0.
     """
     n = _check_n(n)
     shift = check_number("shift", shift, strict=True)
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral) \
-            or num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps: expected an int >= 2, got {num_train_timesteps!r}")
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral):
+        raise TypeError(f"num_train_timesteps: expected an int, got {type(num_train_timesteps).__name__}")
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps: expected num_train_timesteps >= 2, got {num_train_timesteps}")
     if not (isinstance(time_shift, str) and time_shift in TIME_SHIFTS):
         raise ValueError(f"time_shift: expected 'exponential' or 'linear', got {time_shift!r}")
+    if shift_terminal is not None:
+        st = check_number("shift_terminal", shift_terminal, strict=True)
+        if not st < 1.0:
+            raise ValueError(f"shift_terminal: expected 0 < shift_terminal < 1, got {st}")
+        if n < 2:
+            raise ValueError("shift_terminal: needs n >= 2 (with one level sigma = 1 cannot be stretched)")
     final = _check_final(final)
     N = int(num_train_timesteps)
     if mu is None:
@@ -326,14 +334,9 @@ def flow(n: int, shift: float = 1.0, *, mu: Optional[float] = None, shift_termin
         def g(t):
             return s / (s + (1 / t - 1))
     t_min = g(torch.tensor(1.0 / N, dtype=_F64)).item() if mu is None else 1.0 / N
-    # diffusers: linspace(t_max N, t_min N, n) / N with t_max = g(1) = 1 (static) or 1 (dynamic)
+    # diffusers: linspace(t_max N, t_min N, n) / N, t_max = 1 (its top training level, g(1) = 1)
     sig = g(_ramp(1.0 * N, t_min * N, n) / N)
     if shift_terminal is not None:
-        st = check_number("shift_terminal", shift_terminal, strict=True)
-        if not st < 1.0:
-            raise ValueError(f"shift_terminal: expected 0 < shift_terminal < 1, got {st}")
-        if n < 2:
-            raise ValueError("shift_terminal: needs n >= 2 (with one level sigma = 1 cannot be stretched)")
         one_minus = 1 - sig
         sig = 1 - one_minus / (one_minus[-1] / (1 - st))
     return _finish(sig, final)

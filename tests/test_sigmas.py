@@ -159,6 +159,7 @@ TABLES = {
     "scaled_linear": fastdiff.DDPMSchedule.scaled_linear(),
     "linear": fastdiff.DDPMSchedule.linear(),
     "seed001_T37": fastdiff.DDPMSchedule(T=37),
+    "cosine": fastdiff.DDPMSchedule.cosine(),  # beta capped at 0.999: sigma_{T-1} ~ 2e4
 }
 
 
@@ -458,7 +459,9 @@ BAD = [
     (lambda: S.flow(5, shift_terminal=0.0), ValueError, "shift_terminal"),
     (lambda: S.flow(1, shift_terminal=0.1), ValueError, "shift_terminal: needs n >= 2"),
     (lambda: S.flow(5, num_train_timesteps=1), ValueError, "num_train_timesteps"),
-    (lambda: S.flow(5, num_train_timesteps=100.0), ValueError, "num_train_timesteps"),
+    (lambda: S.flow(5, num_train_timesteps=100.0), TypeError, "num_train_timesteps: expected an int"),
+    (lambda: S.flow(5, mu="1"), TypeError, "mu"),
+    (lambda: S.flow(5, final="sigma_min"), ValueError, "final"),
     (lambda: S.flow_mu(0), ValueError, "image_seq_len"),
     (lambda: S.flow_mu(1024, 4096, 256), ValueError, "base_seq_len: expected base_seq_len < max_seq_len"),
     (lambda: S.flow_mu(1024, max_shift=None), TypeError, "max_shift"),
@@ -488,4 +491,4 @@ def test_beta_without_scipy(monkeypatch):
 
 def test_exported():
     assert fastdiff.sigmas is S and "sigmas" in fastdiff.__all__
-    assert all(callable(getattr(S, f)) for f in S.__all__ if f != "FINALS")
+    assert all(callable(getattr(S, f)) for f in S.__all__ if f not in ("FINALS", "TIME_SHIFTS"))
