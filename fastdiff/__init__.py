@@ -1,11 +1,12 @@
 """fastdiff: fused compiled kernels for diffusion models.
 
 Reverse steps (:mod:`fastdiff.steps`), analytic denoisers and the objects holding
-their parameters (:mod:`fastdiff.denoisers`), schedules, the shared Philox stream, and one dispatch point
+their parameters (:mod:`fastdiff.denoisers`), schedules and the samplers' noise levels
+(:mod:`fastdiff.sigmas`), the shared Philox stream, and one dispatch point
 (:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call; batched SVD and
 Jacobian ranks (:mod:`fastdiff.linalg`).
 """
-from fastdiff import denoisers
+from fastdiff import denoisers, sigmas
 from fastdiff.backends import available
 from fastdiff.dispatch import info as _info_text
 from fastdiff.denoisers import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
@@ -59,5 +60,5 @@ __all__ = [
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
     "svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
-    "jacobian_rank_trajectory", "sample",
+    "jacobian_rank_trajectory", "sample", "sigmas",
 ]
