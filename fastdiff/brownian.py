@@ -159,11 +159,11 @@ class BrownianNoise:
         u = u0 + (u1 - u0) * ((2 * i + 1) / 2.0 ** (level + 1))
         return math.exp(u) if self.spacing == "log" else u
 
-    def _normal(self, node: int, like: torch.Tensor, dtype) -> torch.Tensor:
-        """``N_node`` for every element of ``like``: counters ``2**62 + node * 2**32 + j``, ``j < numel``."""
-        # float32 draws (the stream's own precision; the fused kernel's float64 path is the slow torch one)
-        z = randn(like.numel(), generator=Generator(self.seed, _BASE + node * _ELEMS), device=like.device)
-        return z.to(dtype)
+    def _normal(self, node: int, like: torch.Tensor) -> torch.Tensor:
+        """``N_node`` for every element of ``like``: counters ``2**62 + node * 2**32 + j``, ``j < numel``.
+        float32 (the stream's own precision; the fused kernel's float64 output takes the slow torch path),
+        added into the float64 working tensors by :func:`_bridge` without a float64 copy."""
+        return randn(like.numel(), generator=Generator(self.seed, _BASE + node * _ELEMS), device=like.device)
 
     def _path(self, times: Sequence[float], like: torch.Tensor) -> List[torch.Tensor]:
         """W at each of ``times`` (in [t_min, t_max]), flat, in the working dtype: one descent of the tree
@@ -171,7 +171,7 @@ class BrownianNoise:
         dtype = torch.float32 if like.device.type == "mps" else torch.float64
         zero = torch.zeros(like.numel(), dtype=dtype, device=like.device)
         out: List[torch.Tensor] = [zero] * len(times)
-        w_top = self._normal(0, like, dtype) * math.sqrt(self.t_max - self.t_min)
+        w_top = self._normal(0, like).to(dtype) * math.sqrt(self.t_max - self.t_min)
         # a stack of cells to visit: (level, index in level, a, b, W(a), W(b), query indices inside)
         stack: List[Tuple] = [(0, 0, self.t_min, self.t_max, zero, w_top, list(range(len(times))))]
         while stack:
@@ -184,11 +184,11 @@ class BrownianNoise:
                     if t == a or t == b:
                         out[q] = wa if t == a else wb
                         continue
-                    z = self._normal(node, like, dtype) if z is None else z
+                    z = self._normal(node, like) if z is None else z
                     out[q] = _bridge(a, b, t, wa, wb, z)
                 continue
             m = self._split(level, i)
-            wm = _bridge(a, b, m, wa, wb, self._normal(node, like, dtype))
+            wm = _bridge(a, b, m, wa, wb, self._normal(node, like))
             left = [q for q in qs if times[q] < m]
             right = [q for q in qs if times[q] >= m]
             if left:
@@ -202,7 +202,7 @@ def _bridge(a: float, b: float, t: float, wa: torch.Tensor, wb: torch.Tensor, z:
     """The Brownian bridge from ``(a, W(a))`` to ``(b, W(b))`` at ``a <= t <= b``: mean
     ``W(a) + (t - a)/(b - a) (W(b) - W(a))``, variance ``(t - a)(b - t)/(b - a)``."""
     r = (t - a) / (b - a)
-    return torch.lerp(wa, wb, r) + math.sqrt(max((t - a) * (b - t) / (b - a), 0.0)) * z
+    return torch.lerp(wa, wb, r).add_(z, alpha=math.sqrt(max((t - a) * (b - t) / (b - a), 0.0)))
 
 
 def _check_like(like) -> torch.Tensor:
