@@ -76,10 +76,15 @@ def test_matches_float64_reference(seed, t_min, t_max, spacing, depth, numel):
 
 
 # ----------------------------------------------------------------------------- the law of the path
-@pytest.mark.parametrize("t0,t1", [(80.0, 79.0), (80.0, 0.002), (0.0031, 0.0024), (1.3, 1.1), (14.6, 9.7)])
+_K1000 = _karras(1000).tolist()
+
+
+@pytest.mark.parametrize("t0,t1", [(80.0, 79.0), (80.0, 0.002), (0.0031, 0.0024), (1.3, 1.1), (14.6, 9.7),
+                                   (_K1000[0], _K1000[1]), (_K1000[-3], _K1000[-2])])
 def test_increment_is_standard_normal(t0, t1):
-    """The normalised increment of a Karras-like step (a few leaf cells to the whole range): mean 0,
-    variance 1 (so var(W(t1) - W(t0)) = |t1 - t0|), 5 standard errors."""
+    """The normalised increment of a Karras-like step (the whole range down to the first and last step of a
+    1000-step schedule, which the default tol resolves by several leaves): mean 0, variance 1 (so
+    var(W(t1) - W(t0)) = |t1 - t0|), 5 standard errors."""
     bn = BrownianNoise(11, 0.002, 80.0)
     z = bn(t0, t1, torch.empty(N, dtype=torch.float64))
     assert abs(float(z.mean())) < Z5 / math.sqrt(N)
@@ -152,6 +157,27 @@ def test_deterministic_and_order_independent():
         assert got.dtype == dt and got.shape == (6, 35)
         assert torch.equal(got, first[0].to(dt))
     assert not torch.equal(BrownianNoise(43, 0.002, 80.0)(80.0, 51.2, like), first[0])
+
+
+def test_per_sample_seeds():
+    """A sequence of seeds: row b is the path of seed[b] alone (the row of a one-seed tree on a 1-row like),
+    whatever the batch around it; a like whose first dim is not len(seed) is refused."""
+    like = torch.empty(3, 4, 5, dtype=torch.float64)
+    bn = BrownianNoise([7, 2**64 - 1, 7], 0.002, 80.0)
+    z = bn(80.0, 0.37, like)
+    for b, s in enumerate([7, 2**64 - 1, 7]):
+        assert torch.equal(z[b], BrownianNoise(s, 0.002, 80.0)(80.0, 0.37, like[:1])[0])
+    assert torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])
+    swapped = BrownianNoise(torch.tensor([2**62, 7]), 0.002, 80.0)(80.0, 0.37, like[:2])
+    assert torch.equal(swapped[1], z[0])
+    with pytest.raises(ValueError, match=r"like: expected 3 rows \(one per seed\)"):
+        bn(80.0, 0.37, torch.empty(2, 4))
+    with pytest.raises(ValueError, match="like: expected 1 rows"):
+        BrownianNoise([1], 0.002, 80.0)(80.0, 0.37, torch.empty(2, 4))
+    with pytest.raises(ValueError, match=r"seed\[1\]"):
+        BrownianNoise([1, -2], 0.002, 80.0)
+    with pytest.raises(ValueError, match="seed: expected an int or a non-empty sequence"):
+        BrownianNoise([], 0.002, 80.0)
 
 
 def test_deeper_tree_refines_the_same_path():
