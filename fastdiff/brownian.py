@@ -27,8 +27,8 @@ docs/math.md Sec. 5):
   independent); two query times in one leaf share its normal, an error of variance at most the
   leaf's width.  ``depth`` is set by ``tol``: leaf width ``<= tol * t`` (log spacing) or
   ``<= tol * (t_max - t_min)`` (linear); the default ``tol = 1e-3`` puts the ends of every step of a
-  1000-step Karras schedule (0.002 .. 80) at least 8 leaves apart.  A deeper tree of the same seed refines the same path: its
-  split points at the shallower levels are the same numbers.
+  1000-step Karras schedule (0.002 .. 80) at least 8 leaves apart.  A deeper tree of the same seed
+  refines the same path: its split points at the shallower levels are the same numbers.
 - ``N_k`` for element ``j`` (the flattened index of ``like``) is the normal of fastdiff's Philox
   stream (:mod:`fastdiff.reference.rng`) for ``seed`` at the 64-bit counter
   ``2**62 + k * 2**32 + j``: a pure function of ``(seed, k, j)``, so element ``j``'s noise depends on
@@ -75,7 +75,8 @@ class BrownianNoise:
     seed: int in ``[0, 2**64)``, the Philox key; or a sequence of them, one per row of ``like``
         (``like.shape[0] == len(seed)``), each row its own path.
     t_min < t_max: finite reals (for a sampler: ``sigma_min`` = the smallest nonzero level, ``sigma_max``).
-    tol: leaf-cell width relative to ``t`` (log spacing) or to ``t_max - t_min`` (linear); sets ``depth``.
+    tol: leaf-cell width relative to ``t`` (log spacing: about, ``du = log(b/a) <= tol``) or to
+        ``t_max - t_min`` (linear); sets ``depth``.
     depth: the number of bisection levels (``0 .. 29``), overriding ``tol``.
     spacing: ``"log"`` (default when ``t_min > 0``) or ``"linear"`` (the default otherwise).
 
@@ -85,8 +86,9 @@ class BrownianNoise:
 
     def __init__(self, seed, t_min: float, t_max: float, *, tol: float = 1e-3, depth=None,
                  spacing=None):
-        if isinstance(seed, (list, tuple)) or (isinstance(seed, torch.Tensor) and seed.ndim == 1):
-            seeds = [_as_u64(f"seed[{b}]", s) for b, s in enumerate(seed.tolist() if isinstance(seed, torch.Tensor) else seed)]
+        if isinstance(seed, (list, tuple)) or (hasattr(seed, "tolist") and getattr(seed, "ndim", 0) == 1):
+            seed = seed if isinstance(seed, (list, tuple)) else seed.tolist()  # a 1-D tensor / NumPy array
+            seeds = [_as_u64(f"seed[{b}]", s) for b, s in enumerate(seed)]
             if not seeds:
                 raise ValueError("seed: expected an int or a non-empty sequence of ints (one per sample)")
             self.seed = tuple(seeds)

@@ -170,6 +170,7 @@ def test_per_sample_seeds():
     assert torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])
     swapped = BrownianNoise(torch.tensor([2**62, 7]), 0.002, 80.0)(80.0, 0.37, like[:2])
     assert torch.equal(swapped[1], z[0])
+    assert torch.equal(BrownianNoise(np.array([7, 7, 7], dtype=np.uint64), 0.002, 80.0)(80.0, 0.37, like)[1], z[0])
     with pytest.raises(ValueError, match=r"like: expected 3 rows \(one per seed\)"):
         bn(80.0, 0.37, torch.empty(2, 4))
     with pytest.raises(ValueError, match="like: expected 1 rows"):
