@@ -123,12 +123,7 @@ class BrownianNoise:
     # ------------------------------------------------------------------ public API
     def __call__(self, t0, t1, like: torch.Tensor) -> torch.Tensor:
         """The normalised increment ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``, ``like``'s shape, dtype, device."""
-        like = self._check_like(like)
-        a, b = self._time("t0", t0), self._time("t1", t1)
-        if a == b:
-            raise ValueError(f"t1: expected t1 != t0 (the normalised increment over an empty interval is 0/0), got {t1}")
-        w0, w1 = self._path([a, b], like)
-        return ((w1 - w0) / math.sqrt(abs(b - a))).to(like.dtype).reshape(like.shape)
+        return self._normalised(t0, t1, self._check_like(like), None)
 
     def increment(self, t0, t1, like: torch.Tensor) -> torch.Tensor:
         """``W(t1) - W(t0)`` (variance ``|t1 - t0|``), ``like``'s shape, dtype, device."""
@@ -144,15 +139,32 @@ class BrownianNoise:
 
     def noise_sampler(self, like: torch.Tensor) -> Callable:
         """k-diffusion's ``noise_sampler(sigma, sigma_next)`` for tensors like ``like`` (the sampler's ``x``)."""
-        like = self._check_like(like)
-        return lambda sigma, sigma_next: self(sigma, sigma_next, like)
+        like, memo = self._check_like(like), []
+        return lambda sigma, sigma_next: self._normalised(sigma, sigma_next, like, memo)
 
     def run_noise(self, like: torch.Tensor, sigmas) -> Callable:
         """:func:`fastdiff.sampling.run`'s ``noise(i, row)``: the increment from ``sigmas[i]`` to ``sigmas[i + 1]``."""
         like = self._check_like(like)
         levels = [float(s) for s in (sigmas.detach().double().cpu().tolist() if isinstance(sigmas, torch.Tensor)
                                      else sigmas)]
-        return lambda i, row: self(levels[i], levels[i + 1], like)
+        memo: list = []
+        return lambda i, row: self._normalised(levels[i], levels[i + 1], like, memo)
+
+    def _normalised(self, t0, t1, like: torch.Tensor, memo) -> torch.Tensor:
+        """``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``.  ``memo`` (a sampler's list, or None) keeps the last
+        ``(t1, W(t1))``: a sampler's next step starts where the last ended, so ``W(t0)`` is reused (one
+        tensor, replaced each call -- bounded; W(t) is computed by the same ops alone or with other
+        times, so the numbers are bit for bit those of a fresh call)."""
+        a, b = self._time("t0", t0), self._time("t1", t1)
+        if a == b:
+            raise ValueError(f"t1: expected t1 != t0 (the normalised increment over an empty interval is 0/0), got {t1}")
+        if memo and memo[0] == a:
+            w0, (w1,) = memo[1], self._path([b], like)
+        else:
+            w0, w1 = self._path([a, b], like)
+        if memo is not None:
+            memo[:] = [b, w1]
+        return ((w1 - w0) / math.sqrt(abs(b - a))).to(like.dtype).reshape(like.shape)
 
     # ------------------------------------------------------------------ the tree
     def _check_like(self, like) -> torch.Tensor:

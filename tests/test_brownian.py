@@ -159,6 +159,20 @@ def test_deterministic_and_order_independent():
     assert not torch.equal(BrownianNoise(43, 0.002, 80.0)(80.0, 51.2, like), first[0])
 
 
+def test_samplers_reuse_the_last_point_bit_for_bit():
+    """noise_sampler() / run_noise() remember W at the end of the last step; their numbers are exactly
+    those of fresh calls, for consecutive steps (reused) and for any other order (recomputed)."""
+    bn = BrownianNoise(21, 0.002, 80.0)
+    like = torch.empty(2, 33)
+    sig = _karras(6)[:-1]
+    ns, rn = bn.noise_sampler(like), bn.run_noise(like, sig)
+    order = [0, 1, 2, 3, 2, 4, 0, 1]  # consecutive, a repeat, a jump back
+    for i in order:
+        want = bn(float(sig[i]), float(sig[i + 1]), like)
+        assert torch.equal(ns(sig[i], sig[i + 1]), want)
+        assert torch.equal(rn(i, None), want)
+
+
 def test_per_sample_seeds():
     """A sequence of seeds: row b is the path of seed[b] alone (the row of a one-seed tree on a 1-row like),
     whatever the batch around it; a like whose first dim is not len(seed) is refused."""
