@@ -40,7 +40,9 @@ docs/math.md Sec. 5):
   has its own path keyed by ``seed[b]``, ``j`` counting within the row: a sample's noise then does not
   depend on which batch it is in or where.
 
-Arithmetic is float64 (float32 on devices without it, MPS); nothing is cached between calls.
+Arithmetic is float64 (float32 on devices without it, MPS).  The tree caches nothing; a sampler from
+:meth:`BrownianNoise.noise_sampler` / :meth:`BrownianNoise.run_noise` keeps one tensor, ``W`` at the end
+of its last step, where the next step starts (so a step descends the tree once, not twice).
 W is a function of ``t``, so increments over adjacent intervals add up exactly up to rounding:
 ``(W(b) - W(a)) + (W(c) - W(b)) = W(c) - W(a)``.
 
@@ -138,12 +140,15 @@ class BrownianNoise:
         return w.to(like.dtype).reshape(like.shape)
 
     def noise_sampler(self, like: torch.Tensor) -> Callable:
-        """k-diffusion's ``noise_sampler(sigma, sigma_next)`` for tensors like ``like`` (the sampler's ``x``)."""
+        """k-diffusion's ``noise_sampler(sigma, sigma_next)`` for tensors like ``like`` (the sampler's ``x``).
+        ``sigma`` may be a float or a one-element tensor (k-diffusion passes ``sigmas[i]``; read with
+        ``.item()``, a host sync for a GPU tensor -- :meth:`run_noise` takes the levels once instead)."""
         like, memo = self._check_like(like), []
         return lambda sigma, sigma_next: self._normalised(sigma, sigma_next, like, memo)
 
     def run_noise(self, like: torch.Tensor, sigmas) -> Callable:
-        """:func:`fastdiff.sampling.run`'s ``noise(i, row)``: the increment from ``sigmas[i]`` to ``sigmas[i + 1]``."""
+        """:func:`fastdiff.sampling.run`'s ``noise(i, row)``: the normalised increment from ``sigmas[i]`` to
+        ``sigmas[i + 1]`` (``sigmas``: the table's levels, a sequence or tensor, copied to the host once)."""
         like = self._check_like(like)
         levels = [float(s) for s in (sigmas.detach().double().cpu().tolist() if isinstance(sigmas, torch.Tensor)
                                      else sigmas)]
