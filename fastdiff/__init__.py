@@ -2,12 +2,14 @@
 
 Reverse steps (:mod:`fastdiff.steps`), analytic denoisers and the objects holding
 their parameters (:mod:`fastdiff.denoisers`), schedules and the samplers' noise levels
-(:mod:`fastdiff.sigmas`), the shared Philox stream, and one dispatch point
+(:mod:`fastdiff.sigmas`), the shared Philox stream (and the Brownian paths drawn from it,
+:mod:`fastdiff.brownian`), and one dispatch point
 (:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call; batched SVD and
 Jacobian ranks (:mod:`fastdiff.linalg`).
 """
 from fastdiff import denoisers, sigmas
 from fastdiff.backends import available
+from fastdiff.brownian import BrownianNoise
 from fastdiff.dispatch import info as _info_text
 from fastdiff.denoisers import empirical_denoise, gaussian_denoise, molrg_denoise, nearest_neighbors
 from fastdiff.generator import Generator, default_generator
@@ -55,7 +57,7 @@ def manual_seed(seed: int) -> Generator:
 
 
 __all__ = [
-    "DDPMSchedule", "KarrasSchedule", "Generator", "default_generator", "manual_seed", "info", "available",
+    "DDPMSchedule", "KarrasSchedule", "Generator", "BrownianNoise", "default_generator", "manual_seed", "info", "available",
     "PREDICTIONS", "affine_step", "ddpm_step", "ddim_step", "euler_step", "edm_churn", "euler_ancestral_step", "heun_step",
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
