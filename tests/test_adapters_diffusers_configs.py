@@ -221,3 +221,24 @@ def test_ddim_pipeline_converts_its_scheduler_so_assign_after():
     assert type(pipe.scheduler) is diffusers.DDIMScheduler
     pipe.scheduler = fd_diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     assert type(pipe.scheduler) is fd_diffusers.DDIMScheduler
+
+
+@needs_diffusers
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log"])
+def test_ddpm_last_step_noise_scale(variance_type):
+    """That last step's noise at diffusers' scale: with x0_hat = 0 (prediction="sample", a zero model
+    output) diffusers returns only its noise term, sqrt(clamp(0, 1e-20)) z = 1e-10 z; ours equals it
+    to float32 rounding, plus the float64 rounding of our sample coefficient (0 in exact arithmetic,
+    ~1e-16 computed: 16 eps64 |x|, still ~1e-5 of the noise term)."""
+    config = dict(steps_offset=1, prediction_type="sample", variance_type=variance_type, clip_sample=False)
+    orig, ours = diffusers.DDPMScheduler(**config), fd_diffusers.DDPMScheduler(**config)
+    for s in (orig, ours):
+        s.set_timesteps(20)
+    t = orig.timesteps[-1]
+    x = torch.randn(3, 2, 5, 3, generator=torch.Generator().manual_seed(2))
+    m = torch.zeros_like(x)
+    assert int(t) == 1 and ours.fastdiff_supports(m, t, x)
+    a = orig.step(m, t, x, generator=torch.Generator().manual_seed(9)).prev_sample
+    b = ours.step(m, t, x, generator=torch.Generator().manual_seed(9)).prev_sample
+    assert a.abs().max() > 0
+    _close(b, a, 4 * 2.0**-24, 16 * 2.0**-52 * x.abs(), f"{variance_type} last-step noise")

@@ -206,7 +206,7 @@ class DDPMScheduler(_DDPMScheduler):
         # last.  There a torch.Generator still draws, as diffusers does, and the draw is added at
         # diffusers' scale (so later draws from a shared generator stay aligned); in-kernel noise skips it
         noise, gen = _noise_source(generator, model_output.shape, model_output) if j > 0 or t > 0 else (None, None)
-        last_noise, noise = (noise, None) if j == 0 else (None, noise)
+        last_noise, noise, gen = (noise, None, None) if j == 0 else (None, noise, gen)
         variance = DDPM_VARIANCES[self.variance_type]
         if self.config.clip_sample:
             x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
