@@ -142,10 +142,39 @@ def _add_sweep_parsers(sub) -> dict:
                        help="where the batches compute: cpu (default) or cuda[:i] (large n, e.g. --n 3072 --learner sgd)")
         e.add_argument("--no-plot", action="store_true", help="skip the plot")
         e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = out["sweep sampler-error"] = exps.add_parser(
+        "sampler-error", help="exact W2 / KL of every solver against NFE on Gaussian data (computed, no sampling)",
+        description="fastdiff.sweeps.sampler_error: writes sampler-error.csv (and .png) into --out",
+        formatter_class=_HelpFormatter)
+    e.add_argument("--out", default="results", help="directory for the table and the plot")
+    e.add_argument("--n", type=int, default=64, help="data dimension (modes)")
+    e.add_argument("--k", type=float, default=1.0, help="spectrum exponent: lam_v = v^-k")
+    e.add_argument("--steps", default=",".join(map(str, _SAMPLER_ERROR_STEPS)), help="Karras step counts, a,b,c")
+    e.add_argument("--fit", type=int, default=4, help="step counts (the largest) in the log-log slope fit")
+    e.add_argument("--no-plot", action="store_true", help="skip the plot")
     return out
 
 
+_SAMPLER_ERROR_STEPS = (4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _sampler_error(a) -> int:
+    from fastdiff.sweeps import sampler_error
+
+    try:
+        steps = [int(s) for s in a.steps.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps: expected comma-separated ints, got {a.steps!r}") from None
+    r = sampler_error.run(a.out, n=a.n, k=a.k, steps=steps, fit=a.fit, plot=not a.no_plot)
+    for label, s in r["slopes"].items():
+        print(f"{label:20s} slope vs NFE: W2 {s['w2']:+.2f}  KL {s['kl']:+.2f}  W2 to the ODE {s['w2_ode']:+.2f}")
+    print(f"table: {r['table']}\nslopes: {r['slopes_table']}" + (f"\nplot:  {r['plot']}" if r["plot"] else "\n(no plot)"))
+    return 0
+
+
 def _sweep(a) -> int:
+    if a.experiment == "sampler-error":   # computed, not a grid of trials: no store
+        return _sampler_error(a)
     import os
     import time
 

@@ -53,6 +53,7 @@ from fastdiff._args import check_number as _check_number
 from fastdiff._interop import accepts_arrays
 from fastdiff.trajectory import _progress
 from fastdiff.denoisers import MoLRG
+from fastdiff.gaussian_exact import gaussian_sampler_variance  # noqa: F401  (moved there; importable here)
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length, solver_table
@@ -549,33 +550,3 @@ def _save(traj, snaps, k, x):
     for j, s in enumerate(snaps):
         if s == k:
             traj[j].copy_(x)
-
-
-# =========================================================================== Gaussian data: exact prediction (SPEC 4)
-def gaussian_sampler_variance(eigenvalues, table: Sequence[Step], init_var=1.0) -> torch.Tensor:
-    """Exact per-eigenmode variance of what a sampler produces for zero-mean Gaussian data.
-
-    Every step is linear for Gaussian data: in the eigenbasis of the covariance (eigenvalue l)
-    the denoiser is ``x0_hat = g x`` with ``g = alpha l / (alpha^2 l + sigma^2)``, so each mode
-    evolves as ``x <- m x + s z`` with independent noise and its variance as ``v <- m^2 v + s^2``
-    (churn adds ``s1^2`` first; Heun: ``m = hx + hm g1 + (hxp + hmp g2)(cx + cm g1)``).
-    eigenvalues: (n,) float64; init_var: variance of x_T per mode (scalar or (n,)).  O(T n).
-    """
-    lam = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1).clamp(min=0)
-    v = torch.as_tensor(init_var, dtype=torch.float64).expand_as(lam).clone()
-
-    def gain(level):
-        a, s = level
-        return a * lam / (a * a * lam + s * s)
-
-    for st in table:
-        if st.call[0] == "affine":
-            raise NotImplementedError("gaussian_sampler_variance: the multistep solver rows of fastdiff.solvers "
-                                      "are not supported here yet")
-        v = v + st.churn ** 2
-        g1 = gain(st.level)
-        m = st.cx + st.cm * g1
-        if st.level2 is not None:
-            m = st.hx + st.hm * g1 + (st.hxp + st.hmp * gain(st.level2)) * m
-        v = m * m * v + st.cz ** 2
-    return v

@@ -6,7 +6,8 @@ batched computations, stored in a resumable SQLite file, on this process or a Ra
 >>> sweeps.plot_store("results/sr.sqlite", "results")
 
 Experiments (``EXPERIMENTS``): ``subspace-recovery`` (:mod:`.subspace`), ``linear-diffusion``
-(:mod:`.linear`), ``memorization`` (:mod:`.memorization`), ``jacobian-rank`` (:mod:`.jacobian`).
+(:mod:`.linear`), ``memorization`` (:mod:`.memorization`), ``jacobian-rank`` (:mod:`.jacobian`);
+``fastdiff sweep sampler-error`` (:mod:`.sampler_error`) is computed exactly, not a grid of trials.
 The models they fit (PCA, K-subspaces, SGD on the diffusion loss, the Gaussian) are
 :mod:`.learners`; the parameters they share, :mod:`.params`; a cell's random numbers, :mod:`.streams`.
 """
