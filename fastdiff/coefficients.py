@@ -7,7 +7,7 @@ as per-sample float64 tensors (the same expressions, elementwise), in the patter
 k-diffusion's ``to_d`` / ``get_ancestral_step``.  They are the only place the formulas live:
 the step API (:mod:`fastdiff.steps`), the trajectory tables (:func:`fastdiff.sampling.trajectory_table`,
 hence the fused trajectory kernel and the exact Gaussian analysis
-:func:`fastdiff.sampling.gaussian_sampler_variance`) all call them, so "fused equals loop" holds
+:mod:`fastdiff.gaussian_exact`) all call them, so "fused equals loop" holds
 by construction: the same float64 expressions, in the same order, round to the same float32.
 
 Coefficients are named by what they multiply: ``x`` (the state), ``eps`` / ``x0`` / ``score``

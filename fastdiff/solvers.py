@@ -15,7 +15,7 @@ once on the host (:mod:`fastdiff.coefficients`).  One :class:`Step` row says whi
 kept without a copy) or the ODE derivative ``d = (x - D)/sigma`` (``push = (1/sigma, -1/sigma)``: LMS).
 The single-step methods of :mod:`fastdiff.sampling` fill only the first two lines and the Heun stage.
 :func:`fastdiff.sampling.run` applies a table step by step (one fused pass per line, coefficients as
-kernel arguments); :func:`fastdiff.sampling.gaussian_sampler_variance` pushes a Gaussian through it exactly.
+kernel arguments); :func:`fastdiff.gaussian_exact.gaussian_sampler_law` pushes a Gaussian through it exactly.
 """
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def test_convergence_order(method, kw, order):
 @pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "lms"])
 def test_convergence_order_flow_path(method):
     """The same on the rectified-flow path (uniform times t = 1 .. 0.002; euler is FlowMatch Euler).
-    LMS(4) measures order 2 here, not 4 (what holds; docs/math.md 1c: the cause is not pinned down)."""
+    LMS(4) measures order 2 here, not 4 (what holds; docs/math.md 1d: the cause is not pinned down)."""
     order = {"euler": 1, "heun": 2, "dpmpp_2m": 2, "lms": 2}[method]
     Ns = [128, 256, 512]
     err = [_ode_error(method, N, {}, path="flow") for N in Ns]

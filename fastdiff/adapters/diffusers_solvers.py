@@ -20,9 +20,11 @@ flow_prediction (diffusers' conversions, as diffusers writes them); every sigma 
 ``euler_at_final``.  Handed to diffusers' own ``step``: ``thresholding``; learned variances; the
 noise-prediction ``dpmsolver`` / ``sde-dpmsolver``; a model output whose shape or device differs from
 the sample's; and ``sde-dpmsolver++``'s third-order steps, whose diffusers formula weights ``D2`` by
-``(1 - e^{-2h} - 2h)/(2h)^2 - 1/2`` where the exponential integrator's weight is ``... + 1/2``
-(k-diffusion's ``sample_dpmpp_3m_sde``; fastdiff's own ``method="dpmpp_3m_sde"`` takes that one), so
-the drop-in keeps diffusers' numbers.  ``fastdiff_supports`` tells which path a call takes.
+``(1 - e^{-2h} - 2h)/(2h)^2 - 1/2`` where k-diffusion's ``sample_dpmpp_3m_sde`` (and fastdiff's
+``method="dpmpp_3m_sde"``) has ``... + 1/2``, an O(1) difference on an O(h^2) term, so the drop-in keeps
+diffusers' own numbers there.  (Both the ODE and the SDE 3M weights of ``D2 = h^2 D''/2`` are half the
+exponential integrator's, which makes the deterministic 3M second order: docs/math.md 1d.)
+``fastdiff_supports`` tells which path a call takes.
 
 Noise (``sde-dpmsolver++``): a ``torch.Generator`` or ``variance_noise`` gives exactly diffusers' draw
 (``randn_tensor``, float32, on every step as diffusers draws); a :class:`fastdiff.Generator` or ``None``
