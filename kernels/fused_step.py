@@ -97,10 +97,21 @@ def _fused_step_kernel(
         z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK,))
         acc += _coef(crow, NUM_INPUTS, cz, mask, PER_SAMPLE) * z
     if NOISE == 2 and SEEDS == 2:
-        # per-sample keys, any per: element by element (a quad may straddle two samples)
-        g = start + offs.to(tl.int64)
-        b = g // per
-        c = offset + (g - b * per)
+        # per-sample keys, any per: element by element (a quad may straddle two samples).  The
+        # sample of each element without a 64-bit division per element (whose subroutine spilled):
+        # one int64 division per program, then a compare or an int32 division, as PER_SAMPLE's rows
+        g0 = start + pid * BLOCK
+        b0 = g0 // per
+        s0 = g0 - b0 * per  # position of the program's first element inside sample b0
+        if per >= BLOCK:    # at most one sample boundary in this block
+            bl = (a >= (per - s0)).to(tl.int32)
+            j = s0 + a - bl.to(tl.int64) * per
+        else:               # int32: s0 + a < 2 * BLOCK
+            t = s0.to(tl.int32) + a
+            bl = t // per.to(tl.int32)
+            j = (t - bl * per.to(tl.int32)).to(tl.int64)
+        b = b0 + bl
+        c = offset + j
         key = tl.load(seeds_ptr + b, mask=mask, other=0)
         q = c >> 2
         lane = (c & 3).to(tl.int32)
@@ -214,14 +225,16 @@ class AOTVariant(NamedTuple):
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def aot_variant(dtype, num_inputs, noise, per_sample) -> AOTVariant:
+def aot_variant(dtype, num_inputs, noise, per_sample, seeds: int = 0) -> AOTVariant:
     t = "*" + _TY[dtype]
     sig = {"out_ptr": t, **{f"in{j}": t for j in range(MAX_INPUTS)}, "noise_ptr": t, "coef_ptr": "*fp32",
-           "seeds_ptr": t, **{f"c{j}": "fp32" for j in range(MAX_INPUTS)}, "cz": "fp32",
+           "seeds_ptr": "*i64" if seeds else t, **{f"c{j}": "fp32" for j in range(MAX_INPUTS)}, "cz": "fp32",
            "n": "i32", "inner": "i64", "start": "i64", "seed": "i64", "offset": "i64", "per": "i64"}
-    const = {"NUM_INPUTS": num_inputs, "NOISE": noise, "PER_SAMPLE": per_sample, "BLOCK": BLOCK, "SEEDS": 0}
+    const = {"NUM_INPUTS": num_inputs, "NOISE": noise, "PER_SAMPLE": per_sample, "BLOCK": BLOCK, "SEEDS": seeds}
     sig.update({name: "constexpr" for name in const})
     name = f"fused_step_{_TY[dtype]}_k{num_inputs}_noise{noise}_{'rows' if per_sample else 'scalar'}"
+    if seeds:  # per-sample seeds: 1 = whole quads per sample, 2 = a quad may straddle two samples
+        name += f"_seeds{seeds}"
     aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n",)
     # the step API passes no sizes: every variant is what auto runs for its dtype
     return AOTVariant(name, _fused_step_kernel, sig, const, NUM_WARPS, aligned, "fused_step", dtype)
@@ -235,4 +248,11 @@ AOT_KERNELS: List[AOTVariant] = [
     for noise in (0, 1, 2)
     for k in ((0, 1, MAX_INPUTS) if noise == 2 else (1, MAX_INPUTS))
     for ps in (False, True)
+] + [
+    # per-sample seeds (Philox only): every dtype with scalar coefficients, float32 with rows
+    aot_variant(dt, k, 2, ps, seeds)
+    for seeds in (1, 2)
+    for dt in _TY
+    for k in (1, MAX_INPUTS)
+    for ps in ((False, True) if dt == torch.float32 else (False,))
 ]
