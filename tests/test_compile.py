@@ -44,8 +44,8 @@ def test_op_is_registered_with_fake_impl():
     op = torch.ops.fastdiff.fused_step_.default
     out = torch.empty(8, device="meta")
     x = torch.empty(8, device="meta")
-    op(out, [x], None, [1.0, 0.0], 0, None, 0, 0, "torch")  # the fake kernel runs on meta tensors
-    torch.library.opcheck(torch.ops.fastdiff.fused_step_, (torch.empty(8), [torch.randn(8)], None, [2.0, 0.0], 0, None, 0, 0, "torch"))
+    op(out, [x], None, [1.0, 0.0], 0, None, 0, None, 0, "torch")  # the fake kernel runs on meta tensors (seeds=None)
+    torch.library.opcheck(torch.ops.fastdiff.fused_step_, (torch.empty(8), [torch.randn(8)], None, [2.0, 0.0], 0, None, 0, None, 0, "torch"))
 
 
 def test_invalid_per_sample_values_poison_without_sync():
