@@ -21,7 +21,8 @@ $PY -m fastdiff info | tee "$OUT/info.txt"
 tests_rc=0
 bench_rc=0
 if [[ $STAGE == all || $STAGE == tests ]]; then
-    $PY -m pytest tests -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log" | tail -15
+    # no -x: every CUDA failure is reported, not only the first
+    $PY -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
     tests_rc=${PIPESTATUS[0]}
 fi
 if [[ $STAGE == all || $STAGE == bench ]]; then
