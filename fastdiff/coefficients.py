@@ -485,9 +485,10 @@ def ipndm_v(sigmas, i: int, order: int = 4):
                   h (h + h_1) (h + h_1 + h_2) / (h_1 (h_1 + h_2) (h_1 + h_2 + h_3)) times
                 (1, -(1 + h_1/h_2 + q), h_1/h_2 + q (1 + h_2/h_3), -q h_1/h_2),  q = h_1 (h_1 + h_2) / (h_2 (h_2 + h_3))
 
-    as those samplers write them.  p = 3 is AB3 on equal steps only, p = 4 is not AB4 even there (its
-    weights on equal steps are (57, -65, 43, -11)/24, third order): both are third order on smooth grids
-    (docs/math.md 1b).  Returns ``(c_0, ...)``."""
+    as those samplers write them.  p = 3 is AB3 on equal steps only (third order on smooth grids); p = 4 is
+    not AB4 even there (weights (57, -65, 43, -11)/24, third order), and its weights sum to ``h`` only where
+    the step ratio is constant: third order on geometric levels, second on Karras levels (docs/math.md 1b).
+    Returns ``(c_0, ...)``."""
     t = [float(sigmas[i - k]) for k in range(min(i + 1, order, 4))][::-1] + [float(sigmas[i + 1])]
     p = len(t) - 1
     h = t[-1] - t[-2]

@@ -348,12 +348,3 @@ class EulerDiscreteScheduler(_EulerDiscreteScheduler):
         if not return_dict:
             return prev, x0
         return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-
-def __getattr__(name):
-    """``DEISMultistepScheduler`` lives in :mod:`fastdiff.adapters.diffusers_deis` (this module's size);
-    imported from there on first use, so ``fastdiff.adapters.diffusers.DEISMultistepScheduler`` works too."""
-    if name == "DEISMultistepScheduler":
-        from fastdiff.adapters.diffusers_deis import DEISMultistepScheduler
-        return DEISMultistepScheduler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
