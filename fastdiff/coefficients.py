@@ -397,3 +397,113 @@ def lms(sigmas, i: int, order: int = 4):
         F = lambda u: sum(a * u ** (d + 1) / (d + 1) for d, a in enumerate(poly))  # noqa: E731
         out.append(F(t[i + 1]) - F(t[i]))
     return tuple(out)
+
+
+# =========================================================================== DEIS and iPNDM (Zhang & Chen 2023)
+# Q. Zhang and Y. Chen, "Fast Sampling of Diffusion Models with Exponential Integrator", ICLR 2023:
+# DEIS writes the probability-flow ODE for y = x / alpha in rho = sigma / alpha as dy/drho = eps(x) (eq. 12 with
+# their Prop. 2), so one step is y_{i+1} = y_i + int_{rho_i}^{rho_{i+1}} eps drho, eps replaced by the
+# polynomial through the last p outputs (rhoAB-DEIS, eq. 15).  diffusers' DEISMultistepScheduler
+# (solver_type "logrho") takes the polynomial in log rho and integrates it exactly.  iPNDM (their App. B /
+# Alg. 3) is Adams-Bashforth on dx/dsigma = d = (x - D)/sigma with the equal-step coefficients, warm-started
+# at lower orders; ComfyUI's sample_ipndm_v (from zju-pi/diff-sampler) adapts them to the step sizes.
+# docs/math.md section 1b.
+
+def _exp_moments(delta: float, k_max: int):
+    """``I_k = int_0^delta u^k e^u du`` for ``k = 0 .. k_max`` (``delta = -inf``: ``(-1)^(k+1) k!``).  The
+    series ``sum_n delta^(k+n+1) / (n! (k+n+1))`` for ``|delta| <= 1``, where the closed form
+    ``e^delta P_k(delta) - P_k(0)``, ``P_k(u) = sum_l (-1)^(k-l) k!/l! u^l``, cancels (short steps)."""
+    if delta == -math.inf:
+        return [(-1.0) ** (k + 1) * math.factorial(k) for k in range(k_max + 1)]
+    if abs(delta) <= 1.0:
+        out = []
+        for k in range(k_max + 1):
+            total, term, n = 0.0, delta ** (k + 1), 0   # term = delta^(k+n+1) / n!
+            while n < 40 and (n == 0 or abs(term) > 1e-18 * abs(total)):
+                total += term / (k + n + 1)
+                n += 1
+                term *= delta / n
+            out.append(total)
+        return out
+    e = math.exp(delta)
+    return [e * sum((-1.0) ** (k - l) * math.factorial(k) / math.factorial(l) * delta ** l for l in range(k + 1))
+            - (-1.0) ** k * math.factorial(k) for k in range(k_max + 1)]
+
+
+def deis(rhos, i: int, order: int):
+    """DEIS in log rho (Zhang & Chen 2023, eq. 15 with the basis in ``log rho``; diffusers'
+    ``DEISMultistepScheduler``, ``solver_type="logrho"``): ``y_{i+1} = y_i + sum_j c_j eps_{i-j}``,
+    ``y = x / alpha``, ``rho = sigma / alpha``, ``j < order`` (the caller's warm start), with
+
+        c_j = int_{rho_i}^{rho_{i+1}} prod_{k != j} (log r - log rho_{i-k}) / (log rho_{i-j} - log rho_{i-k}) dr
+
+    exactly: with ``u = log(r / rho_i)`` the basis is a polynomial ``sum_m a_jm u^m`` and
+    ``c_j = rho_i sum_m a_jm I_m(log(rho_{i+1} / rho_i))`` (:func:`_exp_moments`), also to ``rho_{i+1} = 0``
+    (the integrand is ``O(log^k r)``, integrable).  ``order = 1`` is DDIM.  Returns ``(c_0, ...)``."""
+    r = [float(v) for v in rhos]
+    p = int(order)
+    if not all(0.0 < r[i - k] < math.inf for k in range(p)) or not 0.0 <= r[i + 1] < math.inf:
+        raise ValueError(f"rhos: DEIS needs finite rho > 0 at its {p} nodes and a finite target, got "
+                         f"{[r[i - k] for k in range(p)]} -> {r[i + 1]}")
+    u = [math.log(r[i - k] / r[i]) for k in range(p)]
+    delta = -math.inf if r[i + 1] == 0.0 else math.log(r[i + 1] / r[i])
+    moments = _exp_moments(delta, p - 1)
+    out = []
+    for j in range(p):
+        poly = [1.0]  # lowest degree first
+        for k in range(p):
+            if k != j:
+                den = u[j] - u[k]
+                if den == 0.0:
+                    raise ValueError(f"rhos: DEIS needs distinct nodes, got rho = {r[i - j]} twice")
+                poly = [(b - u[k] * a) / den for a, b in zip(poly + [0.0], [0.0] + poly)]
+        out.append(r[i] * sum(a * m for a, m in zip(poly, moments)))
+    return tuple(out)
+
+
+_AB = ((1.0,), (3.0 / 2, -1.0 / 2), (23.0 / 12, -16.0 / 12, 5.0 / 12), (55.0 / 24, -59.0 / 24, 37.0 / 24, -9.0 / 24))
+
+
+def ipndm(sigmas, i: int, order: int = 4):
+    """iPNDM (Zhang & Chen 2023, App. B; ComfyUI ``sample_ipndm``): ``x_{i+1} = x_i + sum_j c_j d_{i-j}``,
+    ``c_j = (sigma_{i+1} - sigma_i) b_j`` with the equal-step Adams-Bashforth weights ``b`` of order
+    ``p = min(i + 1, order)``: ``(1)``, ``(3, -1)/2``, ``(23, -16, 5)/12``, ``(55, -59, 37, -9)/24``.
+    Returns ``(c_0, ...)``."""
+    h = float(sigmas[i + 1]) - float(sigmas[i])
+    return tuple(h * b for b in _AB[min(i + 1, order) - 1])
+
+
+def ipndm_v(sigmas, i: int, order: int = 4):
+    """iPNDM-v, variable steps (ComfyUI ``sample_ipndm_v``, from zju-pi/diff-sampler): ``c_j = h coeff_j``
+    with ``h = sigma_{i+1} - sigma_i``, ``h_k`` the earlier steps (``h_1 = sigma_i - sigma_{i-1}``, ...),
+    ``p = min(i + 1, order)``:
+
+        p = 2:  coeff = (1 + h/(2 h_1), -h/(2 h_1))                        (exact variable-step AB2)
+        p = 3:  t1 = (1 - h/(3 (h + h_1)) h (h + h_1) / (h_1 (h_1 + h_2))) / 2,
+                coeff = (1 + h/(2 h_1) + t1, -h/(2 h_1) - (1 + h_1/h_2) t1, t1 h_1/h_2)
+        p = 4:  p = 3's terms plus t2 = ((1 - h/(3 (h + h_1)))/2 + (1 - h/(2 (h + h_1))) h/(6 (h + h_1 + h_2)))
+                  h (h + h_1) (h + h_1 + h_2) / (h_1 (h_1 + h_2) (h_1 + h_2 + h_3)) times
+                (1, -(1 + h_1/h_2 + q), h_1/h_2 + q (1 + h_2/h_3), -q h_1/h_2),  q = h_1 (h_1 + h_2) / (h_2 (h_2 + h_3))
+
+    as those samplers write them.  p = 3 is AB3 on equal steps only (third order on smooth grids); p = 4 is
+    not AB4 even there (weights (57, -65, 43, -11)/24, third order), and its weights sum to ``h`` only where
+    the step ratio is constant: third order on geometric levels, second on Karras levels (docs/math.md 1b).
+    Returns ``(c_0, ...)``."""
+    t = [float(sigmas[i - k]) for k in range(min(i + 1, order, 4))][::-1] + [float(sigmas[i + 1])]
+    p = len(t) - 1
+    h = t[-1] - t[-2]
+    if p == 1:
+        return (h,)
+    h1 = t[-2] - t[-3]
+    if p == 2:
+        return (h * (2 + h / h1) / 2, h * (-(h / h1) / 2))
+    h2 = t[-3] - t[-4]
+    t1 = (1 - h / (3 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2
+    c = [(2 + h / h1) / 2 + t1, -(h / h1) / 2 - (1 + h1 / h2) * t1, t1 * h1 / h2]
+    if p == 4:
+        h3 = t[-4] - t[-5]
+        t2 = ((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2))) \
+            * (h * (h + h1) * (h + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+        q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+        c = [c[0] + t2, c[1] - (1 + h1 / h2 + q) * t2, c[2] + (h1 / h2 + q * (1 + h2 / h3)) * t2, -t2 * q * h1 / h2]
+    return tuple(h * v for v in c)

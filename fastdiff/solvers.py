@@ -1,5 +1,5 @@
 """Trajectory rows: the :class:`Step` every sampler is a table of, and the rows of the multistep and
-exponential-integrator solvers (DPM-Solver++, DPM-Solver-2, LMS).
+exponential-integrator solvers (DPM-Solver++, DPM-Solver-2, LMS, DEIS, iPNDM).
 
 With ``D = x0_hat`` the denoiser's output, every solver step is, per sample, an affine map of the
 state, the current and earlier denoiser outputs and a normal draw, with scalar coefficients computed
@@ -12,7 +12,8 @@ once on the host (:mod:`fastdiff.coefficients`).  One :class:`Step` row says whi
     h_i = push[0] x + push[1] m                                 (remembered where push is set)
 
 ``h_i`` is what the multistep solvers remember: the data prediction itself (``push = (0, 1)``: DPM-Solver++,
-kept without a copy) or the ODE derivative ``d = (x - D)/sigma`` (``push = (1/sigma, -1/sigma)``: LMS).
+kept without a copy), the ODE derivative ``d = (x - D)/sigma`` (``push = (1/sigma, -1/sigma)``: LMS, iPNDM)
+or the noise prediction ``eps = (x - alpha D)/sigma`` (``push = (1/sigma, -alpha/sigma)``: DEIS).
 The single-step methods of :mod:`fastdiff.sampling` fill only the first two lines and the Heun stage.
 :func:`fastdiff.sampling.run` applies a table step by step (one fused pass per line, coefficients as
 kernel arguments); :func:`fastdiff.gaussian_exact.gaussian_sampler_law` pushes a Gaussian through it exactly.
@@ -54,7 +55,8 @@ class Step(NamedTuple):
 
 
 MULTISTEP_METHODS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "dpm_2",
-                     "dpm_2_ancestral", "lms")
+                     "dpm_2_ancestral", "lms", "deis", "ipndm", "ipndm_v")
+_ORDERS = {"lms": 4, "deis": 3, "ipndm": 4, "ipndm_v": 4}  # the methods taking ``order``: its highest and default
 _D = (0.0, 1.0)  # push the data prediction itself
 
 
@@ -66,7 +68,8 @@ def _row(level, cx, cm, *, hist=(), cz=0.0, push=None, churn=0.0, level2=None, s
 
 
 PATHS = ("ve", "flow")
-FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2", "lms")
+FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2", "lms", "deis", "ipndm",
+                "ipndm_v")
 
 
 def level_of(path: str, s: float) -> Tuple[float, float]:
@@ -77,7 +80,7 @@ def level_of(path: str, s: float) -> Tuple[float, float]:
 
 def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta: Optional[float] = None,
                  s_noise: float = 1.0, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                 solver_type: str = "midpoint", order: int = 4) -> List[Step]:
+                 solver_type: str = "midpoint", order: Optional[int] = None) -> List[Step]:
     """The rows of ``method`` over the decreasing levels ``sigmas`` (the last may be 0), as k-diffusion's
     samplers of the same names take their steps (:mod:`fastdiff.coefficients`).
 
@@ -90,7 +93,8 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
     ``dpmpp_2m``; ``dpmpp_2m_sde`` (``eta`` default 1, ``solver_type`` ``"midpoint"`` / ``"heun"``);
     ``dpmpp_3m_sde`` (``eta`` default 1; ``eta = 0`` is DPM-Solver++(3M)); ``dpmpp_2s_ancestral`` and
     ``dpm_2_ancestral`` (``eta`` default 1); ``dpm_2`` (EDM churn ``churn``, ``gamma = min(churn/n, sqrt 2 - 1)`` where ``s_tmin <= sigma <= s_tmax``);
-    ``lms`` (``order`` 1..4, default 4).  ``s_noise`` scales every draw."""
+    ``lms`` (``order`` 1..4, default 4); ``deis`` (``order`` 1..3, default 3: :func:`_deis_rows`);
+    ``ipndm``, ``ipndm_v`` (``order`` 1..4, default 4: :func:`_ipndm_rows`).  ``s_noise`` scales every draw."""
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     if method not in (MULTISTEP_METHODS if path == "ve" else FLOW_METHODS):
@@ -102,15 +106,18 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
         raise ValueError("churn: VE only (EDM churn adds noise at constant signal scale)")
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
-        raise ValueError(f"order: expected an int in [1, 4] (LMS), got {order!r}")
-    if method != "lms" and order != 4:
-        raise ValueError(f"order: only used by method='lms', got order={order} with method={method!r}")
+    if order is not None and method not in _ORDERS:
+        raise ValueError(f"order: only used by method='lms', 'deis', 'ipndm' or 'ipndm_v', got order={order} with "
+                         f"method={method!r}")
+    top = _ORDERS.get(method, 4)
+    if order is not None and (isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= top):
+        raise ValueError(f"order: expected an int in [1, {top}] ({method}), got {order!r}")
+    order = top if order is None else order
     if method != "dpmpp_2m_sde" and solver_type != "midpoint":
         raise ValueError(f"solver_type: only used by method='dpmpp_2m_sde', got {solver_type!r} with method={method!r}")
     if churn and method != "dpm_2":
         raise ValueError(f"churn: used by euler, heun and dpm_2, got churn={churn} with method={method!r}")
-    if eta is not None and method in ("euler", "heun", "dpmpp_2m", "dpm_2", "lms"):
+    if eta is not None and method in ("euler", "heun", "dpmpp_2m", "dpm_2") + tuple(_ORDERS):
         raise ValueError(f"eta: not used by method={method!r} (a deterministic solver)")
     eta = 1.0 if eta is None else eta
     sig = [float(s) for s in sigmas]
@@ -180,12 +187,58 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
             else:
                 rows.append(_row(level_of(path, s_hat), cx, c0, churn=s1, level2=level_of(path, mid), second=second,
                                  hz=hz, call_args=(sig[i], sig[i + 1]), call_kw=kw))
+    elif method == "deis":
+        rows = _deis_rows(sig, lev, order)
+    elif method in ("ipndm", "ipndm_v"):
+        rows = _ipndm_rows(method, sig, lev, order)
     else:  # lms: x_{i+1} = x_i + sum_j c_j d_{i-j}, d = (x - D)/sigma remembered
         for i in range(n):
             cs = C.lms(sig, i, order)
             s = sig[i]
             rows.append(_row(lev[i], 1.0 + cs[0] / s, -cs[0] / s, hist=cs[1:], push=(1.0 / s, -1.0 / s),
                              call_args=(sig[i], sig[i + 1])))
+    return rows
+
+
+def _deis_rows(sig, lev, order) -> List[Step]:
+    """DEIS rows (:func:`fastdiff.coefficients.deis`): with ``eps_j = (x_j - alpha_j D_j)/sigma_j`` remembered,
+
+        x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_{j<p} c_j eps_{i-j}),   p = min(order, i + 1),
+
+    ``p`` also capped at the nodes with a finite ``rho = sigma/alpha`` (the flow path's ``t = 1`` has
+    ``alpha = 0``).  A first-order row is DDIM, ``x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (alpha_{i+1} -
+    sigma_{i+1} alpha_i/sigma_i) D_i`` (the same map, finite at ``alpha_i = 0``)."""
+    rho = [s / a if a > 0.0 else math.inf for a, s in lev]
+    rows: List[Step] = []
+    for i in range(len(sig) - 1):
+        (a, s), (an, sn) = lev[i], lev[i + 1]
+        p = 1
+        while p < min(order, i + 1) and math.isfinite(rho[i - p]):
+            p += 1
+        push = (1.0 / s, -a / s)
+        if p == 1:
+            rows.append(_row(lev[i], sn / s, an - sn * a / s, push=push, call_args=(sig[i], sig[i + 1])))
+            continue
+        cs = C.deis(rho, i, p)
+        rows.append(_row(lev[i], an / a + an * cs[0] / s, -an * cs[0] * a / s, hist=[an * c for c in cs[1:]],
+                         push=push, call_args=(sig[i], sig[i + 1])))
+    return rows
+
+
+def _ipndm_rows(method, sig, lev, order) -> List[Step]:
+    """iPNDM / iPNDM-v rows (:func:`fastdiff.coefficients.ipndm`, :func:`~fastdiff.coefficients.ipndm_v`):
+    ``x_{i+1} = x_i + sum_j c_j d_{i-j}`` with ``d = (x - D)/s`` remembered, as LMS; the step to ``s = 0``
+    is ``x = D`` (ComfyUI's "denoising step"), on both paths (``alpha = 1`` there)."""
+    coef = C.ipndm if method == "ipndm" else C.ipndm_v
+    rows: List[Step] = []
+    for i in range(len(sig) - 1):
+        s = sig[i]
+        if sig[i + 1] == 0.0:
+            rows.append(_row(lev[i], 0.0, 1.0, call_args=(sig[i], sig[i + 1])))
+            continue
+        cs = coef(sig, i, order)
+        rows.append(_row(lev[i], 1.0 + cs[0] / s, -cs[0] / s, hist=cs[1:], push=(1.0 / s, -1.0 / s),
+                         call_args=(sig[i], sig[i + 1])))
     return rows
 
 

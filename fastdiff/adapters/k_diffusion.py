@@ -17,7 +17,8 @@ Heun draw ``torch.randn_like(x)`` on every step even when ``gamma = 0``; these d
 churn acts.
 
 The multistep and two-stage samplers (``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``,
-``sample_dpmpp_2s_ancestral``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``, ``sample_lms``) are rows of
+``sample_dpmpp_2s_ancestral``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``, ``sample_lms``, and ComfyUI's
+``sample_ipndm``, ``sample_ipndm_v``, ``sample_deis``) are rows of
 :mod:`fastdiff.solvers` run by :func:`fastdiff.sampling.run`, one fused pass per update.  The two SDE
 samplers (``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``) default, as k-diffusion's do, to Brownian-tree
 noise: without a ``noise_sampler`` every step's noise is an increment of one Brownian path
@@ -49,7 +50,8 @@ edm_churn, euler_step = steps.edm_churn.__wrapped__, steps.euler_step.__wrapped_
 euler_ancestral_step, heun_step = steps.euler_ancestral_step.__wrapped__, steps.heun_step.__wrapped__
 
 __all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-           "sample_dpmpp_3m_sde", "sample_dpmpp_2s_ancestral", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_lms"]
+           "sample_dpmpp_3m_sde", "sample_dpmpp_2s_ancestral", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_lms",
+           "sample_deis", "sample_ipndm", "sample_ipndm_v"]
 
 
 def _levels(x, sigmas):
@@ -252,3 +254,39 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
                generator: Optional[Generator] = None):
     """Linear multistep of ``order`` (1..4): :func:`fastdiff.coefficients.lms`."""
     return _solve("lms", model, x, sigmas, extra_args, callback, disable, None, generator, True, order=order)
+
+
+def _max_order(max_order, top):
+    if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= top:
+        raise ValueError(f"max_order: expected an int in [1, {top}], got {max_order!r}")
+    return max_order
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, *,
+                 generator: Optional[Generator] = None):
+    """iPNDM (ComfyUI's ``sample_ipndm``): Adams-Bashforth with the equal-step weights, orders up to
+    ``max_order`` (1..4) after the warm start; ``x = denoised`` to ``sigma = 0``: :func:`fastdiff.coefficients.ipndm`.
+    The state keeps ``x.dtype`` (ComfyUI divides by a 0-d sigma, which does not promote)."""
+    return _solve("ipndm", model, x, sigmas, extra_args, callback, disable, None, generator, False,
+                  order=_max_order(max_order, 4))
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, *,
+                   generator: Optional[Generator] = None):
+    """iPNDM-v (ComfyUI's ``sample_ipndm_v``): iPNDM with ComfyUI's step-size-adapted weights,
+    :func:`fastdiff.coefficients.ipndm_v`."""
+    return _solve("ipndm_v", model, x, sigmas, extra_args, callback, disable, None, generator, False,
+                  order=_max_order(max_order, 4))
+
+
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, *,
+                generator: Optional[Generator] = None):
+    """DEIS in log rho (diffusers' ``DEISMultistepScheduler``; on these VE levels ``rho = sigma`` and
+    ``eps = d``): ``x_{i+1} = x_i + sum_j c_j d_{i-j}``, :func:`fastdiff.coefficients.deis`, orders up to
+    ``max_order`` (1..3).  Not ComfyUI's ``sample_deis``, whose default ``deis_mode="tab"`` integrates
+    in a VP time with numerical quadrature ("rhoab" is Lagrange in sigma: :func:`sample_lms`)."""
+    return _solve("deis", model, x, sigmas, extra_args, callback, disable, None, generator, False,
+                  order=_max_order(max_order, 3))
