@@ -507,3 +507,49 @@ def ipndm_v(sigmas, i: int, order: int = 4):
         q = h1 * (h1 + h2) / (h2 * (h2 + h3))
         c = [c[0] + t2, c[1] - (1 + h1 / h2 + q) * t2, c[2] + (h1 / h2 + q * (1 + h2 / h3)) * t2, -t2 * q * h1 / h2]
     return tuple(h * v for v in c)
+
+
+# =========================================================================== consistency samplers
+# Latent consistency models (S. Luo, Y. Tan, L. Huang, J. Li and H. Zhao, "Latent Consistency Models",
+# arXiv:2310.04378: the c_skip/c_out parameterization and multistep latent consistency sampling, after
+# Y. Song, P. Dhariwal, M. Chen and I. Sutskever, "Consistency Models", ICML 2023, Alg. 1) and trajectory
+# consistency distillation (J. Zheng, M. Hu, Z. Fan, C. Wang, C. Ding, D. Tao and T.-J. Cham, "Trajectory
+# Consistency Distillation", arXiv:2402.19159: "strategic stochastic sampling").  Each step maps x to a consistency output and
+# re-noises it: two affine maps, returned separately (diffusers returns the first, docs/math.md 1e).
+
+def lcm_boundary(timestep: float, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Tuple[float, float]:
+    """LCM's boundary-condition scalings (Luo et al. 2023's parameterization, Song et al. 2023's c_skip/c_out
+    with sigma_min = 0; diffusers' ``LCMScheduler.get_scalings_for_boundary_condition_discrete``): with
+    ``u = timestep_scaling * timestep``,
+
+        c_skip = sigma_data^2 / (u^2 + sigma_data^2),   c_out = u / sqrt(u^2 + sigma_data^2),
+
+    so ``f = c_skip x + c_out x0_hat`` is the identity at ``timestep = 0``.  Returns ``(c_skip, c_out)``."""
+    u = timestep * timestep_scaling
+    d = u * u + sigma_data * sigma_data
+    return sigma_data * sigma_data / d, u / math.sqrt(d)
+
+
+def lcm(level_next: Tuple[float, float], boundary: Tuple[float, float] = (0.0, 1.0)):
+    """Multistep latent consistency sampling (Luo et al. 2023; Song et al. 2023, Alg. 1): the consistency output
+    ``f = c_skip x + c_out x0_hat`` (``boundary = (c_skip, c_out)``, :func:`lcm_boundary`; ``(0, 1)``: none,
+    ``f = x0_hat``), then ``x_next = alpha_n f + sigma_n z`` at ``level_next = (alpha_n, sigma_n)``.
+    Returns ``((c_skip, c_out), (alpha_n, sigma_n))``: ``f = fx x + fm x0_hat``, ``x_next = r f + q z``."""
+    return (float(boundary[0]), float(boundary[1])), (float(level_next[0]), float(level_next[1]))
+
+
+def tcd(level: Tuple[float, float], level_s: Tuple[float, float], level_next: Tuple[float, float]):
+    """Strategic stochastic sampling (Zheng et al. 2024) from ``level = (alpha, sigma)``
+    to ``level_next`` through the intermediate ``level_s`` (``s = (1 - gamma) t_next``): the trajectory
+    consistency function's first-order (DDIM) jump to ``s``, then forward diffusion back up to ``t_next``,
+
+        x_s    = alpha_s x0_hat + sigma_s eps_hat = (sigma_s/sigma) x + (alpha_s - sigma_s alpha/sigma) x0_hat,
+        x_next = (alpha_n/alpha_s) x_s + sqrt(sigma_n^2 - (alpha_n sigma_s/alpha_s)^2) z
+
+    (``eps_hat = (x - alpha x0_hat)/sigma``; on VP levels the noise is diffusers'
+    ``sqrt(1 - abar_n/abar_s)``).  ``gamma = 0`` (``s = t_next``) is DDIM, ``gamma = 1`` (``s = 0``) LCM.
+    Returns ``((fx, fm), (r, q))``: ``x_s = fx x + fm x0_hat``, ``x_next = r x_s + q z``."""
+    (a, s), (a_s, s_s), (an, sn) = level, level_s, level_next
+    k = s_s / s
+    r = an / a_s
+    return (k, a_s - k * a), (r, sqrt(sn * sn - (r * s_s) ** 2))

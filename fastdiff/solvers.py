@@ -28,7 +28,7 @@ import torch
 from fastdiff import coefficients as C
 from fastdiff.steps import affine_step
 
-__all__ = ["Step", "MULTISTEP_METHODS", "FLOW_METHODS", "PATHS", "solver_table", "level_of", "apply_row",
+__all__ = ["Step", "MULTISTEP_METHODS", "FLOW_METHODS", "CONSISTENCY_METHODS", "PATHS", "solver_table", "level_of", "apply_row",
            "history_length"]
 
 
@@ -70,6 +70,10 @@ def _row(level, cx, cm, *, hist=(), cz=0.0, push=None, churn=0.0, level2=None, s
 PATHS = ("ve", "flow")
 FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2", "lms", "deis", "ipndm",
                 "ipndm_v")
+# the consistency samplers (LCM, TCD: _consistency_rows) are solver rows on both paths
+CONSISTENCY_METHODS = ("lcm", "tcd")
+MULTISTEP_METHODS = MULTISTEP_METHODS + CONSISTENCY_METHODS
+FLOW_METHODS = FLOW_METHODS + CONSISTENCY_METHODS
 
 
 def level_of(path: str, s: float) -> Tuple[float, float]:
@@ -80,7 +84,8 @@ def level_of(path: str, s: float) -> Tuple[float, float]:
 
 def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta: Optional[float] = None,
                  s_noise: float = 1.0, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                 solver_type: str = "midpoint", order: Optional[int] = None) -> List[Step]:
+                 solver_type: str = "midpoint", order: Optional[int] = None,
+                 timesteps: Optional[Sequence[float]] = None, timestep_scaling: float = 10.0) -> List[Step]:
     """The rows of ``method`` over the decreasing levels ``sigmas`` (the last may be 0), as k-diffusion's
     samplers of the same names take their steps (:mod:`fastdiff.coefficients`).
 
@@ -94,7 +99,10 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
     ``dpmpp_3m_sde`` (``eta`` default 1; ``eta = 0`` is DPM-Solver++(3M)); ``dpmpp_2s_ancestral`` and
     ``dpm_2_ancestral`` (``eta`` default 1); ``dpm_2`` (EDM churn ``churn``, ``gamma = min(churn/n, sqrt 2 - 1)`` where ``s_tmin <= sigma <= s_tmax``);
     ``lms`` (``order`` 1..4, default 4); ``deis`` (``order`` 1..3, default 3: :func:`_deis_rows`);
-    ``ipndm``, ``ipndm_v`` (``order`` 1..4, default 4: :func:`_ipndm_rows`).  ``s_noise`` scales every draw."""
+    ``ipndm``, ``ipndm_v`` (``order`` 1..4, default 4: :func:`_ipndm_rows`).;
+``lcm`` and ``tcd`` (``eta`` is TCD's gamma, default 0.3, as diffusers'
+    ``TCDScheduler``; ``timesteps`` and ``timestep_scaling``: LCM's boundary condition,
+    :func:`_consistency_rows`).  ``s_noise`` scales every draw."""
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     if method not in (MULTISTEP_METHODS if path == "ve" else FLOW_METHODS):
@@ -119,9 +127,13 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
         raise ValueError(f"churn: used by euler, heun and dpm_2, got churn={churn} with method={method!r}")
     if eta is not None and method in ("euler", "heun", "dpmpp_2m", "dpm_2") + tuple(_ORDERS):
         raise ValueError(f"eta: not used by method={method!r} (a deterministic solver)")
-    eta = 1.0 if eta is None else eta
+    if method not in CONSISTENCY_METHODS and (timesteps is not None or timestep_scaling != 10.0):
+        raise ValueError(f"timesteps, timestep_scaling: only used by method='lcm', got them with method={method!r}")
     sig = [float(s) for s in sigmas]
     lev = [level_of(path, s) for s in sig]
+    if method in CONSISTENCY_METHODS:
+        return _consistency_rows(method, sig, path, eta, s_noise, timesteps, timestep_scaling)
+    eta = 1.0 if eta is None else eta
     n = len(sig) - 1
     rows: List[Step] = []
 
@@ -239,6 +251,50 @@ def _ipndm_rows(method, sig, lev, order) -> List[Step]:
         cs = coef(sig, i, order)
         rows.append(_row(lev[i], 1.0 + cs[0] / s, -cs[0] / s, hist=cs[1:], push=(1.0 / s, -1.0 / s),
                          call_args=(sig[i], sig[i + 1])))
+    return rows
+
+
+def _consistency_rows(method, sig, path, eta, s_noise, timesteps, timestep_scaling) -> List[Step]:
+    """The rows of the consistency samplers (:func:`fastdiff.coefficients.lcm` / :func:`~fastdiff.coefficients.tcd`;
+    docs/math.md 1e), one evaluation and one fused pass each, the noise drawn in the kernel (``cz``):
+
+    ``lcm``: ``x_{i+1} = alpha_{i+1} (c_skip x_i + c_out D_i) + sigma_{i+1} s_noise z``, ComfyUI's ``sample_lcm``
+    on VE levels (``x = D + sigma_{i+1} z``, no draw to ``sigma = 0``) without a boundary condition; with
+    ``timesteps`` (one per row: the discrete timestep a distilled model was trained at, e.g. diffusers'
+    ``LCMScheduler.timesteps``), ``(c_skip, c_out) = lcm_boundary(timesteps[i], timestep_scaling)`` mixes in the
+    state x as the path carries it (diffusers' ``LCMScheduler`` does on its VP sample).
+
+    ``tcd``: through ``s_i = (1 - gamma) sigma_{i+1}`` (the schedule value: sigma on VE, t on the flow path),
+    ``x_{i+1} = (alpha_{i+1}/alpha_s)(alpha_s D_i + sigma_s eps_hat) + sqrt(sigma_{i+1}^2 - (alpha_{i+1} sigma_s /
+    alpha_s)^2) s_noise z``; ``gamma = eta`` in [0, 1], default 0.3."""
+    n = len(sig) - 1
+    if method == "lcm":
+        if eta is not None:
+            raise ValueError("eta: not used by method='lcm' (its noise is set by the levels); TCD's gamma is "
+                             "method='tcd', eta=")
+        if timesteps is not None:
+            timesteps = [float(t) for t in timesteps]
+            if len(timesteps) != n or not all(math.isfinite(t) and t >= 0 for t in timesteps):
+                raise ValueError(f"timesteps: expected {n} finite timesteps >= 0 (one per step), got {timesteps}")
+        if not (isinstance(timestep_scaling, (int, float)) and not isinstance(timestep_scaling, bool)
+                and math.isfinite(timestep_scaling) and timestep_scaling >= 0):
+            raise ValueError(f"timestep_scaling: expected a finite number >= 0, got {timestep_scaling!r}")
+    else:
+        if timesteps is not None or timestep_scaling != 10.0:
+            raise ValueError("timesteps, timestep_scaling: LCM's boundary condition, not used by method='tcd' "
+                             "(its jump to s is the identity at s = t by construction)")
+        gamma = 0.3 if eta is None else eta
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"eta: TCD's gamma, expected a number in [0, 1], got {gamma}")
+    rows: List[Step] = []
+    for i in range(n):
+        level, level_next = level_of(path, sig[i]), level_of(path, sig[i + 1])
+        if method == "lcm":
+            b = (0.0, 1.0) if timesteps is None else C.lcm_boundary(timesteps[i], timestep_scaling)
+            (fx, fm), (r, q) = C.lcm(level_next, b)
+        else:
+            (fx, fm), (r, q) = C.tcd(level, level_of(path, (1.0 - gamma) * sig[i + 1]), level_next)
+        rows.append(_row(level, r * fx, r * fm, cz=q * s_noise, call_args=(sig[i], sig[i + 1])))
     return rows
 
 

@@ -18,7 +18,7 @@ churn acts.
 
 The multistep and two-stage samplers (``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``,
 ``sample_dpmpp_2s_ancestral``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``, ``sample_lms``, and ComfyUI's
-``sample_ipndm``, ``sample_ipndm_v``, ``sample_deis``) are rows of
+``sample_ipndm``, ``sample_ipndm_v``, ``sample_deis``, ``sample_lcm``) are rows of
 :mod:`fastdiff.solvers` run by :func:`fastdiff.sampling.run`, one fused pass per update.  The two SDE
 samplers (``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``) default, as k-diffusion's do, to Brownian-tree
 noise: without a ``noise_sampler`` every step's noise is an increment of one Brownian path
@@ -51,7 +51,7 @@ euler_ancestral_step, heun_step = steps.euler_ancestral_step.__wrapped__, steps.
 
 __all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
            "sample_dpmpp_3m_sde", "sample_dpmpp_2s_ancestral", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_lms",
-           "sample_deis", "sample_ipndm", "sample_ipndm_v"]
+           "sample_deis", "sample_ipndm", "sample_ipndm_v", "sample_lcm"]
 
 
 def _levels(x, sigmas):
@@ -290,3 +290,17 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     in a VP time with numerical quadrature ("rhoab" is Lagrange in sigma: :func:`sample_lms`)."""
     return _solve("deis", model, x, sigmas, extra_args, callback, disable, None, generator, False,
                   order=_max_order(max_order, 3))
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
+               generator: Optional[Generator] = None, path: str = "ve"):
+    """Multistep latent consistency sampling, ComfyUI's ``sample_lcm`` (Luo et al. 2023; docs/math.md 1e):
+    per step ``x = denoised``, then, where ``sigma_next > 0``, ``x += sigma_next z`` -- one fused pass
+    (:func:`fastdiff.solvers.solver_table` ``"lcm"``), ``z`` from ``noise_sampler(sigma, sigma_next)`` or drawn
+    in the kernel from ``generator``.  ``path="flow"``: ``x = (1 - t_next) denoised + t_next z`` (ComfyUI's
+    ``noise_scaling`` for flow models).  The model's output is the consistency model's (its c_skip/c_out
+    boundary condition applied by the model wrapper, as ComfyUI's is); x keeps its dtype."""
+    if path not in ("ve", "flow"):
+        raise ValueError(f"path: expected 've' or 'flow', got {path!r}")
+    return _solve("lcm", model, x, sigmas, extra_args, callback, disable, noise_sampler, generator, False, path=path)
