@@ -85,7 +85,7 @@ def _dispatch(a) -> int:
     if a.cmd == "sweep":
         return _sweep(a)
     if a.cmd == "plot":
-        from fastdiff.sweeps.plots import plot_store
+        from fastdiff.sweeps.plots import plot_store, write_table
 
         r = plot_store(a.store, a.out)
         print(f"plot:  {r['plot']}\ntable: {r['table']}")
@@ -140,7 +140,8 @@ def _add_sweep_parsers(sub) -> dict:
                        help="local executor: batches run side by side (default: one per core / --threads)")
         e.add_argument("--device", default="cpu",
                        help="where the batches compute: cpu (default) or cuda[:i] (large n, e.g. --n 3072 --learner sgd)")
-        e.add_argument("--no-plot", action="store_true", help="skip the plot")
+        e.add_argument("--no-plot", action="store_true", help="skip the plot (the per-cell table <experiment>.csv "
+                       "is written either way)")
         e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = out["sweep sampler-error"] = exps.add_parser(
         "sampler-error", help="exact W2 / KL of every solver against NFE on Gaussian data (computed, no sampling)",
@@ -179,7 +180,7 @@ def _sweep(a) -> int:
     import time
 
     from fastdiff import sweeps
-    from fastdiff.sweeps.plots import plot_store
+    from fastdiff.sweeps.plots import plot_store, write_table
     from fastdiff.sweeps.runner import gc_frozen
 
     exp = sweeps.EXPERIMENTS[a.experiment]
@@ -207,11 +208,13 @@ def _sweep(a) -> int:
                 print(f"rows:  {path}")
             if len(paths) == 1:
                 print("(no Parquet export: needs pyarrow; pip install 'fastdiff[sweeps]' or pip install pyarrow)")
-        if not a.no_plot:
+        if a.no_plot:   # the per-cell table is the sweep's result, not the plot's: written either way
+            print(f"table: {write_table(store, a.out)}")
+        else:
             try:
                 r = plot_store(store, a.out)
-            except RuntimeError as e:  # matplotlib missing: the sweep itself succeeded
-                print(f"(no plot: {e})")
+            except RuntimeError as e:  # matplotlib missing: the sweep itself succeeded (and the table is written)
+                print(f"table: {os.path.join(a.out, a.experiment + '.csv')}\n(no plot: {e})")
             else:
                 print(f"table: {r['table']}\nplot:  {r['plot']}")
     return 0

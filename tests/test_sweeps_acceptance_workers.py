@@ -38,8 +38,8 @@ def test_linear_diffusion_with_two_workers_repeatedly(tmp_path):
         for r in rows:
             assert not _nan(r["kl"]) and r["kl"] >= 0, r
             # Sigma_0 has rank N - 1: singular without a ridge for N <= n, +inf exactly there
-            assert math.isinf(r["kl"]) == (r["ridge"] == 0 and r["N"] <= r["n"]), r
-            _finite(r, ("test_loss", "cov_error", "d_eff", "expected_cov_error"))
+            assert math.isinf(r["kl"]) == (r["ridge"] == 0 and r["N"] <= r["n"]) == (r["singular"] == 1.0), r
+            _finite(r, ("test_loss", "train_loss", "cov_error", "d_eff", "expected_cov_error"))
             assert r["test_loss"] >= 0 and r["cov_error"] >= 0
             if r["mc_samples"]:
                 assert r["kl_mc_meaningful"] in (0.0, 1.0)
@@ -57,8 +57,10 @@ def test_memorization_with_two_workers_repeatedly(tmp_path):
     for rows in _rows_of_repeated_runs(tmp_path, "memorization", grid, 2):
         assert len(rows) == 2 * 4 * 3 * 2
         for r in rows:
-            _finite(r, ("memorized", "generalization", "N_over_d"))
-            assert 0 <= r["memorized"] <= 1 and abs(r["generalization"] - (1 - r["memorized"])) < 1e-12, r
+            _finite(r, ("memorized", "generalization", "N_over_d", "off_support"))
+            # generalized: neither memorized nor off the support, so at most the unmemorized share
+            assert 0 <= r["memorized"] <= 1 and 0 <= r["generalization"] <= 1 - r["memorized"] + 1e-12, r
+            assert 0 <= r["off_support"] <= 1 and (_nan(r["w2"]) == (r["K"] > 1)), r
 
 
 def test_cli_linear_diffusion_two_workers_csv_has_no_impossible_value(tmp_path):

@@ -43,3 +43,20 @@ def test_cli_unknown_experiment_and_foreign_store(tmp_path):
              "--no-progress", "--no-plot")
     assert r.returncode == 2 and "holds results of experiment 'subspace-recovery'" in r.stderr
     assert stored_table(store, "subspace-recovery") == before
+
+
+def test_cli_no_plot_still_writes_the_per_cell_table(tmp_path, capsys):
+    """issue 16: --no-plot skipped the per-cell table <experiment>.csv along with the plot."""
+    import csv
+
+    from fastdiff import cli
+
+    rc = cli.main(["sweep", "linear-diffusion", "--n", "4", "--N", "3,8", "--T", "10", "--trials", "2",
+                   "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    assert rc == 0
+    assert not (tmp_path / "linear-diffusion.png").exists()
+    with open(tmp_path / "linear-diffusion.csv") as f:
+        agg = list(csv.DictReader(f))
+    assert [int(r["N"]) for r in agg] == [3, 8] and all(r["trials"] == "2" for r in agg)
+    assert [float(r["singular_mean"]) for r in agg] == [1.0, 0.0]
+    assert f"table: {tmp_path / 'linear-diffusion.csv'}" in capsys.readouterr().out

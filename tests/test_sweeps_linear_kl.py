@@ -53,6 +53,7 @@ def test_linear_kl_is_nonnegative_and_matches_dense_float64(n, N, ridge):
     ref = _dense_kl(n, 1.0, N, ridge, 60, 123, 3)
     for r, k in zip(rows, ref):
         assert r["kl"] >= 0
+        assert r["singular"] == float(math.isinf(k))
         if math.isinf(k):   # Sigma_0 of rank N - 1 < n and no ridge: the sampled law is singular
             assert r["kl"] == math.inf, (r["kl"], N, n)
         else:
@@ -128,3 +129,21 @@ def test_linear_plot_says_where_kl_is_infinite_or_flagged(tmp_path):
     labels = [t.get_text() for t in figs[0].axes[1].get_legend().get_texts()]
     assert any("+inf" in s for s in labels), labels          # N = 4 < n: singular law, drawn on the top edge
     assert any("not meaningful" in s for s in labels), labels
+
+
+def test_linear_kl_singular_whatever_the_rounding_of_1_minus_abar0():
+    """issue 16: with beta_min = 1e-5 float64 makes 1 - abar_0 differ from beta_0 by 4.6e-12
+    relative; a last step that was recognised by |1 - abar_0 - beta_0| <= 1e-12 beta_0 then left the
+    null modes a variance ~1e-24 and a finite KL.  The last step is x0_hat exactly, whatever the
+    rounding: the null mode's variance is 0, the KL +inf; the other modes as with the default step."""
+    from fastdiff.schedules import DDPMSchedule
+
+    sched = DDPMSchedule(beta_min=1e-5, T=50)
+    assert abs(1 - float(sched.abar[0]) - float(sched.beta[0])) > 1e-12 * float(sched.beta[0])
+    lam = torch.tensor([[0.0, 0.3, 1.0]], dtype=torch.float64)
+    mean, var = L.sampled_gaussian(lam, torch.tensor([[0.2, 0.0, -0.1]], dtype=torch.float64), sched)
+    assert var[0, 0].item() == 0.0 and mean[0, 0].item() == 0.2 and (var[0, 1:] > 0).all()
+    V = torch.eye(3, dtype=torch.float64)[None]
+    assert L.gaussian_kl(mean, var, V, L.spectrum(3, 1.0)).item() == math.inf
+    ok = L.gaussian_kl(mean[:, 1:], var[:, 1:], V[:, :2, :2], L.spectrum(2, 1.0))
+    assert math.isfinite(ok.item()) and ok.item() >= 0

@@ -3,6 +3,7 @@ not depend on the batching, devices (CPU, CUDA, bad names)."""
 import pytest
 import torch
 
+import fastdiff
 from fastdiff import sweeps
 from fastdiff.sweeps.runner import EXPERIMENTS
 from sweeps_helpers import run_cli, stored_table
@@ -117,3 +118,63 @@ def test_sweep_on_cuda_matches_cpu(tmp_path, experiment, grid, trials, metrics, 
     a, b = stored_table(gpu, experiment), stored_table(cpu, experiment)
     assert all(r["backend"].endswith("on cuda") for r in a)
     _close_tables(a, b, metrics, rtol, atol)
+
+
+class _SlowEvictDict(dict):
+    """The packed-bases cache with a wider window between picking the oldest key and evicting it,
+    as a busy worker thread would have: an unlocked check-then-pop raises KeyError in the second."""
+
+    def pop(self, *args):
+        import time
+
+        time.sleep(2e-4)
+        return super().pop(*args)
+
+
+class _SharedDenoiser:
+    """One MoLRG denoiser shared by every batch: each call passes a fresh view of its bases (as a
+    sampler indexing per-instance bases does), so every call is a new cache key and evicts one."""
+
+    def __init__(self, K=3, n=8, d=2, count=20):
+        g = torch.Generator().manual_seed(5)
+        self.U = torch.linalg.qr(torch.randn(count, K, n, d, generator=g, dtype=torch.float64))[0]
+        self.U32 = self.U.float()
+
+    def __call__(self, x, i):
+        return fastdiff.molrg_denoise(x, list(self.U32[i].unbind(0)), 0.9, 0.4, backend="torch")
+
+
+def test_thread_workers_share_a_denoiser(tmp_path, monkeypatch):
+    """issue 16: the memorization sweep's thread workers, sharing a denoiser, raced on the
+    packed-bases cache (KeyError from a double eviction).  Here the runner's own thread executor
+    runs 24 batches on 4 workers through one shared denoiser; every result is checked against the
+    float64 reference (a stale or crossed cache entry would be a wrong result, not an error)."""
+    from fastdiff.denoisers import _cache
+    from fastdiff.reference import denoisers as R
+    from fastdiff.sweeps.runner import Experiment, Param
+
+    den = _SharedDenoiser()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    refs = [R.molrg_denoise(x.double(), list(den.U[i].unbind(0)), 0.9, 0.4) for i in range(den.U.shape[0])]
+
+    def run_batch(cells, seeds, trials, device):
+        rows = []
+        for ci, c in enumerate(cells):
+            err = 0.0
+            for r in range(40):
+                i = (7 * c["i"] + r) % len(refs)
+                err = max(err, float((den(x, i).double() - refs[i]).abs().max()))
+            rows += [{"cell_index": ci, "trial": t, "err": err} for t in range(trials)]
+        return rows, "torch"
+
+    exp = Experiment(name="shared-denoiser", params=(Param("i", int, (0,)),), metrics=(("err", float),),
+                     run_batch=run_batch, check=lambda c: None, batch_key=lambda c: (c["i"],))
+    monkeypatch.setitem(EXPERIMENTS, exp.name, exp)
+    monkeypatch.setattr(_cache, "_PACK_CACHE", _SlowEvictDict())
+    with sweeps.run_sweep(exp.name, {"i": "0:23"}, trials=1, store=str(tmp_path / "s.sqlite"), progress=False,
+                          workers=4) as st:
+        rows = st.rows()
+    assert len(rows) == 24
+    # float32 MoLRG against float64: a few ulps of |x| ~ 1 (a crossed entry would be O(1))
+    assert max(r["err"] for r in rows) < 1e-5, rows
+    assert len(_cache._PACK_CACHE) <= 16

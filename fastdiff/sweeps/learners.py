@@ -38,13 +38,14 @@ import torch
 
 import fastdiff
 from fastdiff import dispatch
+from fastdiff.denoisers.gaussian import psd_eigenvalues
 from fastdiff.ops.molrg import posterior
 from fastdiff.ops import ksubspaces as op
 from fastdiff.ops.ksubspaces import DT, orth
 from fastdiff.sweeps.streams import LEARNER_INIT, LEARNER_SGD, normals
 
 __all__ = ["LEARNERS", "DENOISERS", "top_subspace", "seed_bases", "ksubspaces", "sgd_bases", "fit_bases",
-           "fit_gaussian", "null_modes", "fit_denoisers"]
+           "fit_gaussian", "null_modes", "psd_project", "fit_denoisers"]
 
 LEARNERS = ("pca", "ksubspaces", "sgd")
 DENOISERS = ("empirical", "molrg", "linear")
@@ -287,6 +288,21 @@ def null_modes(S0: torch.Tensor, ridge: float):
     return lam + ridge, V
 
 
+def psd_project(S: torch.Tensor, dtype: torch.dtype = None) -> torch.Tensor:
+    """The nearest positive semi-definite matrix (Frobenius norm: ``V diag(max(lam, 0)) V^T``) to
+    each symmetric ``S`` (..., n, n), in float64, for a covariance formed in ``dtype`` (default S's).
+
+    A low-rank covariance formed in float32 has eigenvalues down to about ``-n eps lambda_max``
+    (-7e-8 at unit scale) that are zeros; they are projected to 0.  An eigenvalue below the stated
+    tolerance ``-max(1e-10, 4 n eps(dtype)) lambda_max`` is not rounding and raises ``ValueError``
+    (:func:`fastdiff.denoisers.gaussian.psd_eigenvalues`, per matrix)."""
+    dtype = S.dtype if dtype is None else dtype
+    S = S.double()
+    lam, V = torch.linalg.eigh(0.5 * (S + S.mT))
+    lam = torch.stack([psd_eigenvalues(l, dtype) for l in lam.reshape(-1, lam.shape[-1])]).reshape(lam.shape)
+    return (V * lam[..., None, :]) @ V.mT
+
+
 # =========================================================================== denoisers of a training set
 def fit_denoisers(kind: str, X: torch.Tensor, K: int, d: int, seed: int) -> List[Callable]:
     """One denoiser per training set X[t] (T, N, n), ``kind`` one of :data:`DENOISERS`:
@@ -294,12 +310,14 @@ def fit_denoisers(kind: str, X: torch.Tensor, K: int, d: int, seed: int) -> List
     (:class:`fastdiff.denoisers.Empirical`), which reproduces them; ``"molrg"`` -- the MoLRG
     denoiser of K bases of dimension d learned by PCA (K = 1) or K-subspaces (4 restarts, 40
     iterations; the starts from the stream of cell ``seed``); ``"linear"`` -- the optimal
-    denoiser of the fitted Gaussian (:class:`fastdiff.denoisers.Gaussian`)."""
+    denoiser of the fitted Gaussian (:class:`fastdiff.denoisers.Gaussian`), its ML covariance
+    (rank <= N - 1) formed in float64 and projected onto the PSD cone (:func:`psd_project`)."""
     T, N, _ = X.shape
     if kind == "empirical":
         return [fastdiff.denoisers.Empirical(X[t].float()) for t in range(T)]
     if kind == "linear":
-        mu0, S0 = fit_gaussian(X)
+        mu0, S0 = fit_gaussian(X.double())
+        S0 = psd_project(S0, X.dtype)
         return [fastdiff.denoisers.Gaussian(mu0[t], S0[t]) for t in range(T)]
     if kind != "molrg":
         raise ValueError(f"denoiser: expected one of {DENOISERS}, got {kind!r}")

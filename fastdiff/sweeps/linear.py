@@ -12,14 +12,23 @@ sampled distribution is exactly ``N(V mean, V diag(var) V^T)`` from the O(T n) r
 ``mean <- A mean + B``, ``var <- A^2 var + s^2``.  Metrics per instance:
 
 - ``kl``: KL(sampled || true) in closed form (float64, >= 0; +inf where the sampled law is singular:
-  ``Sigma_0 + ridge I`` of rank < n, e.g. N <= n without a ridge);
+  ``Sigma_0 + ridge I`` of rank < n, e.g. N <= n without a ridge, the regime of memorization;
+  the KL is finite from N = n + 1 on, the transition of seed 001 at N ~ n);
+- ``singular``: 1 where the sampled law is singular (``kl`` = +inf), else 0;
 - ``kl_mc_meaningful``: 1 where ``kl_mc`` estimates the KL, 0 where it cannot (see :func:`mc_kl`);
 - ``kl_mc`` (with ``mc_samples > 0``): ``mean_i [log q(x_i) - log p(x_i)]`` over samples actually
   drawn with the fused :func:`fastdiff.ddpm_step` (q the exact sampled density), ``kl_mc_se`` its
   standard error; it estimates KL(sampled || true) only if the steps sample q;
 - ``test_loss``: ``E ||eps - eps_hat(x_t, t)||^2`` over fresh data and noise, t uniform, exactly:
   ``alpha^2 sum g^2 + alpha^2/sigma^2 sum_j (1 - alpha g_j)^2 ((V^T Sigma V)_jj + (V^T mu_0)_j^2)``;
-- ``cov_error``: ``||Sigma - Sigma_0||_F^2 / ||Sigma||_F^2`` (expected ~ (d_eff + 1)/N);
+- ``train_loss``: the same over the training points (their mean and covariance are ``mu_0`` and
+  ``Sigma_0``: ``(V^T Sigma V)_jj + (V^T mu_0)_j^2`` becomes ``lam_j - ridge``); per timestep, both
+  are :func:`linear_losses`;
+- ``cov_error``: ``||Sigma - Sigma_0||_F^2 / ||Sigma||_F^2``;
+- ``expected_cov_error``: its expectation for Gaussian data, with the mean subtracted
+  (``N Sigma_0 ~ Wishart(N - 1, Sigma)``; docs/math.md section 4):
+  ``((N - 1)(d_eff + 1) + 1) / N^2`` (about ``(d_eff + 1)/N`` for large N only: 2.16, not 2.80,
+  at N = 4, n = 32);
 - ``d_eff``: the participation ratio ``(sum l)^2 / sum l^2`` of the data.
 """
 from __future__ import annotations
@@ -37,7 +46,8 @@ from fastdiff.sweeps.params import check_at_least_one, check_ddpm_steps, ddpm_st
 from fastdiff.sweeps.runner import Experiment, Param, register
 from fastdiff.sweeps.streams import normals
 
-__all__ = ["fit_instances", "sampled_gaussian", "gaussian_kl", "linear_test_loss", "sample_fused"]
+__all__ = ["fit_instances", "sampled_gaussian", "gaussian_kl", "linear_test_loss", "linear_losses",
+           "expected_cov_error", "sample_fused"]
 
 DT = torch.float64
 _S_DATA, _S_MC = 0, 1
@@ -57,10 +67,11 @@ def sampled_gaussian(lam: torch.Tensor, m: torch.Tensor, sched: fastdiff.DDPMSch
     """Per-mode mean and variance (T, n) of DDPM sampling with the linear denoiser of eigenvalues
     ``lam`` (T, n) and mean ``m`` (T, n) (in the eigenbasis), from ``x_T ~ N(0, I)``.
 
-    The last step (t = 0, ``1 - abar_0 = beta_0``) returns the denoiser's prediction
-    ``x0_hat = m + g (u - a m)``: ``A = g``, ``B = (1 - a g) m`` exactly; written so, a mode with
+    The last step (t = 0: ``abar_0 = 1 - beta_0`` by the schedule's definition, ``abar_{-1} = 1``, no
+    noise) is the denoiser's prediction ``x0_hat = m + g (u - a m)`` exactly: ``A = g``,
+    ``B = (1 - a g) m``.  Written so, whatever float64 makes of ``1 - abar_0``, a mode with
     ``lam = 0`` ends with variance exactly 0 (the sampled law is singular there) instead of a
-    rounding residue ~1e-24 whose log made the KL finite and arbitrary."""
+    rounding residue ~1e-24 whose log made the KL finite and arbitrary (960 at N = 4, n = 32)."""
     mean = torch.zeros_like(lam)
     var = torch.ones_like(lam)
     beta, abar = sched.beta, sched.abar
@@ -68,7 +79,7 @@ def sampled_gaussian(lam: torch.Tensor, m: torch.Tensor, sched: fastdiff.DDPMSch
         a, s2 = math.sqrt(abar[t]), 1.0 - float(abar[t])
         b = float(beta[t])
         g = a * lam / (a * a * lam + s2)
-        if t == 0 and abs(s2 - b) <= 1e-12 * b:
+        if t == 0:   # x_{-1} = (x - beta_0 eps_hat / sqrt(1 - abar_0)) / sqrt(alpha_0) = x0_hat
             mean = g * mean + (1 - a * g) * m
             var = g * g * var
             continue
@@ -102,15 +113,40 @@ def gaussian_kl(mean_q, var_q, V, l_p):
     return 0.5 * (per_mode.clamp(min=0).sum(1) + hadamard + (mu.square() / l_p).sum(1))
 
 
-def linear_test_loss(lam, V, mu0, l_p, sched: fastdiff.DDPMSchedule):
-    """``E ||eps - eps_hat||^2`` over fresh data ``N(0, diag(l_p))``, noise and t uniform (exact)."""
+def linear_losses(lam, V, mu0, l_p, sched: fastdiff.DDPMSchedule, ridge: float = 0.0):
+    """Per-timestep ``(test, train)`` losses (T_steps, T) of the linear denoiser of eigenmodes
+    ``(lam, V)`` (``Sigma_0 + ridge I``) and mean ``mu0``: ``E ||eps - eps_hat(x_t, t)||^2`` exactly,
+    over fresh data ``N(0, diag(l_p))`` (test) or the training points (train: their mean is
+    ``mu0`` and their covariance ``Sigma_0``, ``lam - ridge`` in the eigenbasis)::
+
+        alpha^2 sum_j g_j^2 + alpha^2 / sigma^2 sum_j (1 - alpha g_j)^2 (S_jj + (V^T (mu - mu_0))_j^2)
+    """
     a = sched.alpha[:, None, None]
     s2 = (sched.sigma ** 2)[:, None, None]
     g = a * lam[None] / (a * a * lam[None] + s2)                       # (T_steps, T, n)
     Sjj = (V.square() * l_p[None, :, None]).sum(1)                     # (T, n): (V^T Sigma V)_jj
     dm = (V.mT @ (-mu0)[..., None])[..., 0]                            # V^T (mu - mu_0), mu = 0
-    per_t = (a * a * g * g).sum(-1) + (a * a / s2 * (1 - a * g).square() * (Sjj + dm.square())[None]).sum(-1)
-    return per_t.mean(0)
+    noise = (a * a * g * g).sum(-1)
+    shrink = a * a / s2 * (1 - a * g).square()
+    test = noise + (shrink * (Sjj + dm.square())[None]).sum(-1)
+    train = noise + (shrink * (lam - ridge).clamp(min=0)[None]).sum(-1)
+    return test, train
+
+
+def linear_test_loss(lam, V, mu0, l_p, sched: fastdiff.DDPMSchedule):
+    """``E ||eps - eps_hat||^2`` over fresh data ``N(0, diag(l_p))``, noise and t uniform (exact)."""
+    return linear_losses(lam, V, mu0, l_p, sched)[0].mean(0)
+
+
+def expected_cov_error(N: int, d_eff: float) -> float:
+    """``E ||Sigma_0 - Sigma||_F^2 / ||Sigma||_F^2`` for N Gaussian samples, ``Sigma_0`` the ML
+    covariance with the sample mean subtracted (``N Sigma_0 ~ W_n(N - 1, Sigma)``; its second
+    moments ``Cov(W_ij, W_kl) = m (S_ik S_jl + S_il S_jk)``; docs/math.md section 4)::
+
+        ((N - 1) (||Sigma||_F^2 + (tr Sigma)^2) + ||Sigma||_F^2) / (N^2 ||Sigma||_F^2)
+            = ((N - 1)(d_eff + 1) + 1) / N^2,   d_eff = (tr Sigma)^2 / ||Sigma||_F^2
+    """
+    return ((N - 1) * (d_eff + 1) + 1) / (N * N)
 
 
 def sample_fused(mu0, lam, V, sched, M: int, seed: int, trials: int):
@@ -184,7 +220,9 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
         m = (V.mT @ mu0[..., None])[..., 0]
         mean, var = sampled_gaussian(lam, m, sched)
         kl = gaussian_kl(mean, var, V, l_p)
-        loss = linear_test_loss(lam, V, mu0, l_p, sched)
+        singular = (var == 0).any(-1)                  # a mode of variance exactly 0: Sigma_0 + ridge I singular
+        test, train = linear_losses(lam, V, mu0, l_p, sched, c["ridge"])
+        loss, train_loss = test.mean(0), train.mean(0)
         cov_err = (S0 - torch.diag(l_p)).square().sum((1, 2)) / l_p.square().sum()
         d_eff = float(l_p.sum() ** 2 / l_p.square().sum())
         nan = float("nan")
@@ -194,9 +232,10 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
             kl_mc, kl_se, ok = mc_kl(x, mean, V, var, l_p, kl, c["T"])
         for t in range(trials):
             rows.append({"cell_index": ci, "trial": t, "kl": float(kl[t]), "kl_mc": kl_mc[t], "kl_mc_se": kl_se[t],
-                         "kl_mc_meaningful": ok[t],
-                         "test_loss": float(loss[t]), "cov_error": float(cov_err[t]), "d_eff": d_eff,
-                         "expected_cov_error": (d_eff + 1) / N})
+                         "kl_mc_meaningful": ok[t], "singular": float(singular[t]),
+                         "test_loss": float(loss[t]), "train_loss": float(train_loss[t]),
+                         "cov_error": float(cov_err[t]), "d_eff": d_eff,
+                         "expected_cov_error": expected_cov_error(N, d_eff)})
     mc = any(c["mc_samples"] for c in cells)
     backend = fastdiff.dispatch.choose("fused_step", "auto", device, torch.float32) if mc else "torch"
     return rows, backend
@@ -218,8 +257,7 @@ def _check(c: Dict) -> None:
         raise ValueError(f"--ridge: expected ridge >= 0, got {c['ridge']}")
     if c["mc_samples"] < 0:
         raise ValueError(f"--mc-samples: expected >= 0, got {c['mc_samples']}")
-    if c["N"] == 1 and c["ridge"] == 0:
-        pass  # a rank-0 covariance is allowed: the model collapses onto mu_0 and the KL is large but finite
+    # N = 1 without a ridge is allowed: the model collapses onto mu_0 (a singular law, KL +inf)
 
 
 register(Experiment(
@@ -235,7 +273,7 @@ register(Experiment(
     ),
     metrics=(("kl", float), ("kl_mc", float), ("kl_mc_se", float), ("kl_mc_meaningful", float), ("test_loss", float),
              ("cov_error", float),
-             ("d_eff", float), ("expected_cov_error", float)),
+             ("d_eff", float), ("expected_cov_error", float), ("singular", float), ("train_loss", float)),
     run_batch=_run_batch,
     check=_check,
     batch_key=lambda c: (c["n"], c["T"]),
@@ -244,5 +282,6 @@ register(Experiment(
     instance_bytes=lambda c: 8.0 * (2 * c["N"] * c["n"] + 8 * c["n"] ** 2 + 3 * c["T"] * c["n"])
                              + 28.0 * c["mc_samples"] * c["n"],
     max_cost=4096.0,
-    version=2,   # 2: KL +inf for a singular sampled law, kl_mc_meaningful
+    version=3,   # 2: KL +inf for a singular sampled law, kl_mc_meaningful; 3: singular, train_loss, the exact
+                 # (centred) expected_cov_error
 ))

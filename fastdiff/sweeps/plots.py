@@ -2,8 +2,10 @@
 
 - subspace-recovery: success-rate heat map over (d, N), one panel per other varying parameter
   (K, learner, ...), with the lines N = d and N = K d (seed 002 Fig. 4);
-- linear-diffusion: covariance error (and its (d_eff + 1)/N prediction), KL and test loss against N/d_eff;
-- memorization: memorized fraction against N/d, one curve per denoiser;
+- linear-diffusion: covariance error (and its exact expectation), KL and test (and train) loss against
+  N/n, with the line N = n (seed 001's transition: the sampled law is singular, KL +inf, up to N = n);
+- memorization: memorized fraction and generalization (left), energy off the true support
+  (right) against N/d, one curve per denoiser;
 - jacobian-rank: rank ratio against SNR = 1/sigma, with the d/n and K d/n levels (seed 002 Fig. 3b).
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Dict, List, Tuple
 
 from fastdiff.sweeps.store import Store, atomic_write
 
-__all__ = ["plot_store"]
+__all__ = ["plot_store", "write_table"]
 
 
 def _undefined_as_blank(v):
@@ -97,13 +99,14 @@ def _linear(Figure, agg, params, path):
     axes = fig.subplots(1, 3)
     for i, (key, rs) in enumerate(sorted(panels.items())):
         rs = sorted(rs, key=lambda r: r["N"])
-        deff = rs[0]["d_eff_mean"]
-        x = [r["N"] / deff for r in rs]
+        # N / n: the sampled law is singular (memorization) up to N = n, whatever the spectrum (seed 001)
+        x = [r["N"] / r["n"] for r in rs]
         lab = ", ".join(f"{k}={v}" for k, v in key)
         c = f"C{i % 10}"
         axes[0].errorbar(x, [r["cov_error_mean"] for r in rs], yerr=[r["cov_error_se"] for r in rs], fmt="o-", color=c,
                          ms=3, label=lab or "measured")
-        axes[0].plot(x, [r["expected_cov_error_mean"] for r in rs], "--", color=c, label="(d_eff + 1)/N")
+        axes[0].plot(x, [r["expected_cov_error_mean"] for r in rs], "--", color=c,
+                     label="E: ((N - 1)(d_eff + 1) + 1)/N^2" if "train_loss_mean" in rs[0] else "(d_eff + 1)/N")
         kl = [r["kl_mean"] for r in rs]
         axes[1].errorbar(x, kl, yerr=[r["kl_se"] for r in rs], fmt="o-", color=c, ms=3, label=lab)
         # +inf (a singular sampled law: Sigma_0 + ridge I of rank < n) cannot be drawn on a log axis:
@@ -123,31 +126,37 @@ def _linear(Figure, agg, params, path):
                 axes[1].plot(flagged, [0.03] * len(flagged), "v", color=c, mfc="none", ms=6, clip_on=False,
                              transform=axes[1].get_xaxis_transform(),
                              label="Monte Carlo flagged not meaningful")
-        axes[2].plot(x, [r["test_loss_mean"] for r in rs], "o-", color=c, ms=3, label=lab)
-    for ax, name in zip(axes, ("||Sigma - Sigma_0||_F^2 / ||Sigma||_F^2", "KL(sampled || data)", "test loss E||eps - eps_hat||^2")):
+        axes[2].plot(x, [r["test_loss_mean"] for r in rs], "o-", color=c, ms=3, label=lab or "test")
+        if "train_loss_mean" in rs[0]:    # a store from before version 3 has no train loss
+            axes[2].plot(x, [r["train_loss_mean"] for r in rs], "s:", color=c, ms=3, mfc="none", label="train")
+    for ax, name in zip(axes, ("||Sigma - Sigma_0||_F^2 / ||Sigma||_F^2", "KL(sampled || data)",
+                               "loss E||eps - eps_hat||^2 (test, train)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("N / d_eff")
+        ax.set_xlabel("N / n")
         ax.set_title(name, fontsize=9)
-        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.axvline(1.0, color="gray", lw=0.8, label="N = n" if ax is axes[1] else None)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
 
-def _curves(Figure, agg, params, x: str, y: str, fixed: str, fallback: str):
-    """A (6, 4) figure with one error-bar curve of metric ``y`` (mean and standard error) against the
-    aggregate column ``x`` per combination of the other varying parameters (``fixed`` varies along
-    a curve); returns (fig, ax, [(color, rows sorted by x)])."""
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
+def _curves(Figure, agg, params, x: str, y: str, fixed: str, fallback: str, ax=None, style="o-", suffix=""):
+    """One error-bar curve of metric ``y`` (mean and standard error) against the aggregate column
+    ``x`` per combination of the other varying parameters (``fixed`` varies along a curve), on
+    ``ax`` or a new (6, 4) figure; returns (fig, ax, [(color, rows sorted by x)])."""
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
     curves = []
     for i, (key, rs) in enumerate(sorted(_panels(agg, params, (fixed,)).items())):
         rs = sorted(rs, key=lambda r: r[x])
         color = f"C{i % 10}"
         ax.errorbar([r[x] for r in rs], [r[f"{y}_mean"] for r in rs], yerr=[r[f"{y}_se"] for r in rs],
-                    fmt="o-", ms=3, color=color, label=", ".join(f"{k}={v}" for k, v in key) or fallback)
+                    fmt=style, ms=3, color=color, mfc="none" if style != "o-" else None,
+                    label=(", ".join(f"{k}={v}" for k, v in key) or fallback) + suffix)
         curves.append((color, rs))
     ax.set_xscale("log")
     return fig, ax, curves
@@ -163,10 +172,30 @@ def _finish(fig, ax, path, xlabel, ylabel):
 
 def _memorization(Figure, agg, params, path):
     # within a curve d is fixed, so N / d orders the points as N does
-    fig, ax, _ = _curves(Figure, agg, params, "N_over_d_mean", "memorized", "N", "memorized")
-    ax.set_ylim(-0.03, 1.03)
-    ax.axvline(1.0, color="gray", lw=0.8)
-    _finish(fig, ax, path, "N / d", "memorized fraction (||x - y1|| / ||x - y2|| < 1/3)")
+    if "off_support_mean" not in agg[0]:   # a store from before version 2: the memorized fraction only
+        fig, ax, _ = _curves(Figure, agg, params, "N_over_d_mean", "memorized", "N", "memorized")
+        ax.set_ylim(-0.03, 1.03)
+        ax.axvline(1.0, color="gray", lw=0.8)
+        _finish(fig, ax, path, "N / d", "memorized fraction (||x - y1|| / ||x - y2|| < 1/3)")
+        return
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    _curves(Figure, agg, params, "N_over_d_mean", "memorized", "N", "memorized", ax=left, suffix=": memorized")
+    _curves(Figure, agg, params, "N_over_d_mean", "generalization", "N", "generalization", ax=left, style="s:",
+            suffix=": generalized")
+    left.set_ylim(-0.03, 1.03)
+    left.set_ylabel("fraction of samples")
+    left.set_title("memorized (o), generalized: neither memorized nor off the support (s)", fontsize=8)
+    _curves(Figure, agg, params, "N_over_d_mean", "off_support", "N", "off support", ax=right)
+    right.set_ylim(-0.03, 1.03)
+    right.set_ylabel("energy off the true support")
+    right.set_title("sum_i min_k ||x_i - U_k U_k^T x_i||^2 / sum_i ||x_i||^2", fontsize=8)
+    for ax in (left, right):
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("N / d")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def _jacobian_rank(Figure, agg, params, path):
@@ -182,17 +211,32 @@ PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memori
             "jacobian-rank": _jacobian_rank}
 
 
-def plot_store(store_path: str, out_dir: str = "results") -> Dict[str, str]:
-    """Write ``<experiment>.png`` and ``<experiment>.csv`` (the aggregated table it shows) for the store
-    at ``store_path`` into ``out_dir``; returns ``{"plot": ..., "table": ...}``."""
+def write_table(store_path: str, out_dir: str = "results") -> str:
+    """Write ``<experiment>.csv``, the per-cell table (parameters, trials, each metric's mean and
+    standard error) of the store at ``store_path``, into ``out_dir``; returns its path.  Needs no
+    matplotlib: ``fastdiff sweep --no-plot`` writes it too."""
+    experiment, agg, _ = _aggregate(store_path)
+    os.makedirs(out_dir, exist_ok=True)
+    return _write_csv(os.path.join(out_dir, f"{experiment}.csv"), agg)
+
+
+def _aggregate(store_path):
     experiment, params, metrics = Store.read_experiment(store_path)
-    if experiment not in PLOTTERS:
-        raise ValueError(f"plot: no plot for experiment {experiment!r} (have {sorted(PLOTTERS)})")
     with Store(store_path, experiment, params, metrics) as st:
         agg = st.aggregate()
     if not agg:
         raise ValueError(f"plot: {store_path} holds no rows yet")
-    pnames = [p for p, _ in params]
+    return experiment, agg, [p for p, _ in params]
+
+
+def plot_store(store_path: str, out_dir: str = "results") -> Dict[str, str]:
+    """Write ``<experiment>.png`` and ``<experiment>.csv`` (the aggregated table it shows) for the store
+    at ``store_path`` into ``out_dir``; returns ``{"plot": ..., "table": ...}``.  The table is written
+    first, so it is there also where matplotlib is missing (``RuntimeError``)."""
+    experiment, params, _ = Store.read_experiment(store_path)
+    if experiment not in PLOTTERS:
+        raise ValueError(f"plot: no plot for experiment {experiment!r} (have {sorted(PLOTTERS)})")
+    experiment, agg, pnames = _aggregate(store_path)
     os.makedirs(out_dir, exist_ok=True)
     table = _write_csv(os.path.join(out_dir, f"{experiment}.csv"), agg)
     plot = os.path.join(out_dir, f"{experiment}.png")
