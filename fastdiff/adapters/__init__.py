@@ -1,7 +1,10 @@
 """Drop-in adapters for the libraries people already sample with (optional dependencies).
 
 - :mod:`fastdiff.adapters.diffusers`: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``
-  subclasses of diffusers' schedulers whose ``step`` runs the fused steps (``pip install diffusers``).
+  subclasses of diffusers' schedulers whose ``step`` runs the fused steps (``pip install diffusers``);
+  :mod:`fastdiff.adapters.diffusers_solvers` (``DPMSolverMultistepScheduler``,
+  ``FlowMatchEulerDiscreteScheduler``) and :mod:`fastdiff.adapters.diffusers_k`
+  (``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``) likewise.
 - :mod:`fastdiff.adapters.k_diffusion`: ``sample_euler``, ``sample_heun``, ``sample_euler_ancestral``
   with k-diffusion's signatures (no dependency: k-diffusion is only needed to compare against).
 
