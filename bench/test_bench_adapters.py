@@ -7,6 +7,8 @@ diffusers' step indexes Python-side tables per call (and DDPM searches its times
 compiled step re-traces or breaks the graph every call -- not how anyone runs it.  Bytes: the
 sample and the model output read once, prev_sample and pred_original_sample written once.
 At this size the step is launch/overhead-bound (256 KiB a tensor): the GPU target is >= 3x.
+The Euler ancestral / Heun / LMS rows (``test_diffusers_k_step``) also run at 16 x 4 x 128 x 128
+(4 MiB a tensor: bandwidth-bound) on a 25-step schedule.
 """
 import pytest
 import torch
@@ -82,3 +84,49 @@ def test_diffusers_multistep_step(record, device, case, impl):
 
     record(f"diffusers {case}.step {'x'.join(map(str, SHAPE))}", impl, step,
            bytes_moved=(3 + sched.config.solver_order) * x.numel() * x.element_size(), rounds=200)
+
+
+K_SHAPES = [(16, 4, 128, 128), (4, 4, 64, 64)]
+K_CASES = {  # name -> (scheduler class name, config, step kwargs)
+    "EulerAncestral (noise)": ("EulerAncestralDiscreteScheduler", dict(), {}),
+    "Heun (both stages)": ("HeunDiscreteScheduler", dict(), {}),
+    "LMS order 4": ("LMSDiscreteScheduler", dict(), {"order": 4}),
+}
+
+
+@pytest.mark.parametrize("shape", K_SHAPES, ids=["x".join(map(str, s)) for s in K_SHAPES])
+@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
+@pytest.mark.parametrize("case", list(K_CASES))
+def test_diffusers_k_step(record, device, case, impl, shape):
+    """One interior step of a 25-step schedule (Heun: both of its calls at one noise level, the
+    predictor and the corrector; LMS: the four-derivative history already full, kept full by the
+    step).  Bytes: what the step must read and write at least once -- Euler ancestral x, m in, prev,
+    x0 out (4); Heun x, m in, x0, x_pred out, then x_pred's m, x0 in, x0', prev out (x and x_pred are
+    read again by the corrector: 10); LMS x, m and the three earlier derivatives in, x0, the new
+    derivative and prev out (8)."""
+    from fastdiff.adapters import diffusers_k
+    name, config, kwargs = K_CASES[case]
+    sched = getattr(diffusers_k if impl == "fastdiff" else diffusers, name)(**config)
+    sched.set_timesteps(25, device=device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    m = torch.randn(shape, generator=gen).to(device)
+    heun = name == "HeunDiscreteScheduler"
+    i = 10 * (2 if heun else 1)  # Heun's timesteps repeat every level but the first
+    t = sched.timesteps[i]
+    sched.scale_model_input(x, t)
+    if name == "LMSDiscreteScheduler":
+        sched.derivatives = [torch.randn(shape, generator=gen).to(device) for _ in range(4)]
+    generator = fastdiff.Generator(0) if impl == "fastdiff" else None
+    extra = {"generator": generator} if name == "EulerAncestralDiscreteScheduler" else {}
+
+    def step():
+        sched._step_index = i
+        out = sched.step(m, t, x, **kwargs, **extra)
+        if heun:
+            out = sched.step(m, sched.timesteps[i + 1], out.prev_sample)
+        return out
+
+    nbytes = {"EulerAncestralDiscreteScheduler": 4, "HeunDiscreteScheduler": 10, "LMSDiscreteScheduler": 8}[name]
+    record(f"diffusers {name}.step {case} {'x'.join(map(str, shape))}", impl, step,
+           bytes_moved=nbytes * x.numel() * x.element_size(), rounds=50)
