@@ -172,7 +172,7 @@ def _ve_sigmas(method: str, schedule) -> List[float]:
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
                      churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
                      step_size: Optional[float] = None, spacing: str = "linspace", solver_type: str = "midpoint",
-                     order: int = 4, path: str = "ve") -> List[Step]:
+                     order: Optional[int] = None, path: str = "ve") -> List[Step]:
     """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
 
     ``schedule``: a :class:`fastdiff.DDPMSchedule` (ddpm, ddim), VE levels (euler, heun,
@@ -189,8 +189,9 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
 
     The multistep and exponential-integrator solvers (:data:`fastdiff.solvers.MULTISTEP_METHODS`:
     ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpmpp_2s_ancestral``, ``dpm_2``,
-    ``dpm_2_ancestral``, ``lms``) take VE levels like euler; ``eta`` (the SDE / ancestral ones, default 1),
-    ``churn`` (dpm_2), ``solver_type`` (dpmpp_2m_sde: ``"midpoint"`` or ``"heun"``), ``order`` (lms, 1..4):
+    ``dpm_2_ancestral``, ``lms``, ``unipc``) take VE levels like euler; ``eta`` (the SDE / ancestral ones,
+    default 1), ``churn`` (dpm_2), ``solver_type`` (dpmpp_2m_sde: ``"midpoint"`` or ``"heun"``), ``order``
+    (lms, 1..4, default 4; unipc, 1..3, default 2, UniPC-bh2 with its corrector; its other options):
     :func:`fastdiff.solvers.solver_table`.  ``path="flow"`` (those methods and euler / heun): the levels
     are rectified-flow times ``t`` in [0, 1], the denoiser sees ``(alpha, sigma) = (1 - t, t)``
     (``method="euler"`` is FlowMatch Euler).
@@ -206,7 +207,7 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
     if path != "ve" and method not in VE_METHODS:
         raise ValueError(f"path: only used by the methods on noise levels {VE_METHODS}, got path={path!r} with "
                          f"method={method!r}")
-    if method not in MULTISTEP_METHODS and (solver_type != "midpoint" or order != 4):
+    if method not in MULTISTEP_METHODS and (solver_type != "midpoint" or order is not None):
         raise ValueError(f"solver_type, order: only used by the multistep solvers {MULTISTEP_METHODS}, "
                          f"got solver_type={solver_type!r}, order={order!r} with method={method!r}")
     if spacing != "linspace" and method != "ddim":
@@ -304,7 +305,7 @@ def _as_denoiser(denoiser):
 def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] = None,
            generator: Optional[Generator] = None, eta: Optional[float] = None, churn: float = 0.0,
            s_noise: float = 1.0, variance: str = "fixed_small", step_size: Optional[float] = None,
-           spacing: str = "linspace", solver_type: str = "midpoint", order: int = 4, path: str = "ve",
+           spacing: str = "linspace", solver_type: str = "midpoint", order: Optional[int] = None, path: str = "ve",
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
            disable: Optional[bool] = None, callback: Optional[Callable[["StepInfo"], None]] = None):
