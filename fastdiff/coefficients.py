@@ -402,8 +402,9 @@ def lms(sigmas, i: int, order: int = 4):
 
 # =========================================================================== UniPC
 # UniPC (W. Zhao, L. Bai, Y. Rao, J. Zhou and J. Lu, "UniPC: A Unified Predictor-Corrector Framework for
-# Fast Sampling of Diffusion Models", NeurIPS 2023, arXiv:2302.04867), data-prediction form, as diffusers'
-# UniPCMultistepScheduler (and the authors' code) takes it.  docs/math.md section 1b.
+# Fast Sampling of Diffusion Models", NeurIPS 2023, arXiv:2302.04867: UniC-p, Sec. 3.1 and Theorem 3.1;
+# UniP-p, Corollary 3.2), data-prediction form, as diffusers' UniPCMultistepScheduler (and the authors'
+# code) takes it.  docs/math.md section 1b.
 UNIPC_VARIANTS = ("bh1", "bh2")
 
 
