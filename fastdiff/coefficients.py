@@ -22,7 +22,8 @@ from typing import Tuple, Union
 import torch
 
 __all__ = ["prediction_forms", "score_form", "timesteps", "SPACINGS", "ddpm", "ddim", "euler", "edm_churn",
-           "ancestral_sigmas", "euler_ancestral", "heun_corrector", "langevin", "ou_reverse", "merge_x0"]
+           "ancestral_sigmas", "euler_ancestral", "heun_corrector", "langevin", "ou_reverse", "merge_x0", "unipc",
+           "UNIPC_VARIANTS", "phi"]
 
 Num = Union[float, torch.Tensor]  # a Python float (scalar step) or a float64 tensor (per sample)
 Form = Tuple[Num, Num]            # (fx, fm): the linear form fx x + fm m of the model output m
@@ -553,3 +554,94 @@ def tcd(level: Tuple[float, float], level_s: Tuple[float, float], level_next: Tu
     k = s_s / s
     r = an / a_s
     return (k, a_s - k * a), (r, sqrt(sn * sn - (r * s_s) ** 2))
+
+
+# =========================================================================== UniPC
+# UniPC (W. Zhao, L. Bai, Y. Rao, J. Zhou and J. Lu, "UniPC: A Unified Predictor-Corrector Framework for
+# Fast Sampling of Diffusion Models", NeurIPS 2023, arXiv:2302.04867: UniC-p, Sec. 3.1 and Theorem 3.1;
+# UniP-p, Corollary 3.2), data-prediction form, as diffusers' UniPCMultistepScheduler (and the authors'
+# code) takes it.  docs/math.md section 1b.
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def phi(k: int, z: float) -> float:
+    """The exponential integrator's ``phi_k(z) = sum_j z^j / (j + k)!`` (``phi_0 = e^z``,
+    ``phi_{k+1}(z) = (phi_k(z) - 1/k!)/z``): the series for ``|z| < 1``, where the recursion cancels
+    (``1/h^k`` amplification of the rounding), the recursion elsewhere."""
+    if abs(z) < 1.0:
+        term, s = 1.0 / math.factorial(k), 0.0
+        for j in range(40):  # |z|^j / (j + k)! < 1e-47 by j = 40
+            s += term
+            term *= z / (j + k + 1)
+        return s
+    p = math.exp(z)
+    for j in range(k):
+        p = (p - 1.0 / math.factorial(j)) / z
+    return p
+
+
+def _solve(A, b):
+    """``A^{-1} b`` for a small square system (Gaussian elimination with partial pivoting, float64)."""
+    n = len(b)
+    M = [list(map(float, row)) + [float(v)] for row, v in zip(A, b)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(M[r][c]))
+        M[c], M[piv] = M[piv], M[c]
+        for r in range(c + 1, n):
+            f = M[r][c] / M[c][c]
+            M[r] = [u - f * w for u, w in zip(M[r], M[c])]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (M[r][n] - sum(M[r][j] * out[j] for j in range(r + 1, n))) / M[r][r]
+    return out
+
+
+def unipc(level: Tuple[float, float], level_next: Tuple[float, float], earlier=(), *, variant: str = "bh2"):
+    """UniP-p and UniC-p (Zhao et al. 2023, B(h) form; data prediction ``D``), from ``level = (alpha, sigma)``
+    (lambda) to ``level_next`` (lambda_n), ``h = lambda_n - lambda``, with ``p = len(earlier) + 1`` and
+    ``earlier`` the levels of ``D_{i-1}, ..., D_{i-p+1}`` (latest first), ``r_k = (lambda_{i-k} - lambda)/h``,
+    ``D1_k = (D_{i-k} - D_i)/r_k``:
+
+        UniP-p:  x~_n = (sigma_n/sigma) x - alpha_n expm1(-h) D_i - alpha_n B(h) sum_{k<p} rho^p_k D1_k
+        UniC-p:  x_n  = (sigma_n/sigma) x - alpha_n expm1(-h) D_i
+                        - alpha_n B(h) (sum_{k<p} rho^c_k D1_k + rho^c_p (D(x~_n) - D_i))
+
+    ``B(h) = -h`` (``"bh1"``) or ``expm1(-h)`` (``"bh2"``), ``R_{jk} = r_k^{j-1}`` (``r_p = 1``) and
+    ``b_j = j! phi_{j+1}(-h) (-h) / B(h)``: ``rho^c = R^{-1} b`` (p x p; ``1/2`` for p = 1), ``rho^p`` the
+    leading (p-1) x (p-1) system (``1/2`` for p = 2, as the authors' and diffusers' code take it).  Both
+    share ``x``, so the corrector is the predictor plus ``sum`` of model outputs: it needs no remembered state.
+
+    Returns ``(cx, pred, corr)``: ``x~_n = cx x + sum_j pred[j] D_{i-j}`` (j < p) and
+    ``x_n = x~_n + corr[0] D(x~_n) + sum_j corr[1 + j] D_{i-j}`` (j < p); ``corr`` is None where there is
+    no corrector: to ``sigma_n = 0`` (``x~_n = alpha_n D_i``; first order only) and from ``alpha = 0``
+    (pure noise, ``lambda = -inf``: ``x~_n = sigma_n x + alpha_n D_i``, the exact first-order limit; first
+    order only).  ``h = 0`` (a repeated level): ``x~_n = x_n = x``."""
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"variant: expected one of {UNIPC_VARIANTS}, got {variant!r}")
+    (a, s), (an, sn) = level, level_next
+    p = len(earlier) + 1
+    lam = log_snr(a, s)
+    h = log_snr(an, sn) - lam
+    if h == 0.0:  # no step: x_n = x
+        return sn / s, (0.0,) * p, (0.0,) * (p + 1)
+    if not math.isfinite(h):  # to sigma_n = 0 or from alpha = 0: the first-order limit (B(h) diverges)
+        if earlier:
+            raise ValueError("earlier: UniP to sigma = 0 or from alpha = 0 (h infinite) is first order only")
+        return sn / s, (an,), None
+    z = -h
+    B = z if variant == "bh1" else math.expm1(z)
+    b = [math.factorial(j) * phi(j + 1, z) * z / B for j in range(1, p + 1)]
+    rs = [(log_snr(*lv) - lam) / h for lv in earlier]
+    if p == 1:
+        rho_p = []
+    elif p == 2:
+        rho_p = [0.5]
+    else:
+        rho_p = _solve([[r ** j for r in rs] for j in range(p - 1)], b[:p - 1])
+    rc = rs + [1.0]
+    rho_c = [0.5] if p == 1 else _solve([[r ** j for r in rc] for j in range(p)], b)
+    aB = an * B
+    pred = [-an * math.expm1(z) + aB * sum(q / r for q, r in zip(rho_p, rs))] + [-aB * q / r for q, r in zip(rho_p, rs)]
+    d = [c - q for c, q in zip(rho_c, rho_p)]  # rho^c_k - rho^p_k, k < p
+    corr = [-aB * rho_c[-1], aB * (sum(q / r for q, r in zip(d, rs)) + rho_c[-1])] + [-aB * q / r for q, r in zip(d, rs)]
+    return sn / s, tuple(pred), tuple(corr)

@@ -189,9 +189,10 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
 
     The multistep and exponential-integrator solvers (:data:`fastdiff.solvers.MULTISTEP_METHODS`:
     ``dpmpp_2m``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpmpp_2s_ancestral``, ``dpm_2``,
-    ``dpm_2_ancestral``, ``lms``, ``deis``, ``ipndm``, ``ipndm_v``) take VE levels like euler; ``eta`` (the SDE /
-    ancestral ones, default 1), ``churn`` (dpm_2), ``solver_type`` (dpmpp_2m_sde: ``"midpoint"`` or ``"heun"``),
-    ``order`` (lms, ipndm, ipndm_v: 1..4, default 4; deis: 1..3, default 3):
+    ``dpm_2_ancestral``, ``lms``, ``deis``, ``ipndm``, ``ipndm_v``, ``unipc``, ``lcm``, ``tcd``) take VE levels like
+    euler; ``eta`` (the SDE / ancestral ones, default 1; TCD's gamma), ``churn`` (dpm_2), ``solver_type``
+    (dpmpp_2m_sde: ``"midpoint"`` or ``"heun"``), ``order`` (lms, ipndm, ipndm_v: 1..4, default 4; deis: 1..3,
+    default 3; unipc: 1..3, default 2, UniPC-bh2 with its corrector; its other options):
     :func:`fastdiff.solvers.solver_table`.  ``path="flow"`` (those methods and euler / heun): the levels
     are rectified-flow times ``t`` in [0, 1], the denoiser sees ``(alpha, sigma) = (1 - t, t)``
     (``method="euler"`` is FlowMatch Euler).

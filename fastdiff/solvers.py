@@ -1,5 +1,5 @@
 """Trajectory rows: the :class:`Step` every sampler is a table of, and the rows of the multistep and
-exponential-integrator solvers (DPM-Solver++, DPM-Solver-2, LMS, DEIS, iPNDM).
+exponential-integrator solvers (DPM-Solver++, DPM-Solver-2, LMS, DEIS, iPNDM, UniPC, LCM, TCD).
 
 With ``D = x0_hat`` the denoiser's output, every solver step is, per sample, an affine map of the
 state, the current and earlier denoiser outputs and a normal draw, with scalar coefficients computed
@@ -14,6 +14,8 @@ once on the host (:mod:`fastdiff.coefficients`).  One :class:`Step` row says whi
 ``h_i`` is what the multistep solvers remember: the data prediction itself (``push = (0, 1)``: DPM-Solver++,
 kept without a copy), the ODE derivative ``d = (x - D)/sigma`` (``push = (1/sigma, -1/sigma)``: LMS, iPNDM)
 or the noise prediction ``eps = (x - alpha D)/sigma`` (``push = (1/sigma, -alpha/sigma)``: DEIS).
+UniPC's corrector fits the same rows: its corrected state is the predicted one (the row's ``x``) plus a sum
+of remembered outputs, so a row is corrector-then-predictor in one map of ``x``, ``m`` and ``hist``.
 The single-step methods of :mod:`fastdiff.sampling` fill only the first two lines and the Heun stage.
 :func:`fastdiff.sampling.run` applies a table step by step (one fused pass per line, coefficients as
 kernel arguments); :func:`fastdiff.gaussian_exact.gaussian_sampler_law` pushes a Gaussian through it exactly.
@@ -55,8 +57,9 @@ class Step(NamedTuple):
 
 
 MULTISTEP_METHODS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral", "dpm_2",
-                     "dpm_2_ancestral", "lms", "deis", "ipndm", "ipndm_v")
-_ORDERS = {"lms": 4, "deis": 3, "ipndm": 4, "ipndm_v": 4}  # the methods taking ``order``: its highest and default
+                     "dpm_2_ancestral", "lms", "deis", "ipndm", "ipndm_v", "unipc")
+# the methods taking ``order``: its highest and its default
+_ORDERS = {"lms": (4, 4), "deis": (3, 3), "ipndm": (4, 4), "ipndm_v": (4, 4), "unipc": (3, 2)}
 _D = (0.0, 1.0)  # push the data prediction itself
 
 
@@ -69,7 +72,7 @@ def _row(level, cx, cm, *, hist=(), cz=0.0, push=None, churn=0.0, level2=None, s
 
 PATHS = ("ve", "flow")
 FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2", "lms", "deis", "ipndm",
-                "ipndm_v")
+                "ipndm_v", "unipc")
 # the consistency samplers (LCM, TCD: _consistency_rows) are solver rows on both paths
 CONSISTENCY_METHODS = ("lcm", "tcd")
 MULTISTEP_METHODS = MULTISTEP_METHODS + CONSISTENCY_METHODS
@@ -85,7 +88,9 @@ def level_of(path: str, s: float) -> Tuple[float, float]:
 def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta: Optional[float] = None,
                  s_noise: float = 1.0, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
                  solver_type: str = "midpoint", order: Optional[int] = None,
-                 timesteps: Optional[Sequence[float]] = None, timestep_scaling: float = 10.0) -> List[Step]:
+                 timesteps: Optional[Sequence[float]] = None, timestep_scaling: float = 10.0,
+                 variant: Optional[str] = None, corrector: bool = True, disable_corrector: Sequence[int] = (),
+                 lower_order_final: bool = True) -> List[Step]:
     """The rows of ``method`` over the decreasing levels ``sigmas`` (the last may be 0), as k-diffusion's
     samplers of the same names take their steps (:mod:`fastdiff.coefficients`).
 
@@ -99,8 +104,9 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
     ``dpmpp_3m_sde`` (``eta`` default 1; ``eta = 0`` is DPM-Solver++(3M)); ``dpmpp_2s_ancestral`` and
     ``dpm_2_ancestral`` (``eta`` default 1); ``dpm_2`` (EDM churn ``churn``, ``gamma = min(churn/n, sqrt 2 - 1)`` where ``s_tmin <= sigma <= s_tmax``);
     ``lms`` (``order`` 1..4, default 4); ``deis`` (``order`` 1..3, default 3: :func:`_deis_rows`);
-    ``ipndm``, ``ipndm_v`` (``order`` 1..4, default 4: :func:`_ipndm_rows`).;
-``lcm`` and ``tcd`` (``eta`` is TCD's gamma, default 0.3, as diffusers'
+    ``ipndm``, ``ipndm_v`` (``order`` 1..4, default 4: :func:`_ipndm_rows`); ``unipc`` (:func:`_unipc_rows`:
+    ``order`` 1..3, default 2, ``variant`` ``"bh1"`` / ``"bh2"`` (default), ``corrector``, ``disable_corrector``,
+    ``lower_order_final``); ``lcm`` and ``tcd`` (``eta`` is TCD's gamma, default 0.3, as diffusers'
     ``TCDScheduler``; ``timesteps`` and ``timestep_scaling``: LCM's boundary condition,
     :func:`_consistency_rows`).  ``s_noise`` scales every draw."""
     if path not in PATHS:
@@ -115,12 +121,16 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
     if order is not None and method not in _ORDERS:
-        raise ValueError(f"order: only used by method='lms', 'deis', 'ipndm' or 'ipndm_v', got order={order} with "
-                         f"method={method!r}")
-    top = _ORDERS.get(method, 4)
+        raise ValueError(f"order: only used by method='lms', 'deis', 'ipndm', 'ipndm_v' or 'unipc', got order={order} "
+                         f"with method={method!r}")
+    top, default = _ORDERS.get(method, (4, 4))
     if order is not None and (isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= top):
         raise ValueError(f"order: expected an int in [1, {top}] ({method}), got {order!r}")
-    order = top if order is None else order
+    order = default if order is None else order
+    if method != "unipc" and (variant is not None or corrector is not True or tuple(disable_corrector)
+                              or lower_order_final is not True):
+        raise ValueError("variant, corrector, disable_corrector, lower_order_final: only used by method='unipc', "
+                         f"got them with method={method!r}")
     if method != "dpmpp_2m_sde" and solver_type != "midpoint":
         raise ValueError(f"solver_type: only used by method='dpmpp_2m_sde', got {solver_type!r} with method={method!r}")
     if churn and method != "dpm_2":
@@ -203,6 +213,9 @@ def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta:
         rows = _deis_rows(sig, lev, order)
     elif method in ("ipndm", "ipndm_v"):
         rows = _ipndm_rows(method, sig, lev, order)
+    elif method == "unipc":
+        rows = _unipc_rows(sig, lev, order, "bh2" if variant is None else variant, corrector, disable_corrector,
+                           lower_order_final)
     else:  # lms: x_{i+1} = x_i + sum_j c_j d_{i-j}, d = (x - D)/sigma remembered
         for i in range(n):
             cs = C.lms(sig, i, order)
@@ -295,6 +308,45 @@ def _consistency_rows(method, sig, path, eta, s_noise, timesteps, timestep_scali
         else:
             (fx, fm), (r, q) = C.tcd(level, level_of(path, (1.0 - gamma) * sig[i + 1]), level_next)
         rows.append(_row(level, r * fx, r * fm, cz=q * s_noise, call_args=(sig[i], sig[i + 1])))
+    return rows
+
+
+def _unipc_rows(sig, lev, order, variant, corrector, disable_corrector, lower_order_final) -> List[Step]:
+    """UniPC-p rows (Zhao et al. 2023; :func:`fastdiff.coefficients.unipc`), as diffusers'
+    ``UniPCMultistepScheduler`` steps: at step i the state is the predicted ``x~_i``; ``m_i = D(x~_i)`` first
+    corrects it, ``x_i = x~_i + sum_j e_j m_{i-j}`` (UniC with the order of step i-1's predictor; not where
+    ``corrector`` is false, on step 0, or where ``i - 1`` is in ``disable_corrector``, diffusers' list), then
+    UniP of order ``p_i = min(order, i + 1, n - i)`` (``n - i`` only with ``lower_order_final``: diffusers'
+    warm-up and final steps) predicts ``x~_{i+1} = cx x_i + sum_j c_j m_{i-j}``.  One row is the composition
+    ``x~_{i+1} = cx x~_i + sum_j (c_j + cx e_j) m_{i-j}``, ``m`` remembered (``push = (0, 1)``); the final
+    state is a prediction, as diffusers returns it.  To ``sigma = 0`` the step is first order
+    (``x = alpha D``: higher orders divide by ``r = 0``), and the history never reaches back to a level with
+    ``alpha = 0`` (the flow path's ``t = 1``, ``lambda = -inf``), nor is that first step corrected."""
+    if not isinstance(corrector, bool):
+        raise TypeError(f"corrector: expected True or False, got {type(corrector).__name__}")
+    if isinstance(disable_corrector, (str, bytes)) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in disable_corrector):
+        raise TypeError(f"disable_corrector: expected a sequence of step indices (ints), got {disable_corrector!r}")
+    if not isinstance(lower_order_final, bool):
+        raise TypeError(f"lower_order_final: expected True or False, got {type(lower_order_final).__name__}")
+    off = set(disable_corrector)
+    n = len(sig) - 1
+    finite = [math.isfinite(C.log_snr(*lv)) for lv in lev]
+    rows: List[Step] = []
+    e: Optional[Tuple[float, ...]] = None  # the correction of this row's x~_i: e_j multiplies m_{i-j}
+    for i in range(n):
+        p = min(order, i + 1, n - i) if lower_order_final else min(order, i + 1)
+        back = 0  # earlier levels the history may use: consecutive, finite lambda
+        while back < p - 1 and finite[i - 1 - back]:
+            back += 1
+        p = 1 if sig[i + 1] == 0.0 or not finite[i] else 1 + back
+        cx, pred, corr = C.unipc(lev[i], lev[i + 1], [lev[i - k] for k in range(1, p)], variant=variant)
+        cs = list(pred) + [0.0] * (len(e or ()) - len(pred))
+        for j, c in enumerate(e or ()):
+            cs[j] += cx * c
+        rows.append(_row(lev[i], cx, cs[0], hist=cs[1:], push=_D, call_args=(sig[i], sig[i + 1]),
+                         call_kw={"order": p, "corrected": e is not None}))
+        e = corr if corrector and i not in off else None
     return rows
 
 

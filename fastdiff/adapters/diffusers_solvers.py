@@ -1,7 +1,7 @@
-"""diffusers' DPM-Solver and FlowMatch schedulers whose ``step`` runs fastdiff's fused kernels.
+"""diffusers' DPM-Solver, UniPC and FlowMatch schedulers whose ``step`` runs fastdiff's fused kernels.
 
-    from fastdiff.adapters.diffusers_solvers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    from fastdiff.adapters.diffusers_solvers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
 
 ``DPMSolverMultistepScheduler``: the same constructor, config, state (``model_outputs``,
 ``lower_order_nums``, ``step_index``) and ``step`` signature and return type as diffusers'.  A step is
@@ -30,6 +30,25 @@ Noise (``sde-dpmsolver++``): a ``torch.Generator`` or ``variance_noise`` gives e
 (``randn_tensor``, float32, on every step as diffusers draws); a :class:`fastdiff.Generator` or ``None``
 draws the Philox stream in the kernel (no noise tensor; seed with :func:`fastdiff.manual_seed`).
 
+``UniPCMultistepScheduler``: diffusers' config, state (``model_outputs``, ``timestep_list``,
+``last_sample``, ``this_order``, ``lower_order_nums``, ``step_index``) and ``step``, with a step of three
+fused passes where diffusers runs ~30 ops: the data prediction ``x0_i`` (as for DPM-Solver), UniC's
+corrected state ``x_i = cx x_{i-1} + c x0_i + sum_j c_j x0_{i-1-j}`` (kept as ``last_sample``, as diffusers
+keeps it) and UniP's ``x~_{i+1} = cx' x_i + sum_j c'_j x0_{i-j}``, coefficients from
+:func:`fastdiff.coefficients.unipc` (UniPC, Zhao et al. 2023; B(h) ``bh1`` / ``bh2``) in float64 from
+diffusers' ``sigmas``.  Fused: ``predict_x0=True``, ``solver_type`` bh1 / bh2, ``solver_order`` 1-3,
+``prediction_type`` epsilon / sample / v_prediction / flow_prediction, every sigma option
+(karras / exponential / beta / flow sigmas, ``flow_shift``, dynamic shifting), ``timestep_spacing``,
+``final_sigmas_type``, ``lower_order_final``, ``disable_corrector``.  Handed to diffusers' own ``step``:
+``predict_x0=False`` (the noise-prediction form), ``thresholding``, ``solver_p``, ``solver_order > 3``, a
+model output whose shape or device differs from the sample's, and the steps whose formula has no finite
+value (a step of order >= 2 to ``sigma = 0``, reachable with ``lower_order_final=False``: it divides by
+``r_k = 0``; a corrector out of ``alpha = 0``), so the drop-in keeps diffusers' numbers there.  Where
+diffusers' float arithmetic is not finite but the step has a limit, the fused step takes the limit
+instead: ``bh1``'s step to ``sigma = 0`` (diffusers computes ``B(h) * 0 = -inf * 0``, NaN: its whole
+``bh1`` + ``final_sigmas_type="zero"`` output; here ``x = x0``, bh2's value) and order 3 on the repeated
+last level of ``final_sigmas_type="sigma_min"`` (``h = 0``; diffusers' solve raises; here ``x`` unchanged).
+
 ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, HunyuanVideo, LTX, CogView4): the step
 ``x + (t_next - t) v`` is one fused pass, and so is ``stochastic_sampling``'s
 ``(1 - t_next)(x - t v) + t_next z``.  ``per_token_timesteps`` (a ``(B, T)`` tensor of per-token
@@ -45,6 +64,7 @@ from typing import List, Tuple, Union
 import torch
 from diffusers import DPMSolverMultistepScheduler as _DPMSolverMultistepScheduler
 from diffusers import FlowMatchEulerDiscreteScheduler as _FlowMatchEulerDiscreteScheduler
+from diffusers import UniPCMultistepScheduler as _UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
@@ -55,7 +75,7 @@ from fastdiff.generator import Generator
 from fastdiff.ops.fused_step import _fused_step
 from fastdiff import dispatch
 
-__all__ = ["DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"]
+__all__ = ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"]
 
 affine_step = steps.affine_step
 _PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -76,6 +96,28 @@ def _levels(self) -> List[Tuple[float, float]]:
 
 def _raw_sigmas(self) -> List[float]:
     return self.sigmas.detach().double().cpu().tolist()
+
+
+def _data_prediction(self, model_output, sample, a, s, i):
+    """The data prediction ``x0`` at level ``(a, s)`` (step ``i``), as diffusers' ``convert_model_output``
+    writes it (its arithmetic promotes: the sample's and the output's common dtype)."""
+    pred = self.config.prediction_type
+    dt = torch.promote_types(sample.dtype, model_output.dtype)
+    xs, ms = sample.to(dt), model_output.to(dt)
+    if pred == "sample":
+        return model_output
+    if pred == "epsilon":
+        return affine_step([(xs, 1.0 / a), (ms, -s / a)])
+    if pred == "v_prediction":
+        return affine_step([(xs, a), (ms, -s)])
+    # flow_prediction: diffusers takes the raw sigma
+    return affine_step([(xs, 1.0), (ms, -_cached(self, (self.sigmas,), _raw_sigmas)[i])])
+
+
+def _same_tensors(model_output, sample) -> bool:
+    return (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
+            and model_output.shape == sample.shape and model_output.device == sample.device
+            and model_output.is_floating_point() and sample.is_floating_point())
 
 
 class DPMSolverMultistepScheduler(_DPMSolverMultistepScheduler):
@@ -125,19 +167,7 @@ class DPMSolverMultistepScheduler(_DPMSolverMultistepScheduler):
         i = self.step_index
         order = self._order_of_this_step()
         a, s = levels[i]
-        # the data prediction, in the model output's dtype, as diffusers' convert_model_output writes it
-        # (diffusers' arithmetic promotes: the sample's and the output's common dtype)
-        pred = self.config.prediction_type
-        dt = torch.promote_types(sample.dtype, model_output.dtype)
-        xs, ms = sample.to(dt), model_output.to(dt)
-        if pred == "sample":
-            x0 = model_output
-        elif pred == "epsilon":
-            x0 = affine_step([(xs, 1.0 / a), (ms, -s / a)])
-        elif pred == "v_prediction":
-            x0 = affine_step([(xs, a), (ms, -s)])
-        else:  # flow_prediction: diffusers takes the raw sigma
-            x0 = affine_step([(xs, 1.0), (ms, -_cached(self, (self.sigmas,), _raw_sigmas)[i])])
+        x0 = _data_prediction(self, model_output, sample, a, s, i)
         for k in range(self.config.solver_order - 1):
             self.model_outputs[k] = self.model_outputs[k + 1]
         self.model_outputs[-1] = x0
@@ -167,6 +197,79 @@ class DPMSolverMultistepScheduler(_DPMSolverMultistepScheduler):
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
         prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+
+# =========================================================================== UniPC
+class UniPCMultistepScheduler(_UniPCMultistepScheduler):
+    """diffusers' ``UniPCMultistepScheduler`` with a fused ``step`` (module docstring: what is fused)."""
+
+    def _plan(self):
+        """``(corrector, predictor)`` at ``step_index`` as diffusers' ``step`` decides them: each None or
+        ``(cx, pred, corr, p)`` of :func:`fastdiff.coefficients.unipc` (the corrector's from the last step's
+        level to this one, of the last predictor's order; the predictor's of this step's order)."""
+        cfg, i = self.config, self.step_index
+        levels = _cached(self, (self.sigmas,), _levels)
+        n = len(self.timesteps)
+        use_corrector = i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None
+        corrector = None
+        if use_corrector:
+            p = self.this_order
+            corrector = C.unipc(levels[i - 1], levels[i], [levels[i - 1 - k] for k in range(1, p)],
+                                variant=cfg.solver_type) + (p,)
+        p = min(cfg.solver_order, n - i) if cfg.lower_order_final else cfg.solver_order
+        p = min(p, min(self.lower_order_nums, cfg.solver_order) + 1)
+        predictor = C.unipc(levels[i], levels[i + 1], [levels[i - k] for k in range(1, p)],
+                            variant=cfg.solver_type) + (p,)
+        return corrector, predictor
+
+    def fastdiff_supports(self, model_output, timestep, sample) -> bool:
+        """Whether :meth:`step` runs the fused kernels for these arguments (else ``super().step``); never raises."""
+        try:
+            cfg = self.config
+            if (not self.predict_x0 or cfg.thresholding or self.solver_p is not None
+                    or cfg.solver_type not in C.UNIPC_VARIANTS or cfg.solver_order not in (1, 2, 3)
+                    or cfg.prediction_type not in _PREDICTIONS or self.num_inference_steps is None
+                    or not _same_tensors(model_output, sample)):
+                return False
+            if self.step_index is None:
+                return True  # step finds the index first; the per-step checks below need it
+            corrector, _ = self._plan()  # raises on a step of order >= 2 to sigma = 0 (r_k = 0: no limit)
+            return corrector is None or corrector[2] is not None  # no corrector out of alpha = 0
+        except Exception:  # noqa: BLE001 - a question about a config must not raise (C.unipc's first-order-only cases too)
+            return False
+
+    def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
+             return_dict: bool = True) -> Union[SchedulerOutput, tuple]:
+        if self.num_inference_steps is not None and self.step_index is None:
+            self._init_step_index(timestep)  # as diffusers' step does first (the orders depend on it)
+        if not self.fastdiff_supports(model_output, timestep, sample):
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        corrector, (cx, pred, _, p) = self._plan()
+        i = self.step_index
+        a, s = _cached(self, (self.sigmas,), _levels)[i]
+        x0 = _data_prediction(self, model_output, sample, a, s, i)
+        dt = torch.promote_types(sample.dtype, x0.dtype)
+        if corrector is not None:  # UniC: x_i from x_{i-1} (last_sample), x0_i and the remembered x0's
+            ccx, cpred, corr, cp = corrector
+            last = self.last_sample
+            terms = [(last.to(dt), ccx), (x0.to(dt), corr[0])]
+            terms += [(self.model_outputs[-1 - j].to(dt), cpred[j] + corr[1 + j]) for j in range(cp)]
+            sample = affine_step(terms).to(last.dtype)
+        for k in range(self.config.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+            self.timestep_list[k] = self.timestep_list[k + 1]
+        self.model_outputs[-1] = x0
+        self.timestep_list[-1] = timestep
+        self.this_order = p
+        self.last_sample = sample
+        terms = [(sample.to(dt), cx)] + [(self.model_outputs[-1 - j].to(dt), pred[j]) for j in range(p)]
+        prev = affine_step(terms).to(sample.dtype)
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
         self._step_index += 1
         if not return_dict:
             return (prev,)
