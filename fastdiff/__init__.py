@@ -7,7 +7,7 @@ their parameters (:mod:`fastdiff.denoisers`), schedules and the samplers' noise 
 (:mod:`fastdiff.backends`) choosing Triton, CUDA, C++ or torch per call; batched SVD and
 Jacobian ranks (:mod:`fastdiff.linalg`).
 """
-from fastdiff import denoisers, sigmas
+from fastdiff import data, denoisers, sigmas
 from fastdiff.backends import available
 from fastdiff.brownian import BrownianNoise
 from fastdiff.dispatch import info as _info_text
@@ -63,5 +63,5 @@ __all__ = [
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
     "svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
-    "jacobian_rank_trajectory", "sample", "CapturedSampler", "sigmas",
+    "jacobian_rank_trajectory", "sample", "CapturedSampler", "sigmas", "data",
 ]

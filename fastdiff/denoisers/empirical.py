@@ -10,6 +10,7 @@ import torch
 from fastdiff import backends
 from fastdiff._interop import accepts_arrays, check_real
 from fastdiff._args import OUTPUTS, _check_x, _per_sample
+from fastdiff.data import ImageSet
 
 __all__ = ["empirical_denoise", "nearest_neighbors", "Empirical"]
 
@@ -30,11 +31,15 @@ def empirical_denoise(x, data, alpha, sigma, *, output: str = "x0", chunk: Optio
         x0_hat = sum_i softmax_i( -||x - alpha y_i||^2 / (2 sigma^2) ) y_i
 
     Streamed over chunks of ``data`` with an online softmax (FlashAttention's recurrence): no
-    (B, N) matrix is ever held, memory is O((B + N) n); each chunk is two GEMMs.
+    (B, N) matrix is ever held, memory is O((B + N) n); each chunk is two GEMMs.  ``data`` may be
+    a :class:`fastdiff.data.ImageSet` (uint8 images, flattened to n = C H W, values in [-1, 1]):
+    each chunk is converted as it is read, so no float copy of the set is ever made.
     """
     x = _check_x(x)
     if output not in OUTPUTS:
         raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+    if isinstance(data, ImageSet):
+        return _empirical_streamed(x, data, alpha, sigma, output, chunk)
     if not isinstance(data, torch.Tensor) or data.ndim != 2:
         raise ValueError(f"data: expected an (N, n) tensor, got {getattr(data, 'shape', type(data).__name__)}")
     check_real("data", data)
@@ -47,21 +52,38 @@ def empirical_denoise(x, data, alpha, sigma, *, output: str = "x0", chunk: Optio
     if data.device != x.device:
         raise ValueError(f"data: expected a tensor on {x.device} (the device of x), got {data.device}")
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xc, yc = x.to(ct), data.to(ct)
+    yc = data.to(ct)
+    return _online_softmax(x, lambda j, c: yc[j:j + c], N, alpha, sigma, output, chunk)
+
+
+def _empirical_streamed(x, data: "ImageSet", alpha, sigma, output, chunk):
+    """``data`` held as uint8 images: each chunk converted to floats as it is read (data.float)."""
+    B, n = x.shape
+    if data.n != n:
+        raise ValueError(f"data: expected images of n = {n} values (x has shape (B, {n})), got {data.shape}")
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _online_softmax(x, lambda j, c: data.float(j, j + c, dtype=ct, device=x.device, flatten=True),
+                           len(data), alpha, sigma, output, chunk)
+
+
+def _online_softmax(x, rows, N, alpha, sigma, output, chunk):
+    """The streamed recurrence over ``rows(j, c)`` (the training points j .. j + c, compute dtype)."""
+    B, n = x.shape
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(ct)
     a = _per_sample("alpha", alpha, B, x.device).to(ct)[:, None]
     s = _per_sample("sigma", sigma, B, x.device).to(ct)[:, None]
     # logit_i = (alpha x.y_i - alpha^2 ||y_i||^2 / 2) / sigma^2  (the ||x||^2 term cancels in the softmax)
     xs = xc * (a / (s * s))
     bias = (a * a / (2 * s * s))                         # (R, 1), times ||y||^2 per column
-    ysq = (yc * yc).sum(1)
     m = torch.full((B, 1), -math.inf, dtype=ct, device=x.device)
     l = torch.zeros(B, 1, dtype=ct, device=x.device)
     acc = torch.zeros(B, n, dtype=ct, device=x.device)
     step = _chunk(B, N, n, chunk)
     for j in range(0, N, step):
-        Y = yc[j:j + step]
+        Y = rows(j, step)
         S = backends.mm(xs, Y.T)                         # (B, c)
-        S.sub_(bias * ysq[j:j + step])
+        S.sub_(bias * (Y * Y).sum(1))
         m_new = torch.maximum(m, S.amax(1, keepdim=True))
         scale = torch.exp(m - m_new)                     # exp(-inf) = 0 on the first chunk
         S.sub_(m_new).exp_()
@@ -153,19 +175,29 @@ def _nearest_brute64(x64, y64, k, step):
 
 
 class Empirical:
-    """The empirical distribution of a training set (N, n): its optimal denoiser memorizes."""
+    """The empirical distribution of a training set (N, n), or of an :class:`~fastdiff.data.ImageSet`
+    (kept as uint8, converted chunk by chunk): its optimal denoiser memorizes."""
 
     def __init__(self, data):
+        if isinstance(data, ImageSet):
+            self.data, self.N, self.n = data, len(data), data.n
+            return
         if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[0] < 1:
-            raise ValueError(f"data: expected an (N, n) tensor with N >= 1, got {getattr(data, 'shape', type(data).__name__)}")
+            raise ValueError(f"data: expected an (N, n) tensor or an ImageSet with N >= 1, got "
+                             f"{getattr(data, 'shape', type(data).__name__)}")
         self.data = data
         self.N, self.n = data.shape
 
+    def _on(self, device):
+        return self.data if isinstance(self.data, ImageSet) else self.data.to(device)
+
     def __call__(self, x, alpha, sigma, **kwargs):
-        return empirical_denoise(x, self.data.to(x.device), alpha, sigma, **kwargs)
+        return empirical_denoise(x, self._on(x.device), alpha, sigma, **kwargs)
 
     def nearest(self, x, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
-        return nearest_neighbors(x, self.data.to(x.device), k)
+        data = self.data.float(dtype=x.dtype, device=x.device, flatten=True) if isinstance(self.data, ImageSet) \
+            else self.data.to(x.device)
+        return nearest_neighbors(x, data, k)
 
     def __repr__(self) -> str:
         return f"Empirical(N={self.N}, n={self.n})"
