@@ -108,3 +108,39 @@ def test_empirical(record, device, shape, impl):
         torch.testing.assert_close(fn(), empirical_eager(x, data, ALPHA, sigma), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         record(group, impl, fn, flops=4 * B * N * n, rounds=10)
+
+
+# issue 17's one-pass row: the posterior mean, log p_t and the two nearest neighbours from one read
+# of the training set, against the separate eager passes a user writes (cdist + softmax + matmul,
+# logsumexp, topk) and against fastdiff's own separate calls (empirical_denoise, nearest_neighbors)
+POSTERIOR = [(256, 50000, 192)]
+
+
+def posterior_eager(x, data, alpha, sigma):
+    n = x.shape[1]
+    logits = -torch.cdist(x, alpha * data) ** 2 / (2 * sigma**2)
+    x0 = torch.softmax(logits, 1) @ data
+    logp = torch.logsumexp(logits, 1) - math.log(data.shape[0]) - 0.5 * n * math.log(2 * math.pi * sigma**2)
+    d, i = torch.topk(torch.cdist(x, data), 2, dim=1, largest=False)
+    return x0, logp, d, i
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "fastdiff-separate"])
+@pytest.mark.parametrize("shape", POSTERIOR, ids=lambda s: "x".join(map(str, s)))
+def test_empirical_posterior(record, device, shape, impl):
+    B, N, n = shape
+    gen = torch.Generator().manual_seed(3)
+    data = torch.randn(N, n, generator=gen).to(device)
+    x = torch.randn(B, n, generator=gen).to(device)
+    sigma = 0.5 * math.sqrt(n)
+    if impl == "fastdiff":
+        fn = lambda: fastdiff.denoisers.empirical_posterior(x, data, ALPHA, sigma, outputs=("x0", "logp", "neighbors"))  # noqa: E731
+    elif impl == "fastdiff-separate":
+        fn = lambda: (fastdiff.empirical_denoise(x, data, ALPHA, sigma), fastdiff.nearest_neighbors(x, data, 2))  # noqa: E731
+    elif impl == "eager":
+        fn = lambda: posterior_eager(x, data, ALPHA, sigma)  # noqa: E731
+    else:
+        f = _compiled.setdefault("posterior", torch.compile(posterior_eager))
+        fn = lambda: f(x, data, ALPHA, sigma)  # noqa: E731
+    with torch.no_grad():
+        record(f"empirical posterior x0+logp+top2 (B,N,n)=({B},{N},{n})", impl, fn, flops=4 * B * N * n, rounds=5)

@@ -43,7 +43,8 @@ def _from_torch(r, kind, out_tensor=None, out_array=None):
             return cupy.from_dlpack(r)
         return r
     if isinstance(r, tuple):
-        return tuple(_from_torch(v, kind, out_tensor, out_array) for v in r)
+        vals = (_from_torch(v, kind, out_tensor, out_array) for v in r)
+        return type(r)(*vals) if hasattr(r, "_fields") else tuple(vals)  # a NamedTuple keeps its fields
     return r
 
 

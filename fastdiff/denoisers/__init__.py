@@ -12,9 +12,11 @@ data from the model).  One module per model: :mod:`.molrg` (its op, the kernels'
 checks in ``_args``.
 """
 from fastdiff.denoisers._cache import pack_bases
-from fastdiff.denoisers.empirical import Empirical, empirical_denoise, nearest_neighbors
+from fastdiff.denoisers.empirical import (Empirical, EmpiricalPosterior, empirical_denoise, empirical_logp,
+                                          empirical_posterior, nearest_neighbors)
 from fastdiff.denoisers.gaussian import Gaussian, gaussian_denoise, psd_eigenvalues
 from fastdiff.denoisers.molrg import MoLRG, molrg_denoise
 
 __all__ = ["MoLRG", "Gaussian", "Empirical", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
-           "nearest_neighbors", "pack_bases", "psd_eigenvalues"]
+           "nearest_neighbors", "empirical_posterior", "empirical_logp", "EmpiricalPosterior", "pack_bases",
+           "psd_eigenvalues"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -12,7 +12,8 @@ from fastdiff._interop import accepts_arrays, check_real
 from fastdiff._args import OUTPUTS, _check_x, _per_sample
 from fastdiff.data import ImageSet
 
-__all__ = ["empirical_denoise", "nearest_neighbors", "Empirical"]
+__all__ = ["empirical_denoise", "nearest_neighbors", "empirical_posterior", "empirical_logp", "EmpiricalPosterior",
+           "POSTERIOR_OUTPUTS", "Empirical"]
 
 
 def _chunk(B, N, n, chunk):
@@ -201,3 +202,151 @@ class Empirical:
 
     def __repr__(self) -> str:
         return f"Empirical(N={self.N}, n={self.n})"
+
+
+# =========================================================================== one pass, every output
+POSTERIOR_OUTPUTS = ("x0", "score", "logp", "neighbors")
+
+
+class EmpiricalPosterior(NamedTuple):
+    """What :func:`empirical_posterior` computed (``None`` where not asked for)."""
+    x0: Optional[torch.Tensor]          # (B, n) posterior mean E[x_0 | x_t]
+    score: Optional[torch.Tensor]       # (B, n) grad log p_t(x) = (alpha x0 - x) / sigma^2
+    logp: Optional[torch.Tensor]        # (B,) log p_t(x), float64
+    distances: Optional[torch.Tensor]   # (B, k) ||x - y_i|| of the k nearest training points, nearest first
+    indices: Optional[torch.Tensor]     # (B, k) their row indices
+
+
+@accepts_arrays
+def empirical_posterior(x, data, alpha, sigma, *, outputs: Sequence[str] = ("x0",), k: int = 2,
+                        chunk: Optional[int] = None) -> EmpiricalPosterior:
+    """The posterior mean, score, ``log p_t(x)`` and the k nearest training points, from one read
+    of the training set ``data`` (N, n) (or a uint8 :class:`~fastdiff.data.ImageSet`)::
+
+        p_t(x)   = (1/N) sum_i N(x; alpha y_i, sigma^2 I)
+        log p_t  = LSE_i( -||x - alpha y_i||^2 / (2 sigma^2) ) - log N - (n/2) log(2 pi sigma^2)
+        x0_hat   = sum_i softmax_i(...) y_i,     score = (alpha x0_hat - x) / sigma^2
+        neighbors: argmin_i ||x - y_i|| (the memorization ratio's d1 / d2, docs/math.md section 4)
+
+    Every chunk of rows is one GEMM ``G = (x - c) (y - c)^T`` on coordinates centred on the data
+    mean ``c`` (far from the origin the expanded squares cancel; docs/math.md 2c): the softmax
+    logits are ``(2 alpha (G + (1 - alpha) c.(y - c)) - alpha^2 ||y - c||^2) / (2 sigma^2)`` (the
+    identity ``x - alpha y = (x - alpha c) - alpha (y - c)``), the neighbour scores
+    ``||y - c||^2 - 2 G``.  The log-sum-exp runs online (FlashAttention's recurrence) and the
+    constant terms are added in float64; the neighbours' 2k + 2 best candidates are re-ranked with
+    exact float64 distances.  Memory O((B + N) n + B k); never a (B, N) matrix.
+
+    ``outputs``: any of :data:`POSTERIOR_OUTPUTS`; ``alpha, sigma`` scalars or (B,).
+    """
+    x = _check_x(x)
+    want = tuple(outputs) if not isinstance(outputs, str) else (outputs,)
+    bad = [o for o in want if o not in POSTERIOR_OUTPUTS]
+    if bad or not want:
+        raise ValueError(f"outputs: expected a non-empty subset of {POSTERIOR_OUTPUTS}, got {outputs!r}")
+    B, n = x.shape
+    if isinstance(data, ImageSet):
+        if data.n != n:
+            raise ValueError(f"data: expected images of n = {n} values (x has shape (B, {n})), got {data.shape}")
+        N = len(data)
+    else:
+        if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[1] != n or data.shape[0] < 1:
+            raise ValueError(f"data: expected an (N, {n}) tensor with N >= 1 or an ImageSet, got "
+                             f"{getattr(data, 'shape', type(data).__name__)}")
+        check_real("data", data)
+        if data.device != x.device:
+            raise ValueError(f"data: expected a tensor on {x.device} (the device of x), got {data.device}")
+        N = data.shape[0]
+    if "neighbors" in want and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= N):
+        raise ValueError(f"k: expected an int in [1, N = {N}], got {k!r}")
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+    if isinstance(data, ImageSet):
+        def rows(j, c, dtype=ct):
+            return data.float(j, j + c, dtype=dtype, device=dev, flatten=True)
+    else:
+        def rows(j, c, dtype=ct):
+            return data[j:j + c].to(dtype)
+    step = _chunk(B, N, n, chunk)
+    center = torch.zeros(n, dtype=torch.float64, device=dev)
+    for j in range(0, N, step):
+        center += rows(j, step).sum(0, dtype=torch.float64)
+    center /= N
+    a64 = _per_sample("alpha", alpha, B, dev)[:, None]
+    s64 = _per_sample("sigma", sigma, B, dev)[:, None]
+    soft = "x0" in want or "score" in want or "logp" in want
+    near = "neighbors" in want
+    x64 = x.double() - center                      # x - c: the neighbours' coordinates
+    xa = (x.double() - a64 * center)               # x - alpha c: the softmax's
+    # one GEMM a chunk, H = (x - alpha c) (y - c)^T; the softmax logits are
+    # (alpha / sigma^2) H - (alpha^2 / (2 sigma^2)) ||y - c||^2 and, as (x - c).(y - c) =
+    # H - (1 - alpha) c.(y - c), the nearest rows maximise H - (1 - alpha) c.(y - c) - ||y - c||^2 / 2
+    xh, cc = xa.to(ct), center.to(ct)
+    g1, g2 = (a64 / (s64 * s64)).to(ct), (a64 * a64 / (2 * s64 * s64)).to(ct)
+    one_minus_a = (1 - a64).to(ct)
+    m = torch.full((B, 1), -math.inf, dtype=ct, device=dev)
+    l = torch.zeros(B, 1, dtype=ct, device=dev)
+    acc = torch.zeros(B, n, dtype=ct, device=dev) if ("x0" in want or "score" in want) else None
+    kc = min(N, 2 * k + 2) if near else 0
+    best_v = torch.full((B, 0), -math.inf, dtype=ct, device=dev)
+    best_i = torch.zeros(B, 0, dtype=torch.long, device=dev)
+    ymax2 = torch.zeros((), dtype=torch.float64, device=dev)   # max ||y - c||^2, for the certificate
+    for j in range(0, N, step):
+        Y = rows(j, step).sub_(cc) if isinstance(data, ImageSet) else rows(j, step) - cc   # y - c, (c, n)
+        H = backends.mm(xh, Y.T)                   # (B, c)
+        ysq = (Y * Y).sum(1)
+        if near:
+            ymax2 = torch.maximum(ymax2, ysq.double().max())
+            score_nb = torch.addcmul(H - 0.5 * ysq, one_minus_a, (Y @ cc)[None, :], value=-1.0)
+            v, i = torch.topk(score_nb, min(kc, score_nb.shape[1]), dim=1)
+            best_v, best_i = torch.cat([best_v, v], 1), torch.cat([best_i, i + j], 1)
+            if best_v.shape[1] > kc:
+                best_v, sel = torch.topk(best_v, kc, dim=1)
+                best_i = best_i.gather(1, sel)
+        if soft:
+            S = torch.addcmul(H.mul_(g1), g2, ysq[None, :], value=-1.0)
+            m_new = torch.maximum(m, S.amax(1, keepdim=True))
+            scale = torch.exp(m - m_new)
+            S.sub_(m_new).exp_()
+            l.mul_(scale).add_(S.sum(1, keepdim=True))
+            if acc is not None:
+                acc.mul_(scale).add_(backends.mm(S, Y))
+            m = m_new
+    x0 = score = logp = dist = idx = None
+    if acc is not None:
+        x0_64 = (acc.double() / l.double()) + center
+        x0 = x0_64.to(x.dtype)
+        if "score" in want:
+            score = ((a64 * x0_64 - x.double()) / (s64 * s64)).to(x.dtype)
+        if "x0" not in want:
+            x0 = None
+    if "logp" in want:
+        logp = (m.double() + l.double().log() - (xa * xa).sum(1, keepdim=True) / (2 * s64 * s64)
+                - math.log(N) - 0.5 * n * torch.log(2 * math.pi * s64 * s64)).reshape(B)
+    if near:
+        flat = best_i.reshape(-1)
+        ysel = data[flat].float(dtype=torch.float64, device=dev, flatten=True) if isinstance(data, ImageSet) \
+            else data[flat].double()
+        exact = ((x64[:, None, :] - (ysel - center).reshape(B, -1, n)) ** 2).sum(-1)
+        d2k, order = torch.topk(exact, k, dim=1, largest=False)
+        idx = best_i.gather(1, order)
+        if kc < N:
+            # nearest_neighbors' certificate: a row left out scored >= T (the worst kept), so its
+            # true score is >= T - E; a k-th exact one below that cannot be beaten, else brute force
+            eps = torch.finfo(ct).eps
+            xn = x64.norm(dim=1)
+            # the scores are (x - alpha c).(y - c) - (1 - alpha) c.(y - c) - ||y - c||^2 / 2 in ct: bound each product
+            reach = xa.norm(dim=1) + (1 - a64.reshape(-1)).abs() * center.norm()
+            E = 2 * (n + 4) * eps * (ymax2 + 2 * reach * ymax2.sqrt())
+            redo = (~(d2k[:, -1] - xn * xn < -2 * best_v.double().amin(1) - E) & torch.isfinite(x64).all(1)).nonzero().reshape(-1)
+            if redo.numel():
+                y64 = torch.cat([rows(j, step, torch.float64) for j in range(0, N, step)]) - center
+                rd, ri = _nearest_brute64(x64[redo], y64, k, step)
+                d2k, idx = d2k.clone(), idx.clone()
+                d2k[redo], idx[redo] = rd, ri
+        dist = d2k.sqrt().to(x.dtype)
+    return EmpiricalPosterior(x0, score, logp, dist, idx)
+
+
+def empirical_logp(x, data, alpha, sigma, *, chunk: Optional[int] = None) -> torch.Tensor:
+    """``log p_t(x)`` (B,) float64 of the noised empirical distribution: :func:`empirical_posterior`'s ``logp``."""
+    return empirical_posterior(x, data, alpha, sigma, outputs=("logp",), chunk=chunk).logp
