@@ -144,3 +144,41 @@ def test_empirical_posterior(record, device, shape, impl):
         fn = lambda: f(x, data, ALPHA, sigma)  # noqa: E731
     with torch.no_grad():
         record(f"empirical posterior x0+logp+top2 (B,N,n)=({B},{N},{n})", impl, fn, flops=4 * B * N * n, rounds=5)
+
+
+# issue 17's patch row: the equivariant local machine against the formulation of Kamb & Ganguli's
+# code, conv2d with every training patch as a filter (chunked over training images so that the
+# (B, chunk L, H, W) score tensor fits), then a two-pass softmax over all patches
+PATCHES = [((1, 8, 8), 1797, 16, 3), ((1, 8, 8), 1797, 16, 5), ((1, 28, 28), 1000, 2, 3), ((1, 28, 28), 1000, 2, 5)]
+
+
+def els_conv2d(x, data, alpha, sigma, P, chunk=64):
+    B, C, H, W = x.shape
+    r = P // 2
+    logits, centers = [], []
+    for j in range(0, data.shape[0], chunk):
+        y = data[j:j + chunk]
+        k = torch.nn.functional.unfold(torch.nn.functional.pad(y, (r, r, r, r)), P).transpose(1, 2).reshape(-1, C, P, P)
+        s = torch.nn.functional.conv2d(x, alpha * k, padding=r)                       # (B, cL, H, W): x patch . alpha k
+        logits.append((s - 0.5 * alpha**2 * (k * k).sum((1, 2, 3))[None, :, None, None]) / sigma**2)
+        centers.append(y.flatten(2).transpose(1, 2).reshape(-1, C))
+    w = torch.softmax(torch.cat(logits, 1), 1)                                          # (B, NL, H, W)
+    return torch.einsum("bkhw,kc->bchw", w, torch.cat(centers))
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
+@pytest.mark.parametrize("case", PATCHES, ids=lambda c: f"{c[0][1]}x{c[0][2]}-N{c[1]}-B{c[2]}-P{c[3]}")
+def test_equivariant_local(record, device, case, impl):
+    from fastdiff.denoisers.patch import patch_denoise
+    (C, H, W), N, B, P = case
+    gen = torch.Generator().manual_seed(4)
+    data = torch.rand(N, C, H, W, generator=gen).to(device) * 2 - 1
+    x = torch.randn(B, C, H, W, generator=gen).to(device)
+    if impl == "fastdiff":
+        fn = lambda: patch_denoise(x, data, 1.0, 0.5, patch=P, mode="equivariant")  # noqa: E731
+        torch.testing.assert_close(fn(), els_conv2d(x, data, 1.0, 0.5, P), rtol=1e-4, atol=1e-4)
+    else:
+        fn = lambda: els_conv2d(x, data, 1.0, 0.5, P)  # noqa: E731
+    L = H * W
+    with torch.no_grad():
+        record(f"equivariant local {H}x{W} N={N} B={B} P={P}", impl, fn, flops=4 * B * L * N * L * C * P * P, rounds=3)

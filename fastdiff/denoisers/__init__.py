@@ -8,7 +8,7 @@ The functions (:func:`molrg_denoise`, :func:`gaussian_denoise`, :func:`empirical
 x0_hat`` (B, n) (:class:`MoLRG`, :class:`Gaussian`, :class:`Empirical`; samplers can call any of
 them, or any other callable with that signature; ``MoLRG.sample`` and ``Gaussian.sample`` draw
 data from the model).  One module per model: :mod:`.molrg` (its op, the kernels' glue, in
-:mod:`fastdiff.ops.molrg`; the packed-bases cache in ``_cache``), :mod:`.gaussian`, :mod:`.empirical`; shared argument
+:mod:`fastdiff.ops.molrg`; the packed-bases cache in ``_cache``), :mod:`.gaussian`, :mod:`.empirical`, :mod:`.patch` (local / equivariant local patch machines); shared argument
 checks in ``_args``.
 """
 from fastdiff.denoisers._cache import pack_bases
@@ -16,7 +16,9 @@ from fastdiff.denoisers.empirical import (Empirical, EmpiricalPosterior, empiric
                                           empirical_posterior, nearest_neighbors)
 from fastdiff.denoisers.gaussian import Gaussian, gaussian_denoise, psd_eigenvalues
 from fastdiff.denoisers.molrg import MoLRG, molrg_denoise
+from fastdiff.denoisers.patch import PatchDenoiser, patch_denoise
 
 __all__ = ["MoLRG", "Gaussian", "Empirical", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
-           "nearest_neighbors", "empirical_posterior", "empirical_logp", "EmpiricalPosterior", "pack_bases",
+           "nearest_neighbors", "empirical_posterior", "empirical_logp", "EmpiricalPosterior", "PatchDenoiser",
+           "patch_denoise", "pack_bases",
            "psd_eigenvalues"]

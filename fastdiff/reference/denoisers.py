@@ -88,3 +88,42 @@ def nearest_neighbors(x, data, k=2):
     d = torch.cdist(x, data)
     vals, idx = torch.topk(d, k, dim=1, largest=False)
     return vals, idx
+
+
+def _window(img, i, j, P, boundary):
+    """The P x P patch of img (C, H, W) centred at pixel (i, j), by explicit indexing: zeros outside
+    the image, or the image wrapped around."""
+    C, H, W = img.shape
+    r = P // 2
+    out = torch.zeros(C, P, P, dtype=img.dtype)
+    for di in range(P):
+        for dj in range(P):
+            u, v = i + di - r, j + dj - r
+            if boundary == "circular":
+                out[:, di, dj] = img[:, u % H, v % W]
+            elif 0 <= u < H and 0 <= v < W:
+                out[:, di, dj] = img[:, u, v]
+    return out.reshape(-1)
+
+
+def patch_denoise(x, data, alpha, sigma, *, patch, mode="local", boundary="zero"):
+    """Local / equivariant local empirical denoiser of images x (B, C, H, W) over data (N, C, H, W),
+    pixel by pixel from the formula (fastdiff/denoisers/patch.py's docstring); alpha, sigma scalars."""
+    B, C, H, W = x.shape
+    N = data.shape[0]
+    out = torch.zeros_like(x)
+    keys = {}
+    for i in range(N):
+        for u in range(H):
+            for v in range(W):
+                keys[i, u, v] = _window(data[i], u, v, patch, boundary)
+    for b in range(B):
+        for u in range(H):
+            for v in range(W):
+                q = _window(x[b], u, v, patch, boundary)
+                where = [(i, u, v) for i in range(N)] if mode == "local" else list(keys)
+                logits = torch.stack([-((q - alpha * keys[k]) ** 2).sum() / (2 * sigma**2) for k in where])
+                w = torch.softmax(logits, 0)
+                vals = torch.stack([data[i, :, uu, vv] for i, uu, vv in where])   # (K, C)
+                out[b, :, u, v] = w @ vals
+    return out
