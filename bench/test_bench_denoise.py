@@ -182,3 +182,44 @@ def test_equivariant_local(record, device, case, impl):
     L = H * W
     with torch.no_grad():
         record(f"equivariant local {H}x{W} N={N} B={B} P={P}", impl, fn, flops=4 * B * L * N * L * C * P * P, rounds=3)
+
+
+# issue 17's Gaussian-mixture row at K = 10, n = 256: the formulation a user writes (a
+# MultivariateNormal per call from a Cholesky of alpha^2 Sigma_k + sigma^2 I, a triangular solve for
+# the conditional means) against GaussianMixture (eigendecomposed once; two batched GEMMs a call)
+GMM = [(1024, 10, 256)]
+
+
+def gmm_eager(x, means, covs, weights, alpha, sigma):
+    n = x.shape[1]
+    M = alpha**2 * covs + sigma**2 * torch.eye(n)
+    L = torch.linalg.cholesky(M)
+    logits = torch.distributions.MultivariateNormal(alpha * means, scale_tril=L).log_prob(x[:, None, :]) + weights.log()
+    w = torch.softmax(logits, -1)
+    r = (x[:, None, :] - alpha * means).permute(1, 2, 0)                                  # (K, n, B)
+    cond = means[:, :, None] + alpha * covs @ torch.cholesky_solve(r, L)                 # (K, n, B)
+    return torch.einsum("bk,knb->bn", w, cond)
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile"])
+@pytest.mark.parametrize("shape", GMM, ids=lambda s: "x".join(map(str, s)))
+def test_gaussian_mixture(record, device, shape, impl):
+    from fastdiff.denoisers.gmm import GaussianMixture
+    B, K, n = shape
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(K, n, n, generator=gen) / math.sqrt(n)
+    covs = (A @ A.mT + 0.1 * torch.eye(n)).to(device)
+    means = torch.randn(K, n, generator=gen).to(device)
+    weights = torch.full((K,), 1.0 / K, device=device)
+    x = torch.randn(B, n, generator=gen).to(device)
+    if impl == "fastdiff":
+        gmm = GaussianMixture(means, covs=covs, weights=weights)
+        fn = lambda: gmm(x, ALPHA, SIGMA)  # noqa: E731
+        torch.testing.assert_close(fn(), gmm_eager(x, means, covs, weights, ALPHA, SIGMA), rtol=1e-3, atol=1e-3)
+    elif impl == "eager":
+        fn = lambda: gmm_eager(x, means, covs, weights, ALPHA, SIGMA)  # noqa: E731
+    else:
+        f = _compiled.setdefault("gmm", torch.compile(gmm_eager))
+        fn = lambda: f(x, means, covs, weights, ALPHA, SIGMA)  # noqa: E731
+    with torch.no_grad():
+        record(f"gaussian mixture (B,K,n)=({B},{K},{n})", impl, fn, flops=4 * B * K * n * n, rounds=10)

@@ -16,9 +16,10 @@ from fastdiff.denoisers.empirical import (Empirical, EmpiricalPosterior, empiric
                                           empirical_posterior, nearest_neighbors)
 from fastdiff.denoisers.gaussian import Gaussian, gaussian_denoise, psd_eigenvalues
 from fastdiff.denoisers.molrg import MoLRG, molrg_denoise
+from fastdiff.denoisers.gmm import GaussianMixture, MixturePosterior
 from fastdiff.denoisers.patch import PatchDenoiser, patch_denoise
 
 __all__ = ["MoLRG", "Gaussian", "Empirical", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
-           "nearest_neighbors", "empirical_posterior", "empirical_logp", "EmpiricalPosterior", "PatchDenoiser",
+           "nearest_neighbors", "empirical_posterior", "empirical_logp", "EmpiricalPosterior", "PatchDenoiser", "GaussianMixture", "MixturePosterior",
            "patch_denoise", "pack_bases",
            "psd_eigenvalues"]
