@@ -127,3 +127,29 @@ def test_bad_calls():
         gmm(torch.randn(4, 3), 1.0, 0.5, output="v")
     with pytest.raises(ValueError, match="means: expected finite"):
         GaussianMixture(torch.tensor([[float("nan"), 0.0, 0.0]]), diag=torch.ones(1, 3))
+
+
+def test_speciation_time_is_half_log_lambda():
+    """Biroli et al. (2024): two Gaussians at +-m with unit covariance under the OU process
+    (alpha = e^-t, sigma^2 = 1 - e^-2t) speciate at t_S = (1/2) log Lambda, Lambda = |m|^2 + 1 the
+    top eigenvalue of the data covariance.  The time where the clone agreement phi crosses 3/4
+    (halfway from 1 to 1/2) follows t_S with slope 1 over three decades of Lambda, and sits within
+    0.15 of it (measured: +0.02 to +0.07, slope 1.012)."""
+    d = 40
+    ts_cross, ts_theory = [], []
+    for m2 in (10.0, 100.0, 1000.0, 1e4):
+        m = torch.full((d,), np.sqrt(m2 / d), dtype=torch.float64)
+        gmm = GaussianMixture(torch.stack([m, -m]), diag=torch.ones(2, d, dtype=torch.float64))
+        t_s = 0.5 * np.log(m2 + 1)
+        ts = np.linspace(t_s - 0.8, t_s + 0.8, 17)
+        phi = [gmm.clone_agreement(np.exp(-t), np.sqrt(1 - np.exp(-2 * t)), 3000,
+                                   generator=torch.Generator().manual_seed(1)) for t in ts]
+        assert phi[0] > 0.8 and phi[-1] < 0.7
+        i = next(i for i, p in enumerate(phi) if p < 0.75)
+        ts_cross.append(ts[i - 1] + (phi[i - 1] - 0.75) / (phi[i - 1] - phi[i]) * (ts[i] - ts[i - 1]))
+        ts_theory.append(t_s)
+        assert abs(ts_cross[-1] - t_s) < 0.15, (m2, ts_cross[-1], t_s)
+    slope = np.polyfit(ts_theory, ts_cross, 1)[0]
+    assert abs(slope - 1) < 0.05, slope
+    far = GaussianMixture(torch.stack([m, -m]), diag=torch.ones(2, d, dtype=torch.float64))
+    assert abs(far.clone_agreement(np.exp(-12.0), 1.0, 20000, generator=torch.Generator().manual_seed(2)) - 0.5) < 0.01

@@ -185,5 +185,18 @@ class GaussianMixture:
         x = x.to(self.dtype)
         return (x, k) if return_labels else x
 
+    def clone_agreement(self, alpha: float, sigma: float, N: int = 10000, *,
+                        generator: Optional[torch.Generator] = None) -> float:
+        """``phi = E_{x_t}[ sum_k w_k(x_t)^2 ]``, x_t = alpha x_0 + sigma eps: the probability that two
+        samples of the exact reverse process started from the same x_t end in the same component
+        (each is a draw of x_0 | x_t).  Near 1 before the speciation time, ``sum_k pi_k^2`` after it
+        (G. Biroli, T. Bonnaire, V. de Bortoli and M. Mezard, *Dynamical regimes of diffusion models*,
+        2024: ``t_S = (1/2) log Lambda`` for the OU process, Lambda the top eigenvalue of the data
+        covariance).  Monte Carlo over N draws, float64."""
+        x0 = self.sample(N, generator=generator).double()
+        xt = alpha * x0 + sigma * torch.randn(x0.shape, dtype=torch.float64, generator=generator)
+        w = self.posterior(xt, alpha, sigma).responsibilities
+        return float((w * w).sum(-1).mean())
+
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.K}, n={self.n}, form={self.form!r})"
