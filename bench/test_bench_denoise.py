@@ -213,7 +213,7 @@ def test_gaussian_mixture(record, device, shape, impl):
     weights = torch.full((K,), 1.0 / K, device=device)
     x = torch.randn(B, n, generator=gen).to(device)
     if impl == "fastdiff":
-        gmm = GaussianMixture(means, covs=covs, weights=weights)
+        gmm = GaussianMixture(means, covs, weights)
         fn = lambda: gmm(x, ALPHA, SIGMA)  # noqa: E731
         torch.testing.assert_close(fn(), gmm_eager(x, means, covs, weights, ALPHA, SIGMA), rtol=1e-3, atol=1e-3)
     elif impl == "eager":

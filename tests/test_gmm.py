@@ -50,7 +50,7 @@ def _mixture(form, K, n, r, seed):
         floor = g.uniform(0.0, 0.3, size=K)
         covs = np.stack([U[k] @ np.diag(lam[k]) @ U[k].T + floor[k] ** 2 * (np.eye(n) - U[k] @ U[k].T) for k in range(K)])
         kw = dict(bases=torch.from_numpy(U), eigenvalues=torch.from_numpy(lam), floor=torch.from_numpy(floor))
-    return GaussianMixture(torch.from_numpy(means), weights=torch.from_numpy(weights), **kw), means, covs, weights
+    return GaussianMixture(torch.from_numpy(means), pi=torch.from_numpy(weights), **kw), means, covs, weights
 
 
 @pytest.mark.parametrize("form", ["full", "diag", "lowrank"])
@@ -82,6 +82,16 @@ def test_float32_and_outputs(form):
     np.testing.assert_allclose(gmm.posterior(x, 0.8, 0.6).logp, logp, rtol=1e-10)   # NumPy in, NumPy out
 
 
+def test_isotropic_covs_and_the_dense_view():
+    g = GaussianMixture(torch.randn(3, 4, dtype=torch.float64), torch.tensor([0.5, 1.0, 2.0]))
+    assert g.form == "diag" and torch.equal(g.covs, torch.diag_embed(torch.tensor([0.5, 1.0, 2.0])[:, None].expand(3, 4).double()))
+    h = GaussianMixture(g.means, g.covs)                                   # full form, same law
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(g(x, 0.7, 0.5), h(x, 0.7, 0.5), rtol=1e-10, atol=1e-12)
+    gmm, _, covs, _ = _mixture("lowrank", 2, 6, 2, seed=9)
+    torch.testing.assert_close(gmm.covs, torch.from_numpy(covs), rtol=1e-12, atol=1e-12)
+
+
 def test_molrg_is_the_zero_mean_low_rank_case():
     U = torch.linalg.qr(torch.randn(3, 10, 2, dtype=torch.float64)).Q
     gmm = GaussianMixture(torch.zeros(3, 10, dtype=torch.float64), bases=U, eigenvalues=torch.ones(3, 2, dtype=torch.float64))
@@ -110,7 +120,8 @@ def test_sample_moments():
     (dict(diag=-torch.ones(2, 3)), "diag: expected non-negative"),
     (dict(bases=torch.ones(2, 3, 1)), "bases: expected orthonormal"),
     (dict(bases=torch.eye(3)[None, :, :2].repeat(2, 1, 1)), "eigenvalues: expected"),
-    (dict(diag=torch.ones(2, 3), weights=torch.tensor([1.0, -1.0])), "weights: expected 2 positive"),
+    (dict(diag=torch.ones(2, 3), pi=torch.tensor([1.0, -1.0])), "pi: expected 2 finite non-negative"),
+    (dict(covs=torch.ones(3)), r"covs: expected a variance >= 0, \(2,\) variances"),
 ])
 def test_bad_construction(kw, match):
     with pytest.raises(ValueError, match=match):

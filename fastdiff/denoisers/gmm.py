@@ -54,14 +54,25 @@ class GaussianMixture:
     - ``bases`` (K, n, r) orthonormal columns with ``eigenvalues`` (K, r) and an isotropic ``floor``
       delta (a scalar or (K,)): ``U diag(lam) U^T + delta^2 (I - U U^T)``.
 
-    ``means`` (K, n); ``weights`` (K,) positive, normalised here (default uniform).  Callable as
+    ``covs`` may also be a number (every ``Sigma_k = v I``) or (K,) per-component variances.
+    ``means`` (K, n); ``pi`` (K,) mixing weights, normalised here (default uniform).  Callable as
     ``gmm(x, alpha, sigma, output="x0")``; :meth:`posterior` returns every output at once;
     :meth:`sample` draws ``x_0``.
     """
 
-    def __init__(self, means, *, covs=None, diag=None, bases=None, eigenvalues=None, floor=0.0, weights=None):
+    def __init__(self, means, covs=None, pi=None, *, diag=None, bases=None, eigenvalues=None, floor=0.0):
+        means = torch.as_tensor(means) if not isinstance(means, torch.Tensor) else means
+        if not means.is_floating_point():
+            means = means.double()
         _check_matrix("means", means, "(K, n)", 2)
         K, n = means.shape
+        if covs is not None and not (isinstance(covs, torch.Tensor) and covs.ndim == 3):
+            # a number (every Sigma_k = v I, seed 003's tau^2 I) or (K,) per-component variances
+            v = torch.as_tensor(covs, dtype=torch.float64).reshape(-1)
+            if v.numel() not in (1, K) or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                raise ValueError(f"covs: expected a variance >= 0, ({K},) variances or ({K}, {n}, {n}) covariances, "
+                                 f"got {tuple(v.shape)}")
+            covs, diag = None, v.expand(K)[:, None].expand(K, n).to(means.dtype)
         given = [v is not None for v in (covs, diag, bases)]
         if sum(given) != 1:
             raise ValueError("covariance: expected exactly one of covs=, diag= or bases= (with eigenvalues=)")
@@ -104,14 +115,26 @@ class GaussianMixture:
             if bool((fl < 0).any()) or not bool(torch.isfinite(fl).all()):
                 raise ValueError("floor: expected a finite delta >= 0 (a scalar or (K,))")
             self.form, self.V, self.lam, self.floor = "eigen", U, lam, fl
-        if weights is None:
+        if pi is None:
             w = torch.full((K,), 1.0 / K, dtype=f64)
         else:
-            w = torch.as_tensor(weights, dtype=f64)
-            if w.shape != (K,) or not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
-                raise ValueError(f"weights: expected {K} positive finite values, got {tuple(w.shape)}")
-        self.log_weights = (w / w.sum()).log()
+            w = torch.as_tensor(pi, dtype=f64).reshape(-1)
+            if w.shape != (K,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+                raise ValueError(f"pi: expected {K} finite non-negative mixing weights (one per component), got {tuple(w.shape)}")
+        self.pi = w / w.sum()
+        self.log_weights = self.pi.log()     # -inf for an empty component: it never wins the softmax
         self._cast = {}
+
+    @property
+    def covs(self) -> torch.Tensor:
+        """The covariances (K, n, n), float64 (assembled from the stored form)."""
+        if self.form == "diag":
+            return torch.diag_embed(self.lam)
+        V, lam = self.V, self.lam
+        dense = V @ torch.diag_embed(lam) @ V.mT
+        if V.shape[2] < self.n:
+            dense = dense + (self.floor ** 2)[:, None, None] * (torch.eye(self.n, dtype=torch.float64) - V @ V.mT)
+        return dense
 
     # ---------------------------------------------------------------------------------- helpers
     def _params(self, dtype, device):
@@ -172,7 +195,7 @@ class GaussianMixture:
         """N draws of x_0 (float64 math, returned in the means' dtype) and optionally their components."""
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N: expected a positive int, got {N!r}")
-        k = torch.multinomial(self.log_weights.exp(), N, replacement=True, generator=generator)
+        k = torch.multinomial(self.pi, N, replacement=True, generator=generator)
         z = torch.randn(N, self.n, dtype=torch.float64, generator=generator)
         if self.form == "diag":
             x = self.means[k] + self.lam[k].sqrt() * z
