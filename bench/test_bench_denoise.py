@@ -86,15 +86,20 @@ def test_molrg_forward_backward(record, device, shape, impl):
     record(f"molrg fwd+bwd (B,n,K,d)=({','.join(map(str, shape))})", impl, step, flops=3 * 4 * math.prod(shape))
 
 
+def _training_set(shape, device, seed):
+    """Queries x (B, n), a Gaussian training set (N, n), and a noise level at the data's scale."""
+    B, N, n = shape
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randn(N, n, generator=gen).to(device)
+    return torch.randn(B, n, generator=gen).to(device), data, 0.5 * math.sqrt(n)
+
+
 @pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "keops"])
 @pytest.mark.parametrize("shape", EMPIRICAL, ids=lambda s: "x".join(map(str, s)))
 def test_empirical(record, device, shape, impl):
     B, N, n = shape
-    gen = torch.Generator().manual_seed(2)
-    data = torch.randn(N, n, generator=gen).to(device)
-    x = torch.randn(B, n, generator=gen).to(device)
+    x, data, sigma = _training_set(shape, device, seed=2)
     group = f"empirical (B,N,n)=({B},{N},{n})"
-    sigma = 0.5 * math.sqrt(n)
     if impl == "fastdiff":
         fn = lambda: fastdiff.empirical_denoise(x, data, ALPHA, sigma)  # noqa: E731
     elif impl == "eager":
@@ -129,10 +134,7 @@ def posterior_eager(x, data, alpha, sigma):
 @pytest.mark.parametrize("shape", POSTERIOR, ids=lambda s: "x".join(map(str, s)))
 def test_empirical_posterior(record, device, shape, impl):
     B, N, n = shape
-    gen = torch.Generator().manual_seed(3)
-    data = torch.randn(N, n, generator=gen).to(device)
-    x = torch.randn(B, n, generator=gen).to(device)
-    sigma = 0.5 * math.sqrt(n)
+    x, data, sigma = _training_set(shape, device, seed=3)
     if impl == "fastdiff":
         fn = lambda: fastdiff.denoisers.empirical_posterior(x, data, ALPHA, sigma, outputs=("x0", "logp", "neighbors"))  # noqa: E731
     elif impl == "fastdiff-separate":

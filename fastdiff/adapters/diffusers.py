@@ -133,10 +133,22 @@ def _for_diffusers(generator, like: torch.Tensor):
     return generator
 
 
-def _same_layout(model_output, sample) -> bool:
+def _same_tensors(model_output, sample) -> bool:
+    """Floating tensors of one shape on one device (the multistep adapters mix dtypes as diffusers does)."""
     return (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
-            and model_output.shape == sample.shape and model_output.dtype == sample.dtype
-            and model_output.device == sample.device and sample.is_floating_point())
+            and model_output.shape == sample.shape and model_output.device == sample.device
+            and model_output.is_floating_point() and sample.is_floating_point())
+
+
+def _same_layout(model_output, sample) -> bool:
+    """:func:`_same_tensors` of one dtype too."""
+    return _same_tensors(model_output, sample) and model_output.dtype == sample.dtype
+
+
+def _find_step_index(scheduler, timestep) -> None:
+    """What diffusers' multistep ``step`` does first: find the step index (the order at a step depends on it)."""
+    if scheduler.num_inference_steps is not None and scheduler.step_index is None:
+        scheduler._init_step_index(timestep)
 
 
 def _cached(owner, key, build):

@@ -37,7 +37,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import coefficients as C
 from fastdiff import steps
-from fastdiff.adapters.diffusers import _cached
+from fastdiff.adapters.diffusers import _cached, _find_step_index, _same_tensors
 
 __all__ = ["DEISMultistepScheduler"]
 
@@ -104,9 +104,7 @@ class DEISMultistepScheduler(_DEISMultistepScheduler):
                     or cfg.prediction_type not in _PREDICTIONS or cfg.solver_order not in (1, 2, 3)
                     or self.num_inference_steps is None):
                 return False
-            if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
-                    and model_output.shape == sample.shape and model_output.device == sample.device
-                    and model_output.is_floating_point() and sample.is_floating_point()):
+            if not _same_tensors(model_output, sample):
                 return False
             i = self._fastdiff_index(timestep)
             p = self._fastdiff_order(i)
@@ -119,8 +117,7 @@ class DEISMultistepScheduler(_DEISMultistepScheduler):
 
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
              return_dict: bool = True) -> Union[SchedulerOutput, tuple]:
-        if self.num_inference_steps is not None and self.step_index is None:
-            self._init_step_index(timestep)  # as diffusers' step does first (the order depends on it)
+        _find_step_index(self, timestep)
         if not self.fastdiff_supports(model_output, timestep, sample):
             return super().step(model_output, timestep, sample, return_dict=return_dict)
         levels, _, raw, _ = _cached(self, (self.sigmas,), _deis_levels)

@@ -70,7 +70,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from fastdiff import coefficients as C
 from fastdiff import steps
-from fastdiff.adapters.diffusers import _cached, _for_diffusers, _noise_source
+from fastdiff.adapters.diffusers import _cached, _find_step_index, _for_diffusers, _noise_source, _same_tensors
 from fastdiff.generator import Generator
 from fastdiff.ops.fused_step import _fused_step
 from fastdiff import dispatch
@@ -114,12 +114,6 @@ def _data_prediction(self, model_output, sample, a, s, i):
     return affine_step([(xs, 1.0), (ms, -_cached(self, (self.sigmas,), _raw_sigmas)[i])])
 
 
-def _same_tensors(model_output, sample) -> bool:
-    return (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
-            and model_output.shape == sample.shape and model_output.device == sample.device
-            and model_output.is_floating_point() and sample.is_floating_point())
-
-
 class DPMSolverMultistepScheduler(_DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` with a fused ``step`` (module docstring: what is fused)."""
 
@@ -158,8 +152,7 @@ class DPMSolverMultistepScheduler(_DPMSolverMultistepScheduler):
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
              generator: Union[torch.Generator, Generator, None] = None, variance_noise=None,
              return_dict: bool = True) -> Union[SchedulerOutput, tuple]:
-        if self.num_inference_steps is not None and self.step_index is None:
-            self._init_step_index(timestep)  # as diffusers' step does first (the order depends on it)
+        _find_step_index(self, timestep)
         if not self.fastdiff_supports(model_output, timestep, sample):
             return super().step(model_output, timestep, sample, generator=_for_diffusers(generator, sample),
                                 variance_noise=variance_noise, return_dict=return_dict)
@@ -244,8 +237,7 @@ class UniPCMultistepScheduler(_UniPCMultistepScheduler):
 
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
              return_dict: bool = True) -> Union[SchedulerOutput, tuple]:
-        if self.num_inference_steps is not None and self.step_index is None:
-            self._init_step_index(timestep)  # as diffusers' step does first (the orders depend on it)
+        _find_step_index(self, timestep)
         if not self.fastdiff_supports(model_output, timestep, sample):
             return super().step(model_output, timestep, sample, return_dict=return_dict)
         corrector, (cx, pred, _, p) = self._plan()

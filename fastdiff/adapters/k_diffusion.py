@@ -94,21 +94,34 @@ def _churn(x, sigmas, i, levels, s_churn, s_tmin, s_tmax, s_noise, noise_sampler
     return x, sigma_hat, levels[i] * (gamma + 1)
 
 
+def _churned_model(model, x, sigmas, extra_args, callback, churn):
+    """The levels, and ``call(x, i) -> (x_hat, level_hat, denoised)``: step i's EDM churn, the model at
+    ``sigma_hat`` (the state promoted as k-diffusion promotes it) and the callback, for Euler and Heun."""
+    levels = _levels(x, sigmas)
+    state = torch.promote_types(x.dtype, sigmas.dtype)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+
+    def call(x, i):
+        x, sigma_hat, sh = _churn(x, sigmas, i, levels, *churn)
+        x, denoised = _to(state, x, model(x, sigma_hat * s_in, **extra_args))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        return x, sh, denoised
+
+    return levels, call
+
+
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float("inf"), s_noise=1., *, noise_sampler=None, generator: Optional[Generator] = None):
     """Euler steps with EDM churn (Karras et al. Alg. 2 with Euler): per step
     ``x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z`` (churn ``gamma = min(s_churn/n, sqrt 2 - 1)``
     inside ``[s_tmin, s_tmax]``), then ``x = x_hat + (sigma_next - sigma_hat) (x_hat - x0_hat)/sigma_hat``."""
-    levels = _levels(x, sigmas)
-    state = torch.promote_types(x.dtype, sigmas.dtype)
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    levels, call = _churned_model(model, x, sigmas, extra_args, callback,
+                                  (s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator))
     for i in trange(len(levels) - 1, disable=disable):
-        x, sigma_hat, sh = _churn(x, sigmas, i, levels, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator)
-        x, denoised = _to(state, x, model(x, sigma_hat * s_in, **extra_args))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sh, denoised = call(x, i)
         x = euler_step(x, denoised, sh, levels[i + 1], prediction="x0")
     return x
 
@@ -119,15 +132,12 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """Heun's 2nd-order steps with EDM churn (Karras et al. Alg. 2): the Euler predictor, the model
     at ``(x_pred, sigma_next)``, then ``x = x_hat + (sigma_next - sigma_hat)(d + d')/2``; Euler on the
     last step (``sigma_next = 0``)."""
-    levels = _levels(x, sigmas)
-    state = torch.promote_types(x.dtype, sigmas.dtype)
-    extra_args = {} if extra_args is None else extra_args
+    levels, call = _churned_model(model, x, sigmas, extra_args, callback,
+                                  (s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator))
     s_in = x.new_ones([x.shape[0]])
+    extra_args = {} if extra_args is None else extra_args
     for i in trange(len(levels) - 1, disable=disable):
-        x, sigma_hat, sh = _churn(x, sigmas, i, levels, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, generator)
-        x, denoised = _to(state, x, model(x, sigma_hat * s_in, **extra_args))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sh, denoised = call(x, i)
         x_pred = heun_step(x, denoised, sh, levels[i + 1], prediction="x0")
         if levels[i + 1] == 0:
             x = x_pred
