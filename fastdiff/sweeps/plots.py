@@ -4,6 +4,8 @@
   (K, learner, ...), with the lines N = d and N = K d (seed 002 Fig. 4);
 - linear-diffusion: covariance error (and its exact expectation), KL and test (and train) loss against
   N/n, with the line N = n (seed 001's transition: the sampled law is singular, KL +inf, up to N = n);
+- memorization-images: memorized fraction per image denoiser with its bootstrap band (left), the
+  distance to the nearest training image (right);
 - memorization: memorized fraction and generalization (left), energy off the true support
   (right) against N/d, one curve per denoiser;
 - jacobian-rank: rank ratio against SNR = 1/sigma, with the d/n and K d/n levels (seed 002 Fig. 3b).
@@ -198,6 +200,25 @@ def _memorization(Figure, agg, params, path):
     _save(fig, path)
 
 
+def _memorization_images(Figure, agg, params, path):
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    _, _, curves = _curves(Figure, agg, params, "N", "memorized", "N", "memorized", ax=left)
+    for color, rs in curves:   # the mean over trials of each trial's bootstrap 95% interval over samples
+        left.fill_between([r["N"] for r in rs], [r["memorized_lo_mean"] for r in rs],
+                          [r["memorized_hi_mean"] for r in rs], color=color, alpha=0.15, lw=0)
+    left.set_ylim(-0.03, 1.03)
+    left.set_title("memorized: ||x - y1|| / ||x - y2|| < 1/3 (band: bootstrap 95% over samples)", fontsize=8)
+    _curves(Figure, agg, params, "N", "nearest_rms", "N", "nearest", ax=right)
+    right.set_title("distance to the nearest training image, per pixel (RMS)", fontsize=8)
+    for ax, label in ((left, "fraction memorized"), (right, "||x - y1|| / sqrt(n)")):
+        ax.set_xlabel("training images N")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _jacobian_rank(Figure, agg, params, path):
     fig, ax, curves = _curves(Figure, agg, params, "snr_mean", "ratio", "level", "rank / n")
     for color, rs in curves:
@@ -208,7 +229,7 @@ def _jacobian_rank(Figure, agg, params, path):
 
 
 PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memorization": _memorization,
-            "jacobian-rank": _jacobian_rank}
+            "memorization-images": _memorization_images, "jacobian-rank": _jacobian_rank}
 
 
 def write_table(store_path: str, out_dir: str = "results") -> str:

@@ -1,0 +1,133 @@
+"""Memorization on image data: which analytic denoisers copy their training images (docs/math.md section 4).
+
+A cell draws N training images from a data set (scikit-learn's 8x8 digits, or a synthetic
+CIFAR-shaped set), builds one of the training-set denoisers, samples ``samples`` images with
+Heun's method on a Karras schedule (:func:`fastdiff.sample`) and reports the fraction memorized
+(``||x - y_(1)|| / ||x - y_(2)|| < 1/3``, :func:`fastdiff.sweeps.memorization.memorized`) with a
+bootstrap 95% interval over the samples, and the mean distance to the nearest training image per
+pixel.  Denoisers:
+
+- ``empirical``: the global optimal denoiser (:class:`fastdiff.denoisers.Empirical`), which copies;
+- ``local``: the local patch machine (each pixel sees the training patches at its position);
+- ``equivariant``: the equivariant local machine (every training patch at every position:
+  M. Kamb and S. Ganguli, ICML 2025), whose samples are new mosaics of training patches;
+- ``gaussian``: the Gaussian fitted to the training images (mean and covariance).
+
+Each trial draws its own training subset (seeded), so the interval over trials shows the spread
+over training sets; the bootstrap interval the spread over samples.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+import fastdiff
+from fastdiff import data as D
+from fastdiff.sweeps.learners import psd_project
+from fastdiff.sweeps.memorization import memorized
+from fastdiff.sweeps.runner import Experiment, Param, register
+from fastdiff.sweeps.streams import normals
+
+__all__ = ["IMAGE_DENOISERS", "DATASETS", "bootstrap_interval"]
+
+IMAGE_DENOISERS = ("empirical", "local", "equivariant", "gaussian")
+DATASETS = ("digits", "synthetic")
+_S_SUBSET, _S_SAMPLE, _S_BOOT = 11, 12, 13   # Philox windows of a cell (fastdiff.sweeps.streams numbers 0-3)
+_CACHE: Dict[str, D.ImageSet] = {}
+
+
+def _dataset(name: str) -> D.ImageSet:
+    if name not in _CACHE:
+        _CACHE[name] = D.digits() if name == "digits" else D.synthetic(2000, (3, 16, 16), seed=0)
+    return _CACHE[name]
+
+
+def bootstrap_interval(flags: torch.Tensor, *, reps: int = 2000, level: float = 0.95, seed: int = 0):
+    """The percentile bootstrap interval of the mean of 0/1 ``flags`` (M,): ``(lo, hi)``."""
+    g = torch.Generator().manual_seed(seed)
+    f = flags.double().reshape(-1)
+    means = f[torch.randint(f.numel(), (reps, f.numel()), generator=g)].mean(1)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return lo, hi
+
+
+def _denoiser(kind: str, train: D.ImageSet, patch: int):
+    if kind == "empirical":
+        return fastdiff.denoisers.Empirical(train)
+    if kind in ("local", "equivariant"):
+        return fastdiff.denoisers.PatchDenoiser(train, patch, mode=kind)
+    X = train.float(dtype=torch.float64, flatten=True)
+    mu = X.mean(0)
+    cov = psd_project(((X - mu).T @ (X - mu) / len(X))[None])[0]
+    return fastdiff.denoisers.Gaussian(mu.float(), cov.float())
+
+
+def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.device("cpu")):
+    rows = []
+    for ci, (c, seed) in enumerate(zip(cells, seeds)):
+        full = _dataset(c["dataset"])
+        for t in range(trials):
+            # the trial's training subset: a random permutation from the cell's own Philox window
+            idx = normals(seed, _S_SUBSET, len(full), step=t).argsort()[:c["N"]]
+            train = full[idx]
+            den = _denoiser(c["denoiser"], train, c["patch"])
+            sched = fastdiff.KarrasSchedule(c["steps"], sigma_max=c["sigma_max"], sigma_min=0.002)
+            x = fastdiff.sample(den, (c["samples"], train.n), sched, "heun", progress=False, device=device,
+                                generator=fastdiff.Generator(seed, (_S_SAMPLE << 52) + (t << 32)))
+            Y = train.float(flatten=True, device=device)
+            mem = memorized(x.cpu(), Y.cpu())
+            d1 = fastdiff.nearest_neighbors(x, Y, 1)[0][:, 0]
+            lo, hi = bootstrap_interval(mem, seed=(seed ^ (_S_BOOT << 56) ^ t) & ((1 << 63) - 1))
+            rows.append({"cell_index": ci, "trial": t, "memorized": float(mem.double().mean()),
+                         "memorized_lo": lo, "memorized_hi": hi,
+                         "nearest_rms": float((d1 / train.n ** 0.5).mean())})
+    return rows, fastdiff.dispatch.choose("fused_step", "auto", device, torch.float32)
+
+
+def _check(c: Dict) -> None:
+    if c["dataset"] not in DATASETS:
+        raise ValueError(f"dataset: expected one of {DATASETS}, got {c['dataset']!r}")
+    if c["denoiser"] not in IMAGE_DENOISERS:
+        raise ValueError(f"denoiser: expected one of {IMAGE_DENOISERS}, got {c['denoiser']!r}")
+    if c["N"] < 2:
+        raise ValueError(f"N: expected at least 2 training images (the memorization ratio needs two neighbours), got {c['N']}")
+    if c["dataset"] == "digits" and c["N"] > 1797:
+        raise ValueError(f"N: the digits data set has 1797 images, got {c['N']}")
+    if c["patch"] < 1 or c["patch"] % 2 == 0:
+        raise ValueError(f"patch: expected an odd int >= 1, got {c['patch']}")
+    for name in ("samples", "steps"):
+        if c[name] < 1:
+            raise ValueError(f"{name}: expected a positive int, got {c[name]}")
+    if not c["sigma_max"] > 0:
+        raise ValueError(f"sigma_max: expected > 0, got {c['sigma_max']}")
+
+
+def _keys_per_query(c: Dict) -> float:
+    """Training vectors each sample meets per model call: N, or N H W patches for the equivariant machine."""
+    n_pix = 64 if c["dataset"] == "digits" else 256
+    return c["N"] * (n_pix if c["denoiser"] == "equivariant" else 1)
+
+
+register(Experiment(
+    name="memorization-images",
+    description="fraction of Heun samples that copy a training image (bootstrap 95% interval), per image denoiser and N",
+    params=(
+        Param("dataset", str, ("digits",), "digits (scikit-learn's 8x8) or synthetic (3x16x16)", DATASETS),
+        Param("N", int, (10, 30, 100, 300), "training images (a random subset per trial)"),
+        Param("denoiser", str, ("empirical", "local", "equivariant", "gaussian"),
+              "empirical, local, equivariant (local patch machines) or gaussian", IMAGE_DENOISERS),
+        Param("patch", int, (3,), "patch side of the local machines (odd)"),
+        Param("samples", int, (64,), "samples per trial"),
+        Param("steps", int, (12,), "Heun steps (Karras schedule, 2 steps - 1 model calls)"),
+        Param("sigma_max", float, (10.0,), "largest noise level (the data lie in [-1, 1])"),
+    ),
+    metrics=(("memorized", float), ("memorized_lo", float), ("memorized_hi", float), ("nearest_rms", float)),
+    run_batch=_run_batch,
+    check=_check,
+    batch_key=lambda c: (c["dataset"], c["denoiser"], c["N"]),
+    instance_cost=lambda c: c["samples"] * (2 * c["steps"]) * _keys_per_query(c) / 2e6,
+    instance_bytes=lambda c: 4.0 * c["samples"] * _keys_per_query(c) * 2,
+    max_cost=20.0,
+))
