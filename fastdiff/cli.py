@@ -50,6 +50,15 @@ def _parser():
         "bench", help="run the benchmark suite (pytest-benchmark) and print the table of ratios")
     b.add_argument("args", nargs=argparse.REMAINDER, help="extra pytest arguments")
     subs.update(_add_sweep_parsers(sub))
+    rp = subs["reproduce"] = sub.add_parser(
+        "reproduce", help="a seed document's figure with its settings: plot, table, caption, the statement checked",
+        description="Runs the figure's sweep into OUT/FIGURE/ and checks the document's statement on it "
+                    "(exit status 1 where it does not hold).  FIGURE: a name from `fastdiff reproduce list`, or all.",
+        formatter_class=_HelpFormatter)
+    rp.add_argument("figure", help="figure name, 'list' or 'all'")
+    rp.add_argument("--out", default="results", help="directory; each figure writes OUT/FIGURE/")
+    rp.add_argument("--trials", type=int, default=None, help="trials a cell (default: the figure's)")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pl = subs["plot"] = sub.add_parser(
         "plot", help="plot a sweep store: <experiment>.png and the table it shows (.csv)", formatter_class=_HelpFormatter)
     pl.add_argument("store", help="the .sqlite store written by fastdiff sweep")
@@ -84,6 +93,23 @@ def _describe(e: BaseException) -> str:
 def _dispatch(a) -> int:
     if a.cmd == "sweep":
         return _sweep(a)
+    if a.cmd == "reproduce":
+        from fastdiff.reproduce import FIGURES, reproduce
+
+        if a.figure == "list":
+            for f in FIGURES.values():
+                print(f"{f.name:24s} {f.source}")
+            return 0
+        if a.trials is not None and a.trials < 1:
+            raise ValueError(f"--trials: expected an int >= 1, got {a.trials}")
+        names = list(FIGURES) if a.figure == "all" else [a.figure]
+        ok = True
+        for name in names:
+            r = reproduce(name, a.out, trials=a.trials, progress=not a.no_progress)
+            print(f"{name}: {'holds' if r['holds'] else 'DOES NOT HOLD'}: {r['message']}")
+            print(f"  plot:    {r['plot']}\n  table:   {r['table']}\n  caption: {r['caption']}")
+            ok = ok and r["holds"]
+        return 0 if ok else 1
     if a.cmd == "plot":
         from fastdiff.sweeps.plots import plot_store, write_table
 
