@@ -1,4 +1,5 @@
-"""Analytic denoisers (docs/math.md section 2): MoLRG softmax projection, Gaussian, empirical (memorizing).
+"""Analytic denoisers (docs/math.md section 2): MoLRG softmax projection, Gaussian, empirical (memorizing);
+and the discrete models under binary-flip noise (:mod:`.binary`, docs/math.md section 7).
 
 All return the posterior mean ``x0_hat = E[x_0 | x_t]`` of ``x_t = alpha x_0 + sigma eps`` (or its
 eps / score form) for ``x`` of shape (B, n), with scalar or per-sample (B,) ``alpha, sigma``.
@@ -12,9 +13,10 @@ data from the model).  One module per model: :mod:`.molrg` (its op, the kernels'
 checks in ``_args``.
 """
 from fastdiff.denoisers._cache import pack_bases
+from fastdiff.denoisers.binary import BinaryEmpirical, BinaryMixture
 from fastdiff.denoisers.empirical import Empirical, empirical_denoise, nearest_neighbors
 from fastdiff.denoisers.gaussian import Gaussian, gaussian_denoise, psd_eigenvalues
 from fastdiff.denoisers.molrg import MoLRG, molrg_denoise
 
-__all__ = ["MoLRG", "Gaussian", "Empirical", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
+__all__ = ["MoLRG", "Gaussian", "Empirical", "BinaryMixture", "BinaryEmpirical", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
            "nearest_neighbors", "pack_bases", "psd_eigenvalues"]
