@@ -12,7 +12,7 @@ the two-stage sampler's Gaussian stage is the fused step (:func:`fastdiff.affine
 - :func:`discrete_langevin`: the chain, ``method="one_stage"`` or ``"two_stage"`` (``z ~ N(y, eta I)``,
   then ``P(y_i = +1 | z) = sigmoid(2 s_i(z) + 2 z_i / eta)``), each as in the talk (unadjusted, an
   O(eta, alpha) bias) or with ``metropolis=True`` an exact Metropolis-Hastings correction (the chain
-  then leaves ``q`` invariant exactly: docs/math.md 7c).
+  then leaves ``q`` invariant exactly: docs/math.md 7d, 7e).
 
 Not a :func:`fastdiff.sample` method: that loop runs a noise-level schedule of affine steps on a
 denoiser ``(x, alpha, sigma)``; the discrete chain has neither (its moves are sign draws at one
@@ -189,7 +189,7 @@ def discrete_langevin(model, y, alpha, *, steps: int, eta: float, method: str = 
         else:
             from fastdiff.steps import affine_step
 
-            z = affine_step([(y, 1.0)], math.sqrt(e), generator=gen, backend="auto")
+            z = affine_step([(y, 1.0)], math.sqrt(e), generator=gen, backend=backend)  # the fused step
             sz = model.score(z, a)
             yp = _flip(z, sz, 2.0, 2.0 / e, gen, backend)
             if metropolis:

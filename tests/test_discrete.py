@@ -253,3 +253,22 @@ def test_flip_counts_non_binary_anchors(backend, device):
         assert int(LAUNCHERS[backend](out, v, None, 0.0, 1.0, 0, 0)) == nbad
     with pytest.raises(ValueError, match=r"y: expected binary entries in \{-1, \+1\}, got 1 other"):
         discrete_langevin_step(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), 1.0, backend=backend)
+
+
+def test_float64_falls_back_to_torch_and_callback():
+    """float64 states run on the torch flip (the kernels are float32); the chain keeps y's dtype,
+    calls back once per step, and its trajectory starts at y."""
+    gen = torch.Generator().manual_seed(5)
+    w, mu = _mixture(4, 2, gen)
+    m = BinaryMixture(w, mu)
+    y = _binary((6, 4), gen)
+    from fastdiff import dispatch
+
+    assert dispatch.choose("discrete_langevin", "auto", torch.device("cpu"), torch.float64) == "torch"
+    for method in ("one_stage", "two_stage"):
+        calls = []
+        traj = discrete_langevin(m, y, 1.0, steps=3, eta=1.0, method=method, metropolis=True, progress=False,
+                                 callback=lambda i, s: calls.append(i), return_trajectory=True,
+                                 generator=fastdiff.Generator(1))
+        assert traj.dtype == torch.float64 and traj.shape == (4, 6, 4) and calls == [0, 1, 2]
+        assert torch.equal(traj[0], y) and set(traj.unique().tolist()) <= {-1.0, 1.0}

@@ -41,7 +41,7 @@ MAX_PMF_DIM = 20  # pmf(): 2^d states
 
 def log_norm(alpha: float, d: int) -> float:
     """``d log(2 cosh alpha)``, the log normaliser of ``p(y | x)`` (stable for large alpha)."""
-    return d * (alpha + math.log1p(math.exp(-2.0 * alpha)) )
+    return d * (alpha + math.log1p(math.exp(-2.0 * alpha)))
 
 
 def _y(y, d: int) -> torch.Tensor:
