@@ -81,12 +81,14 @@ def check_eta(eta) -> float:
 
 def check_binary(name: str, t) -> torch.Tensor:
     """A real tensor whose entries are all -1 or +1 (the discrete models' data, seed 003); one
-    ValueError naming ``name`` otherwise (a {0, 1} tensor is told to map with ``2 x - 1``)."""
+    ValueError naming ``name`` otherwise (a {0, 1} tensor is told to map with ``2 x - 1``).  Checked
+    on every device (one-time checks of data and initial states: the host sync is worth it; the
+    per-step check of a state rides in the flip kernel instead, fastdiff/ops/discrete_langevin.py)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor with entries in {{-1, +1}}, got {type(t).__name__}")
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected a real tensor with entries in {{-1, +1}}, got dtype {t.dtype}")
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         bad = (t != 1) & (t != -1)
         if bool(bad.any()):
             v = t[bad].reshape(-1)[0].item()
