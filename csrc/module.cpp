@@ -1,4 +1,4 @@
-// pybind11 module fastdiff._C: the CPU kernels (fused step, MoLRG, batched SVD).  No torch linkage: the Python side
+// pybind11 module fastdiff._C: the CPU kernels (fused step, discrete Langevin flip, MoLRG, batched SVD).  No torch linkage: the Python side
 // passes raw data pointers (ints), sizes and floats; it validates shapes / dtypes / devices.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -16,6 +16,8 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
                 int noise_mode, uintptr_t noise_ptr, uint64_t seed, uint64_t offset,
                 uintptr_t seeds_ptr, int64_t per);
 int num_threads();
+int64_t discrete_flip(uintptr_t out_ptr, uintptr_t anchor_ptr, uintptr_t score_ptr, int64_t n, float a,
+                      float b, uint64_t seed, uint64_t offset);
 void ksubspaces(uintptr_t x_ptr, int64_t B, int64_t N, int64_t n, uintptr_t counts_ptr, int64_t K,
                 int64_t d, int64_t R, uintptr_t u_ptr, uintptr_t starts_ptr, int64_t max_iter,
                 uintptr_t bases_ptr, uintptr_t labels_ptr, uintptr_t converged_ptr, double tol,
@@ -66,6 +68,12 @@ seeds_ptr: 0, or per-sample seeds int64 (B,) (u64 bits): mode 2 then draws eleme
 (start+i = b*per + j) from (seeds[b], offset+j).)",
              "out_ptr", "in_ptrs", "dtype", "n", "inner", "start", "coef_ptr", "coefs",
              "noise_mode", "noise_ptr", "seed", "offset", "seeds_ptr", "per");
+  def_kernel(m, "discrete_flip", &fastdiff::discrete_flip,
+R"(Discrete Langevin flip, float32 (see csrc/discrete_langevin.cpp).  out, anchor, score (n,):
+out[i] = +1 if u_i < sigmoid(a*score[i] + b*anchor[i]) else -1, u_i the uniform Philox stream
+(seed, offset+i) (word (g%4) of quad g//4); score_ptr 0: no score term; offset % 4 == 0.
+Returns the number of anchor entries not in {-1, +1}.)",
+             "out_ptr", "anchor_ptr", "score_ptr", "n", "a", "b", "seed", "offset");
   def_kernel(m, "molrg_forward", &fastdiff::molrg_forward,
 R"(Fused MoLRG denoiser forward, float32.  x, out (B, n); Ucat (n, D) = [U_0|...|U_{K-1}],
 component k = columns [offsets[k], offsets[k+1]); params (R, 3K+2) rows

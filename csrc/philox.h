@@ -192,6 +192,28 @@ FD_INLINE void philox_normals(const KeySchedule& ks, uint64_t q0, int64_t nq, fl
   }
 }
 
+// Uniforms of quads q0 .. q0 + nq - 1 into u[0 .. 4 nq) (element order u[4 i + lane] =
+// uint_to_uniform(r_lane)): the uniform stream of rng.py's rand().  Auto-vectorizes.
+FD_INLINE void philox_uniforms(const KeySchedule& ks, uint64_t q0, int64_t nq, float* u) {
+  const uint32_t lo0 = static_cast<uint32_t>(q0);
+  const uint32_t hi0 = static_cast<uint32_t>(q0 >> 32);
+#if defined(_OPENMP)
+#pragma omp simd
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC ivdep
+#endif
+  for (int64_t i = 0; i < nq; ++i) {
+    uint32_t c0 = lo0 + static_cast<uint32_t>(i);
+    uint32_t c1 = hi0 + (c0 < lo0 ? 1u : 0u);
+    uint32_t c2 = 0, c3 = 0;
+    philox4x32_10(c0, c1, c2, c3, ks);
+    u[4 * i + 0] = uint_to_uniform(c0);
+    u[4 * i + 1] = uint_to_uniform(c1);
+    u[4 * i + 2] = uint_to_uniform(c2);
+    u[4 * i + 3] = uint_to_uniform(c3);
+  }
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 // ---------------------------------------------------------------------------------------
 // AVX2 Philox with explicit intrinsics.  GCC's auto-vectorized 32x32->64 products need
@@ -207,10 +229,9 @@ FD_INLINE void mulhilo_avx2(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
 }
 
-// Normals of quads q0 .. q0 + nq - 1 into z (element order), like philox_normals().
-inline void philox_normals_avx2(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
-  constexpr int CH = 64;  // quads per chunk (multiple of 8)
-  alignas(32) uint32_t r[4][CH];
+// Philox words of quads q0 + base .. q0 + base + cnt - 1 (cnt <= 64) into r[lane][i], AVX2.
+inline void philox_words_avx2(const KeySchedule& ks, uint64_t q0, int64_t base, int64_t cnt,
+                              uint32_t (*r)[64]) {
   const uint32_t lo0 = static_cast<uint32_t>(q0);
   const uint32_t hi0 = static_cast<uint32_t>(q0 >> 32);
   const __m256i mA = _mm256_set1_epi64x(static_cast<int64_t>(ROUND_A));
@@ -219,32 +240,59 @@ inline void philox_normals_avx2(const KeySchedule& ks, uint64_t q0, int64_t nq, 
   const __m256i vlo0 = _mm256_set1_epi32(static_cast<int32_t>(lo0));
   const __m256i vhi0 = _mm256_set1_epi32(static_cast<int32_t>(hi0));
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t v = 0; v < cnt; v += 8) {
+    __m256i c0 = _mm256_add_epi32(
+        vlo0, _mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int32_t>(base + v))));
+    // carry into the high word when lo0 + i wrapped: c0 < lo0 (unsigned)
+    const __m256i wrap =
+        _mm256_cmpgt_epi32(_mm256_xor_si256(vlo0, sbit), _mm256_xor_si256(c0, sbit));
+    __m256i c1 = _mm256_sub_epi32(vhi0, wrap);
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    for (int rd = 0; rd < N_ROUNDS; ++rd) {
+      __m256i hb, lb, ha, la;
+      mulhilo_avx2(c2, mB, hb, lb);
+      mulhilo_avx2(c0, mA, ha, la);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1),
+                            _mm256_set1_epi32(static_cast<int32_t>(ks.k0[rd])));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3),
+                            _mm256_set1_epi32(static_cast<int32_t>(ks.k1[rd])));
+      c1 = lb;
+      c3 = la;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[0][v]), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[1][v]), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[2][v]), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[3][v]), c3);
+  }
+}
+
+// Uniforms of quads q0 .. q0 + nq - 1 into u (element order), like philox_uniforms().
+inline void philox_uniforms_avx2(const KeySchedule& ks, uint64_t q0, int64_t nq, float* u) {
+  constexpr int CH = 64;
+  alignas(32) uint32_t r[4][CH];
   for (int64_t base = 0; base < nq; base += CH) {
     const int64_t cnt = nq - base < CH ? nq - base : CH;
-    for (int64_t v = 0; v < cnt; v += 8) {
-      __m256i c0 = _mm256_add_epi32(
-          vlo0, _mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int32_t>(base + v))));
-      // carry into the high word when lo0 + i wrapped: c0 < lo0 (unsigned)
-      const __m256i wrap =
-          _mm256_cmpgt_epi32(_mm256_xor_si256(vlo0, sbit), _mm256_xor_si256(c0, sbit));
-      __m256i c1 = _mm256_sub_epi32(vhi0, wrap);
-      __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-      for (int rd = 0; rd < N_ROUNDS; ++rd) {
-        __m256i hb, lb, ha, la;
-        mulhilo_avx2(c2, mB, hb, lb);
-        mulhilo_avx2(c0, mA, ha, la);
-        c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1),
-                              _mm256_set1_epi32(static_cast<int32_t>(ks.k0[rd])));
-        c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3),
-                              _mm256_set1_epi32(static_cast<int32_t>(ks.k1[rd])));
-        c1 = lb;
-        c3 = la;
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&r[0][v]), c0);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&r[1][v]), c1);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&r[2][v]), c2);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(&r[3][v]), c3);
+    philox_words_avx2(ks, q0, base, cnt, r);
+    float* uc = u + 4 * base;
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+    for (int64_t i = 0; i < cnt; ++i) {
+      uc[4 * i + 0] = uint_to_uniform(r[0][i]);
+      uc[4 * i + 1] = uint_to_uniform(r[1][i]);
+      uc[4 * i + 2] = uint_to_uniform(r[2][i]);
+      uc[4 * i + 3] = uint_to_uniform(r[3][i]);
     }
+  }
+}
+
+// Normals of quads q0 .. q0 + nq - 1 into z (element order), like philox_normals().
+inline void philox_normals_avx2(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
+  constexpr int CH = 64;  // quads per chunk (multiple of 8)
+  alignas(32) uint32_t r[4][CH];
+  for (int64_t base = 0; base < nq; base += CH) {
+    const int64_t cnt = nq - base < CH ? nq - base : CH;
+    philox_words_avx2(ks, q0, base, cnt, r);
     float* zc = z + 4 * base;
 #if defined(_OPENMP)
 #pragma omp simd

@@ -24,6 +24,7 @@ from fastdiff.linalg import (
     svdvals_rank,
 )
 from fastdiff.capture import CapturedSampler
+from fastdiff.discrete import binary_flip, discrete_langevin, discrete_langevin_step
 from fastdiff.sampling import sample
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.steps import (
@@ -64,4 +65,5 @@ __all__ = [
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
     "svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
     "jacobian_rank_trajectory", "sample", "CapturedSampler", "sigmas", "data",
+    "binary_flip", "discrete_langevin", "discrete_langevin_step",
 ]

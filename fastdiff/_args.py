@@ -77,3 +77,21 @@ def check_eta(eta) -> float:
     if not 0.0 < eta <= 1.0:  # NaN fails too
         raise ValueError(f"eta: expected a value in (0, 1], got {eta}")
     return eta
+
+
+def check_binary(name: str, t) -> torch.Tensor:
+    """A real tensor whose entries are all -1 or +1 (the discrete models' data, seed 003); one
+    ValueError naming ``name`` otherwise (a {0, 1} tensor is told to map with ``2 x - 1``).  Checked
+    on every device (one-time checks of data and initial states: the host sync is worth it; the
+    per-step check of a state rides in the flip kernel instead, fastdiff/ops/discrete_langevin.py)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor with entries in {{-1, +1}}, got {type(t).__name__}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected a real tensor with entries in {{-1, +1}}, got dtype {t.dtype}")
+    if not torch.compiler.is_compiling():
+        bad = (t != 1) & (t != -1)
+        if bool(bad.any()):
+            v = t[bad].reshape(-1)[0].item()
+            hint = " (a {0, 1} tensor maps to {-1, +1} by 2 x - 1)" if bool(((t == 0) | (t == 1)).all()) else ""
+            raise ValueError(f"{name}: expected binary entries in {{-1, +1}}, got {v!r}{hint}")
+    return t

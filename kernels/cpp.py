@@ -86,6 +86,16 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
     )
 
 
+# =========================================================================== discrete_langevin
+# csrc/discrete_langevin.cpp; the contract: fastdiff/ops/discrete_langevin.py.
+def discrete_flip(out, anchor, score, a: float, b: float, seed: int, offset: int) -> int:
+    """``_C.discrete_flip`` on CPU float32 tensors: ``out``, ``anchor`` and ``score`` (or None)
+    contiguous, ``out.numel()`` elements each; ``offset % 4 == 0``; ``seed`` an int.  Returns the
+    number of ``anchor`` entries not in {-1, +1}."""
+    return _C.discrete_flip(out.data_ptr(), anchor.data_ptr(), score.data_ptr() if score is not None else 0, out.numel(),
+                     float(a), float(b), int(seed) & 0xFFFFFFFFFFFFFFFF, int(offset))
+
+
 # =========================================================================== trajectory
 # csrc/trajectory.cpp; the contract and the tables: fastdiff/ops/trajectory.py.
 def molrg_trajectory(x, I, B, ucat, offsets, params, p_istride, labels, hard, coef, idx, t0, t1, traj, seed) -> None:

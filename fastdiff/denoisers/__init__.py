@@ -1,4 +1,5 @@
-"""Analytic denoisers (docs/math.md section 2): MoLRG softmax projection, Gaussian, empirical (memorizing).
+"""Analytic denoisers (docs/math.md section 2): MoLRG softmax projection, Gaussian, empirical (memorizing);
+and the discrete models under binary-flip noise (:mod:`.binary`, docs/math.md section 7).
 
 All return the posterior mean ``x0_hat = E[x_0 | x_t]`` of ``x_t = alpha x_0 + sigma eps`` (or its
 eps / score form) for ``x`` of shape (B, n), with scalar or per-sample (B,) ``alpha, sigma``.
@@ -12,6 +13,7 @@ data from the model).  One module per model: :mod:`.molrg` (its op, the kernels'
 checks in ``_args``.
 """
 from fastdiff.denoisers._cache import pack_bases
+from fastdiff.denoisers.binary import BinaryEmpirical, BinaryMixture
 from fastdiff.denoisers.empirical import (Empirical, EmpiricalPosterior, empirical_denoise, empirical_logp,
                                           empirical_posterior, nearest_neighbors)
 from fastdiff.denoisers.gaussian import Gaussian, gaussian_denoise, psd_eigenvalues
@@ -19,7 +21,6 @@ from fastdiff.denoisers.molrg import MoLRG, molrg_denoise
 from fastdiff.denoisers.gmm import GaussianMixture, MixturePosterior
 from fastdiff.denoisers.patch import PatchDenoiser, patch_denoise
 
-__all__ = ["MoLRG", "Gaussian", "Empirical", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
-           "nearest_neighbors", "empirical_posterior", "empirical_logp", "EmpiricalPosterior", "PatchDenoiser", "GaussianMixture", "MixturePosterior",
-           "patch_denoise", "pack_bases",
-           "psd_eigenvalues"]
+__all__ = ["MoLRG", "Gaussian", "Empirical", "GaussianMixture", "BinaryMixture", "BinaryEmpirical", "PatchDenoiser",
+           "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "empirical_posterior",
+           "empirical_logp", "EmpiricalPosterior", "MixturePosterior", "patch_denoise", "pack_bases", "psd_eigenvalues"]

@@ -1,12 +1,13 @@
 """The ops: one module per op, the same vertical slice for each (see docs/architecture.md).
 
-=================  ==========================================================================
-``fused_step``     ``out = sum_j c_j in_j + c_k z`` (every solver step of :mod:`fastdiff.steps`)
-``molrg``          the MoLRG posterior mean / CFG / backward (:mod:`fastdiff.denoisers.molrg`)
-``svd``            batched singular values and energy ranks (:mod:`fastdiff.linalg`)
-``trajectory``     a whole MoLRG sampling trajectory in one kernel (:func:`fastdiff.sample`)
-``ksubspaces``     K-subspaces clustering (:mod:`fastdiff.sweeps.learners`)
-=================  ==========================================================================
+=======================  ==========================================================================
+``fused_step``           ``out = sum_j c_j in_j + c_k z`` (every solver step of :mod:`fastdiff.steps`)
+``molrg``                the MoLRG posterior mean / CFG / backward (:mod:`fastdiff.denoisers.molrg`)
+``svd``                  batched singular values and energy ranks (:mod:`fastdiff.linalg`)
+``trajectory``           a whole MoLRG sampling trajectory in one kernel (:func:`fastdiff.sample`)
+``ksubspaces``           K-subspaces clustering (:mod:`fastdiff.sweeps.learners`)
+``discrete_langevin``    the sign flip of the discrete samplers (:mod:`fastdiff.discrete`)
+=======================  ==========================================================================
 
 Each ``fastdiff/ops/<op>.py`` holds the op's contract (math, shapes, dtypes), its row of the
 dispatch table (``ROW``, an :class:`fastdiff.ops.table.Op`), the

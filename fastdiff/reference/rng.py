@@ -101,12 +101,9 @@ def randn_at(seed: int, g: np.ndarray) -> np.ndarray:
     return np.take_along_axis(vals, (g % 4)[..., None], axis=-1)[..., 0]
 
 
-def randn_torch(seed, offset: int, n: int, device="cpu"):
-    """The same stream computed with torch int64 ops on any device (the torch backend's noise).
-
-    ``seed``: an int, or per-sample seeds as an int64 ``(B,)`` tensor on ``device`` holding the u64
-    bits (``fastdiff.Generator.seed_tensor``); then ``n = B * per`` and element ``i = b per + j`` is
-    ``(seeds[b], offset + j)`` (:func:`randn_per_sample`), with no host sync."""
+def _philox_words_torch(seed, offset: int, n: int, device):
+    """The Philox words ``(r0, r1, r2, r3)`` of each element's quad and the element's counter ``g``
+    (int64 tensors of ``n``), torch int64 ops on any device; ``seed`` as in :func:`randn_torch`."""
     import torch
 
     m32 = 0xFFFFFFFF
@@ -133,11 +130,27 @@ def randn_torch(seed, offset: int, n: int, device="cpu"):
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + int(PHILOX_KEY_A)) & m32
         k1 = (k1 + int(PHILOX_KEY_B)) & m32
+    return (c0, c1, c2, c3), g
 
-    def uniform(r):
-        r = torch.where(r >= 2**31, r - 2**32, r)  # int32 view
-        r = torch.where(r < 0, -r - 1, r)
-        return r.to(torch.float32) * 4.6566127342e-10
+
+def _uniform_torch(r):
+    """:func:`uint_to_uniform` on int64 tensors holding uint32 words."""
+    import torch
+
+    r = torch.where(r >= 2**31, r - 2**32, r)  # int32 view
+    r = torch.where(r < 0, -r - 1, r)
+    return r.to(torch.float32) * 4.6566127342e-10
+
+
+def randn_torch(seed, offset: int, n: int, device="cpu"):
+    """The same stream computed with torch int64 ops on any device (the torch backend's noise).
+
+    ``seed``: an int, or per-sample seeds as an int64 ``(B,)`` tensor on ``device`` holding the u64
+    bits (``fastdiff.Generator.seed_tensor``); then ``n = B * per`` and element ``i = b per + j`` is
+    ``(seeds[b], offset + j)`` (:func:`randn_per_sample`), with no host sync."""
+    import torch
+
+    (c0, c1, c2, c3), g = _philox_words_torch(seed, offset, n, device)
 
     def pair(u1, u2):
         u1 = torch.clamp(u1, min=1.0e-7)
@@ -145,10 +158,37 @@ def randn_torch(seed, offset: int, n: int, device="cpu"):
         r = torch.sqrt(-2.0 * torch.log(u1))
         return r * torch.cos(th), r * torch.sin(th)
 
-    n0, n1 = pair(uniform(c0), uniform(c1))
-    n2, n3 = pair(uniform(c2), uniform(c3))
+    n0, n1 = pair(_uniform_torch(c0), _uniform_torch(c1))
+    n2, n3 = pair(_uniform_torch(c2), _uniform_torch(c3))
     vals = torch.stack([n0, n1, n2, n3], dim=-1)
     return vals.gather(-1, (g & 3).unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- the uniform stream
+# Element g of the uniform stream of ``seed`` is word ``g % 4`` of the Philox quad ``g // 4``
+# mapped by :func:`uint_to_uniform` (Triton's ``tl.rand4x``): ``u[g] = uint_to_uniform(r_{g % 4})``,
+# float32 in [0, 1), exactly representable, so every backend draws the same bits.  The discrete
+# samplers (fastdiff/ops/discrete_langevin.py) draw their flips from it.
+def rand(seed: int, offset: int, n: int) -> np.ndarray:
+    """Uniforms ``offset .. offset + n - 1`` of the stream for ``seed`` (float32, shape (n,))."""
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    g = np.arange(n, dtype=np.int64) + np.int64(offset)
+    q = (g // 4).astype(np.uint64)
+    lo = (q & _M32).astype(np.uint32)
+    hi = (q >> np.uint64(32)).astype(np.uint32)
+    zero = np.zeros_like(lo)
+    words = np.stack(philox4x32(seed, lo, hi, zero, zero), axis=-1)
+    return uint_to_uniform(words[np.arange(n), g % 4])
+
+
+def rand_torch(seed: int, offset: int, n: int, device="cpu"):
+    """:func:`rand` with torch int64 ops on any device (the torch backend's uniforms)."""
+    import torch
+
+    words, g = _philox_words_torch(seed, offset, n, device)
+    w = torch.stack(words, dim=-1).gather(-1, (g & 3).unsqueeze(-1)).squeeze(-1)
+    return _uniform_torch(w)
 
 
 def _mul32(a: int, b):
