@@ -25,6 +25,8 @@ from fastdiff.linalg import (
 )
 from fastdiff.capture import CapturedSampler
 from fastdiff.sampling import sample
+from fastdiff import conditional, multimeasurement
+from fastdiff.sure import sure
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.steps import (
     PREDICTIONS,
@@ -63,5 +65,5 @@ __all__ = [
     "langevin_step", "ou_reverse_step", "predict_x0", "randn",
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
     "svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
-    "jacobian_rank_trajectory", "sample", "CapturedSampler", "sigmas",
+    "jacobian_rank_trajectory", "sample", "CapturedSampler", "sigmas", "sure", "conditional", "multimeasurement",
 ]

@@ -15,6 +15,7 @@ from fastdiff.denoisers._cache import pack_bases
 from fastdiff.denoisers.empirical import Empirical, empirical_denoise, nearest_neighbors
 from fastdiff.denoisers.gaussian import Gaussian, gaussian_denoise, psd_eigenvalues
 from fastdiff.denoisers.molrg import MoLRG, molrg_denoise
+from fastdiff.denoisers.mixture import GaussianMixture, mixture_components
 
-__all__ = ["MoLRG", "Gaussian", "Empirical", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
+__all__ = ["MoLRG", "Gaussian", "Empirical", "GaussianMixture", "mixture_components", "molrg_denoise", "gaussian_denoise", "empirical_denoise",
            "nearest_neighbors", "pack_bases", "psd_eigenvalues"]
