@@ -97,9 +97,9 @@ def _two_gaussians():
     return GaussianMixture(torch.stack([torch.full((D,), -3.0), torch.full((D,), 3.0)]), TAU ** 2, pi=[0.3, 0.7])
 
 
-def _reference_law(gm, N=100_000):
+def _reference_law(gm, m=M, N=100_000):
     """Exact draws of what SMS / JMS target: E[X | y_1..y_m] = D(X + (sigma/sqrt m) N; sigma/sqrt m)."""
-    se = SIG / math.sqrt(M)
+    se = SIG / math.sqrt(m)
     X = gm.sample(N, generator=123)
     return gm(X + se * torch.randn(N, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64), 1.0, se)
 
@@ -122,11 +122,14 @@ def _check_law(x, ref):
 
 
 def test_jms_two_gaussians_converges_to_the_mixture():
-    gm = _two_gaussians()
-    x = fastdiff.sample(gm, (2000, D), SIG, "jms", measurements=M, steps=1200, step_size=0.5 * SIG ** 2,
+    """m = 4 here: JMS mixes over the modes as one measurement at sigma / sqrt(m) does
+    (test_jms_mean_chain_is_single_measurement_langevin), and at sigma/sqrt(m) = 2 that takes a few
+    hundred steps; at m = 16 (sigma/sqrt(m) = 1) over a thousand."""
+    gm, m = _two_gaussians(), 4
+    x = fastdiff.sample(gm, (1500, D), SIG, "jms", measurements=m, steps=600, step_size=0.1 * SIG ** 2,
                         generator=fastdiff.Generator(2), disable=True)
-    assert x.shape == (2000, D)
-    _check_law(x, _reference_law(gm))
+    assert x.shape == (1500, D)
+    _check_law(x, _reference_law(gm, m))
 
 
 def test_sms_two_gaussians_converges_to_the_mixture():
@@ -194,7 +197,7 @@ def test_localization_gaussian_matches_exact_chain_and_target():
     lam = torch.tensor([0.3, 1.0, 2.5])
     mu = torch.tensor([1.0, -0.5, 0.0])
     den = Gaussian(mu, torch.diag(lam))
-    times = [0.0] + torch.logspace(-3, 2.5, 150, dtype=torch.float64).tolist()
+    times = [0.0] + torch.logspace(-3, 3, 300, dtype=torch.float64).tolist()
     x = fastdiff.sample(den, (20000, 3), times, "stochastic_localization", generator=fastdiff.Generator(4), disable=True)
     for i in range(3):
         em_m, em_v = _gaussian_em_law(float(lam[i]), float(mu[i]), times)
@@ -202,7 +205,7 @@ def test_localization_gaussian_matches_exact_chain_and_target():
         assert abs(xi.mean() - em_m) < 4.5 * math.sqrt(em_v / 20000)
         assert abs(xi.var() - em_v) < 4.5 * em_v * math.sqrt(2 / 20000)
         # and the chain's law is the data's, to the discretisation (checked on the exact law)
-        assert abs(em_m - float(mu[i])) < 0.02 and abs(em_v / float(lam[i]) - 1) < 0.05
+        assert abs(em_m - float(mu[i])) < 0.02 and abs(em_v / float(lam[i]) - 1) < 0.04
 
 
 def test_localization_molrg_matches_target():
@@ -211,7 +214,8 @@ def test_localization_molrg_matches_target():
     times = [0.0] + torch.logspace(-3, 3, 200, dtype=torch.float64).tolist()
     N = 8000
     x = fastdiff.sample(den, (N, 6), times, "stochastic_localization", generator=fastdiff.Generator(6), disable=True)
-    energy = torch.stack([(x @ U).square().sum(1) / float(t) ** 2 for U, t in zip(den.bases, den.tau)], 1)
+    # the data lie in one subspace each (delta = 0): the larger projection energy is the component
+    energy = torch.stack([(x @ U).square().sum(1) for U in den.bases], 1)
     lab = energy.argmax(1)
     freq = torch.bincount(lab, minlength=2).double()
     pi = den.pi.double()
@@ -246,11 +250,13 @@ def test_localization_increments_are_independent_measurements():
     emp = torch.cov(Y.T)
     se = ((exact.diag()[:, None] * exact.diag()[None] + exact ** 2) / N).sqrt()
     assert ((emp - exact).abs() < 4.5 * se).all()
-    ideal = lam * torch.ones(K, K, dtype=torch.float64) + torch.eye(K, dtype=torch.float64) / delta
+    # k iid measurements X + N(0, I/delta) have covariance lam 11^T + I/delta.  EM's increment is
+    # Y_k = E[X | Z_{(k-1) delta}] + z_k / sqrt(delta): the off-diagonal (the shared X) is lam / (1 + lam t)
+    # -> within lam^2 delta of lam; the diagonal is own noise 1/delta plus the variance of that
+    # posterior mean, between 0 (the first: E[X | Z_0] = E[X]) and lam
     off = ~torch.eye(K, dtype=torch.bool)
-    # off-diagonal (the shared X) within 2 lam delta K of lam; the diagonal (own noise) within 1%
-    assert ((exact - ideal)[off].abs() < 2 * lam * delta * K * lam).all(), exact
-    assert ((exact.diag() / ideal.diag() - 1).abs() < 0.01).all()
+    assert ((exact[off] - lam).abs() <= lam * lam * delta).all(), exact
+    assert ((exact.diag() - 1 / delta) >= -1e-9).all() and ((exact.diag() - 1 / delta) <= lam).all(), exact.diag()
 
 
 # =========================================================================== errors

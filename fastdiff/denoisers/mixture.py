@@ -100,6 +100,32 @@ class GaussianMixture:
             gc = torch.bmm(gc.transpose(0, 1), V.transpose(1, 2)).transpose(0, 1)
         return logits, mu[None] + gc
 
+    def _isotropic_mean(self, x, alpha, sigma):
+        """(posterior weights (B, K), E[x_0 | x_t] (B, n)) for isotropic components without any (B, K, n)
+        intermediate: ``||x - alpha mu_k||^2 = ||x||^2 - 2 alpha <x, mu_k> + alpha^2 ||mu_k||^2`` (one GEMM)
+        and ``E = (sum_k w_k g_k) x + sum_k w_k (1 - alpha g_k) mu_k`` (another), g_k = alpha l_k / v_k."""
+        x = _check_x(x)
+        if x.shape[1] != self.n:
+            raise ValueError(f"x: expected shape (B, {self.n}) for this mixture, got {tuple(x.shape)}")
+        B, dev, n = x.shape[0], x.device, self.n
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        a = _per_sample("alpha", alpha, B, dev)[:, None]                       # (R, 1)
+        s = _per_sample("sigma", sigma, B, dev)[:, None]
+        lam = self.eigenvalues[:, 0].to(dev)[None]                             # (1, K)
+        v = a * a * lam + s * s                                                # (R, K)
+        gain = a * lam / v
+        mu = self.means.to(dev, ct)
+        xc = x.to(ct)
+        sq = (xc * xc).sum(1, keepdim=True)                                    # (B, 1)
+        cross = xc @ mu.T                                                      # (B, K)
+        mu2 = (self.means.to(dev) ** 2).sum(1)[None]                           # (1, K)
+        logits = (torch.log(self.pi.to(dev))[None] - 0.5 * n * torch.log(2 * math.pi * v)).to(ct) \
+            - (sq - 2 * a.to(ct) * cross + (a * a * mu2).to(ct)) / (2 * v).to(ct)
+        w = torch.softmax(logits, dim=-1)
+        out = (w * (1 - a * gain).to(ct)) @ mu
+        out.addcmul_((w * gain.to(ct)).sum(1, keepdim=True), xc)
+        return w, out
+
     def log_posterior(self, x, alpha, sigma) -> torch.Tensor:
         """``log p(k | x_t)`` (B, K): the exact classifier of the noisy data (differentiable in x)."""
         logits, _ = self._terms(x, alpha, sigma)
@@ -112,9 +138,12 @@ class GaussianMixture:
         ``(1 - w) E[x_0 | x_t] + w E[x_0 | x_t, y]`` (seed 004 eq. 7.4.14)."""
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        logits, means = self._terms(x, alpha, sigma)
-        w = torch.softmax(logits, dim=-1)
-        out = (w[..., None] * means).sum(1)
+        if self.isotropic and labels is None:
+            w, out = self._isotropic_mean(x, alpha, sigma)
+        else:
+            logits, means = self._terms(x, alpha, sigma)
+            w = torch.softmax(logits, dim=-1)
+            out = (w[..., None] * means).sum(1)
         if labels is not None:
             if guidance is None:
                 raise ValueError("guidance: required with labels (the guidance weight w)")
