@@ -38,7 +38,7 @@ import torch
 
 from fastdiff.solvers import Step, _row
 
-__all__ = ["posterior_mean", "sms_score", "jms_score", "JointDenoiser", "SequentialDenoiser",
+__all__ = ["posterior_mean", "sms_score", "jms_score", "JointDenoiser", "SequentialDenoiser", "initial_shape", "wrap",
            "localization_times", "localization_table", "localization_coefficients", "METHODS"]
 
 METHODS = ("sms", "jms", "stochastic_localization")
@@ -101,10 +101,17 @@ class JointDenoiser:
 
     def __init__(self, denoiser, m: int):
         self.denoiser, self.m = denoiser, check_measurements(m)
+        self._buf = None
 
     def __call__(self, y, alpha, sigma):
         x0 = self.denoiser(y.mean(1), 1.0, sigma / math.sqrt(self.m))
-        return x0[:, None, :].expand(y.shape)
+        if torch.is_grad_enabled() and (y.requires_grad or x0.requires_grad):
+            return x0[:, None, :].expand(y.shape).contiguous()
+        # the fused step reads a tensor of y's shape: one reused buffer (a fresh 16 MiB each step costs
+        # its page faults), its own memory, never y's
+        if self._buf is None or self._buf.shape != y.shape or self._buf.dtype != x0.dtype or self._buf.device != y.device:
+            self._buf = torch.empty(y.shape, dtype=x0.dtype, device=y.device)
+        return self._buf.copy_(x0[:, None, :].expand(y.shape))
 
 
 class SequentialDenoiser:
@@ -126,6 +133,36 @@ class SequentialDenoiser:
         i = stage + 1
         ybar = y if self.total is None else (self.total + y) / i
         return self.denoiser(ybar, 1.0, sigma / math.sqrt(i))
+
+
+def initial_shape(method: str, x, m: Optional[int], schedule, steps):
+    """:func:`fastdiff.sample`'s ``x`` for these methods: a tensor as it is; a JMS shape (B, n) as the state
+    shape (B, m, n); a localization shape (starting from ``Z_0 = 0``: its times must start at 0) checked."""
+    if isinstance(x, torch.Tensor):
+        return x
+    shape = (int(x),) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x
+    if not isinstance(shape, (tuple, list, torch.Size)) or \
+            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in shape):
+        raise TypeError(f"x: expected the initial state or a shape (tuple of ints), got {x!r}")
+    if method == "jms":
+        if len(shape) != 2:
+            raise TypeError(f"x: method='jms' expects the shape (B, n) of the output or the state (B, m, n), got {x!r}")
+        return (int(shape[0]), m, int(shape[1]))
+    if method == "stochastic_localization" and localization_times(schedule, steps)[0] != 0.0:
+        raise ValueError("x: a shape starts stochastic localization from Z_0 = 0, so the times must start at 0 "
+                         "(or pass the state Z_{t_0} as x)")
+    return tuple(int(v) for v in shape)
+
+
+def wrap(method: str, denoiser, m: Optional[int], steps: Optional[int], x: torch.Tensor):
+    """The denoiser the loop calls for ``method`` (the state ``x`` checked for JMS)."""
+    if method == "jms":
+        if x.ndim != 3 or x.shape[1] != m:
+            raise ValueError(f"x: method='jms' expects the state (B, m, n) with m = {m} measurements, got {tuple(x.shape)}")
+        return JointDenoiser(denoiser, m)
+    if method == "sms":
+        return SequentialDenoiser(denoiser, m, 100 if steps is None else steps)
+    return denoiser
 
 
 # =========================================================================== stochastic localization

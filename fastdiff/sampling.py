@@ -399,30 +399,12 @@ def _sample_mm(den, x, table, schedule, method, m, steps, gen, dtype, device, la
                          "measurements, which the fused trajectory kernel does not form); use fused=None or False")
     if device is None and isinstance(den, MoLRG):
         device = den.ucat.device
-    if method == "jms" and not isinstance(x, torch.Tensor):
-        shape = (int(x),) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x
-        if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
-            raise TypeError(f"x: method='jms' expects the shape (B, n) of the output or the state (B, m, n), got {x!r}")
-        x = (int(shape[0]), m, int(shape[1]))
+    x = MM.initial_shape(method, x, m, schedule, steps)  # JMS: (B, n) -> (B, m, n)
     if method == "stochastic_localization" and not isinstance(x, torch.Tensor):
-        if MM.localization_times(schedule, steps)[0] != 0.0:
-            raise ValueError("x: a shape starts stochastic localization from Z_0 = 0, so the times must start at 0 "
-                             "(or pass the state Z_{t_0} as x)")
-        if isinstance(x, numbers.Integral) and not isinstance(x, bool):
-            x = (int(x),)
-        if not isinstance(x, (tuple, list, torch.Size)) or not all(isinstance(v, numbers.Integral) and v >= 0 for v in x):
-            raise TypeError(f"x: expected the initial tensor Z_{{t_0}} or a shape (tuple of ints), got {x!r}")
-        xt = torch.zeros(tuple(int(v) for v in x), dtype=dtype, device=device or "cpu")
+        xt = torch.zeros(x, dtype=dtype, device=device or "cpu")  # Z_0 = 0
     else:
         xt = _initial(x, table, method, schedule, gen, dtype, device, None)
-    if method == "jms":
-        if xt.ndim != 3 or xt.shape[1] != m:
-            raise ValueError(f"x: method='jms' expects the state (B, m, n) with m = {m} measurements, got {tuple(xt.shape)}")
-        fn = MM.JointDenoiser(den, m)
-    elif method == "sms":
-        fn = MM.SequentialDenoiser(den, m, 100 if steps is None else steps)
-    else:
-        fn = den
+    fn = MM.wrap(method, den, m, steps, xt)
     snaps = _snapshots(return_trajectory, len(table))
     res = run(fn, xt, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend, progress=show,
               desc=method)
