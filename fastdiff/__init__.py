@@ -26,6 +26,8 @@ from fastdiff.linalg import (
 from fastdiff.capture import CapturedSampler
 from fastdiff.discrete import binary_flip, discrete_langevin, discrete_langevin_step
 from fastdiff.sampling import sample
+from fastdiff import conditional, multimeasurement
+from fastdiff.sure import sure
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
 from fastdiff.steps import (
     PREDICTIONS,
@@ -65,5 +67,5 @@ __all__ = [
     "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "denoisers",
     "svdvals", "svdvals_rank", "jacobian_rank", "svd", "jacobian", "molrg_jacobian", "molrg_jacobian_rank",
     "jacobian_rank_trajectory", "sample", "CapturedSampler", "sigmas", "data",
-    "binary_flip", "discrete_langevin", "discrete_langevin_step",
+    "binary_flip", "discrete_langevin", "discrete_langevin_step", "sure", "conditional", "multimeasurement",
 ]

@@ -33,7 +33,12 @@ Methods (``schedule`` kind):
 ``heun``           VE levels               EDM Alg. 2 (``churn``, ``s_noise``)
 ``langevin``       noise level(s) sigma    ``steps`` Langevin steps per level (annealed)
 ``walk_jump``      noise level sigma       Langevin "walk", then the "jump" ``x0_hat(y)``
+``jms``            noise level sigma       walk-jump on m measurements jointly (``measurements``)
+``sms``            noise level sigma       m sequential Langevin stages, ``steps`` each, then the jump
+``stochastic_localization``  final time T  Euler-Maruyama on ``dZ = E[X|Z_t] dt + dB`` (or increasing times)
 =================  ======================  ================================================
+
+(``jms``, ``sms``, ``stochastic_localization``: :mod:`fastdiff.multimeasurement`.)
 
 VE levels: a :class:`fastdiff.KarrasSchedule`, or a 1-D tensor / sequence of strictly decreasing
 sigmas, all but the last > 0 (a last 0 ends on an Euler step, as EDM does).
@@ -47,6 +52,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from fastdiff import coefficients as C
+from fastdiff import multimeasurement as MM
 from fastdiff import steps as S
 from fastdiff import trajectory as fused_impl
 from fastdiff._args import check_number as _check_number
@@ -60,7 +66,7 @@ from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length,
 
 __all__ = ["sample", "run", "StepInfo", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
-METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump") + MULTISTEP_METHODS
+METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump") + MULTISTEP_METHODS + MM.METHODS
 VE_METHODS = ("euler", "euler_ancestral", "heun") + MULTISTEP_METHODS
 _SQRT2M1 = math.sqrt(2.0) - 1.0
 
@@ -172,7 +178,7 @@ def _ve_sigmas(method: str, schedule) -> List[float]:
 def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = None, eta: Optional[float] = None,
                      churn: float = 0.0, s_noise: float = 1.0, variance: str = "fixed_small",
                      step_size: Optional[float] = None, spacing: str = "linspace", solver_type: str = "midpoint",
-                     order: Optional[int] = None, path: str = "ve") -> List[Step]:
+                     order: Optional[int] = None, path: str = "ve", measurements: Optional[int] = None) -> List[Step]:
     """The trajectory as a list of :class:`Step` (float64 coefficients; see the module docstring).
 
     ``schedule``: a :class:`fastdiff.DDPMSchedule` (ddpm, ddim), VE levels (euler, heun,
@@ -196,9 +202,26 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
     :func:`fastdiff.solvers.solver_table`.  ``path="flow"`` (those methods and euler / heun): the levels
     are rectified-flow times ``t`` in [0, 1], the denoiser sees ``(alpha, sigma) = (1 - t, t)``
     (``method="euler"`` is FlowMatch Euler).
+    ``jms`` / ``sms`` (``measurements`` m): walk_jump's rows, ``steps`` Langevin steps (SMS: per stage,
+    m stages) and the jump, applied with :mod:`fastdiff.multimeasurement`'s denoisers;
+    ``stochastic_localization``: :func:`fastdiff.multimeasurement.localization_table` over a final time
+    T (``steps`` uniform steps, default 100) or increasing times.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if (measurements is not None) != (method in ("sms", "jms")):
+        raise ValueError(f"measurements: required by method='sms' / 'jms' (the number m of measurements) and "
+                         f"used by no other method, got measurements={measurements!r} with method={method!r}")
+    if method == "stochastic_localization":
+        if step_size is not None:
+            raise ValueError("step_size: not used by stochastic_localization (its steps are the time increments)")
+        return MM.localization_table(MM.localization_times(schedule, steps))
+    if method in ("sms", "jms"):
+        m = MM.check_measurements(measurements)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+            raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
+        k = 100 if steps is None else int(steps)
+        return trajectory_table(schedule, "walk_jump", steps=k * m if method == "sms" else k, step_size=step_size)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
         raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
     churn = _check_number("churn", churn)
@@ -309,7 +332,8 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
            spacing: str = "linspace", solver_type: str = "midpoint", order: Optional[int] = None, path: str = "ve",
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
-           disable: Optional[bool] = None, callback: Optional[Callable[["StepInfo"], None]] = None):
+           disable: Optional[bool] = None, callback: Optional[Callable[["StepInfo"], None]] = None,
+           measurements: Optional[int] = None):
     """Run a whole sampling trajectory; returns the final x (and the trajectory, if asked).
 
     denoiser: a :class:`fastdiff.denoisers.MoLRG` (fused kernel), a list of them or a (I, K, n, d)
@@ -332,14 +356,23 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     callback: called once per step with a :class:`StepInfo` (see :func:`run`); runs the loop.
     progress / disable: tqdm progress bar (``disable=True`` hides it, as in k-diffusion); it
         only appears for runs longer than a second.
+    measurements: m, for ``method="sms"`` / ``"jms"`` (:mod:`fastdiff.multimeasurement`): ``schedule`` is the
+        measurement noise sigma, ``x`` a shape (B, n) (JMS draws (B, m, n)) or the initial state (SMS:
+        y_1 (B, n); JMS: (B, m, n)); returns ``E[X | y_1..y_m]`` (B, n); the trajectory holds the
+        measurements.  ``method="stochastic_localization"``: ``schedule`` a final time T (``steps``) or
+        increasing times from 0; a shape starts from ``Z_0 = 0``, a tensor is ``Z_{t_0}``; returns
+        ``E[X | Z_T]``, the trajectory holds ``Z_t``.
     """
     table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
                              variance=variance, step_size=step_size, spacing=spacing, solver_type=solver_type,
-                             order=order, path=path)
+                             order=order, path=path, measurements=measurements)
     den = _as_denoiser(denoiser)
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
     gen = generator if generator is not None else default_generator
+    if method in MM.METHODS:
+        return _sample_mm(den, x, table, schedule, method, measurements, steps, gen, dtype, device, labels,
+                          return_trajectory, fused, backend, progress and not disable, callback)
     x = _initial(x, table, method, schedule, gen, dtype, device, den)  # flow: scale t_0 (1: pure noise)
     labels, guidance = _check_labels(labels, guidance, x, den)
     snaps = _snapshots(return_trajectory, len(table))
@@ -352,6 +385,33 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         kw["backend"] = backend
     fn = (lambda x, alpha, sigma: den(x, alpha, sigma, **kw)) if kw else den
     return run(fn, x, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend, progress=show)
+
+
+def _sample_mm(den, x, table, schedule, method, m, steps, gen, dtype, device, labels, return_trajectory, fused,
+               backend, show, callback):
+    """:func:`sample` for the methods of :mod:`fastdiff.multimeasurement`, on the loop :func:`run`."""
+    if isinstance(den, _Instances):
+        raise ValueError(f"denoiser: method={method!r} takes one denoiser (not a list of instances)")
+    if labels is not None:
+        raise ValueError(f"labels: not used by method={method!r} (guide through the denoiser instead)")
+    if fused:
+        raise ValueError(f"fused: method={method!r} runs the step-by-step loop (its denoiser sees the mean of the "
+                         "measurements, which the fused trajectory kernel does not form); use fused=None or False")
+    if device is None and isinstance(den, MoLRG):
+        device = den.ucat.device
+    x = MM.initial_shape(method, x, m, schedule, steps)  # JMS: (B, n) -> (B, m, n)
+    if method == "stochastic_localization" and not isinstance(x, torch.Tensor):
+        xt = torch.zeros(x, dtype=dtype, device=device or "cpu")  # Z_0 = 0
+    else:
+        xt = _initial(x, table, method, schedule, gen, dtype, device, None)
+    fn = MM.wrap(method, den, m, steps, xt)
+    snaps = _snapshots(return_trajectory, len(table))
+    res = run(fn, xt, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend, progress=show,
+              desc=method)
+    out, traj = res if snaps is not None else (res, None)
+    if method == "jms":
+        out = out[:, 0].contiguous()
+    return (out, traj) if snaps is not None else out
 
 
 def _initial(x, table, method, schedule, gen, dtype, device, den):

@@ -30,6 +30,10 @@ def _table(method, path="ve", steps=6):
         return trajectory_table(sched, method, eta=0.5 if method == "ddim" else None)
     if method in ("langevin", "walk_jump"):
         return trajectory_table(0.5, method, steps=steps)
+    if method in ("sms", "jms"):  # walk-jump's rows (the measurements live in the denoiser wrapper)
+        return trajectory_table(0.5, method, steps=steps, measurements=2)
+    if method == "stochastic_localization":
+        return trajectory_table(2.0, method, steps=steps)
     levels = torch.linspace(1.0, 0.0, steps + 1).tolist() if path == "flow" else \
         fastdiff.KarrasSchedule(steps, sigma_min=0.01, sigma_max=20.0).sigmas
     kw = {"churn": 2.0} if method in ("euler", "heun", "dpm_2") and path == "ve" else {}

@@ -18,9 +18,10 @@ from fastdiff.denoisers.empirical import (Empirical, EmpiricalPosterior, empiric
                                           empirical_posterior, nearest_neighbors)
 from fastdiff.denoisers.gaussian import Gaussian, gaussian_denoise, psd_eigenvalues
 from fastdiff.denoisers.molrg import MoLRG, molrg_denoise
-from fastdiff.denoisers.gmm import GaussianMixture, MixturePosterior
+from fastdiff.denoisers.gmm import GaussianMixture, MixturePosterior, as_mixture, mixture_components
 from fastdiff.denoisers.patch import PatchDenoiser, patch_denoise
 
 __all__ = ["MoLRG", "Gaussian", "Empirical", "GaussianMixture", "BinaryMixture", "BinaryEmpirical", "PatchDenoiser",
            "molrg_denoise", "gaussian_denoise", "empirical_denoise", "nearest_neighbors", "empirical_posterior",
-           "empirical_logp", "EmpiricalPosterior", "MixturePosterior", "patch_denoise", "pack_bases", "psd_eigenvalues"]
+           "empirical_logp", "EmpiricalPosterior", "MixturePosterior", "mixture_components", "as_mixture",
+           "patch_denoise", "pack_bases", "psd_eigenvalues"]

@@ -25,10 +25,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fastdiff._args import OUTPUTS, _check_x, _per_sample
+from fastdiff._args import OUTPUTS, _check_x, _per_sample, _torch_generator
 from fastdiff._interop import accepts_arrays
+from fastdiff.denoisers.gaussian import Gaussian
+from fastdiff.denoisers.molrg import MoLRG
 
-__all__ = ["GaussianMixture", "MixturePosterior"]
+__all__ = ["GaussianMixture", "MixturePosterior", "mixture_components", "as_mixture"]
 
 
 class MixturePosterior(NamedTuple):
@@ -115,12 +117,15 @@ class GaussianMixture:
             if bool((fl < 0).any()) or not bool(torch.isfinite(fl).all()):
                 raise ValueError("floor: expected a finite delta >= 0 (a scalar or (K,))")
             self.form, self.V, self.lam, self.floor = "eigen", U, lam, fl
+        # every Sigma_k = v_k I: the posterior needs no (B, K, n) intermediate (one GEMM, _isotropic)
+        self.isotropic = self.form == "diag" and bool((self.lam == self.lam[:, :1]).all())
         if pi is None:
             w = torch.full((K,), 1.0 / K, dtype=f64)
         else:
             w = torch.as_tensor(pi, dtype=f64).reshape(-1)
-            if w.shape != (K,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
-                raise ValueError(f"pi: expected {K} finite non-negative mixing weights (one per component), got {tuple(w.shape)}")
+            if w.shape != (K,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or abs(float(w.sum()) - 1) > 1e-6:
+                raise ValueError(f"pi: expected {K} finite non-negative mixing weights summing to 1 (one per component), "
+                                 f"got {w.tolist()}")
         self.pi = w / w.sum()
         self.log_weights = self.pi.log()     # -inf for an empty component: it never wins the softmax
         self._cast = {}
@@ -144,19 +149,22 @@ class GaussianMixture:
             self._cast[key] = (cast(self.means), cast(self.V), cast(self.lam), cast(self.floor), cast(self.log_weights))
         return self._cast[key]
 
-    @accepts_arrays
-    def posterior(self, x, alpha, sigma) -> MixturePosterior:
-        """Posterior mean, score, ``log p_t(x)`` and responsibilities (module docstring) for x (B, n)."""
+    def _levels(self, x, alpha, sigma):
         x = _check_x(x)
         B, n = x.shape
         if n != self.n:
             raise ValueError(f"x: expected n = {self.n} columns (the mixture's dimension), got {n}")
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mu, V, lam, floor, logw = self._params(ct, x.device)
         a = _per_sample("alpha", alpha, B, x.device).to(ct).reshape(-1, 1, 1)
         s2 = (_per_sample("sigma", sigma, B, x.device).to(ct) ** 2).reshape(-1, 1, 1)
-        xc = x.to(ct)
-        r = xc[:, None, :] - a * mu[None]                                   # (B, K, n)
+        return x, ct, a, s2
+
+    def _terms(self, x, alpha, sigma):
+        """(logits log pi_k + log N_k(x) (B, K), E[x_0 | x, k] (B, K, n), a, s^2) in x's compute dtype."""
+        x, ct, a, s2 = self._levels(x, alpha, sigma)
+        n = self.n
+        mu, V, lam, floor, logw = self._params(ct, x.device)
+        r = x.to(ct)[:, None, :] - a * mu[None]                              # (B, K, n)
         c = a * a * lam[None] + s2                                          # (B, K, r)
         if self.form == "diag":
             quad = (r * r / c).sum(-1)
@@ -174,29 +182,93 @@ class GaussianMixture:
                 h = a * (floor * floor)[None, :, None] / f
                 cond = cond + h * (r - torch.einsum("bkr,knr->bkn", z, V))
         logits = logw[None] - 0.5 * (quad + logdet + n * math.log(2 * math.pi))   # (B, K)
-        logp = torch.logsumexp(logits, -1)
+        return logits, cond, a, s2
+
+    def _isotropic(self, x, alpha, sigma):
+        """(logits (B, K), x0_hat (B, n), a, s^2) for Sigma_k = v_k I without a (B, K, n) intermediate:
+        ``||x - alpha mu_k||^2 = ||x||^2 - 2 alpha x.mu_k + alpha^2 ||mu_k||^2`` (one GEMM) and
+        ``x0_hat = (sum_k w_k g_k) x + sum_k w_k (1 - alpha g_k) mu_k`` (another), g_k = alpha v_k / c_k."""
+        x, ct, a, s2 = self._levels(x, alpha, sigma)
+        n = self.n
+        mu, _, lam, _, logw = self._params(ct, x.device)
+        a2, s22 = a[:, :, 0], s2[:, :, 0]                                   # (R, 1)
+        c = a2 * a2 * lam[None, :, 0] + s22                                 # (R, K)
+        gain = a2 * lam[None, :, 0] / c
+        xc = x.to(ct)
+        sq = (xc * xc).sum(1, keepdim=True)
+        d2 = sq - 2 * a2 * (xc @ mu.T) + a2 * a2 * (mu * mu).sum(1)[None]
+        logits = logw[None] - 0.5 * (d2 / c + n * torch.log(2 * math.pi * c))
         w = torch.softmax(logits, -1)
-        x0 = torch.einsum("bk,bkn->bn", w, cond)
-        score = (a[:, 0] * x0 - xc) / s2[:, 0]
+        x0 = (w * (1 - a2 * gain)) @ mu
+        x0 = x0.addcmul_((w * gain).sum(1, keepdim=True), xc)
+        return logits, x0, a, s2
+
+    @accepts_arrays
+    def posterior(self, x, alpha, sigma) -> MixturePosterior:
+        """Posterior mean, score, ``log p_t(x)`` and responsibilities (module docstring) for x (B, n)."""
+        if self.isotropic:
+            logits, x0, a, s2 = self._isotropic(x, alpha, sigma)
+            w = torch.softmax(logits, -1)
+        else:
+            logits, cond, a, s2 = self._terms(x, alpha, sigma)
+            w = torch.softmax(logits, -1)
+            x0 = torch.einsum("bk,bkn->bn", w, cond)
+        logp = torch.logsumexp(logits, -1)
+        score = (a[:, 0] * x0 - x.to(x0.dtype)) / s2[:, 0]
         return MixturePosterior(x0.to(x.dtype), score.to(x.dtype), logp, w)
 
-    def __call__(self, x, alpha, sigma, *, output: str = "x0"):
+    def log_posterior(self, x, alpha, sigma) -> torch.Tensor:
+        """``log p(k | x_t)`` (B, K): the exact classifier of the noisy data (differentiable in x)."""
+        logits = (self._isotropic if self.isotropic else self._terms)(x, alpha, sigma)[0]
+        return torch.log_softmax(logits, -1)
+
+    def component_mean(self, x, alpha, sigma, labels) -> torch.Tensor:
+        """``E[x_0 | x_t, k = labels]`` (B, n): the posterior mean of one component per sample."""
+        _, cond, _, _ = self._terms(x, alpha, sigma)
+        lab = self._labels(labels, x.shape[0], x.device)
+        return cond[torch.arange(x.shape[0], device=x.device), lab].to(x.dtype)
+
+    def _labels(self, labels, B, device) -> torch.Tensor:
+        lab = torch.as_tensor(labels, device=device).reshape(-1)
+        if lab.dtype.is_floating_point or lab.numel() not in (1, B) or bool(((lab < 0) | (lab >= self.K)).any()):
+            raise ValueError(f"labels: expected (B,) integers in [0, {self.K})")
+        return lab.long().expand(B)
+
+    @accepts_arrays
+    def __call__(self, x, alpha, sigma, *, labels=None, guidance=None, output: str = "x0",
+                 return_weights: bool = False, **kwargs):
+        """``E[x_0 | x_t]`` (B, n) (or its eps / score form); with ``labels`` (B,) and ``guidance`` w the
+        guided mean ``(1 - w) E[x_0 | x_t] + w E[x_0 | x_t, y]`` (seed 004 eq. 7.4.14)."""
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        post = self.posterior(x, alpha, sigma)
-        if output == "x0":
-            return post.x0
-        if output == "score":
-            return post.score
-        s = _per_sample("sigma", sigma, x.shape[0], x.device).to(x.dtype)[:, None]
-        return -s * post.score                                              # eps = -sigma score
+        if labels is None:
+            post = self.posterior(x, alpha, sigma)
+            out, w = post.x0, post.responsibilities
+        else:
+            if guidance is None:
+                raise ValueError("guidance: required with labels (the guidance weight w)")
+            logits, cond, _, _ = self._terms(x, alpha, sigma)
+            w = torch.softmax(logits, -1)
+            lab = self._labels(labels, x.shape[0], x.device)
+            gw = _per_sample("guidance", guidance, x.shape[0], x.device, positive=False)[:, None].to(cond.dtype)
+            out = ((1 - gw) * torch.einsum("bk,bkn->bn", w, cond)
+                   + gw * cond[torch.arange(x.shape[0], device=x.device), lab]).to(x.dtype)
+        if output != "x0":
+            B = x.shape[0]
+            a = _per_sample("alpha", alpha, B, x.device)[:, None].to(x.dtype)
+            s = _per_sample("sigma", sigma, B, x.device)[:, None].to(x.dtype)
+            eps = (x - a * out) / s
+            out = eps if output == "eps" else -eps / s
+        return (out, w.detach()) if return_weights else out
 
-    def sample(self, N: int, *, generator: Optional[torch.Generator] = None, return_labels: bool = False):
-        """N draws of x_0 (float64 math, returned in the means' dtype) and optionally their components."""
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"N: expected a positive int, got {N!r}")
-        k = torch.multinomial(self.pi, N, replacement=True, generator=generator)
-        z = torch.randn(N, self.n, dtype=torch.float64, generator=generator)
+    def sample(self, N: int, generator=None, *, return_labels: bool = False):
+        """N draws (N, n) of x_0, float64 (and their components with ``return_labels``); ``generator``
+        a ``torch.Generator`` or an int seed."""
+        if isinstance(N, bool) or not isinstance(N, int) or N < 0:
+            raise ValueError(f"N: expected a non-negative int, got {N!r}")
+        gen = _torch_generator(generator, "cpu")
+        k = torch.multinomial(self.pi, N, replacement=True, generator=gen) if N else torch.zeros(0, dtype=torch.long)
+        z = torch.randn(N, self.n, dtype=torch.float64, generator=gen)
         if self.form == "diag":
             x = self.means[k] + self.lam[k].sqrt() * z
         else:
@@ -205,7 +277,6 @@ class GaussianMixture:
             along = torch.einsum("bnr,br->bn", V, lam.sqrt() * zb)
             perp = z - torch.einsum("bnr,br->bn", V, zb)
             x = self.means[k] + along + self.floor[k][:, None] * perp
-        x = x.to(self.dtype)
         return (x, k) if return_labels else x
 
     def clone_agreement(self, alpha: float, sigma: float, N: int = 10000, *,
@@ -216,10 +287,34 @@ class GaussianMixture:
         (G. Biroli, T. Bonnaire, V. de Bortoli and M. Mezard, *Dynamical regimes of diffusion models*,
         2024: ``t_S = (1/2) log Lambda`` for the OU process, Lambda the top eigenvalue of the data
         covariance).  Monte Carlo over N draws, float64."""
-        x0 = self.sample(N, generator=generator).double()
+        x0 = self.sample(N, generator)
         xt = alpha * x0 + sigma * torch.randn(x0.shape, dtype=torch.float64, generator=generator)
         w = self.posterior(xt, alpha, sigma).responsibilities
         return float((w * w).sum(-1).mean())
 
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.K}, n={self.n}, form={self.form!r})"
+
+
+def mixture_components(den):
+    """``(pi (K,), mu (K, n), Sigma (K, n, n))`` float64 of a Gaussian, MoLRG or GaussianMixture
+    (MoLRG component k: ``Sigma_k = tau_k^2 U_k U_k^T + delta^2 I``, mean 0)."""
+    if isinstance(den, GaussianMixture):
+        return den.pi, den.means, den.covs
+    if isinstance(den, Gaussian):
+        return torch.ones(1, dtype=torch.float64), den.mean[None].double(), den.cov[None].double()
+    if isinstance(den, MoLRG):
+        eye = torch.eye(den.n, dtype=torch.float64)
+        covs = torch.stack([float(t) ** 2 * (U.double().cpu() @ U.double().cpu().T) + den.delta ** 2 * eye
+                            for U, t in zip(den.bases, den.tau)])
+        return den.pi.double().cpu(), torch.zeros(den.K, den.n, dtype=torch.float64), covs
+    raise TypeError(f"denoiser: expected a fastdiff.denoisers.Gaussian, MoLRG or GaussianMixture (an analytic "
+                    f"model with a closed form), got {type(den).__name__}")
+
+
+def as_mixture(den) -> GaussianMixture:
+    """Any analytic model as a :class:`GaussianMixture` (itself if it is one)."""
+    if isinstance(den, GaussianMixture):
+        return den
+    pi, mu, covs = mixture_components(den)
+    return GaussianMixture(mu, covs, pi)
