@@ -143,3 +143,25 @@ def test_bad_input_is_refused():
             A.alg1_bases(X, counts, 1, 2, rows, init, **kw)
     with pytest.raises(ValueError, match="learner: expected one of"):
         LR.fit_bases("sgdd", X, counts, 1, 2, rows, {})
+
+
+def test_wide_retraction_is_householder_with_positive_r():
+    """_retract_t (CholeskyQR2 on U^T blocks) equals the Householder retraction with R's diagonal
+    positive; a block with a zero column (Gram singular) takes the Householder fallback."""
+    Y = torch.randn(3, 2, 40, 5, generator=gen(31)) + 0.1
+    Q = A._retract_t(Y.mT.contiguous())
+    H = LR._retract(Y, "householder")
+    assert (Q.mT - H).abs().max() < 1e-4
+    Y[1, 0, :, 2] = 0
+    Qf = A._retract_t(Y.mT.contiguous())
+    assert torch.isfinite(Qf).all()
+    assert (Qf[1, 0] - LR._retract(Y, "householder")[1, 0].mT).abs().max() < 1e-5
+
+
+def test_sweep_refuses_bad_sgd_parameters():
+    from fastdiff import sweeps
+
+    for name in ("sgd_batch", "sgd_grid", "sgd_steps", "sgd_lr"):
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')}: expected a positive value"):
+            sweeps.run_sweep("subspace-recovery", {"K": 1, "d": 1, "N": 2, "learner": "sgd", name: -1},
+                             trials=1, store="/nonexistent/never.sqlite", progress=False)

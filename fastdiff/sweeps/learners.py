@@ -24,9 +24,12 @@ Subspace learners (seed 002 Sec. 3; bases (B, K, n, d), orthonormal; :func:`fit_
 - ``adam``: :func:`adam_bases`, the MoLRG denoiser's bases trained on the diffusion loss
   ``E ||x0_hat(x_0 + sigma eps) - x_0||^2`` with Adam on full batches (fresh log-uniform noise
   levels each step), a random start and a QR retraction after each step (not the paper's
-  algorithm: the variant this learner was before Algorithm 1 was added).  ``engine="batched"`` evaluates the denoiser of all
-  instances at once in the GEMM form (per-instance bases as a batched matmul); ``"fused"`` calls
-  :func:`fastdiff.molrg_denoise` (its fused forward/backward kernels) once per instance.
+  algorithm: what the ``sgd`` learner was before Algorithm 1 replaced it).  ``engine="batched"``
+  evaluates the denoiser of all instances at once in the GEMM form (per-instance bases as a
+  batched matmul); ``"fused"`` calls :func:`fastdiff.molrg_denoise` (its fused forward/backward
+  kernels) once per instance.
+  Both take ``sgd_steps``, ``sgd_lr`` and ``sgd_sigma_max`` from a cell, 0 meaning the learner's
+  own default (:data:`fastdiff.sweeps.alg1.DEFAULTS`, :data:`ADAM_DEFAULTS`).
 
 The Gaussian learner (seed 001): :func:`fit_gaussian`, the maximum-likelihood ``N(mu_0, Sigma_0)``
 of each instance, and :func:`null_modes`, the eigenmodes of ``Sigma_0 + c I`` (the ridge-regularised
