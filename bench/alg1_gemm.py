@@ -5,7 +5,9 @@ Per cell (20 trials = one batch, as the sweep runs a cell): the time of ``--step
 4 N n D + 6 n D^2 + 2 n min(b, D) D + 4 n d^2 K per instance and step), and the ceiling: the best of
 ``--reps`` float32 ``torch.matmul`` of 2048 x 2048 matrices, measured just before and just after the
 cell in the same process and thread count (the machine is shared, so the ceiling is re-measured per
-cell and the best of the two is used).
+cell and the best of the two is used).  ``equiv_fraction``: the step's work counted as
+bench/test_bench_sweeps.py counts the adam learner's (12 b n D + 4 n D^2 per instance and step, the
+materialized form of a b-row minibatch), over the same time and ceiling.
 
     python bench/alg1_gemm.py --threads 1 --out bench/results/alg1_gemm.csv
 """
@@ -64,7 +66,10 @@ def main() -> None:
         flops = A.alg1_flops(N, n, K, d, b) * T
         r = {"K": K, "d": d, "N": N, "trials": T, "threads": a.threads, "ms_per_step": 1e3 * sec,
              "s_per_cell_default_steps": sec * A.DEFAULTS["steps"], "gflops": flops / sec / 1e9,
-             "ceiling_gflops": top, "fraction": flops / sec / 1e9 / top}
+             "ceiling_gflops": top, "fraction": flops / sec / 1e9 / top,
+             # the same step counted as bench/test_bench_sweeps.py counts adam's: the materialized
+             # forward/backward GEMMs of b rows, 12 b n D, plus the QR, 4 n D^2
+             "equiv_fraction": T * (12 * b * n * K * d + 4 * n * (K * d) ** 2) / sec / 1e9 / top}
         rows.append(r)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     with open(a.out, "w", newline="") as f:
