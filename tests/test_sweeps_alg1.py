@@ -118,7 +118,8 @@ def test_noise_window_is_the_cells_own():
 
 
 def test_flop_count():
-    assert A.alg1_flops(48, 3072, 2, 12, 64) == 4 * 48 * 3072 * 24 + 6 * 3072 * 576 + 2 * 3072 * 24 * 24 + 4 * 3072 * 144 * 2
+    n, D = 3072, 24
+    assert A.alg1_flops(48, n, 2, 12, 64) == 4 * 48 * n * D + 6 * n * D * D + 2 * n * D * D + 4 * n * 144 * 2
 
 
 def test_balanced_components():

@@ -198,7 +198,8 @@ def alg1_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_
     m = min(batch, D)
     width = batch * (D + 2) + m * n
     for step in range(steps):
-        r = _draw_per_cell(seeds_per_row, B, width, lambda s, t, w: normals(s, LEARNER_SGD, t, w, step=step, device=dev))
+        r = _draw_per_cell(seeds_per_row, B, width,
+                           lambda s, t, w: normals(s, LEARNER_SGD, t, w, step=step, device=dev))
         head = r[:, :batch * (D + 2)].reshape(B, batch, D + 2)
         u = torch.special.ndtr(head[..., :2])
         idx = torch.minimum((u[..., 0] * cnt).long(), cnt.long() - 1)

@@ -201,7 +201,8 @@ def _draw_per_cell(seeds_per_row: Sequence[Tuple[int, int]], B: int, width: int,
         z = draw(s, max(t for _, t in rows) + 1, width)
         if out is None:
             out = z.new_empty(B, width)
-        out[torch.tensor([r for r, _ in rows], device=z.device)] = z[torch.tensor([t for _, t in rows], device=z.device)]
+        dst, src = (torch.tensor(v, device=z.device) for v in zip(*rows))
+        out[dst] = z[src]
     return out
 
 

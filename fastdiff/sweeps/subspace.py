@@ -198,7 +198,7 @@ register(Experiment(
         Param("max_iter", int, (40,), "ksubspaces: assignment/refit iterations"),
         Param("sgd_steps", int, (0,), f"sgd/adam: steps (0: the learner's default, sgd {SGD['steps']}, adam "
               f"{ADAM['steps']})"),
-        Param("sgd_sigma_max", float, (0.0,), f"sgd: noise levels sigma_max l/L on the grid l = 1..L; adam: log-uniform "
+        Param("sgd_sigma_max", float, (0.0,), "sgd: noise levels sigma_max l/L on the grid l = 1..L; adam: log-uniform "
               f"in [sgd_sigma_max / 50, sgd_sigma_max] (0: sgd {SGD['sigma_max']}, adam {ADAM['sigma_max']}; the "
               "adam error's noise floor grows with it: ~0.01 at 0.1, 0.02 at 0.5, 0.04 at 2)"),
         Param("sgd_lr", float, (0.0,), f"sgd/adam: learning rate (0: sgd {SGD['lr']}, adam {ADAM['lr']})"),
