@@ -1,5 +1,5 @@
 """The sweeps' learners (fastdiff.sweeps.learners) against one-instance references: PCA by subspace
-iteration, K-subspaces (C++ and torch), the sgd learner and its retraction, the Gaussian learner,
+iteration, K-subspaces (C++ and torch), the adam learner and its retraction (the sgd learner: test_sweeps_alg1.py), the Gaussian learner,
 the denoisers of a training set."""
 import pytest
 import torch
@@ -142,25 +142,25 @@ def test_ksubspaces_recovers_well_sampled_mixtures_and_matches_reference():
         assert R.subspace_error(ref, [u.double() for u in U[t]]) < 1e-3
 
 
-def test_sgd_engines_agree():
-    """The fused per-instance engine (fastdiff.molrg_denoise forward/backward) and the batched GEMM form."""
+def test_adam_engines_agree():
+    """adam: the fused per-instance engine (fastdiff.molrg_denoise forward/backward) and the batched GEMM form."""
     n, K, d, N = 10, 2, 2, 12
     U, X, _ = S.molrg_batch(n, K, d, [N], 0.0, "orthogonal", [9], 2)
     counts = torch.full((2,), float(N))
     init = torch.randn(2, K, n, d, generator=gen(1))
-    out = {e: LR.sgd_bases(X, counts, K, d, [(9, 0), (9, 1)], steps=40, engine=e, init=init) for e in ("batched", "fused")}
+    out = {e: LR.adam_bases(X, counts, K, d, [(9, 0), (9, 1)], steps=40, engine=e, init=init) for e in ("batched", "fused")}
     # same noise, same start; float32 kernels vs torch float32 GEMMs differ by rounding only
     assert (out["batched"] - out["fused"]).abs().max() < 1e-3
 
 
-def test_sgd_noise_window_is_the_cells_own():
-    """sgd_bases: a cell's noise at step s is its (trials, N, n + 1) window, not the padded batch's."""
+def test_adam_noise_window_is_the_cells_own():
+    """adam_bases: a cell's noise at step s is its (trials, N, n + 1) window, not the padded batch's."""
     n, K, d = 6, 1, 2
     U, X, _ = S.molrg_batch(n, K, d, [4, 9], 0.0, "orthogonal", [5, 6], 2)
     counts = torch.tensor([4.0, 4.0, 9.0, 9.0])
     init = torch.randn(4, K, n, d, generator=gen(2))
-    both = LR.sgd_bases(X, counts, K, d, [(5, 0), (5, 1), (6, 0), (6, 1)], steps=5, init=init)
-    alone = LR.sgd_bases(X[:2, :4], counts[:2], K, d, [(5, 0), (5, 1)], steps=5, init=init[:2])
+    both = LR.adam_bases(X, counts, K, d, [(5, 0), (5, 1), (6, 0), (6, 1)], steps=5, init=init)
+    alone = LR.adam_bases(X[:2, :4], counts[:2], K, d, [(5, 0), (5, 1)], steps=5, init=init[:2])
     assert (both[:2] - alone).abs().max() < 1e-5
 
 
@@ -184,22 +184,22 @@ def test_retractions_agree_and_cholesky_falls_back():
         LR._retract(Y, "svd")
 
 
-def test_sgd_with_cholesky_retraction_matches_householder():
-    """The whole sgd learner with the GPU's retraction, on the CPU: the same bases to rounding."""
+def test_adam_with_cholesky_retraction_matches_householder():
+    """The whole adam learner with the GPU's retraction, on the CPU: the same bases to rounding."""
     n, K, d, N = 20, 2, 2, 16
     U, X, _ = S.molrg_batch(n, K, d, [N], 0.0, "orthogonal", [4], 3)
     counts = torch.full((3,), float(N))
     init = torch.randn(3, K, n, d, generator=gen(5))
     rows = [(4, t) for t in range(3)]
-    house = LR.sgd_bases(X, counts, K, d, rows, init=init, retraction="householder")
-    chol = LR.sgd_bases(X, counts, K, d, rows, init=init, retraction="cholesky")
+    house = LR.adam_bases(X, counts, K, d, rows, init=init, retraction="householder")
+    chol = LR.adam_bases(X, counts, K, d, rows, init=init, retraction="cholesky")
     # Adam amplifies rounding mid-training (measured: 1e-7 -> 2e-2 by step 40 on one instance), and
     # the cosine-decayed rate brings both back to the same subspaces by step 300
     assert (S.subspace_errors(house, chol) < 1e-3).all()
     assert (S.subspace_errors(house, U) - S.subspace_errors(chol, U)).abs().max() < 1e-3
     assert (S.subspace_errors(house, U) < 0.1).all()
     with pytest.raises(ValueError, match="retraction: expected"):
-        LR.sgd_bases(X, counts, K, d, rows, init=init, retraction="svd")
+        LR.adam_bases(X, counts, K, d, rows, init=init, retraction="svd")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -53,11 +53,11 @@ def _close_tables(a, b, metrics, rtol, atol):
             assert not _well_posed(y) or abs(x[m] - y[m]) <= atol + rtol * abs(y[m]), (m, x, y)
 
 
-@pytest.mark.parametrize("learner", ["pca", "ksubspaces", "sgd"])
+@pytest.mark.parametrize("learner", ["pca", "ksubspaces", "sgd", "adam"])
 def test_subspace_rows_do_not_depend_on_the_batching(tmp_path, monkeypatch, learner):
     """A cell's rows are the same whichever cells share its batch (a GPU run batches 16x more):
     each cell reads its own Philox windows, sized by its own N rather than the batch's padding."""
-    grid = {"n": 12, "K": 2 if learner == "ksubspaces" else 1, "d": "1,3", "N": "2,5,9", "learner": learner,
+    grid = {"n": 12, "K": 2 if learner in ("ksubspaces", "sgd") else 1, "d": "1,3", "N": "2,5,9", "learner": learner,
             "sgd_steps": 30}
     one = str(tmp_path / "one.sqlite")
     _batched_differently(monkeypatch, "subspace-recovery", 1e-6)     # one cell per batch
@@ -66,7 +66,7 @@ def test_subspace_rows_do_not_depend_on_the_batching(tmp_path, monkeypatch, lear
     many = str(tmp_path / "many.sqlite")
     sweeps.run_sweep("subspace-recovery", grid, trials=3, store=many, progress=False, workers=1).close()
     # the same arithmetic on differently padded batches: the cpp kernels skip padding, the batched
-    # torch GEMMs (sgd) may sum in another order; 300 -> 30 Adam steps keep that rounding ~1e-6
+    # torch GEMMs (sgd, adam) may sum in another order; 30 steps keep that rounding ~1e-6
     _close_tables(stored_table(one, "subspace-recovery"), stored_table(many, "subspace-recovery"), ("error",), 1e-4, 1e-6)
 
 
@@ -87,11 +87,12 @@ def test_run_sweep_device_errors(tmp_path):
 
 def test_run_sweep_on_cpu_device_records_the_backend(tmp_path):
     store = str(tmp_path / "s.sqlite")
-    with sweeps.run_sweep("subspace-recovery", {"K": 1, "d": 2, "N": 4, "learner": "pca,sgd", "sgd_steps": 5},
+    with sweeps.run_sweep("subspace-recovery", {"K": 1, "d": 2, "N": 4, "learner": "pca,sgd,adam", "sgd_steps": 5},
                           trials=2, store=store, progress=False, device="cpu") as st:
         backends = {r["learner"]: r["backend"] for r in st.rows()}
     from fastdiff import backends as B
-    assert backends == {"pca": "cpp" if B.has_kernel("cpp", "ksubspaces", "") else "torch", "sgd": "torch"}
+    assert backends == {"pca": "cpp" if B.has_kernel("cpp", "ksubspaces", "") else "torch", "sgd": "torch",
+                        "adam": "torch"}
 
 
 CUDA_GRIDS = [   # (experiment, grid, trials, metrics, rtol, atol)
@@ -99,6 +100,8 @@ CUDA_GRIDS = [   # (experiment, grid, trials, metrics, rtol, atol)
     ("subspace-recovery", {"n": 24, "K": 2, "d": "1,4", "N": "4,12,24", "learner": "ksubspaces"}, 4, ("error",),
      1e-3, 1e-5),
     # 300 Adam steps amplify rounding: the errors agree to the SGD noise floor (~0.01), success exactly
+    ("subspace-recovery", {"n": 24, "K": 1, "d": "1,4", "N": "6,12", "learner": "adam"}, 4, ("error",), 0.0, 5e-3),
+    # Algorithm 1 (4000 plain SGD steps, contractive for K = 1 at N >= d + 2): the same tolerance
     ("subspace-recovery", {"n": 24, "K": 1, "d": "1,4", "N": "6,12", "learner": "sgd"}, 4, ("error",), 0.0, 5e-3),
     ("jacobian-rank", {"n": 16, "K": 2, "d": 3, "level": "0,9,17", "samples": 8}, 2, ("ratio",), 0.0, 0.07),
     ("memorization", {"n": 16, "d": 2, "N": "2,32", "samples": 64, "T": 200}, 2, ("memorized", "generalization"),

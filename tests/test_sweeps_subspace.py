@@ -1,5 +1,6 @@
 """The subspace-recovery experiment (seed 002 Fig. 4): its MoLRG data, the error score, and the
 acceptance criteria of its phase transitions."""
+import pytest
 import torch
 from scipy import stats
 
@@ -87,13 +88,16 @@ def test_acceptance_ksubspaces_boundary_near_n_k_equal_d(tmp_path):
         assert 2 * d <= first <= 3 * d, (d, row)   # N_k = N / 2 ~ d (binomial split of the labels)
 
 
-def test_acceptance_sgd_agrees_with_pca_on_a_small_grid(tmp_path):
-    grid = {"n": 16, "K": 1, "d": "1:3", "N": "1:8", "learner": "pca,sgd"}
+@pytest.mark.parametrize("learner", ["sgd", "adam"])
+def test_acceptance_sgd_agrees_with_pca_on_a_small_grid(tmp_path, learner):
+    """Algorithm 1 (sgd) and the adam variant against PCA, K = 1."""
+    grid = {"n": 16, "K": 1, "d": "1:3", "N": "1:8", "learner": f"pca,{learner}",
+            **({"sgd_steps": 600} if learner == "sgd" else {})}      # sgd: 600 of its 2000 steps suffice at n = 16
     with sweeps.run_sweep("subspace-recovery", grid, trials=6, store=str(tmp_path / "s.sqlite"), progress=False) as st:
         rate = _rates(st)
     for d in (1, 2, 3):
         for N in range(1, 9):
-            pca, sgd = rate[(1, "pca", d, N)], rate[(1, "sgd", d, N)]
+            pca, sgd = rate[(1, "pca", d, N)], rate[(1, learner, d, N)]
             if N < d:
                 assert pca == sgd == 0
             elif N >= d + 2:                 # at N = d, d + 1 the data's smallest singular value is tiny and

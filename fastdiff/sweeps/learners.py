@@ -16,11 +16,20 @@ Subspace learners (seed 002 Sec. 3; bases (B, K, n, d), orthonormal; :func:`fit_
   These three are the public form of the ``ksubspaces`` op (:mod:`fastdiff.ops.ksubspaces`: the
   contract, the batched torch form; the C++ kernels for float32 CPU data, chosen by
   ``fastdiff.dispatch``);
-- ``sgd`` (seed 002 Alg. 1): :func:`sgd_bases`, the MoLRG denoiser's bases trained on the
-  diffusion loss ``E ||x0_hat(x_0 + sigma eps) - x_0||^2`` (Adam, a QR retraction onto
-  orthonormal bases after each step).  ``engine="batched"`` evaluates the denoiser of all
-  instances at once in the GEMM form (per-instance bases as a batched matmul); ``"fused"`` calls
-  :func:`fastdiff.molrg_denoise` (its fused forward/backward kernels) once per instance.
+- ``sgd`` (seed 002 Alg. 1, App. E.1): :func:`fastdiff.sweeps.alg1.alg1_bases`, plain SGD on
+  minibatches of the diffusion loss of the MoLRG denoiser, times on the paper's grid, a QR
+  retraction per step; K > 1 starts from the tailored initialization (docs/math.md Sec. 4a, the
+  reconstruction of App. E.1's eq. 48: the greedy data-driven seeding of :func:`seed_bases`),
+  K = 1 from a random start;
+- ``adam``: :func:`adam_bases`, the MoLRG denoiser's bases trained on the diffusion loss
+  ``E ||x0_hat(x_0 + sigma eps) - x_0||^2`` with Adam on full batches (fresh log-uniform noise
+  levels each step), a random start and a QR retraction after each step (not the paper's
+  algorithm: what the ``sgd`` learner was before Algorithm 1 replaced it).  ``engine="batched"``
+  evaluates the denoiser of all instances at once in the GEMM form (per-instance bases as a
+  batched matmul); ``"fused"`` calls :func:`fastdiff.molrg_denoise` (its fused forward/backward
+  kernels) once per instance.
+  Both take ``sgd_steps``, ``sgd_lr`` and ``sgd_sigma_max`` from a cell, 0 meaning the learner's
+  own default (:data:`fastdiff.sweeps.alg1.DEFAULTS`, :data:`ADAM_DEFAULTS`).
 
 The Gaussian learner (seed 001): :func:`fit_gaussian`, the maximum-likelihood ``N(mu_0, Sigma_0)``
 of each instance, and :func:`null_modes`, the eigenmodes of ``Sigma_0 + c I`` (the ridge-regularised
@@ -44,10 +53,12 @@ from fastdiff.ops import ksubspaces as op
 from fastdiff.ops.ksubspaces import DT, orth
 from fastdiff.sweeps.streams import LEARNER_INIT, LEARNER_SGD, normals
 
-__all__ = ["LEARNERS", "DENOISERS", "top_subspace", "seed_bases", "ksubspaces", "sgd_bases", "fit_bases",
+__all__ = ["LEARNERS", "DENOISERS", "top_subspace", "seed_bases", "ksubspaces", "adam_bases", "fit_bases",
            "fit_gaussian", "null_modes", "psd_project", "fit_denoisers"]
 
-LEARNERS = ("pca", "ksubspaces", "sgd")
+LEARNERS = ("pca", "ksubspaces", "sgd", "adam")
+# the adam learner's defaults for the shared sgd_* parameters (0 in a cell: the learner's default)
+ADAM_DEFAULTS = {"steps": 300, "lr": 0.1, "sigma_max": 0.1}
 DENOISERS = ("empirical", "molrg", "linear")
 
 
@@ -175,11 +186,32 @@ def _denoise_batched(xt, U, sigma, K, d):
     return q @ U.mT
 
 
-def sgd_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_row: Sequence[Tuple[int, int]], *,
-              steps: int = 300, lr: float = 0.1, sigma_min: float = 0.002, sigma_max: float = 0.1,
-              engine: str = "batched", init: Optional[torch.Tensor] = None, retraction: str = "auto") -> torch.Tensor:
-    """Bases (B, K, n, d) trained on the diffusion loss of each instance's data X (B, N, n) (rows past
-    ``counts[b]`` are padding and do not enter the loss).
+def _draw_per_cell(seeds_per_row: Sequence[Tuple[int, int]], B: int, width: int, draw: Callable) -> torch.Tensor:
+    """Rows (B, width) of random numbers, row b from its cell's stream: one ``draw(seed, trials,
+    width)`` (trial-major windows) per cell, so a row does not depend on its batch-mates."""
+    by_cell: Dict[int, List[Tuple[int, int]]] = {}
+    for row, (s, t) in enumerate(seeds_per_row):
+        by_cell.setdefault(s, []).append((row, t))
+    if len(by_cell) == 1:                        # one cell, its trials in order: the draw itself
+        (s, rows), = by_cell.items()
+        if [r for r, _ in rows] == list(range(B)) and [t for _, t in rows] == list(range(B)):
+            return draw(s, B, width)
+    out = None
+    for s, rows in by_cell.items():
+        z = draw(s, max(t for _, t in rows) + 1, width)
+        if out is None:
+            out = z.new_empty(B, width)
+        dst, src = (torch.tensor(v, device=z.device) for v in zip(*rows))
+        out[dst] = z[src]
+    return out
+
+
+def adam_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_row: Sequence[Tuple[int, int]], *,
+               steps: int = 300, lr: float = 0.1, sigma_min: float = 0.002, sigma_max: float = 0.1,
+               engine: str = "batched", init: Optional[torch.Tensor] = None, retraction: str = "auto") -> torch.Tensor:
+    """The ``adam`` learner (not seed 002's Algorithm 1, which is :func:`fastdiff.sweeps.alg1.alg1_bases`):
+    bases (B, K, n, d) trained on the diffusion loss of each instance's data X (B, N, n) (rows past
+    ``counts[b]`` are padding and do not enter the loss), all points in every step.
 
     Each step: every training point gets a fresh noise level ``sigma`` (log-uniform in
     [sigma_min, sigma_max]) and noise ``eps`` from its cell's Philox stream
@@ -263,9 +295,22 @@ def fit_bases(learner: str, X: torch.Tensor, counts: torch.Tensor, K: int, d: in
     if learner == "ksubspaces":
         V0 = seed_bases(X, counts, K, d, torch.special.ndtr(init))
         return ksubspaces(X, K, V0, max_iter=params["max_iter"], counts=counts)[0]
-    return sgd_bases(X, counts, K, d, cells_seeds, steps=params["sgd_steps"], lr=params["sgd_lr"],
-                     sigma_min=params["sgd_sigma_max"] / 50, sigma_max=params["sgd_sigma_max"],
-                     engine=params["sgd_engine"], init=init)
+    if learner == "sgd":
+        from fastdiff.sweeps.alg1 import DEFAULTS, alg1_bases
+
+        opt = {k: params.get(f"sgd_{k}") or v for k, v in DEFAULTS.items()}     # 0 / absent: the default
+        how = params.get("sgd_init", "auto")
+        if K > 1 and how in ("auto", "tailored"):
+            # the tailored start (eq. 48 as reconstructed, docs/math.md Sec. 4a): one greedy seeding,
+            # its first seed from the first normal of the instance's start window
+            init = seed_bases(X, counts, K, d, torch.special.ndtr(init[:, 0, 0, :1]))[:, 0]
+        return alg1_bases(X, counts, K, d, cells_seeds, init, **opt)
+    if learner != "adam":
+        raise ValueError(f"learner: expected one of {LEARNERS}, got {learner!r}")
+    opt = {k: params.get(f"sgd_{k}") or v for k, v in ADAM_DEFAULTS.items()}
+    return adam_bases(X, counts, K, d, cells_seeds, steps=opt["steps"], lr=opt["lr"],
+                      sigma_min=opt["sigma_max"] / 50, sigma_max=opt["sigma_max"],
+                      engine=params.get("sgd_engine", "batched"), init=init)
 
 
 # =========================================================================== the Gaussian

@@ -20,7 +20,7 @@ __all__ = ["normals", "MOLRG_DATA", "LEARNER_INIT", "LEARNER_SGD", "TRAJECTORY_N
 
 MOLRG_DATA = 0          # bases, coefficients, labels and noise of the MoLRG data (subspace.molrg_batch)
 LEARNER_INIT = 1        # the learners' random starts (learners.fit_bases)
-LEARNER_SGD = 2         # the sgd learner's noise levels and noise, one sub-window per step (learners.sgd_bases)
+LEARNER_SGD = 2         # the sgd / adam learners' draws, one sub-window per step (alg1.alg1_bases, learners.adam_bases)
 TRAJECTORY_NOISE = 3    # the jacobian-rank trajectories' starting noise
 
 

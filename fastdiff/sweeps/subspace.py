@@ -2,7 +2,8 @@
 low-rank Gaussians of dimension d in R^n?
 
 Per instance: draw MoLRG data ``x_i = U_{k_i} a_i + delta g_i`` (``a_i ~ N(0, I_d)``, components
-uniform), fit bases with a learner (``pca``, ``ksubspaces`` or ``sgd``: :mod:`fastdiff.sweeps.learners`,
+uniform, or ``balanced``: exactly N_k = N/K points each, up to one), fit bases with a learner
+(``pca``, ``ksubspaces``, ``sgd`` (seed 002's Algorithm 1) or ``adam``: :mod:`fastdiff.sweeps.learners`,
 each batched over every instance of a batch of cells), and score
 
     err = min_P max_k ||Uh_{P(k)} Uh_{P(k)}^T - U_k U_k^T||_F / sqrt(2 d)     (success: err <= threshold)
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from fastdiff import dispatch
-from fastdiff.sweeps.learners import LEARNERS, fit_bases
+from fastdiff.sweeps.alg1 import DEFAULTS as SGD, INITS
+from fastdiff.sweeps.learners import ADAM_DEFAULTS as ADAM, LEARNERS, fit_bases
 from fastdiff.sweeps.params import (check_at_least_one, check_d_fits, check_orthogonal_fits, molrg_shape,
                                     training_samples)
 from fastdiff.sweeps.runner import Experiment, Param, register
@@ -36,19 +38,23 @@ DT = torch.float32
 
 
 # =========================================================================== data
-def molrg_instances(n: int, K: int, d: int, N: int, delta: float, bases: str, seed: int, trials: int):
+def molrg_instances(n: int, K: int, d: int, N: int, delta: float, bases: str, seed: int, trials: int,
+                    balanced: bool = False):
     """``trials`` MoLRG instances of one cell: bases (T, K, n, d), data (T, N, n), labels (T, N)."""
-    U, X, labels = molrg_batch(n, K, d, [N], delta, bases, [seed], trials)
+    U, X, labels = molrg_batch(n, K, d, [N], delta, bases, [seed], trials, balanced)
     return U, X, labels
 
 
-def molrg_batch(n: int, K: int, d: int, Ns: Sequence[int], delta: float, bases: str, seeds: Sequence[int], trials: int):
+def molrg_batch(n: int, K: int, d: int, Ns: Sequence[int], delta: float, bases: str, seeds: Sequence[int], trials: int,
+                balanced: bool = False):
     """MoLRG instances of several cells (sample sizes ``Ns``, seeds ``seeds``), cell-major:
     bases (C T, K, n, d), data (C T, max N, n) zero-padded, labels (C T, max N) (-1 on padding).
 
     Each cell's numbers come from its own Philox windows; the arithmetic is batched over the cells.
     ``bases="orthogonal"``: the K bases are mutually orthogonal (QR of one n x Kd Gaussian);
     ``"random"``: independent (each its own QR), overlapping in general.
+    ``balanced``: point i belongs to component ``i mod K`` (N_k = N/K, up to one; Thm 4 is stated
+    per component), instead of a uniform draw; the stream windows are the same either way.
     """
     C, Nmax = len(Ns), max(Ns)
     G = torch.empty(C * trials, n, K * d, dtype=DT)
@@ -62,7 +68,8 @@ def molrg_batch(n: int, K: int, d: int, Ns: Sequence[int], delta: float, bases: 
         rows = slice(i * trials, (i + 1) * trials)
         G[rows] = z[0].reshape(trials, n, K * d)
         a[rows, :N] = z[1].reshape(trials, N, d)
-        labels[rows, :N] = (torch.special.ndtr(z[2]) * K).long().clamp_(max=K - 1)   # uniform mixing weights
+        labels[rows, :N] = (torch.arange(N) % K).expand(trials, N) if balanced else \
+            (torch.special.ndtr(z[2]) * K).long().clamp_(max=K - 1)   # uniform mixing weights
         if delta:
             noise[rows, :N] = z[3].reshape(trials, N, n)
     if bases == "orthogonal":
@@ -120,7 +127,8 @@ def bottleneck_assignment(cost: torch.Tensor) -> torch.Tensor:
 def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.device("cpu")):
     p0 = cells[0]
     n, K, d = p0["n"], p0["K"], p0["d"]
-    U, X, _ = molrg_batch(n, K, d, [c["N"] for c in cells], p0["delta"], p0["bases"], seeds, trials)
+    U, X, _ = molrg_batch(n, K, d, [c["N"] for c in cells], p0["delta"], p0["bases"], seeds, trials,
+                          bool(p0["balanced"]))
     X = X.to(device)
     counts = torch.tensor([float(c["N"]) for c in cells], dtype=DT).repeat_interleave(trials)
     owner = [(s, t) for s in seeds for t in range(trials)]
@@ -130,6 +138,8 @@ def _run_batch(cells: List[Dict], seeds: List[int], trials: int, device=torch.de
     rows = [{"cell_index": b // trials, "trial": b % trials, "error": e, "success": ok}
             for b, (e, ok) in enumerate(zip(err.tolist(), (err <= threshold).int().tolist()))]
     if p0["learner"] == "sgd":
+        backend = "torch"
+    elif p0["learner"] == "adam":
         backend = "torch" if p0["sgd_engine"] == "batched" else \
             dispatch.choose("molrg", "auto", X.device, torch.float32, n=n, D=K * d, K=K, grad=True)
     else:
@@ -146,14 +156,18 @@ def _check(c: Dict) -> None:
         raise ValueError(f"--delta: expected delta >= 0, got {c['delta']}")
     if not 0 < c["threshold"]:
         raise ValueError(f"--threshold: expected a positive error threshold, got {c['threshold']}")
-    for name in ("restarts", "max_iter", "sgd_steps", "sgd_lr", "sgd_sigma_max"):
+    for name in ("restarts", "max_iter"):
         if not c[name] > 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive value, got {c[name]}")
+    for name in ("sgd_steps", "sgd_lr", "sgd_sigma_max", "sgd_batch", "sgd_grid"):
+        if not c[name] >= 0:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive value (or 0: the learner's "
+                             f"default), got {c[name]}")
 
 
 def _applicable(c: Dict) -> Optional[str]:
     if c["learner"] == "pca" and c["K"] != 1:
-        return f"learner 'pca' fits one subspace (K = 1), got K = {c['K']}; use ksubspaces or sgd"
+        return f"learner 'pca' fits one subspace (K = 1), got K = {c['K']}; use ksubspaces, sgd or adam"
     return None
 
 
@@ -175,15 +189,23 @@ register(Experiment(
         training_samples(tuple(range(2, 49, 2)), "training samples (total over the K components)"),
         Param("delta", float, (0.0,), "isotropic noise floor of the data"),
         Param("bases", str, ("orthogonal",), "orthogonal (mutually) or random bases", BASES),
-        Param("learner", str, ("pca", "ksubspaces"), "how the bases are fitted", LEARNERS),
+        Param("balanced", int, (0,), "1: N_k = N/K points per component (i mod K); 0: components drawn uniformly",
+              (0, 1)),
+        Param("learner", str, ("pca", "ksubspaces"), "how the bases are fitted (sgd: seed 002's Algorithm 1; "
+              "adam: Adam on full batches from a random start)", LEARNERS),
         Param("threshold", float, (0.1,), "success when the error is at most this"),
         Param("restarts", int, (4,), "ksubspaces: random starts per instance"),
         Param("max_iter", int, (40,), "ksubspaces: assignment/refit iterations"),
-        Param("sgd_steps", int, (300,), "sgd: Adam steps"),
-        Param("sgd_sigma_max", float, (0.1,), "sgd: noise levels log-uniform in [sgd_sigma_max / 50, sgd_sigma_max] "
-              "(the SGD noise floor of the error grows with it: ~0.01 at 0.1, 0.02 at 0.5, 0.04 at 2)"),
-        Param("sgd_lr", float, (0.1,), "sgd: learning rate"),
-        Param("sgd_engine", str, ("batched",), "sgd: batched GEMM form or the fused molrg_denoise per instance",
+        Param("sgd_steps", int, (0,), f"sgd/adam: steps (0: the learner's default, sgd {SGD['steps']}, adam "
+              f"{ADAM['steps']})"),
+        Param("sgd_sigma_max", float, (0.0,), "sgd: noise levels sigma_max l/L on the grid l = 1..L; adam: log-uniform "
+              f"in [sgd_sigma_max / 50, sgd_sigma_max] (0: sgd {SGD['sigma_max']}, adam {ADAM['sigma_max']}; the "
+              "adam error's noise floor grows with it: ~0.01 at 0.1, 0.02 at 0.5, 0.04 at 2)"),
+        Param("sgd_lr", float, (0.0,), f"sgd/adam: learning rate (0: sgd {SGD['lr']}, adam {ADAM['lr']})"),
+        Param("sgd_batch", int, (0,), f"sgd: minibatch size, drawn with replacement (0: {SGD['batch']})"),
+        Param("sgd_grid", int, (0,), f"sgd: time steps L of the grid t = l/L (0: {SGD['grid']})"),
+        Param("sgd_init", str, ("auto",), "sgd: start (auto: tailored for K > 1, random for K = 1)", INITS),
+        Param("sgd_engine", str, ("batched",), "adam: batched GEMM form or the fused molrg_denoise per instance",
               ("batched", "fused")),
     ),
     metrics=(("error", float), ("success", int)),
