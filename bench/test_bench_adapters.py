@@ -113,5 +113,5 @@ def test_diffusers_step(record, device, case, impl, shape):
         assert sched.fastdiff_supports(m, t, x, **{k: v for k, v in kwargs.items() if k in accepted}), case
     step()  # a first call outside the timing: caches, and Heun's / UniPC's state settle
     record(f"diffusers {name}.step {case} {'x'.join(map(str, shape))}", impl, step,
-           bytes_moved=nbytes * x.numel() * x.element_size(), rounds=20 if shape[0] == 16 else 100,
+           bytes_moved=nbytes * x.numel() * x.element_size(), rounds=60 if shape[0] == 16 else 200,
            warmup=3)
