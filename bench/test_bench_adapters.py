@@ -1,132 +1,117 @@
-"""The diffusers adapter's ``step`` against the original scheduler's, same run, same config.
+"""Every diffusers adapter's ``step`` against the original scheduler's, same run, same config.
 
-Latent 4 x 4 x 64 x 64 float32 (Stable Diffusion's, batch 4), one step at an interior timestep of
-a 50-step schedule.  ``eager`` is diffusers' own ``step`` (its noise from torch's RNG), ``fastdiff``
-the adapter (noise drawn in the kernel from a fastdiff.Generator).  torch.compile is not listed:
-diffusers' step indexes Python-side tables per call (and DDPM searches its timesteps), so a
-compiled step re-traces or breaks the graph every call -- not how anyone runs it.  Bytes: the
-sample and the model output read once, prev_sample and pred_original_sample written once.
-At this size the step is launch/overhead-bound (256 KiB a tensor): the GPU target is >= 3x.
-The Euler ancestral / Heun / LMS rows (``test_diffusers_k_step``) also run at 16 x 4 x 128 x 128
-(4 MiB a tensor: bandwidth-bound) on a 25-step schedule.
+Two latents, float32: 16 x 4 x 128 x 128 (4 MiB a tensor: bandwidth-bound; issue 15's target is
+>= 4x) and 4 x 4 x 64 x 64 (Stable Diffusion's at batch 4, 256 KiB a tensor: launch/overhead-bound;
+target >= 1.5x).  One step at an interior index of the schedule (DDPM/DDIM/Euler 50 steps, the
+others 25, LCM/TCD 8), every timed call the same step: the step index is reset before each call and
+a multistep history is full beforehand and kept full by the step itself.  ``eager`` is diffusers' own
+``step`` (its noise from torch's RNG), ``fastdiff`` the adapter (noise drawn in the kernel from a
+fastdiff.Generator).  torch.compile is not listed: diffusers' step indexes Python-side tables per
+call (and DDPM searches its timesteps), so a compiled step re-traces or breaks the graph every
+call -- not how anyone runs it.
+
+Bytes: what the step must read and write at least once (``nbytes`` tensors of the latent's size):
+the sample and the model output in, ``prev_sample`` (and ``pred_original_sample`` / ``denoised``
+where the step returns one) out, and each history tensor read once.  Heun's row is both of its
+calls at one noise level (predictor and corrector: x, m in, x0, x_pred out, then x_pred's m, x0 in,
+x0', prev out, x and x_pred read again: 10).
+
+    FASTDIFF_BENCH_OUT=adapters-cpu python -m pytest bench/test_bench_adapters.py bench/test_bench_k_diffusion.py \\
+        --benchmark-enable -p no:cacheprovider
 """
+import importlib
+import inspect
+
 import pytest
 import torch
 
 import fastdiff
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install fastdiff[adapters])")
-from fastdiff.adapters import diffusers as fd_diffusers  # noqa: E402
 
-SHAPE = (4, 4, 64, 64)
-CASES = {  # name -> (scheduler class name, config, step kwargs)
-    "DDPM (noise)": ("DDPMScheduler", dict(clip_sample=False), {}),
-    "DDPM clip_sample (noise)": ("DDPMScheduler", dict(clip_sample=True), {}),
-    "DDIM eta=0": ("DDIMScheduler", dict(clip_sample=False), {}),
-    "DDIM eta=1 (noise)": ("DDIMScheduler", dict(clip_sample=False), {"eta": 1.0}),
-    "EulerDiscrete": ("EulerDiscreteScheduler", dict(), {}),
-    "EulerDiscrete churn (noise)": ("EulerDiscreteScheduler", dict(), {"s_churn": 2.0}),
+SHAPES = [(16, 4, 128, 128), (4, 4, 64, 64)]
+FD = "fastdiff.adapters."
+# case -> (class name, fastdiff module, config, step kwargs, steps, index, history, tensors moved)
+# history: "dpm" (model_outputs), "unipc" (model_outputs + last_sample), "lms" (derivatives), None
+CASES = {
+    "DDPM (noise)": ("DDPMScheduler", "diffusers", dict(clip_sample=False), {}, 50, 10, None, 4),
+    "DDPM clip_sample (noise)": ("DDPMScheduler", "diffusers", dict(clip_sample=True), {}, 50, 10, None, 4),
+    "DDIM eta=0": ("DDIMScheduler", "diffusers", dict(clip_sample=False), {}, 50, 10, None, 4),
+    "DDIM eta=1 (noise)": ("DDIMScheduler", "diffusers", dict(clip_sample=False), {"eta": 1.0}, 50, 10, None, 4),
+    "EulerDiscrete": ("EulerDiscreteScheduler", "diffusers", dict(), {}, 50, 10, None, 4),
+    "EulerDiscrete churn (noise)": ("EulerDiscreteScheduler", "diffusers", dict(), {"s_churn": 2.0}, 50, 10, None, 4),
+    "DPMSolverMultistep 2M": ("DPMSolverMultistepScheduler", "diffusers_solvers", dict(), {}, 25, 10, "dpm", 5),
+    "DPMSolverMultistep 3M": ("DPMSolverMultistepScheduler", "diffusers_solvers", dict(solver_order=3), {}, 25, 10,
+                              "dpm", 6),
+    "DPMSolverMultistep 2M SDE (noise)": ("DPMSolverMultistepScheduler", "diffusers_solvers",
+                                          dict(algorithm_type="sde-dpmsolver++"), {}, 25, 10, "dpm", 5),
+    "UniPC bh2 order 2": ("UniPCMultistepScheduler", "diffusers_solvers", dict(), {}, 25, 10, "unipc", 7),
+    "UniPC bh1 order 3": ("UniPCMultistepScheduler", "diffusers_solvers", dict(solver_type="bh1", solver_order=3),
+                          {}, 25, 10, "unipc", 8),
+    "DEIS order 3": ("DEISMultistepScheduler", "diffusers_deis", dict(), {}, 25, 10, "dpm", 6),
+    "FlowMatchEuler shift=3": ("FlowMatchEulerDiscreteScheduler", "diffusers_solvers", dict(shift=3.0), {}, 25, 10,
+                               None, 3),
+    "EulerAncestral (noise)": ("EulerAncestralDiscreteScheduler", "diffusers_k", dict(), {}, 25, 10, None, 4),
+    "Heun (both stages)": ("HeunDiscreteScheduler", "diffusers_k", dict(), {}, 25, 20, None, 10),
+    "LMS order 4": ("LMSDiscreteScheduler", "diffusers_k", dict(), {"order": 4}, 25, 10, "lms", 8),
+    "LCM (noise)": ("LCMScheduler", "diffusers_consistency", dict(), {}, 8, 3, None, 4),
+    "TCD eta=0.3 (noise)": ("TCDScheduler", "diffusers_consistency", dict(), {"eta": 0.3}, 8, 3, None, 4),
 }
+NOISY = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+         "DPMSolverMultistepScheduler", "LCMScheduler", "TCDScheduler")
 
 
+def _fill_history(sched, kind, shape, gen, device):
+    """A full multistep history at the timed index (so every timed call is the same interior step)."""
+    def r():
+        return torch.randn(shape, generator=gen).to(device)
+    order = getattr(sched.config, "solver_order", 4)
+    if kind in ("dpm", "unipc"):
+        sched.lower_order_nums = order
+        sched.model_outputs = [r() for _ in range(order)]
+    if kind == "unipc":
+        sched.timestep_list = [sched.timesteps[0]] * order
+        sched.last_sample = r()
+        sched.this_order = order
+    if kind == "lms":
+        sched.derivatives = [r() for _ in range(4)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 @pytest.mark.parametrize("impl", ["fastdiff", "eager"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_diffusers_step(record, device, case, impl):
-    name, config, kwargs = CASES[case]
-    sched = getattr(fd_diffusers if impl == "fastdiff" else diffusers, name)(**config)
-    sched.set_timesteps(50, device=device)
-    t = sched.timesteps[10]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=gen).to(device)
-    m = torch.randn(SHAPE, generator=gen).to(device)
-    generator = fastdiff.Generator(0) if impl == "fastdiff" else None
-    euler = name == "EulerDiscreteScheduler"
-    if euler:
-        sched.scale_model_input(x, t)
-
-    def step():
-        if euler:
-            sched._step_index = 10  # step() advances it; every timed call is the same step
-        return sched.step(m, t, x, generator=generator, **kwargs)
-
-    record(f"diffusers {name}.step {case} {'x'.join(map(str, SHAPE))}", impl, step,
-           bytes_moved=4 * x.numel() * x.element_size(), rounds=200)
-
-
-MULTISTEP = {  # name -> config
-    "DPMSolverMultistep 2M": dict(),
-    "DPMSolverMultistep 3M": dict(solver_order=3),
-    "DPMSolverMultistep 2M SDE (noise)": dict(algorithm_type="sde-dpmsolver++"),
-}
-
-
-@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
-@pytest.mark.parametrize("case", list(MULTISTEP))
-def test_diffusers_multistep_step(record, device, case, impl):
-    """One interior step of a 25-step multistep schedule, the history already full (every timed call
-    is the same step: the step index is reset and the history shifts in place)."""
-    from fastdiff.adapters.diffusers_solvers import DPMSolverMultistepScheduler
-    cls = DPMSolverMultistepScheduler if impl == "fastdiff" else diffusers.DPMSolverMultistepScheduler
-    sched = cls(**MULTISTEP[case])
-    sched.set_timesteps(25, device=device)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=gen).to(device)
-    m = torch.randn(SHAPE, generator=gen).to(device)
-    t = sched.timesteps[10]
-    sched._step_index = 10
-    sched.lower_order_nums = sched.config.solver_order
-    sched.model_outputs = [torch.randn(SHAPE, generator=gen).to(device) for _ in range(sched.config.solver_order)]
-    generator = fastdiff.Generator(0) if impl == "fastdiff" else None
-
-    def step():
-        sched._step_index = 10
-        return sched.step(m, t, x, generator=generator)
-
-    record(f"diffusers {case}.step {'x'.join(map(str, SHAPE))}", impl, step,
-           bytes_moved=(3 + sched.config.solver_order) * x.numel() * x.element_size(), rounds=200)
-
-
-K_SHAPES = [(16, 4, 128, 128), (4, 4, 64, 64)]
-K_CASES = {  # name -> (scheduler class name, config, step kwargs)
-    "EulerAncestral (noise)": ("EulerAncestralDiscreteScheduler", dict(), {}),
-    "Heun (both stages)": ("HeunDiscreteScheduler", dict(), {}),
-    "LMS order 4": ("LMSDiscreteScheduler", dict(), {"order": 4}),
-}
-
-
-@pytest.mark.parametrize("shape", K_SHAPES, ids=["x".join(map(str, s)) for s in K_SHAPES])
-@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
-@pytest.mark.parametrize("case", list(K_CASES))
-def test_diffusers_k_step(record, device, case, impl, shape):
-    """One interior step of a 25-step schedule (Heun: both of its calls at one noise level, the
-    predictor and the corrector; LMS: the four-derivative history already full, kept full by the
-    step).  Bytes: what the step must read and write at least once -- Euler ancestral x, m in, prev,
-    x0 out (4); Heun x, m in, x0, x_pred out, then x_pred's m, x0 in, x0', prev out (x and x_pred are
-    read again by the corrector: 10); LMS x, m and the three earlier derivatives in, x0, the new
-    derivative and prev out (8)."""
-    from fastdiff.adapters import diffusers_k
-    name, config, kwargs = K_CASES[case]
-    sched = getattr(diffusers_k if impl == "fastdiff" else diffusers, name)(**config)
-    sched.set_timesteps(25, device=device)
+def test_diffusers_step(record, device, case, impl, shape):
+    name, module, config, kwargs, n_steps, i, history, nbytes = CASES[case]
+    cls = getattr(importlib.import_module(FD + module) if impl == "fastdiff" else diffusers, name)
+    sched = cls(**config)
+    sched.set_timesteps(n_steps, device=device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
     m = torch.randn(shape, generator=gen).to(device)
-    heun = name == "HeunDiscreteScheduler"
-    i = 10 * (2 if heun else 1)  # Heun's timesteps repeat every level but the first
     t = sched.timesteps[i]
-    sched.scale_model_input(x, t)
-    if name == "LMSDiscreteScheduler":
-        sched.derivatives = [torch.randn(shape, generator=gen).to(device) for _ in range(4)]
-    generator = fastdiff.Generator(0) if impl == "fastdiff" else None
-    extra = {"generator": generator} if name == "EulerAncestralDiscreteScheduler" else {}
+    if hasattr(sched, "scale_model_input") and name not in ("FlowMatchEulerDiscreteScheduler",):
+        sched.scale_model_input(x, t)  # sets diffusers' is_scale_input_called (and the step index)
+    _fill_history(sched, history, shape, gen, device)
+    extra = {}
+    if name in NOISY:
+        extra["generator"] = fastdiff.Generator(0) if impl == "fastdiff" else None
+    heun = name == "HeunDiscreteScheduler"
+    indexed = hasattr(sched, "_step_index")
 
     def step():
-        sched._step_index = i
+        if indexed:
+            sched._step_index = i
         out = sched.step(m, t, x, **kwargs, **extra)
-        if heun:
+        if heun:  # the corrector at the same level (diffusers' timesteps repeat every level but the first)
             out = sched.step(m, sched.timesteps[i + 1], out.prev_sample)
         return out
 
-    nbytes = {"EulerAncestralDiscreteScheduler": 4, "HeunDiscreteScheduler": 10, "LMSDiscreteScheduler": 8}[name]
+    if impl == "fastdiff":  # the row times the fused path, not a fallback to diffusers' step
+        if indexed:
+            sched._step_index = i
+        accepted = inspect.signature(sched.fastdiff_supports).parameters
+        assert sched.fastdiff_supports(m, t, x, **{k: v for k, v in kwargs.items() if k in accepted}), case
+    step()  # a first call outside the timing: caches, and Heun's / UniPC's state settle
     record(f"diffusers {name}.step {case} {'x'.join(map(str, shape))}", impl, step,
-           bytes_moved=nbytes * x.numel() * x.element_size(), rounds=50)
+           bytes_moved=nbytes * x.numel() * x.element_size(), rounds=60 if shape[0] == 16 else 200,
+           warmup=3)

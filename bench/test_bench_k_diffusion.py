@@ -54,4 +54,4 @@ def test_k_diffusion_sampler(record, device, name, impl):
     fn = getattr(fd_k if impl == "fastdiff" else K_SAMPLING, name)
     per_step = (2 + 2 * evals) * x.numel() * x.element_size()
     record(f"k-diffusion {name} 25 steps {'x'.join(map(str, SHAPE))}", impl, lambda: fn(_model, x, sig, **kw),
-           bytes_moved=STEPS * per_step, rounds=10, warmup=2)
+           bytes_moved=STEPS * per_step, rounds=60, warmup=2)

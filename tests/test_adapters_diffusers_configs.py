@@ -224,6 +224,33 @@ def test_ddim_pipeline_converts_its_scheduler_so_assign_after():
 
 
 @needs_diffusers
+def test_from_config_switch_keeps_each_class_defaults_offline():
+    """diffusers' ``SchedulerBaseTests.test_default_arguments_not_in_config`` and
+    ``test_default_solver_type_after_switch`` (tests/schedulers/test_schedulers.py) load a pipeline from the
+    Hub, which bench/diffusers_scheduler_tests.py cannot reach; their assertions on our classes, from the
+    PNDM config that pipeline carries (Stable Diffusion v1's): a switch takes the new class's defaults for
+    what the config does not set, and keeps what a kwarg set."""
+    from fastdiff.adapters.diffusers_deis import DEISMultistepScheduler
+    from fastdiff.adapters.diffusers_k import LMSDiscreteScheduler
+    from fastdiff.adapters.diffusers_solvers import UniPCMultistepScheduler
+    pndm = diffusers.PNDMScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None, clip_sample=False))
+    assert pndm.config.timestep_spacing == "leading"
+    euler = fd_diffusers.EulerDiscreteScheduler.from_config(pndm.config)
+    assert type(euler) is fd_diffusers.EulerDiscreteScheduler and euler.config.timestep_spacing == "linspace"
+    euler = fd_diffusers.EulerDiscreteScheduler.from_config(pndm.config, timestep_spacing="trailing")
+    assert euler.config.timestep_spacing == "trailing"
+    lms = LMSDiscreteScheduler.from_config(euler.config)
+    assert type(lms) is LMSDiscreteScheduler and lms.config.timestep_spacing == "trailing"
+    assert LMSDiscreteScheduler.from_config(lms.config).config.timestep_spacing == "trailing"
+    deis = DEISMultistepScheduler.from_config(pndm.config)
+    assert type(deis) is DEISMultistepScheduler and deis.config.solver_type == "logrho"
+    unipc = UniPCMultistepScheduler.from_config(deis.config)
+    assert type(unipc) is UniPCMultistepScheduler and unipc.config.solver_type == "bh2"
+
+
+@needs_diffusers
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log"])
 def test_ddpm_last_step_noise_scale(variance_type):
     """That last step's noise at diffusers' scale: with x0_hat = 0 (prediction="sample", a zero model
