@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,13 +42,12 @@ def main(argv=None):
     table, trans, wall = [], {}, {}
     for d in ds:
         Ns = [r * d for r in ratios]
-        t0 = time.time()
         st = run_sweep("network-generalization", {"d": d, "K": a.K, "N": ",".join(map(str, Ns)), "arch": a.arch,
                                                    "steps": a.steps},
                        trials=a.trials, store=os.path.join(a.store_dir, f"{a.arch}-K{a.K}-d{d}-s{a.steps}.sqlite"),
                        threads=a.threads, workers=1)
-        wall[d] = time.time() - t0
         rows = st.rows()
+        wall[d] = sum(r["seconds"] for r in rows)   # the batches' wall time, as stored (a resumed run adds 0)
         means = []
         for N in Ns:
             rs = [r for r in rows if r["N"] == N]
@@ -59,7 +57,7 @@ def main(argv=None):
                           statistics.fmean(r["off_support"] for r in rs), statistics.fmean(r["loss"] for r in rs)))
         trans[d] = nw.transition_point(Ns, means, a.level)
         print(f"d = {d}: N* = {trans[d]:.2f} ({wall[d]:.0f} s)", flush=True)
-    fit = nw.linear_fit(ds, [trans[d] for d in ds])
+    fit = nw.linear_fit(ds, [trans[d] for d in ds]) if len(ds) > 1 else None
     lines = [
         f"# {a.arch} learner: GL score (seed 002 eq. 21) vs N, transition vs d",
         "",
@@ -75,10 +73,11 @@ def main(argv=None):
     lines += [f"| {d} | {N} | {r:g} | {g:.3f} | {s:.3f} | {m:.3f} | {o:.3f} | {lo:.3f} |"
               for d, N, r, g, s, m, o, lo in table]
     lines += ["", f"Transition N*(d): the N where the mean GL first reaches {a.level} (linear interpolation):", ""]
-    lines += [f"- d = {d}: N* = {trans[d]:.2f} (N*/d = {trans[d] / d:.2f}; sweep {wall[d]:.0f} s wall)" for d in ds]
-    lines += ["", f"Least squares N* = a d + b over d in {ds}: a = {fit['slope']:.2f}, b = {fit['intercept']:.2f}, "
-              f"RMS residual {fit['rms']:.2f}; through the origin N* = c d: c = {fit['ratio']:.2f}, "
-              f"RMS residual {fit['ratio_rms']:.2f}.", ""]
+    lines += [f"- d = {d}: N* = {trans[d]:.2f} (N*/d = {trans[d] / d:.2f}; its batch {wall[d]:.0f} s wall)" for d in ds]
+    if fit is not None:
+        lines += ["", f"Least squares N* = a d + b over d in {ds}: a = {fit['slope']:.2f}, b = {fit['intercept']:.2f}, "
+                  f"RMS residual {fit['rms']:.2f}; through the origin N* = c d: c = {fit['ratio']:.2f}, "
+                  f"RMS residual {fit['ratio_rms']:.2f}.", ""]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines))
