@@ -8,7 +8,8 @@
   distance to the nearest training image (right);
 - memorization: memorized fraction and generalization (left), energy off the true support
   (right) against N/d, one curve per denoiser;
-- jacobian-rank: rank ratio against SNR = 1/sigma, with the d/n and K d/n levels (seed 002 Fig. 3b).
+- jacobian-rank: rank ratio against SNR = 1/sigma, with the d/n and K d/n levels (seed 002 Fig. 3b);
+- network-generalization: GL score against N/d per d (seed 002 Fig. 5a), memorized and off-support beside.
 """
 from __future__ import annotations
 
@@ -228,8 +229,28 @@ def _jacobian_rank(Figure, agg, params, path):
     _finish(fig, ax, path, "SNR = 1 / sigma", "Jacobian rank / n   (dotted d/n, dashed Kd/n)")
 
 
+def _networks(Figure, agg, params, path):
+    # seed 002 Fig. 5a: GL against N / d, one curve per d (and arch, ...); memorized and off-support beside
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    _curves(Figure, agg, params, "N_over_d_mean", "gl", "N", "GL", ax=left)
+    left.axhline(1.0, color="gray", lw=0.8)
+    left.set_ylabel("GL score (seed 002 eq. 21)")
+    _curves(Figure, agg, params, "N_over_d_mean", "memorized", "N", "all", ax=right, suffix=": memorized")
+    _curves(Figure, agg, params, "N_over_d_mean", "off_support", "N", "all", ax=right, style="s:",
+            suffix=": off support")
+    right.set_ylim(-0.03, 1.03)
+    right.set_ylabel("memorized fraction (o), energy off the support (s)")
+    for ax in (left, right):
+        ax.set_xlabel("N / d")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 PLOTTERS = {"subspace-recovery": _subspace, "linear-diffusion": _linear, "memorization": _memorization,
-            "memorization-images": _memorization_images, "jacobian-rank": _jacobian_rank}
+            "memorization-images": _memorization_images, "jacobian-rank": _jacobian_rank,
+            "network-generalization": _networks}
 
 
 def write_table(store_path: str, out_dir: str = "results") -> str:
