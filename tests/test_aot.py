@@ -7,6 +7,9 @@ Triton decides at import whether its own library functions (tl.philox, ...) are 
 conftest.py turns the interpreter on where there is no GPU, so the Triton compiles run in worker
 processes started without TRITON_INTERPRET: this file run as a script, one process per compute
 capability, side by side.  Each (variant, cc) is still its own test id.
+
+What each compile costs an SM (registers, spills, shared memory, warps/SM) is checked against the
+committed table and the per-variant budgets of bench/triton_budgets.json (tests/triton_resources.py).
 """
 import glob
 import importlib.util
@@ -30,15 +33,23 @@ CU_FILES = sorted(glob.glob(str(REPO / "csrc" / "cuda" / "*.cu")))
 
 
 def _kernels_package():
-    """fastdiff.kernels; in a source checkout without `pip install -e .`, loaded from kernels/."""
+    """fastdiff.kernels of this checkout (kernels/): the installed package when it is this
+    checkout's (an editable install of it, or CI's), else loaded from kernels/ itself, so a
+    worktree beside another checkout's editable install still compiles its own sources."""
     try:
         import fastdiff.kernels as kernels
+
+        if Path(kernels.__file__).resolve().parent == (REPO / "kernels").resolve():
+            return kernels
     except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "fastdiff.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")])
-        kernels = importlib.util.module_from_spec(spec)
-        sys.modules["fastdiff.kernels"] = kernels
-        spec.loader.exec_module(kernels)
+        pass
+    for name in [m for m in sys.modules if m == "fastdiff.kernels" or m.startswith("fastdiff.kernels.")]:
+        del sys.modules[name]  # another checkout's copy: its submodules would answer relative imports
+    spec = importlib.util.spec_from_file_location(
+        "fastdiff.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")])
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["fastdiff.kernels"] = kernels
+    spec.loader.exec_module(kernels)
     return kernels
 
 
