@@ -73,6 +73,19 @@ def _ptxas_resources(ptxas, ptx, cc, tmp):
             "spill_loads": grab(r"(\d+) bytes spill loads"), "stack": grab(r"(\d+) bytes stack frame")}
 
 
+def _ptxas_for(cc):
+    """The assembler Triton itself uses for ``cc`` (the newest bundled one that takes its PTX:
+    ptxas-blackwell for sm_90+ in triton 3.9); older Triton without ``get_ptxas``: its ptxas knob."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(cc).path
+    except ImportError:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+
+
 def _compile_all(cc, shard=0, shards=1):
     """Worker: compile AOT variants ``shard::shards`` for one cc; {name: {cubin, regs, spills,
     smem, ...} or error text}.  On a GPU of this cc, ``driver``: (n_regs, n_spills) as loaded."""
@@ -80,10 +93,9 @@ def _compile_all(cc, shard=0, shards=1):
 
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    ptxas = get_ptxas(cc).path
+    ptxas = _ptxas_for(cc)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         here = _device_cc()
