@@ -32,8 +32,21 @@ MAX_INPUTS = 6
 # 4096 (16 per thread) spilled 76 B/thread in fp32 k=6 Philox per-row and 16 B in randn (k=0) at
 # sm_80 and sm_90 (ptxas -v; bench/results/triton-resources.md); 1024 spills in no variant
 BLOCK = 1024
+# The heaviest float32 paths, in-kernel Philox with per-row coefficients (7 gathered coefficients
+# and 6 inputs per element in flight beside the Philox rounds) or per-element Philox (SEEDS == 2),
+# take 2 elements a thread: at 1024 they held 77-96 registers a thread (k = 6; 2-3 blocks of 256
+# threads an SM, 16-24 of 64 warp slots), at 512 47-53 (5 blocks, 40 warps), under the 64-register
+# budget of bench/triton_budgets.json; the quads' normals then reach their elements through 1 KB
+# of shared memory (a layout conversion).  Halves stay at 1024 (63-64 registers there): 2 of them
+# a thread would be 4-byte accesses.  The Philox stream is unchanged: its counters are global.
+HEAVY_BLOCK = 512
 NUM_WARPS = 8
 CHUNK = 1 << 30    # elements per launch (tests monkeypatch it); a multiple of BLOCK and of 4
+
+
+def block_for(noise: int, per_sample: bool, seeds: int = 0, itemsize: int = 4) -> int:
+    """Elements per program of a variant (``BLOCK`` or ``HEAVY_BLOCK``, both divide ``CHUNK``)."""
+    return HEAVY_BLOCK if itemsize == 4 and noise == 2 and (per_sample or seeds == 2) else BLOCK
 
 
 @triton.jit(do_not_specialize=["start", "seed", "offset", "per"])
@@ -184,11 +197,12 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
     if seed >= 1 << 63:  # pass as int64 (same bits): one kernel for every seed
         seed -= 1 << 64
     nz = noise if noise_mode == 1 else out
+    block = block_for(noise_mode, per_sample, mode, out.element_size())
     if n <= CHUNK:  # the common case: no slicing
         ptrs = list(ins) + [out] * (MAX_INPUTS - k)
-        _fused_step_kernel[(triton.cdiv(n, BLOCK),)](
+        _fused_step_kernel[(triton.cdiv(n, block),)](
             out, *ptrs, nz, coef_t, seeds, *cs, n, inner, start, seed, offset, per,
-            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, SEEDS=mode, num_warps=NUM_WARPS,
+            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=block, SEEDS=mode, num_warps=NUM_WARPS,
         )
         return out
     flat_out, flat_ins, flat_nz = out.view(-1), [t.view(-1) for t in ins], nz.view(-1)
@@ -196,9 +210,9 @@ def fused_step(out, ins, coefs, inner, noise_mode, noise, seed, offset, start=0)
         e = min(s + CHUNK, n)
         o = flat_out[s:e]
         ptrs = [t[s:e] for t in flat_ins] + [o] * (MAX_INPUTS - k)
-        _fused_step_kernel[(triton.cdiv(e - s, BLOCK),)](
+        _fused_step_kernel[(triton.cdiv(e - s, block),)](
             o, *ptrs, flat_nz[s:e], coef_t, seeds, *cs, e - s, inner, start + s, seed, offset, per,
-            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=BLOCK, SEEDS=mode, num_warps=NUM_WARPS,
+            NUM_INPUTS=k, NOISE=noise_mode, PER_SAMPLE=per_sample, BLOCK=block, SEEDS=mode, num_warps=NUM_WARPS,
         )
     return out
 
@@ -230,7 +244,8 @@ def aot_variant(dtype, num_inputs, noise, per_sample, seeds: int = 0) -> AOTVari
     sig = {"out_ptr": t, **{f"in{j}": t for j in range(MAX_INPUTS)}, "noise_ptr": t, "coef_ptr": "*fp32",
            "seeds_ptr": "*i64" if seeds else t, **{f"c{j}": "fp32" for j in range(MAX_INPUTS)}, "cz": "fp32",
            "n": "i32", "inner": "i64", "start": "i64", "seed": "i64", "offset": "i64", "per": "i64"}
-    const = {"NUM_INPUTS": num_inputs, "NOISE": noise, "PER_SAMPLE": per_sample, "BLOCK": BLOCK, "SEEDS": seeds}
+    const = {"NUM_INPUTS": num_inputs, "NOISE": noise, "PER_SAMPLE": per_sample,
+             "BLOCK": block_for(noise, per_sample, seeds, dtype.itemsize), "SEEDS": seeds}
     sig.update({name: "constexpr" for name in const})
     name = f"fused_step_{_TY[dtype]}_k{num_inputs}_noise{noise}_{'rows' if per_sample else 'scalar'}"
     if seeds:  # per-sample seeds: 1 = whole quads per sample, 2 = a quad may straddle two samples

@@ -192,11 +192,14 @@ def rounds_for(out_dtype: torch.dtype, sections: int = SECTIONS) -> int:
 
 
 def num_warps_for(m_pad: int, n_pad: int) -> int:
-    """About 32 tile elements per thread.  ptxas (sm_90, float64 compute, registers / spill stack
-    per thread): 32x32 1 warp 236 / 0 B; 64x64 4 warps 254 / 0 B (8 warps: 166, 16: 108);
-    128x128 16 warps 128 / 360 B; 256x256 32 warps 3.4 KB of stack (16 warps: 11.7 KB).  Not
-    tuned on a GPU yet: bench/test_bench_svd_gpu.py sweeps num_warps and SECTIONS."""
-    return max(1, min(32, (m_pad * n_pad) // (32 * 32)))
+    """About 32 tile elements per thread up to 128 x 64, 16 from 128 x 128.  ptxas (sm_90, float64
+    compute, registers / spill stack per thread): 32x32 1 warp 236 / 0 B; 64x64 4 warps 254 / 0 B
+    (8 warps: 166, 16: 108); 128x128 16 warps 128 regs and 556 / 668 B of spill stores / loads at
+    sm_80 (552 / 664 at sm_90), 32 warps 64 regs and 480 / 584 (496 / 552): less local traffic and
+    twice the resident warps (32 of 64), so 32; 256x256 32 warps 3.4 KB of stack (16 warps: 11.7 KB).
+    Not tuned on a GPU yet: bench/test_bench_svd_gpu.py sweeps num_warps and SECTIONS."""
+    w = (m_pad * n_pad) // (32 * 32)
+    return max(1, 32 if w >= 16 else w)
 
 
 def _check(A: torch.Tensor, eta: Optional[float]) -> None:

@@ -104,6 +104,37 @@ def test_launcher_chunking(kernel_backend_device, module, monkeypatch):
         _check(out, ref, c, ins, noise_mode, torch.float32)
 
 
+def test_triton_block_size_keeps_the_stream(kernel_backend_device, monkeypatch):
+    """The heavy float32 paths (Philox with per-row coefficients, per-element per-sample seeds)
+    run 512 elements a program (kernels/fused_step.py: registers); the bits do not depend on it:
+    equal to the 1024-element launch and to the reference stream (the exact Philox normals)."""
+    backend, device = kernel_backend_device
+    if backend != "triton":
+        pytest.skip("the Triton launcher's block size")
+    from fastdiff.kernels import fused_step as tk
+
+    assert tk.block_for(2, True, 0, 4) == tk.HEAVY_BLOCK == 512 and tk.block_for(2, False, 2, 4) == 512
+    assert tk.block_for(2, True, 0, 2) == tk.block_for(2, False, 1, 4) == tk.block_for(1, True, 0, 4) == tk.BLOCK
+    n = 2 * 1024 + 515
+    seeds = torch.tensor([7, 2**40 + 3, 11], device=device)  # n / 3 elements a sample, not a multiple of 4
+    for inner, seed in ((1000, 1234), (7, 1234), (n, seeds)):
+        ins, _, coefs, _, c = _case(2, 2, True, torch.float32, device, n, inner, 0)
+        outs = []
+        for block in (512, 1024):
+            monkeypatch.setattr(tk, "HEAVY_BLOCK", block)
+            out = torch.full((n,), float("nan"), device=device)
+            tk.fused_step(out, ins, coefs, inner, 2, None, seed, 8)
+            outs.append(out.cpu())
+        assert torch.equal(outs[0], outs[1]), inner
+        if isinstance(seed, int):  # the noise alone: c_z z_i with z_i the stream's normal at 8 + i
+            zero = [torch.zeros_like(t) for t in ins]
+            out = torch.full((n,), float("nan"), device=device)
+            monkeypatch.setattr(tk, "HEAVY_BLOCK", 512)
+            tk.fused_step(out, zero, coefs, inner, 2, None, seed, 8)
+            z = torch.from_numpy(ref_rng.randn_at(seed, 8 + np.arange(n, dtype=np.int64)))
+            assert torch.equal(out.cpu(), torch.from_numpy(c[:, 2]).float() * z.float()), inner
+
+
 def test_nan_and_inf_propagate(kernel_backend_device):
     backend, device = kernel_backend_device
     x = torch.tensor([1.0, float("nan"), float("inf"), -2.0, 0.5], device=device)

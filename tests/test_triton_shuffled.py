@@ -119,11 +119,12 @@ def _in_order_and_shuffled(fn):
 
 
 def test_fused_step_shuffled():
-    """The primitive: 2 inputs, Philox noise, per-sample rows; n = 3 blocks + 5 (4 programs)."""
+    """The primitive: 2 inputs, Philox noise, per-sample rows; n = 3 blocks + 5 (4 programs of
+    the block this path launches, kernels/fused_step.py block_for)."""
     from test_fused_kernel import _case, _check
-    from fastdiff.kernels.fused_step import BLOCK
+    from fastdiff.kernels.fused_step import block_for
     from fastdiff.ops import fused_step as fused_step_op
-    dtype, n, inner = torch.float32, 3 * BLOCK + 5, 1000
+    dtype, n, inner = torch.float32, 3 * block_for(2, True, 0, 4) + 5, 1000
     ins, noise, coefs, ref, c = _case(2, 2, True, dtype, "cpu", n, inner, 0)
 
     def run():

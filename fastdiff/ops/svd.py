@@ -33,8 +33,9 @@ def _triton_fits(m: int = 1, n: int = 1, **_) -> Tuple[bool, str]:
 
 # auto's limit: the kernel holds the whole (M_PAD, N_PAD) tile (powers of two of max(m, n) and
 # min(m, n)) in registers; above 128 x 64 it spills (ptxas -v, bench/results/triton-resources.md:
-# 128 x 64 none; 128 x 128 556 B/thread of spill stores at sm_80, 552 B at sm_90; 256 x 256 11872 B
-# / 12020 B), so auto runs torch there while a forced backend="triton" still takes up to 256
+# 128 x 64 none; 128 x 128 (32 warps) 480 / 584 B/thread of spill stores / loads at sm_80, 496 / 552 B
+# at sm_90; 256 x 256 11872 B / 12020 B of stores), so auto runs torch there while a forced
+# backend="triton" still takes up to 256
 AUTO_MAX_TILE = 128 * 64
 
 
@@ -42,7 +43,7 @@ def _triton_prefer(m: int = 1, n: int = 1, **_) -> Tuple[bool, str]:
     tile = (1 << (max(m, n) - 1).bit_length()) * (1 << (min(m, n) - 1).bit_length())
     if tile > AUTO_MAX_TILE:
         return False, (f"triton: ({m}, {n}) pads to a tile over 128 x 64 elements: the 128 x 128 variant spills "
-                       "552 B/thread at sm_90, 256 x 256 12020 B (bench/results/triton-resources.md)")
+                       "496 B/thread at sm_90, 256 x 256 12020 B (bench/results/triton-resources.md)")
     return True, ""
 
 

@@ -30,7 +30,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from fastdiff.sweeps.streams import LEARNER_SGD, normals
+from fastdiff.sweeps.retraction import retract
+from fastdiff.sweeps.streams import LEARNER_SGD, draw_per_cell, normals
 
 __all__ = ["alg1_bases", "alg1_grad", "materialized_grad", "alg1_flops", "DEFAULTS", "INITS"]
 
@@ -123,9 +124,8 @@ def _grad_t(X, Ut, K, idx, sigma, z, Z, eps=None, Xt=None):
 def _retract_t(Yt: torch.Tensor) -> torch.Tensor:
     """The QR retraction of blocks Y (n, d) given as Y^T (..., d, n): CholeskyQR2 in the wide layout
     (``L L^T = Y^T Y``, ``Q^T = L^-1 Y^T``, twice: GEMMs and a triangular solve with n right-hand
-    columns), R's diagonal positive as :func:`fastdiff.sweeps.learners._retract`, whose Householder
+    columns), R's diagonal positive as :func:`fastdiff.sweeps.retraction.retract`, whose Householder
     QR takes the blocks where a Gram matrix is not numerically positive definite."""
-    from fastdiff.sweeps.learners import _retract
 
     Q = Yt
     ok = torch.ones(Yt.shape[:-2], dtype=torch.bool, device=Yt.device)
@@ -139,7 +139,7 @@ def _retract_t(Yt: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(Q.shape[-2], dtype=Q.dtype, device=Q.device)
     ok &= ((Q @ Q.mT - eye).abs().amax((-2, -1)) <= 1e-4)             # False for NaN too
     if not bool(ok.all()):
-        Q = torch.where(ok[..., None, None], Q, _retract(Yt.mT, "householder").mT)
+        Q = torch.where(ok[..., None, None], Q, retract(Yt.mT, "householder").mT)
     return Q
 
 
@@ -180,7 +180,6 @@ def alg1_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_
     (``seeds_per_row[b] = (cell seed, trial)``): per row the point index, the time index and the D
     normals of ``U^T eps``, then the normals of the orthogonal part.  Runs on X's device in float32.
     """
-    from fastdiff.sweeps.learners import _draw_per_cell     # the shared per-cell draws
 
     for name, v in (("sgd_steps", steps), ("sgd_batch", batch), ("sgd_grid", grid)):
         if not (isinstance(v, int) and v >= 1):
@@ -198,7 +197,7 @@ def alg1_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_
     m = min(batch, D)
     width = batch * (D + 2) + m * n
     for step in range(steps):
-        r = _draw_per_cell(seeds_per_row, B, width,
+        r = draw_per_cell(seeds_per_row, B, width,
                            lambda s, t, w: normals(s, LEARNER_SGD, t, w, step=step, device=dev))
         head = r[:, :batch * (D + 2)].reshape(B, batch, D + 2)
         u = torch.special.ndtr(head[..., :2])

@@ -51,6 +51,8 @@ from fastdiff.denoisers.gaussian import psd_eigenvalues
 from fastdiff.ops.molrg import posterior
 from fastdiff.ops import ksubspaces as op
 from fastdiff.ops.ksubspaces import DT, orth
+from fastdiff.sweeps.retraction import retract as _retract
+from fastdiff.sweeps.streams import draw_per_cell as _draw_per_cell
 from fastdiff.sweeps.streams import LEARNER_INIT, LEARNER_SGD, normals
 
 __all__ = ["LEARNERS", "DENOISERS", "top_subspace", "seed_bases", "ksubspaces", "adam_bases", "fit_bases",
@@ -138,38 +140,6 @@ def ksubspaces(X: torch.Tensor, K: int, V0: torch.Tensor, *, max_iter: int = 40,
 
 
 # =========================================================================== sgd
-def _retract(Y: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """The QR retraction onto orthonormal columns, Y = Q R with R's diagonal positive, so an already
-    orthonormal Y maps to itself (LAPACK may flip column signs, which would reverse Adam's momentum).
-
-    ``method``: ``"householder"`` (LAPACK / cuSOLVER QR, signs fixed) or ``"cholesky"`` (CholeskyQR2:
-    twice ``L L^T = Q^T Q``, ``Q <- Q L^-T``: batched GEMMs, a batched Cholesky and a batched
-    triangular solve, where torch's QR of a batch of tall matrices on CUDA is cuSOLVER calls per
-    matrix).  Both give the same Q up to rounding; CholeskyQR2 is accurate while cond(Y) << 1/sqrt(eps)
-    (Y here is an orthonormal U plus one Adam step, cond ~1.1) and falls back to Householder when a
-    Gram matrix is not numerically positive definite.  ``"auto"``: Cholesky on CUDA, Householder on
-    the CPU, where LAPACK's QR of a tall, thin matrix beats CholeskyQR2's two passes
-    (``bench/test_bench_sweeps.py::test_sgd_retraction`` times both).
-    """
-    if method == "auto":
-        method = "cholesky" if Y.is_cuda else "householder"
-    if method == "cholesky":
-        Q = Y
-        for _ in range(2):
-            L = torch.linalg.cholesky_ex(Q.mT @ Q).L
-            Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT
-        # a nearly singular Gram matrix can pass Cholesky with a tiny pivot and leave Q inaccurate:
-        # check the result itself (one batched GEMM, one host sync per retraction)
-        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        if bool(((Q.mT @ Q - eye).abs().amax() <= 1e-4).all()):   # False for NaN too
-            return Q
-    elif method != "householder":
-        raise ValueError(f"method: expected 'auto', 'householder' or 'cholesky', got {method!r}")
-    Q, R = torch.linalg.qr(Y)
-    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    return Q * torch.where(sign == 0, 1.0, sign).unsqueeze(-2)
-
-
 def _denoise_batched(xt, U, sigma, K, d):
     """MoLRG posterior mean (delta = 0, tau = 1, uniform pi, alpha = 1) of per-instance bases, in the
     GEMM form: xt (B, M, n), U (B, n, K d), sigma (B, M, 1).  Differentiable (autograd)."""
@@ -184,26 +154,6 @@ def _denoise_batched(xt, U, sigma, K, d):
     w = w.reshape(B, M, K)
     q = (P.reshape(B, M, K, d) * w[..., None]).reshape(B, M, K * d) / (1 + s2)
     return q @ U.mT
-
-
-def _draw_per_cell(seeds_per_row: Sequence[Tuple[int, int]], B: int, width: int, draw: Callable) -> torch.Tensor:
-    """Rows (B, width) of random numbers, row b from its cell's stream: one ``draw(seed, trials,
-    width)`` (trial-major windows) per cell, so a row does not depend on its batch-mates."""
-    by_cell: Dict[int, List[Tuple[int, int]]] = {}
-    for row, (s, t) in enumerate(seeds_per_row):
-        by_cell.setdefault(s, []).append((row, t))
-    if len(by_cell) == 1:                        # one cell, its trials in order: the draw itself
-        (s, rows), = by_cell.items()
-        if [r for r, _ in rows] == list(range(B)) and [t for _, t in rows] == list(range(B)):
-            return draw(s, B, width)
-    out = None
-    for s, rows in by_cell.items():
-        z = draw(s, max(t for _, t in rows) + 1, width)
-        if out is None:
-            out = z.new_empty(B, width)
-        dst, src = (torch.tensor(v, device=z.device) for v in zip(*rows))
-        out[dst] = z[src]
-    return out
 
 
 def adam_bases(X: torch.Tensor, counts: torch.Tensor, K: int, d: int, seeds_per_row: Sequence[Tuple[int, int]], *,
