@@ -73,11 +73,16 @@ def _psd_root(M: torch.Tensor, pinv: bool):
     L = torch.where(bad[:, None, None], torch.eye(M.shape[-1], dtype=M.dtype, device=M.device), L)
     inv = torch.cholesky_inverse(L) if pinv else None
     if bool(bad.any()):
-        lam, V = torch.linalg.eigh(M[bad])
+        # float64: float32 syevd can fail to converge on a nearly singular M; a non-finite M (a diverged
+        # instance) gets a NaN root, so its error is NaN and the cell fails instead of the sweep raising
+        Mb = M[bad].double()
+        finite = torch.isfinite(Mb).all(-1).all(-1)
+        lam, V = torch.linalg.eigh(torch.where(finite[:, None, None], Mb, torch.eye(M.shape[-1], dtype=Mb.dtype)))
         lam = torch.where(lam > 1e-6 * lam[..., -1:].clamp(min=1e-30), lam, 0.0)
-        L[bad] = V * lam.sqrt()[..., None, :]
+        nan = torch.where(finite, 0.0, float("nan"))[:, None, None]
+        L[bad] = (V * lam.sqrt()[..., None, :] + nan).to(M.dtype)
         if pinv:
-            inv[bad] = (V * torch.where(lam > 0, 1.0 / lam.clamp(min=1e-30), 0.0)[..., None, :]) @ V.mT
+            inv[bad] = ((V * torch.where(lam > 0, 1.0 / lam.clamp(min=1e-30), 0.0)[..., None, :]) @ V.mT + nan).to(M.dtype)
     return L, inv
 
 
