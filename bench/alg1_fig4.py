@@ -14,7 +14,6 @@ Prints one line per cell: K, d, N, N_k, success rate, median and max error, seco
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -22,6 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import print_row, write_rows                            # noqa: E402  (bench/, the script's folder)
 
 from fastdiff.sweeps import learners as LR                          # noqa: E402
 from fastdiff.sweeps import subspace as S                           # noqa: E402
@@ -62,11 +63,8 @@ def main() -> None:
             r = {"K": a.K, "d": d, "N": N, "N_k": N // a.K, "success": (e <= 0.1).double().mean().item(),
                  "median_error": e.median().item(), "max_error": e.max().item(), "seconds": sec / len(Ns)}
             rows.append(r)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
-    with open(a.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+            print_row(r)
+    write_rows(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ materialized form of a b-row minibatch), over the same time and ceiling.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -22,6 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import print_row, write_rows                            # noqa: E402  (bench/, the script's folder)
 
 from fastdiff.sweeps import alg1 as A                                  # noqa: E402
 from fastdiff.sweeps import subspace as S                              # noqa: E402
@@ -71,11 +72,8 @@ def main() -> None:
              # forward/backward GEMMs of b rows, 12 b n D, plus the QR, 4 n D^2
              "equiv_fraction": T * (12 * b * n * K * d + 4 * n * (K * d) ** 2) / sec / 1e9 / top}
         rows.append(r)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
-    with open(a.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        print_row(r)
+    write_rows(a.out, rows)
 
 
 if __name__ == "__main__":

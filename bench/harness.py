@@ -145,3 +145,20 @@ def describe(device: str) -> str:
 
 
 TABLE = Table()
+
+
+# --------------------------------------------------------------------------- the stand-alone scripts
+def print_row(row: Dict[str, object]) -> None:
+    """One measured row as ``key=value`` pairs (floats to 4 significant digits), flushed as it comes."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def write_rows(path: str, rows: List[Dict[str, object]]) -> None:
+    """The rows of a stand-alone bench script (bench/alg1_*.py) as a CSV with the first row's columns."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+

@@ -167,9 +167,11 @@ FD_INLINE void normal_quad(const KeySchedule& ks, uint64_t q, float out[4]) {
   box_muller(uint_to_uniform(c2), uint_to_uniform(c3), out[2], out[3]);
 }
 
-// Normals of quads q0 .. q0 + nq - 1 into z[0 .. 4 nq) (element order: z[4 i + lane]).
-// The loop auto-vectorizes; q0 + i may cross a 2^32 boundary (hi word carries).
-FD_INLINE void philox_normals(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
+// The Philox words (r0, r1, r2, r3) of quads q0 .. q0 + nq - 1, handed to emit(i, r0, r1, r2, r3):
+// the one counter loop of the portable streams below.  The loop auto-vectorizes with emit inlined;
+// q0 + i may cross a 2^32 boundary (the hi word carries).
+template <class Emit>
+FD_INLINE void philox_quads(const KeySchedule& ks, uint64_t q0, int64_t nq, Emit&& emit) {
   const uint32_t lo0 = static_cast<uint32_t>(q0);
   const uint32_t hi0 = static_cast<uint32_t>(q0 >> 32);
 #if defined(_OPENMP)
@@ -182,36 +184,32 @@ FD_INLINE void philox_normals(const KeySchedule& ks, uint64_t q0, int64_t nq, fl
     uint32_t c1 = hi0 + (c0 < lo0 ? 1u : 0u);
     uint32_t c2 = 0, c3 = 0;
     philox4x32_10(c0, c1, c2, c3, ks);
+    emit(i, c0, c1, c2, c3);
+  }
+}
+
+// Normals of quads q0 .. q0 + nq - 1 into z[0 .. 4 nq) (element order: z[4 i + lane]).
+FD_INLINE void philox_normals(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
+  philox_quads(ks, q0, nq, [z](int64_t i, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
     float n0, n1, n2, n3;
-    box_muller(uint_to_uniform(c0), uint_to_uniform(c1), n0, n1);
-    box_muller(uint_to_uniform(c2), uint_to_uniform(c3), n2, n3);
+    box_muller(uint_to_uniform(r0), uint_to_uniform(r1), n0, n1);
+    box_muller(uint_to_uniform(r2), uint_to_uniform(r3), n2, n3);
     z[4 * i + 0] = n0;
     z[4 * i + 1] = n1;
     z[4 * i + 2] = n2;
     z[4 * i + 3] = n3;
-  }
+  });
 }
 
 // Uniforms of quads q0 .. q0 + nq - 1 into u[0 .. 4 nq) (element order u[4 i + lane] =
-// uint_to_uniform(r_lane)): the uniform stream of rng.py's rand().  Auto-vectorizes.
+// uint_to_uniform(r_lane)): the uniform stream of rng.py's rand().
 FD_INLINE void philox_uniforms(const KeySchedule& ks, uint64_t q0, int64_t nq, float* u) {
-  const uint32_t lo0 = static_cast<uint32_t>(q0);
-  const uint32_t hi0 = static_cast<uint32_t>(q0 >> 32);
-#if defined(_OPENMP)
-#pragma omp simd
-#elif defined(__GNUC__) && !defined(__clang__)
-#pragma GCC ivdep
-#endif
-  for (int64_t i = 0; i < nq; ++i) {
-    uint32_t c0 = lo0 + static_cast<uint32_t>(i);
-    uint32_t c1 = hi0 + (c0 < lo0 ? 1u : 0u);
-    uint32_t c2 = 0, c3 = 0;
-    philox4x32_10(c0, c1, c2, c3, ks);
-    u[4 * i + 0] = uint_to_uniform(c0);
-    u[4 * i + 1] = uint_to_uniform(c1);
-    u[4 * i + 2] = uint_to_uniform(c2);
-    u[4 * i + 3] = uint_to_uniform(c3);
-  }
+  philox_quads(ks, q0, nq, [u](int64_t i, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    u[4 * i + 0] = uint_to_uniform(r0);
+    u[4 * i + 1] = uint_to_uniform(r1);
+    u[4 * i + 2] = uint_to_uniform(r2);
+    u[4 * i + 3] = uint_to_uniform(r3);
+  });
 }
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -10,6 +10,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed 
 from fastdiff.adapters.diffusers_solvers import DPMSolverMultistepScheduler  # noqa: E402
 
 import fastdiff  # noqa: E402
+from adapter_checks import supports_never_raises  # noqa: E402  (tests/)
 
 
 def _model(x, t):
@@ -17,9 +18,9 @@ def _model(x, t):
     return torch.tanh(x) * 0.5 + 1e-4 * float(t) * x.flip(-1)
 
 
-def _trajectory(cls, config, steps, x, seed, model=_model):
+def _trajectory(cls, config, steps, x, seed, model=_model, **set_timesteps):
     sch = cls(**config)
-    sch.set_timesteps(steps)
+    sch.set_timesteps(steps, **set_timesteps)
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in sch.timesteps:
@@ -100,12 +101,7 @@ def test_unsupported_configs_run_diffusers_own_step(config):
 
 
 def test_fastdiff_supports_never_raises():
-    sch = DPMSolverMultistepScheduler()
-    assert not sch.fastdiff_supports(torch.zeros(2), 0, torch.zeros(2))  # before set_timesteps
-    sch.set_timesteps(5)
-    for bad in [(None, 0, None), ("x", object(), 3), (torch.zeros(2), 0, torch.zeros(3)),
-                (torch.zeros(2, dtype=torch.int64), 0, torch.zeros(2))]:
-        assert sch.fastdiff_supports(*bad) is False
+    sch = supports_never_raises(DPMSolverMultistepScheduler)
 
 
 def test_in_kernel_noise_with_a_fastdiff_generator_is_reproducible():
@@ -139,14 +135,7 @@ FLOW_CONFIGS = [dict(), dict(shift=3.0), dict(use_dynamic_shifting=True), dict(s
 
 
 def _flow_trajectory(cls, config, steps, x, seed):
-    sch = cls(**config)
-    sch.set_timesteps(steps, mu=0.7 if config.get("use_dynamic_shifting") else None)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for t in sch.timesteps:
-        x = sch.step(_model(x, t), t, x, generator=g).prev_sample
-        out.append(x)
-    return out
+    return _trajectory(cls, config, steps, x, seed, mu=0.7 if config.get("use_dynamic_shifting") else None)
 
 
 @pytest.mark.parametrize("config", FLOW_CONFIGS, ids=[",".join(f"{k}={v}" for k, v in c.items()) or "default" for c in FLOW_CONFIGS])

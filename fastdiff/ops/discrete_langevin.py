@@ -66,17 +66,9 @@ def _flip_torch(out, anchor, score, a, b, seed, offset):
     return bad
 
 
-def _load(backend: str) -> Callable:
-    if backend == "cpp":
-        from fastdiff.kernels.cpp import discrete_flip as fn
-    elif backend == "triton":
-        from fastdiff.kernels.discrete_langevin import discrete_flip as fn
-    else:
-        raise ValueError(f"backend: expected a concrete discrete-Langevin backend, got {backend!r}")
-    return fn
-
-
-LAUNCHERS = Launchers(_load, torch=_flip_torch)
+LAUNCHERS = Launchers("discrete-Langevin", {"cpp": "fastdiff.kernels.cpp:discrete_flip",
+                                            "triton": "fastdiff.kernels.discrete_langevin:discrete_flip"},
+                      torch=_flip_torch)
 """``{backend: launcher}``, each ``(out, anchor, score, a, b, seed, offset)``."""
 
 

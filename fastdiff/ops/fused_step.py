@@ -82,19 +82,9 @@ def _fused_step_torch(out, ins, coefs, inner, noise_mode, noise, seed, offset):
 
 
 # --------------------------------------------------------------------------- the launchers
-def _load(backend: str) -> Callable:
-    if backend == "cpp":
-        from fastdiff.kernels.cpp import fused_step as fn
-    elif backend == "triton":
-        from fastdiff.kernels.fused_step import fused_step as fn
-    elif backend == "cuda":
-        from fastdiff._cuda import fused_step as fn
-    else:
-        raise ValueError(f"backend: expected a concrete fused-step backend, got {backend!r}")
-    return fn
-
-
-LAUNCHERS = Launchers(_load, torch=_fused_step_torch)
+LAUNCHERS = Launchers("fused-step", {"cpp": "fastdiff.kernels.cpp:fused_step",
+                                     "triton": "fastdiff.kernels.fused_step:fused_step",
+                                     "cuda": "fastdiff._cuda:fused_step"}, torch=_fused_step_torch)
 """``{backend: launcher}``, each ``(out, ins, coefs, inner, noise_mode, noise, seed, offset[, start])``."""
 
 

@@ -6,6 +6,8 @@ and :mod:`fastdiff.dispatch` can collect the rows without either importing the o
 """
 from __future__ import annotations
 
+import importlib
+
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -58,14 +60,18 @@ TORCH = Impl("torch", ALL, ANY_DTYPE, limit="any device, any float dtype")
 
 
 class Launchers(dict):
-    """An op's launchers, ``{backend: launcher}``.  A backend not in the table yet is loaded by
-    ``load(backend)`` (which imports its module, so a backend's code, Triton or CuPy, loads only in
-    a process that runs it) and kept; ``ready`` are the launchers that need no import."""
+    """An op's launchers, ``{backend: launcher}``.  A backend not in the table yet is imported from
+    ``paths[backend]`` (``"module:function"``: a backend's code, Triton or CuPy, loads only in a
+    process that runs it) and kept; ``ready`` are the launchers that need no import."""
 
-    def __init__(self, load: Callable[[str], Callable], **ready: Callable):
+    def __init__(self, op: str, paths: Dict[str, str], **ready: Callable):
         super().__init__(ready)
-        self._load = load
+        self._op, self._paths = op, dict(paths)
 
     def __missing__(self, backend: str) -> Callable:
-        fn = self[backend] = self._load(backend)
+        if backend not in self._paths:
+            raise ValueError(f"backend: expected a concrete {self._op} backend "
+                             f"({', '.join(sorted({*self._paths, *self}))}), got {backend!r}")
+        module, name = self._paths[backend].split(":")
+        fn = self[backend] = getattr(importlib.import_module(module), name)
         return fn

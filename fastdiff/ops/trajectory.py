@@ -77,17 +77,8 @@ ROW = Op("trajectory", what="trajectory", fallback="loop", soft=("all",), impls=
 
 
 # --------------------------------------------------------------------------- the launchers
-def _load(backend: str) -> Callable:
-    if backend == "cpp":
-        from fastdiff.kernels.cpp import molrg_trajectory as fn
-    elif backend == "triton":
-        from fastdiff.kernels.trajectory import molrg_trajectory as fn
-    else:
-        raise ValueError(f"backend: expected 'cpp' or 'triton' for the fused trajectory, got {backend!r}")
-    return fn
-
-
-LAUNCHERS = Launchers(_load)
+LAUNCHERS = Launchers("fused-trajectory", {"cpp": "fastdiff.kernels.cpp:molrg_trajectory",
+                                           "triton": "fastdiff.kernels.trajectory:molrg_trajectory"})
 """``{backend: launcher}`` ("cpp", "triton"), each
 ``(x, I, B, ucat, offsets, params, p_istride, labels, hard, coef, idx, t0, t1, traj, seed)``: steps
 ``[t0, t1)`` on the state ``x``, in place."""
