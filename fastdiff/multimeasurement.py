@@ -166,6 +166,23 @@ def wrap(method: str, denoiser, m: Optional[int], steps: Optional[int], x: torch
 
 
 # =========================================================================== stochastic localization
+def table(schedule, method: str, steps: Optional[int], step_size, measurements, trajectory_table) -> List[Step]:
+    """The rows of ``method`` (one of :data:`METHODS`) for :func:`fastdiff.sampling.trajectory_table`:
+    SMS / JMS are walk-jump's rows (``steps`` Langevin steps, per stage for SMS's m stages; default
+    100), stochastic localization :func:`localization_table`.  ``measurements`` must be given exactly
+    for SMS / JMS."""
+    if (measurements is not None) != (method in ("sms", "jms")):
+        raise ValueError(f"measurements: required by method='sms' / 'jms' (the number m of measurements) and "
+                         f"used by no other method, got measurements={measurements!r} with method={method!r}")
+    if method == "stochastic_localization":
+        if step_size is not None:
+            raise ValueError("step_size: not used by stochastic_localization (its steps are the time increments)")
+        return localization_table(localization_times(schedule, steps))
+    m = check_measurements(measurements)
+    k = 100 if steps is None else int(steps)
+    return trajectory_table(schedule, "walk_jump", steps=k * m if method == "sms" else k, step_size=step_size)
+
+
 def localization_coefficients(t: float, t_next: float) -> Tuple[float, float, float]:
     """Euler-Maruyama on ``dZ = E[X | Z_t] dt + dB_t`` from t to t_next: ``(cx, cm, cz) = (1, delta, sqrt delta)``
     in ``Z' = cx Z + cm E[X | Z_t] + cz z`` (seed 003 Fact 2)."""

@@ -209,21 +209,10 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if (measurements is not None) != (method in ("sms", "jms")):
-        raise ValueError(f"measurements: required by method='sms' / 'jms' (the number m of measurements) and "
-                         f"used by no other method, got measurements={measurements!r} with method={method!r}")
-    if method == "stochastic_localization":
-        if step_size is not None:
-            raise ValueError("step_size: not used by stochastic_localization (its steps are the time increments)")
-        return MM.localization_table(MM.localization_times(schedule, steps))
-    if method in ("sms", "jms"):
-        m = MM.check_measurements(measurements)
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
-            raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
-        k = 100 if steps is None else int(steps)
-        return trajectory_table(schedule, "walk_jump", steps=k * m if method == "sms" else k, step_size=step_size)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
         raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
+    if (measurements is not None) != (method in ("sms", "jms")) or method in MM.METHODS:
+        return MM.table(schedule, method, steps, step_size, measurements, trajectory_table)
     churn = _check_number("churn", churn)
     s_noise = _check_number("s_noise", s_noise)
     if spacing not in C.SPACINGS:
