@@ -66,8 +66,11 @@ def test_subspace_rows_do_not_depend_on_the_batching(tmp_path, monkeypatch, lear
     many = str(tmp_path / "many.sqlite")
     sweeps.run_sweep("subspace-recovery", grid, trials=3, store=many, progress=False, workers=1).close()
     # the same arithmetic on differently padded batches: the cpp kernels skip padding, the batched
-    # torch GEMMs (sgd, adam) may sum in another order; 30 steps keep that rounding ~1e-6
-    _close_tables(stored_table(one, "subspace-recovery"), stored_table(many, "subspace-recovery"), ("error",), 1e-4, 1e-6)
+    # torch GEMMs (sgd, adam) may sum in another order; 30 Adam steps keep that rounding ~1e-6, while
+    # 30 plain-SGD steps at lr 0.2 (Algorithm 1) grow it to ~1e-4 relative where N_k < d leaves the
+    # loss flat along unspanned directions (measured 9e-5 at K = 2, N = 2)
+    rtol = 1e-3 if learner == "sgd" else 1e-4
+    _close_tables(stored_table(one, "subspace-recovery"), stored_table(many, "subspace-recovery"), ("error",), rtol, 1e-6)
 
 
 def test_run_sweep_device_errors(tmp_path):
