@@ -178,7 +178,9 @@ def test_equivariant_local(record, device, case, impl):
     x = torch.randn(B, C, H, W, generator=gen).to(device)
     if impl == "fastdiff":
         fn = lambda: patch_denoise(x, data, 1.0, 0.5, patch=P, mode="equivariant")  # noqa: E731
-        torch.testing.assert_close(fn(), els_conv2d(x, data, 1.0, 0.5, P), rtol=1e-4, atol=1e-4)
+        # float32 rounding of the conv2d formulation itself: 7e-4 against float64 at 28 x 28, N = 1000
+        # (fastdiff's float32 result is within 1e-6 of its float64 one)
+        torch.testing.assert_close(fn(), els_conv2d(x, data, 1.0, 0.5, P), rtol=2e-3, atol=2e-3)
     else:
         fn = lambda: els_conv2d(x, data, 1.0, 0.5, P)  # noqa: E731
     L = H * W
