@@ -77,12 +77,12 @@ def gaussian_sampler_variance(eigenvalues, table: Sequence[Step], init_var=1.0) 
 
 def initial_law(table: Sequence[Step]) -> Tuple[float, float]:
     """``(mean, variance)`` of each coordinate of x_T as :func:`fastdiff.sample` draws it from a shape
-    (``_initial``): ``N(0, 1)`` for ddpm / ddim, ``N(0, 1 + sigma^2)`` for langevin / walk-jump,
+    (``_initial``): ``N(0, 1)`` for ddpm / ddim / ou_reverse, ``N(0, 1 + sigma^2)`` for langevin / walk-jump,
     ``N(0, s_0^2)`` for the methods on levels (``s_0``: the first level, sigma_max; the flow path's t_0)."""
     if not table:
         raise ValueError("table: expected at least one row")
-    name, args, _ = table[0].call
-    if name in ("ddpm_step", "ddim_step"):
+    name, args, kw = table[0].call
+    if name in ("ddpm_step", "ddim_step") or kw.get("method") == "ou_reverse":
         return 0.0, 1.0
     if name in ("langevin_step", "jump"):
         return 0.0, 1.0 + table[0].level[1] ** 2

@@ -33,6 +33,7 @@ Methods (``schedule`` kind):
 ``heun``           VE levels               EDM Alg. 2 (``churn``, ``s_noise``)
 ``langevin``       noise level(s) sigma    ``steps`` Langevin steps per level (annealed)
 ``walk_jump``      noise level sigma       Langevin "walk", then the "jump" ``x0_hat(y)``
+``ou_reverse``     final time T or times   reverse OU SDE, Euler-Maruyama (:func:`fastdiff.solvers.ou_reverse_table`)
 ``jms``            noise level sigma       walk-jump on m measurements jointly (``measurements``)
 ``sms``            noise level sigma       m sequential Langevin stages, ``steps`` each, then the jump
 ``stochastic_localization``  final time T  Euler-Maruyama on ``dZ = E[X|Z_t] dt + dB`` (or increasing times)
@@ -62,11 +63,12 @@ from fastdiff.denoisers import MoLRG
 from fastdiff.gaussian_exact import gaussian_sampler_variance  # noqa: F401  (moved there; importable here)
 from fastdiff.generator import Generator, default_generator
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
-from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length, solver_table
+from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length, ou_reverse_table, solver_table
 
 __all__ = ["sample", "run", "StepInfo", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
-METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump") + MULTISTEP_METHODS + MM.METHODS
+METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump", "ou_reverse") + MULTISTEP_METHODS \
+    + MM.METHODS
 VE_METHODS = ("euler", "euler_ancestral", "heun") + MULTISTEP_METHODS
 _SQRT2M1 = math.sqrt(2.0) - 1.0
 
@@ -213,6 +215,8 @@ def trajectory_table(schedule, method: str = "ddpm", *, steps: Optional[int] = N
         raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
     if (measurements is not None) != (method in ("sms", "jms")) or method in MM.METHODS:
         return MM.table(schedule, method, steps, step_size, measurements, trajectory_table)
+    if method == "ou_reverse":
+        return ou_reverse_table(schedule, steps)
     churn = _check_number("churn", churn)
     s_noise = _check_number("s_noise", s_noise)
     if spacing not in C.SPACINGS:
@@ -418,7 +422,7 @@ def _initial(x, table, method, schedule, gen, dtype, device, den):
         if device is None:
             device = den.models[0].ucat.device if isinstance(den, _Instances) else \
                 (den.ucat.device if isinstance(den, MoLRG) else "cpu")
-        if method in ("ddpm", "ddim"):
+        if method in ("ddpm", "ddim", "ou_reverse"):   # N(0, I): the OU process's stationary law
             scale = 1.0
         elif method in VE_METHODS:
             scale = _ve_sigmas(method, schedule)[0]

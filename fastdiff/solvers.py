@@ -31,7 +31,7 @@ from fastdiff import coefficients as C
 from fastdiff.steps import affine_step
 
 __all__ = ["Step", "MULTISTEP_METHODS", "FLOW_METHODS", "CONSISTENCY_METHODS", "PATHS", "solver_table", "level_of", "apply_row",
-           "history_length"]
+           "history_length", "ou_reverse_table"]
 
 
 class Step(NamedTuple):
@@ -83,6 +83,35 @@ def level_of(path: str, s: float) -> Tuple[float, float]:
     """The denoiser's ``(alpha, sigma)`` at the schedule value ``s``: VE ``(1, s)``; flow (rectified flow,
     ``x_t = (1 - t) x0 + t eps``) ``(1 - t, t)``."""
     return (1.0, s) if path == "ve" else (1.0 - s, s)
+
+
+def ou_reverse_table(schedule, steps: Optional[int] = None) -> List[Step]:
+    """Euler-Maruyama on the reverse Ornstein-Uhlenbeck SDE (seed 003; docs/math.md section 1):
+    forward ``dX = -X dt + sqrt 2 dB``, so ``X_t = alpha X_0 + sigma Z`` with ``alpha = e^-t``,
+    ``sigma^2 = 1 - e^-2t``, and the reverse step from t to t - gamma is
+    ``y <- y + gamma y + 2 gamma score_t(y) + sqrt(2 gamma) z``, ``score_t = (alpha x0_hat - y) / sigma^2``
+    (:func:`fastdiff.coefficients.ou_reverse`, the score taken at the step's start).
+
+    ``schedule``: a final time T > 0 (``steps`` uniform steps down to 0, default 100) or a strictly
+    decreasing sequence of times t_0 > ... > t_K >= 0 (``steps`` None or K)."""
+    if isinstance(schedule, bool) or not isinstance(schedule, (int, float, list, tuple, torch.Tensor)):
+        raise TypeError(f"schedule: expected a final time T or a sequence of decreasing times, got {type(schedule).__name__}")
+    times = [float(v) for v in torch.as_tensor(schedule, dtype=torch.float64).reshape(-1).tolist()]
+    if len(times) == 1:
+        n = 100 if steps is None else int(steps)
+        times = [times[0] * (n - k) / n for k in range(n + 1)]
+    elif steps is not None and int(steps) != len(times) - 1:
+        raise ValueError(f"steps: expected None or len(schedule) - 1 = {len(times) - 1}, got {steps}")
+    if not all(math.isfinite(t) for t in times) or times[0] <= 0 or times[-1] < 0 or \
+            any(b >= a for a, b in zip(times, times[1:])):
+        raise ValueError(f"schedule: expected finite times decreasing strictly from t_0 > 0 to t_K >= 0, got {times}")
+    rows = []
+    for t, t_next in zip(times, times[1:]):
+        alpha, sigma = math.exp(-t), math.sqrt(-math.expm1(-2.0 * t))
+        lx, ls, lz = C.ou_reverse(t - t_next)
+        cx, cm = C.merge_x0((lx, C.score_form("x0", alpha, sigma), ls))
+        rows.append(_row((alpha, sigma), cx, cm, cz=lz, call_kw={"method": "ou_reverse"}))
+    return rows
 
 
 def solver_table(method: str, sigmas: Sequence[float], *, path: str = "ve", eta: Optional[float] = None,
