@@ -170,7 +170,13 @@ def table(schedule, method: str, steps: Optional[int], step_size, measurements, 
     """The rows of ``method`` (one of :data:`METHODS`) for :func:`fastdiff.sampling.trajectory_table`:
     SMS / JMS are walk-jump's rows (``steps`` Langevin steps, per stage for SMS's m stages; default
     100), stochastic localization :func:`localization_table`.  ``measurements`` must be given exactly
-    for SMS / JMS."""
+    for SMS / JMS.
+
+    In :func:`fastdiff.sample`: for SMS / JMS ``schedule`` is the measurement noise sigma, ``x`` a shape
+    (B, n) (JMS draws (B, m, n)) or the initial state (SMS: y_1 (B, n); JMS: (B, m, n)); the result is
+    ``E[X | y_1..y_m]`` (B, n) and the trajectory holds the measurements.  For stochastic localization
+    ``schedule`` is a final time T (``steps``) or increasing times from 0; a shape starts from
+    ``Z_0 = 0``, a tensor is ``Z_{t_0}``; the result is ``E[X | Z_T]`` and the trajectory holds ``Z_t``."""
     if (measurements is not None) != (method in ("sms", "jms")):
         raise ValueError(f"measurements: required by method='sms' / 'jms' (the number m of measurements) and "
                          f"used by no other method, got measurements={measurements!r} with method={method!r}")

@@ -349,12 +349,8 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
     callback: called once per step with a :class:`StepInfo` (see :func:`run`); runs the loop.
     progress / disable: tqdm progress bar (``disable=True`` hides it, as in k-diffusion); it
         only appears for runs longer than a second.
-    measurements: m, for ``method="sms"`` / ``"jms"`` (:mod:`fastdiff.multimeasurement`): ``schedule`` is the
-        measurement noise sigma, ``x`` a shape (B, n) (JMS draws (B, m, n)) or the initial state (SMS:
-        y_1 (B, n); JMS: (B, m, n)); returns ``E[X | y_1..y_m]`` (B, n); the trajectory holds the
-        measurements.  ``method="stochastic_localization"``: ``schedule`` a final time T (``steps``) or
-        increasing times from 0; a shape starts from ``Z_0 = 0``, a tensor is ``Z_{t_0}``; returns
-        ``E[X | Z_T]``, the trajectory holds ``Z_t``.
+    measurements: m, for ``method="sms"`` / ``"jms"``; what ``schedule``, ``x`` and the result mean for
+        those and ``stochastic_localization``: :func:`fastdiff.multimeasurement.table`.
     """
     table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
                              variance=variance, step_size=step_size, spacing=spacing, solver_type=solver_type,
