@@ -30,11 +30,11 @@ namespace {
 using philox::as_float;
 using philox::as_uint;
 using philox::KeySchedule;
+using philox::mask_if;
+using philox::sel;
 
 constexpr int64_t BLOCK = 2048;  // elements per OpenMP work item (a multiple of 8 and of 4)
 
-FD_INLINE uint32_t mask_if(bool c) { return 0u - static_cast<uint32_t>(c); }  // all-ones if c
-FD_INLINE uint32_t sel(uint32_t m, uint32_t a, uint32_t b) { return (a & m) | (b & ~m); }
 
 // exp(x) for float x, Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, 2^n by
 // exponent bits.  x clamped to [-87, 88] so 2^n stays a normal float (the sigmoid saturates there

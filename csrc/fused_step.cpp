@@ -47,6 +47,8 @@ namespace {
 using philox::as_float;
 using philox::as_uint;
 using philox::KeySchedule;
+using philox::mask_if;
+using philox::sel;
 
 constexpr int64_t BLOCK = 2048;   // elements per OpenMP work item (multiple of 8 and of 4)
 constexpr int MAX_K = 6;          // inputs
@@ -59,8 +61,6 @@ enum : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 
 // all-ones if c else 0; selects written as mask arithmetic so that GCC neither threads
 // jumps through them nor refuses to if-convert (float ops on threaded paths may trap).
-FD_INLINE uint32_t mask_if(bool c) { return 0u - static_cast<uint32_t>(c); }
-FD_INLINE uint32_t sel(uint32_t m, uint32_t a, uint32_t b) { return (a & m) | (b & ~m); }
 
 FD_INLINE float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

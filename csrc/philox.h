@@ -78,6 +78,10 @@ FD_INLINE float as_float(uint32_t u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+
+// Branch-free select on bit masks (a float ?: is not if-converted: the loops would stay scalar).
+FD_INLINE uint32_t mask_if(bool c) { return 0u - static_cast<uint32_t>(c); }  // all-ones if c
+FD_INLINE uint32_t sel(uint32_t m, uint32_t a, uint32_t b) { return (a & m) | (b & ~m); }
 FD_INLINE uint32_t as_uint(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
