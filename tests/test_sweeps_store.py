@@ -49,6 +49,49 @@ def test_store_roundtrip_skip_and_export(tmp_path, monkeypatch):
         assert t.num_rows == 3 and t.column("m").to_pylist() == [1.0, 2.0, 1.0]
 
 
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_store_export_order_is_rows_order(tmp_path, monkeypatch, arrow):
+    """export sorts in pyarrow (the store read in storage order) and the csv fallback in SQLite: both
+    give exactly :meth:`Store.rows`' order, numbers as numbers (1, 2, 10, not the cells' text order),
+    text as text, ties by cell then trial, whatever order the rows were written in; an empty store
+    exports its header."""
+    if arrow:
+        pytest.importorskip("pyarrow")
+    else:
+        monkeypatch.setattr(sweeps.store, "_pyarrow", lambda: None)
+    params = [("d", "INTEGER"), ("lr", "REAL"), ("name", "TEXT")]
+    g = gen(5)
+    rows = []
+    for d in (1, 2, 10, 11, 100):
+        for lr in (-0.5, 0.25, 3.0):
+            for name in ("b", "a", "Z", "é"):
+                cell = {"d": d, "lr": lr, "name": name}
+                for t in (2, 0, 1):
+                    rows.append({"cell": sweeps.store.cell_key(cell), "trial": t, **cell, "m": float(len(rows)),
+                                 "seed": 7, "backend": "cpp", "versions": "v", "seconds": 0.1, "finished_at": "now"})
+    perm = torch.randperm(len(rows), generator=g).tolist()
+    with Store(str(tmp_path / "e.sqlite"), "exp", params, METRICS) as st:
+        assert st.export(str(tmp_path / "empty"))[0].endswith(".rows.csv")
+        with open(tmp_path / "empty.rows.csv", newline="") as f:
+            assert [r for r in csv.reader(f) if r] == [st.columns]
+        for i in range(0, len(perm), 17):
+            st.write([rows[j] for j in perm[i:i + 17]])
+        want = [(r["d"], r["lr"], r["name"], r["trial"], r["m"]) for r in st.rows()]
+        assert want[:3] == [(1, -0.5, "Z", 0, want[0][4]), (1, -0.5, "Z", 1, want[1][4]), (1, -0.5, "Z", 2, want[2][4])]
+        assert [w[0] for w in want[::36]] == [1, 2, 10, 11, 100]
+        paths = st.export(str(tmp_path / "e"))
+    assert len(paths) == (2 if arrow else 1)
+    with open(tmp_path / "e.rows.csv", newline="", encoding="utf-8") as f:
+        header, *body = list(csv.reader(f))
+    i = [header.index(c) for c in ("d", "lr", "name", "trial", "m")]
+    assert [(int(r[i[0]]), float(r[i[1]]), r[i[2]], int(r[i[3]]), float(r[i[4]])) for r in body] == want
+    if arrow:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(str(tmp_path / "e.rows.parquet"))
+        assert list(zip(*(t.column(c).to_pylist() for c in ("d", "lr", "name", "trial", "m")))) == want
+
 def test_store_aggregate_matches_statistics(tmp_path):
     """Store.aggregate (two passes in SQLite) against the statistics module: per-cell mean and standard
     error over the finite values (NaN is stored as NULL and skipped), many chunks of rows (the
