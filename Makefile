@@ -12,9 +12,10 @@ install:
 	# the original k-diffusion samplers the adapter tests compare with; --no-deps: its requirements pull torchvision
 	$(PIP) --no-deps "k-diffusion==0.1.1.post1"
 
-# two workers (pytest-xdist), one test file each at a time: the module fixtures (the AOT compiles) run once
+# two workers (pytest-xdist), one test file each at a time: the module fixtures (the AOT compiles) run once;
+# --durations: CI's log names the slowest tests (CI must stay under 30 minutes)
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=40
 
 # the main job: seed 002's Fig. 4 phase diagram -> results/subspace-recovery.{sqlite,rows.csv,csv,png}
 demo: install
