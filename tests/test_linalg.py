@@ -102,7 +102,7 @@ def test_svdvals_accuracy_and_rank(backend, device, dtype, kind):
         S = fastdiff.svdvals(A, backend=backend)
         assert S.dtype == dtype and S.device == A.device
         _check_svals(S, A, dtype)
-        # each eta is another SVD; under the interpreter (minutes per call) one threshold here, every eta in
+        # each eta is another SVD; under the interpreter one threshold here, every eta in
         # test_rank_many_matrices_every_eta
         for eta in (0.99,) if interpreted else (0.5, 0.99, 1.0):
             S2, rank = fastdiff.svdvals_rank(A, eta, backend=backend)

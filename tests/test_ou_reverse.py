@@ -36,10 +36,11 @@ def test_sampled_variance_is_the_exact_law_of_the_recursion():
     den = Gaussian(torch.zeros(4, dtype=torch.float64), torch.diag(LAM))
     # the law of the recursion is exact at any step count: 50 steps test what 200 would, in a quarter
     # of the time (the sampler's per-step cost dominates here, not M)
-    table = trajectory_table(5.0, "ou_reverse", steps=50)
+    steps = 50
+    table = trajectory_table(5.0, "ou_reverse", steps=steps)
     m, v = G.gaussian_sampler_law(LAM, table)
     M = 40000
-    x = fastdiff.sample(den, (M, 4), 5.0, "ou_reverse", steps=50, dtype=torch.float64,
+    x = fastdiff.sample(den, (M, 4), 5.0, "ou_reverse", steps=steps, dtype=torch.float64,
                         generator=fastdiff.Generator(3), progress=False)
     se = v * np.sqrt(2.0 / M)
     assert ((x.var(0) - v).abs() < 5 * se).all(), (x.var(0), v)
