@@ -41,6 +41,10 @@ SVD = [(16384, 64, 64, 4), (16384, 32, 32, 4), (16384, 64, 64, 8), (4096, 128, 1
 TRAJ = [(1, 1024, 48, 3, 8, 1000), (256, 64, 48, 3, 8, 200)]  # bench/test_bench_sampling.py (I, B, n, K, d, T)
 
 
+def _pow2(v: int) -> int:
+    return 1 << (int(v) - 1).bit_length()
+
+
 def rows():
     """(kernel, shape, bytes, FLOPs, compute peak key, note)."""
     out = []
@@ -66,7 +70,13 @@ def rows():
         nbytes = itemsize * B * (m * n + n) + 2 * 8 * B * 2 * n
         flops = B * (4 * m * n * n - 4 * n ** 3 / 3)
         dt = "float32" if itemsize == 4 else "float64"
-        out.append(("svd", f"({B},{m},{n}) {dt}", nbytes, flops, "fp64", "bisection extra"))
+        note = "bisection extra"
+        if _pow2(m) * _pow2(n) > 128 * 64:
+            # kernels/svd.py streams the tile through its workspace: step k reads the active block
+            # (M - k) x (N - k) twice and writes it once, sum_k = M N^2 / 2 - N^3 / 6 words (float64)
+            ws = 3 * 8 * B * (max(m, n) * min(m, n) ** 2 / 2 - min(m, n) ** 3 / 6)
+            note += f"; streamed: +{ws / 1e9:.1f} GB workspace traffic (L2)"
+        out.append(("svd", f"({B},{m},{n}) {dt}", nbytes, flops, "fp64", note))
     for I, B, n, K, d, T in TRAJ:
         D = K * d
         # one launch for T steps: x read and written once, U per instance once, the (T, 8) coefficient

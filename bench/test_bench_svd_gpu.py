@@ -6,7 +6,8 @@
 * Matrices per second for n = 32, 64, 128, 256 (square, float32 and float64 inputs, rank fused);
   torch beside it at n = 32 float32 (where it batches with gesvdjBatched, its best case).
 * A small sweep of the tuning knobs (multisection points, num_warps) at 64 x 64 and 128 x 128,
-  so the defaults in kernels/svd.py can be set from measurements.
+  and of the streamed kernel's persistent programs at 256 x 256, so the defaults in
+  kernels/svd.py can be set from measurements; the streamed 128 x 128 against torch.
 GFLOP/s counts Householder bidiagonalization only, 4 m n^2 - 4/3 n^3 (the bisection is extra);
 the compute is float64, so the float32 matmul column of the shared table is no ceiling for it.
 Matrices per second and every ratio go to bench/results/svd_gpu_<device>.md at the end.
@@ -41,6 +42,10 @@ RATE_SIZES = {3: 4, 5: 4} if SMOKE else {32: 16384, 64: 16384, 128: 4096, 256: 1
 TUNE = ({5: ((1, 4), (1, 2))} if SMOKE else
         {64: ((1, 2, 4, 8), (2, 4, 8, 16)), 128: ((2, 4, 8), (4, 8, 16))})  # n: (sections, num_warps)
 TUNE_BATCH = 4 if SMOKE else 8192
+# the streamed kernel (tiles over 128 x 64): persistent programs (the default fills WORKSPACE_BYTES,
+# about the L2) against more of them resident; torch beside it at n = 128 (one cuSOLVER call a matrix)
+PROGRAMS = {5: (1, 2)} if SMOKE else {256: (132, 264, 528, 1056)}
+STREAMED_BATCH = 4 if SMOKE else 1024
 ROUNDS = 1 if SMOKE else 10
 SLOW_ROUNDS = 1 if SMOKE else 3   # torch / cupy at 16384 x 64 x 64 loop per matrix: seconds a call
 BATCH = {}                        # group -> matrices per call, for the matrices/s summary
@@ -125,6 +130,30 @@ def test_tuning_sweep(record, device, n, sections, warps):
     fn = lambda: svd.svdvals_rank(A, 0.99, sections=sections, num_warps=warps)  # noqa: E731
     _check(A, fn()[0])
     record(group, f"sections={sections} warps={warps}", fn, flops=_flops(TUNE_BATCH, n, n), rounds=ROUNDS)
+
+
+@pytest.mark.parametrize("n,programs", [(n, p) for n, ps in PROGRAMS.items() for p in ps])
+def test_streamed_programs_sweep(record, device, n, programs):
+    A = _matrices(STREAMED_BATCH, n, n, torch.float32, device)
+    group = f"svd streamed programs (B,n)=({STREAMED_BATCH},{n}) float32"
+    BATCH[group] = STREAMED_BATCH
+    fn = lambda: svd.svdvals_rank(A, 0.99, programs=programs)  # noqa: E731
+    _check(A, fn()[0])
+    record(group, f"programs={programs}", fn, flops=_flops(STREAMED_BATCH, n, n), rounds=ROUNDS)
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "eager"])
+def test_streamed_against_torch(record, device, impl):
+    n = 5 if SMOKE else 128
+    A = _matrices(STREAMED_BATCH, n, n, torch.float32, device)
+    group = f"svdvals+rank streamed (B,n)=({STREAMED_BATCH},{n}) float32"
+    BATCH[group] = STREAMED_BATCH
+    if impl == "fastdiff":
+        _check(A, svd.svdvals_rank(A, 0.99)[0])
+        fn, rounds = (lambda: svd.svdvals_rank(A, 0.99)), ROUNDS
+    else:
+        fn, rounds = (lambda: _torch_svdvals(A)), SLOW_ROUNDS
+    record(group, impl, fn, flops=_flops(STREAMED_BATCH, n, n), rounds=rounds)
 
 
 @pytest.fixture(scope="module", autouse=True)

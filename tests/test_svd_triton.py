@@ -114,11 +114,53 @@ def test_64x64_and_limits(dtype):
     gen = _gen(7)
     for m, n in ((64, 64), (256, 5), (3, 256), (256, 256)):
         if (m, n) == (256, 256) and dtype == torch.float32:
-            continue  # the float64 run covers the spilling tile; it takes ~20 s interpreted
+            continue  # the float64 run covers the streamed 256 x 256 tile; it takes ~25 s interpreted
         kinds = ("cond1e6",) if (m, n) == (256, 256) else ("random", "cond1e6")
         A64 = torch.cat([matrices(kind, 1, m, n, gen) for kind in kinds])
         S, rank = run_poisoned(A64.to(dtype).to(DEVICE), 0.99)
         check_against_lapack(A64, S, rank, 0.99, dtype)
+
+
+STREAMED_SHAPES = [(1, 1), (6, 1), (3, 7), (17, 13), (13, 17), (31, 9), (24, 20)]
+
+
+@pytest.mark.parametrize("shape", STREAMED_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_streamed_kernel_on_small_shapes(shape, monkeypatch):
+    """The streamed kernel (tiles over REGISTER_TILE) on small shapes, forced by lowering its limits:
+    REGISTER_TILE = 0 streams every tile and 64-element chunks (CHUNK = 64 / N_PAD rows: 2 at 32 x
+    32, 4 at 32 x 16) cross the chunk boundaries, a first chunk that starts below row k, a ragged
+    last chunk and both column buffers.  Two persistent programs take the batch's 6 matrices in
+    turn, one of them after a non-finite and one after a zero matrix (state reset per matrix).
+    float32 and float64 alternate over the shapes; float32 compute once."""
+    monkeypatch.setattr(svd, "REGISTER_TILE", 0)
+    monkeypatch.setattr(svd, "STREAM_CHUNK_ELEMENTS", 64)
+    m, n = shape
+    i = STREAMED_SHAPES.index(shape)
+    dtype = (torch.float32, torch.float64)[i % 2]
+    gen = _gen(500 + i)
+    # programs take b = 0, 2, 4 and 1, 3, 5: A[3] follows the non-finite A[1], A[4] the zero A[2]
+    A64 = torch.cat([matrices(KINDS[0], 2, m, n, gen), torch.zeros(1, m, n, dtype=torch.float64),
+                     *[matrices(kind, 1, m, n, gen) for kind in KINDS[1:]]])
+    A = A64.to(dtype)
+    A[1, m // 2, n // 2] = float("nan")
+    S, rank = run_poisoned(A.to(DEVICE), 0.9, programs=2)
+    S, rank = S.cpu(), rank.cpu()
+    assert torch.isnan(S[1]).all() and rank[1] == -1
+    assert (S[2] == 0).all() and rank[2] == 0
+    keep = [0, 2, 3, 4, 5]
+    check_against_lapack(A64[keep], S[keep], rank[keep], 0.9, dtype)
+    if shape == (13, 17):
+        S, _ = run_poisoned(A[keep].to(DEVICE), 0.9, compute_f64=False, programs=3)
+        check_against_lapack(A64[keep], S, None, None, torch.float32)
+
+
+def test_streamed_kernel_at_its_own_sizes():
+    """A ragged size that pads to 256 x 128 (streamed, 8-row chunks), one persistent program for
+    both matrices, float32, wide (the transposed view); test_64x64_and_limits runs 256 x 256."""
+    gen = _gen(11)
+    A64 = torch.cat([matrices(kind, 1, 70, 129, gen) for kind in ("random", "cond1e6")])
+    S, rank = run_poisoned(A64.float().to(DEVICE), 0.99, programs=1)
+    check_against_lapack(A64, S, rank, 0.99, torch.float32)
 
 
 def test_without_eta_returns_no_rank():
@@ -248,6 +290,8 @@ def test_bad_input_errors():
         svd.svdvals_rank(A.double(), compute_f64=False)
     with pytest.raises(ValueError, match="sections"):
         svd.svdvals_rank(A, sections=3)
+    with pytest.raises(ValueError, match="programs: expected an int >= 1"):
+        svd.svdvals_rank(A, programs=0)
     with pytest.raises(ValueError, match="out: S must be"):
         svd.svdvals_rank(A, 0.9, out=(torch.empty(2, 2, device=DEVICE), torch.empty(2, dtype=torch.int64, device=DEVICE)))
     with pytest.raises(ValueError, match="out: rank must be"):

@@ -210,6 +210,24 @@ def test_svd_shuffled():
     check_against_lapack(A64, S, rank, 0.99, torch.float32)
 
 
+def test_svd_streamed_shuffled(monkeypatch):
+    """The streamed SVD kernel (forced on a small tile, 16-element chunks): 3 persistent programs
+    for 6 matrices, each program's workspace its own, so any program order gives the same bits."""
+    from test_svd_triton import KINDS, check_against_lapack, matrices, run_poisoned
+    from fastdiff.kernels import svd
+    monkeypatch.setattr(svd, "REGISTER_TILE", 0)
+    monkeypatch.setattr(svd, "STREAM_CHUNK_ELEMENTS", 16)
+    gen = torch.Generator().manual_seed(8)
+    A64 = torch.cat([matrices(kind, 2, 9, 6, gen) for kind in KINDS[:3]])
+
+    def run():
+        return run_poisoned(A64.float(), 0.99, programs=3)
+
+    _, (S, rank), progs = _in_order_and_shuffled(run)
+    assert progs == [3], progs
+    check_against_lapack(A64, S, rank, 0.99, torch.float32)
+
+
 def test_trajectory_shuffled():
     """fastdiff.sample's fused trajectory kernel: 2 instances x 40 rows (a (3, 2) grid of 16-row
     blocks), labels + CFG, trajectory; against the step-by-step loop (as test_sampling does)."""
