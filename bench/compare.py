@@ -46,10 +46,57 @@ PLUGIN = Path(__file__).resolve().with_name("compare_worker.py")
 CACHE = Path(tempfile.gettempdir()) / "fastdiff-compare-cache"
 REWARM_BELOW_S = 0.1  # rows faster than this get one untimed call at the start of each later block
 LOADS: List[float] = []  # the 1-minute load average after each test, for the report's header
+OTHERS: List[float] = []  # cores busy outside this run's process tree during each test (Linux)
+QUIET_CORES = 0.25        # more than this, median, and the report says the machine was not quiet
 
 
 def git(*args: str, cwd: Path = REPO) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def cpu_jiffies() -> Optional[Tuple[int, int]]:
+    """(busy jiffies of all CPUs, jiffies of this process and its descendants, children reaped
+    included), from /proc; None where there is no /proc (the report then falls back to the load
+    average, which counts this run's own threads too)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    busy = sum(v[:8]) - v[3] - v[4]   # user nice system idle iowait irq softirq steal: all but idle, iowait
+    parent, own = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()   # from field 3 (state): ppid, ..., utime (14) .. cstime (17)
+        parent[int(d)] = int(fields[1])
+        own[int(d)] = sum(int(x) for x in fields[11:15])
+    tree, frontier = set(), {os.getpid()}
+    while frontier:
+        tree |= frontier
+        frontier = {p for p, pp in parent.items() if pp in frontier and p not in tree}
+    return busy, sum(own.get(p, 0) for p in tree)
+
+
+class OtherLoad:
+    """Cores kept busy by processes outside this run between calls of :meth:`sample`."""
+
+    def __init__(self):
+        self.last, self.t = cpu_jiffies(), time.perf_counter()
+
+    def sample(self) -> Optional[float]:
+        now, t = cpu_jiffies(), time.perf_counter()
+        out = None
+        if now and self.last and t > self.t:
+            others = (now[0] - self.last[0]) - (now[1] - self.last[1])   # a process of ours that exited: < 0
+            out = max(0.0, others / os.sysconf("SC_CLK_TCK") / (t - self.t))
+        self.last, self.t = now, t
+        return out
 
 
 def quick_rounds(rounds: int) -> int:
@@ -255,6 +302,7 @@ def run_pairs(before: Worker, after: Worker, args) -> Dict[str, bool]:
     seq = {w: [n for n in plan if n in set(w.items)] for w in (before, after)}
     interleaved: Dict[str, bool] = {}
     index = 0
+    other_load = OtherLoad()
     for n, node in enumerate(plan):
         here = [w for w in (before, after) if node in seq[w]]
         for w in here:
@@ -285,6 +333,9 @@ def run_pairs(before: Worker, after: Worker, args) -> Dict[str, bool]:
             for group, impl, seconds in done["rows"]:
                 w.table[(group, impl)] = seconds
         LOADS.append(os.getloadavg()[0])
+        others = other_load.sample()
+        if others is not None:
+            OTHERS.append(others)
         progress(n, len(plan), node, timed, before, after)
     return interleaved
 
@@ -329,14 +380,19 @@ def report(before: Worker, after: Worker, interleaved: Dict[str, bool], args, me
         f"Command: `{meta['command']}` ({meta['minutes']:.1f} min, of which {meta['build_s']:.0f} s checkouts "
         f"and builds).",
         f"Load: 1-minute load average {load0:.2f} at the start, {statistics.median(loads):.2f} median and "
-        f"{max(loads):.2f} at most during the run, on {cores} cores (this run itself adds about 1).",
+        f"{max(loads):.2f} at most during the run, on {cores} cores (this run's own threads count in it: "
+        f"{args.threads} while a side is timed, both sides' during warm-ups).",
+        *([f"Other processes (CPU time outside this run's process tree, /proc, per test): "
+           f"{statistics.median(OTHERS):.2f} cores median, {max(OTHERS):.2f} at most."] if OTHERS else []),
         f"Machine: {platform.processor() or platform.machine()} CPU, torch {before.hello['torch']}, "
         f"Python {before.hello['python']}, {args.threads} thread{'s' * (args.threads != 1)} on both sides (OMP_NUM_THREADS, "
         f"torch.set_num_threads; torch reports {before.hello['threads']} / {after.hello['threads']}).",
         f"Rounds: {mode}; timed in up to {args.blocks} blocks a side, alternating between the two processes, "
         f"after each side's own warm-up rounds (untimed). Times: median microseconds per call.",
     ]
-    if load0 >= cores / 2 or statistics.median(loads) >= cores:
+    busy = (statistics.median(OTHERS) >= QUIET_CORES) if OTHERS else \
+        (load0 >= cores / 2 or statistics.median(loads) >= cores + args.threads)
+    if busy:
         lines.append("**The machine was under load from other processes: these timings swing by far more than "
                      "the 10% the comparison is for, and are no result.** Rerun on a quiet machine.")
     if args.k:
