@@ -367,7 +367,29 @@ def spread(samples: List[float]) -> Optional[float]:
     return (q[2] - q[0]) / q[1]
 
 
+def apply_renames(before: Worker, after: Worker, renames: List[Tuple[str, str]],
+                  interleaved: Dict[str, bool]) -> Dict[str, bool]:
+    """``--rename OLD NEW``: the before side's row names (its table; both sides' timed samples, which
+    are filed under the name of the side that started the row) with OLD read as NEW, so a row the
+    after revision renamed is matched with its old self."""
+    pairs = [(old, new) for old, new in renames]
+    if any(not old for old, _ in pairs):
+        raise SystemExit("--rename: OLD must not be empty")
+
+    def rn(name: str) -> str:
+        for old, new in pairs:
+            name = name.replace(old, new)
+        return name
+
+    if pairs:
+        before.table = {(rn(g), i): v for (g, i), v in before.table.items()}
+        for w in (before, after):
+            w.samples = {rn(k): v for k, v in w.samples.items()}
+    return {rn(k): v for k, v in interleaved.items()}
+
+
 def report(before: Worker, after: Worker, interleaved: Dict[str, bool], args, meta: dict) -> Tuple[str, int]:
+    interleaved = apply_renames(before, after, args.rename, interleaved)
     keys = list(before.table) + [k for k in after.table if k not in before.table]
     matched = [k for k in keys if k in before.table and k in after.table]
     ratios = {k: after.table[k] / before.table[k] for k in matched if before.table[k] > 0}
@@ -397,6 +419,9 @@ def report(before: Worker, after: Worker, interleaved: Dict[str, bool], args, me
                      "the 10% the comparison is for, and are no result.** Rerun on a quiet machine.")
     if args.k:
         lines.append(f"**Subset**: only the tests matching `-k {shlex.quote(args.k)}`, not the whole bench.")
+    if args.rename:
+        lines.append("Renamed rows, matched with their old names: "
+                     + ", ".join(f"`{old}` -> `{new}`" for old, new in args.rename) + ".")
     for w in (before, after):
         r = w.rev
         lines.append(f"- {r.label}: `{r.sha[:10]}` ({r.rev}) {r.subject[:90]}; fastdiff from "
@@ -453,6 +478,8 @@ def parse(argv: List[str]):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads on both sides (default: all cores)")
     p.add_argument("--blocks", type=int, default=4, help="alternating blocks per row and side (default 4)")
     p.add_argument("--threshold", type=float, default=1.10, help="flag rows with after/before above this")
+    p.add_argument("--rename", action="append", default=[], nargs=2, metavar=("OLD", "NEW"),
+                   help="a row the after side renamed: OLD in a before row's name reads as NEW (repeatable)")
     p.add_argument("--reuse-build", action="store_true",
                    help="take this checkout's fastdiff/_C*.so for a revision whose csrc/ and setup.py it has unchanged")
     p.add_argument("--rebuild", action="store_true", help="build both revisions, ignoring the build cache")

@@ -48,3 +48,16 @@ def test_other_load_is_a_rate_in_cores():
 def test_split_blocks():
     assert compare.split_blocks(10, 4) == [3, 3, 2, 2]
     assert compare.split_blocks(2, 4) == [1, 1]
+
+
+def test_rename_matches_a_renamed_row():
+    from types import SimpleNamespace as NS
+    before = NS(table={("sgd n=3072 one cell", "fastdiff"): 2.0, ("sgd retraction", "eager"): 1.0},
+                samples={"sgd n=3072 one cell | fastdiff": [2.0]})
+    after = NS(table={("adam n=3072 one cell", "fastdiff"): 1.0, ("sgd retraction", "eager"): 1.0},
+               samples={"sgd n=3072 one cell | fastdiff": [1.0]})
+    inter = compare.apply_renames(before, after, [("sgd n=3072", "adam n=3072")], {"sgd n=3072 one cell | fastdiff": True})
+    assert set(before.table) == set(after.table)   # the untouched "sgd retraction" row keeps its name
+    assert after.samples == {"adam n=3072 one cell | fastdiff": [1.0]} and inter == {"adam n=3072 one cell | fastdiff": True}
+    with pytest.raises(SystemExit, match="--rename: OLD must not be empty"):
+        compare.apply_renames(before, after, [("", "x")], {})
