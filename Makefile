@@ -29,5 +29,7 @@ bench: install
 # no speed regression: BASE's and HEAD's CPU benchmarks side by side, interleaved, in one run
 # (bench/compare.py; bench/RESULTS.md says how to read it).  Needs pytest and pybind11, not an install.
 BASE ?= 237765d
+# the n = 3072 rows the base calls sgd are the adam learner's since c66f6cb (sgd became Algorithm 1)
+COMPARE_ARGS ?= --rename "n=3072, sgd," "n=3072, adam," --rename "sgd n=3072 one cell" "adam n=3072 one cell"
 bench-compare:
 	$(PY) bench/compare.py --base $(BASE) --head HEAD $(COMPARE_ARGS)

@@ -34,12 +34,10 @@ Methods (``schedule`` kind):
 ``langevin``       noise level(s) sigma    ``steps`` Langevin steps per level (annealed)
 ``walk_jump``      noise level sigma       Langevin "walk", then the "jump" ``x0_hat(y)``
 ``ou_reverse``     final time T or times   reverse OU SDE, Euler-Maruyama (:func:`fastdiff.solvers.ou_reverse_table`)
-``jms``            noise level sigma       walk-jump on m measurements jointly (``measurements``)
+``jms``            noise level sigma       walk-jump on m measurements jointly (:mod:`fastdiff.multimeasurement`)
 ``sms``            noise level sigma       m sequential Langevin stages, ``steps`` each, then the jump
 ``stochastic_localization``  final time T  Euler-Maruyama on ``dZ = E[X|Z_t] dt + dB`` (or increasing times)
 =================  ======================  ================================================
-
-(``jms``, ``sms``, ``stochastic_localization``: :mod:`fastdiff.multimeasurement`.)
 
 VE levels: a :class:`fastdiff.KarrasSchedule`, or a 1-D tensor / sequence of strictly decreasing
 sigmas, all but the last > 0 (a last 0 ends on an Euler step, as EDM does).
@@ -58,7 +56,6 @@ from fastdiff import steps as S
 from fastdiff import trajectory as fused_impl
 from fastdiff._args import check_number as _check_number
 from fastdiff._interop import accepts_arrays
-from fastdiff.trajectory import _progress
 from fastdiff.denoisers import MoLRG
 from fastdiff.gaussian_exact import gaussian_sampler_variance  # noqa: F401  (moved there; importable here)
 from fastdiff.generator import Generator, default_generator
@@ -67,8 +64,8 @@ from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length,
 
 __all__ = ["sample", "run", "StepInfo", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
-METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump", "ou_reverse") + MULTISTEP_METHODS \
-    + MM.METHODS
+METHODS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "langevin", "walk_jump", "ou_reverse", *MULTISTEP_METHODS,
+           *MM.METHODS)
 VE_METHODS = ("euler", "euler_ancestral", "heun") + MULTISTEP_METHODS
 _SQRT2M1 = math.sqrt(2.0) - 1.0
 
@@ -544,7 +541,7 @@ def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator
     if snaps is not None:
         traj = torch.empty((len(snaps),) + tuple(x.shape), dtype=x.dtype, device=x.device)
         _save(traj, snaps, 0, x)
-    bar = _progress(len(table), progress)
+    bar = fused_impl._progress(len(table), progress)
     if bar is not None and desc:
         bar.set_description(desc, refresh=False)
     history: List[torch.Tensor] = []  # the multistep rows' pushes h_{i-1}, h_{i-2}, ..., latest first
