@@ -131,7 +131,7 @@ class SequentialDenoiser:
         if c and c % self.steps == 0 and c // self.steps <= self.m - 1:
             self.total = y.clone() if self.total is None else self.total.add_(y)
         i = stage + 1
-        ybar = y if self.total is None else (self.total + y) / i
+        ybar = y if self.total is None else (self.total + y).div_(i)   # in place: one (B, n) temporary
         return self.denoiser(ybar, 1.0, sigma / math.sqrt(i))
 
 

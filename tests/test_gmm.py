@@ -68,6 +68,31 @@ def test_against_numpy(form, K, n, r, B):
     np.testing.assert_allclose(post.responsibilities.numpy(), w, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["full", "diag", "lowrank", "isotropic"])
+def test_the_call_is_the_posterior_mean_alone(form):
+    """``gmm(x, ...)`` takes a shorter path than :meth:`posterior` (no score, no log p_t; the
+    isotropic form no (B, K, n) intermediate): the same x0 and responsibilities, bit for bit, and
+    against NumPy."""
+    if form == "isotropic":
+        g = np.random.default_rng(3)
+        means, var = g.normal(size=(3, 6)) * 2, g.uniform(0.3, 2.0, size=3)
+        weights = np.array([0.2, 0.3, 0.5])
+        gmm = GaussianMixture(torch.from_numpy(means), torch.from_numpy(var), pi=torch.from_numpy(weights))
+        assert gmm.isotropic
+        covs = np.stack([v * np.eye(6) for v in var])
+    else:
+        gmm, means, covs, weights = _mixture(form, 3, 6, 2, seed=11)
+    x = np.random.default_rng(4).normal(size=(7, 6)) * 2
+    alpha, sigma = np.linspace(0.3, 1.0, 7), np.linspace(1.4, 0.2, 7)
+    xt, at, st = torch.from_numpy(x), torch.from_numpy(alpha), torch.from_numpy(sigma)
+    out, w = gmm(xt, at, st, return_weights=True)
+    post = gmm.posterior(xt, at, st)
+    assert torch.equal(out, post.x0) and torch.equal(w, post.responsibilities)
+    x0, _, _, wn = _numpy_posterior(x, means, covs, weights, alpha, sigma)
+    np.testing.assert_allclose(out.numpy(), x0, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(w.numpy(), wn, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("form", ["full", "diag", "lowrank"])
 def test_float32_and_outputs(form):
     gmm, means, covs, weights = _mixture(form, 10, 32, 4, seed=7)
