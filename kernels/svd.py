@@ -301,6 +301,9 @@ def _svd_streamed_kernel(
             ny2 = tl.sum(y * y, axis=0)
             e, u0, gamma = _reflector(tl.sum(tl.where(cj == k + 1, y, 0.0), axis=0), ny2)
             u = tl.where(cj == k + 1, u0, y)
+            # every thread has read row k and pass A's tiles before any thread overwrites them (the
+            # reductions above need not cross warps, so they are no barrier)
+            tl.debug_barrier()
             for r0 in range(first, M, CHUNK):                  # pass B
                 rr = r0 + cr
                 live = (rr >= k) & (rr < M)
