@@ -117,11 +117,12 @@ class _Call:
     # ---- per-sample values
     def value(self, name: str, v, *, min_value=None, strict=True) -> Num:
         """A finite scalar (-> float) or per-sample (B,) tensor (-> float64 on x's device)."""
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu" and v.ndim <= 1:
-            v = v.item() if v.ndim == 0 or self.B != 1 else v
-        if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
-            raise TypeError(f"{name}: expected a number or a (B,) tensor, got {type(v).__name__}")
-        if isinstance(v, numbers.Real):
+        if type(v) is not float and type(v) is not int:  # the common call, a plain number, skips these
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu" and v.ndim <= 1:
+                v = v.item() if v.ndim == 0 or self.B != 1 else v
+            if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
+                raise TypeError(f"{name}: expected a number or a (B,) tensor, got {type(v).__name__}")
+        if not isinstance(v, torch.Tensor):
             v = float(v)
             if not math.isfinite(v):
                 raise ValueError(f"{name}: expected a finite value, got {v}")
