@@ -399,7 +399,7 @@ def svdvals_rank(A: torch.Tensor, eta: Optional[float] = None, *, compute_f64: b
         raise ValueError("compute_f64=False is for float32 inputs only")
     if sections < 1 or sections & (sections - 1):
         raise ValueError(f"sections: expected a power of two >= 1, got {sections}")
-    if programs is not None and programs < 1:
+    if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
         raise ValueError(f"programs: expected an int >= 1, got {programs}")
     B, m, n = A.shape
     N, M = min(m, n), max(m, n)

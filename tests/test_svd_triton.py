@@ -292,6 +292,8 @@ def test_bad_input_errors():
         svd.svdvals_rank(A, sections=3)
     with pytest.raises(ValueError, match="programs: expected an int >= 1"):
         svd.svdvals_rank(A, programs=0)
+    with pytest.raises(ValueError, match="programs: expected an int >= 1"):
+        svd.svdvals_rank(A, programs=2.5)
     with pytest.raises(ValueError, match="out: S must be"):
         svd.svdvals_rank(A, 0.9, out=(torch.empty(2, 2, device=DEVICE), torch.empty(2, dtype=torch.int64, device=DEVICE)))
     with pytest.raises(ValueError, match="out: rank must be"):

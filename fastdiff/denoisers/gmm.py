@@ -203,9 +203,8 @@ class GaussianMixture:
         x0 = x0.addcmul_((w * gain).sum(1, keepdim=True), xc)
         return logits, x0, a, s2
 
-    @accepts_arrays
-    def posterior(self, x, alpha, sigma) -> MixturePosterior:
-        """Posterior mean, score, ``log p_t(x)`` and responsibilities (module docstring) for x (B, n)."""
+    def _mean(self, x, alpha, sigma):
+        """(logits (B, K), responsibilities (B, K), x0_hat (B, n), a, s^2) in x's compute dtype."""
         if self.isotropic:
             logits, x0, a, s2 = self._isotropic(x, alpha, sigma)
             w = torch.softmax(logits, -1)
@@ -213,6 +212,12 @@ class GaussianMixture:
             logits, cond, a, s2 = self._terms(x, alpha, sigma)
             w = torch.softmax(logits, -1)
             x0 = torch.einsum("bk,bkn->bn", w, cond)
+        return logits, w, x0, a, s2
+
+    @accepts_arrays
+    def posterior(self, x, alpha, sigma) -> MixturePosterior:
+        """Posterior mean, score, ``log p_t(x)`` and responsibilities (module docstring) for x (B, n)."""
+        logits, w, x0, a, s2 = self._mean(x, alpha, sigma)
         logp = torch.logsumexp(logits, -1)
         score = (a[:, 0] * x0 - x.to(x0.dtype)) / s2[:, 0]
         return MixturePosterior(x0.to(x.dtype), score.to(x.dtype), logp, w)
@@ -242,13 +247,8 @@ class GaussianMixture:
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
         if labels is None:  # the posterior mean alone: no score or log p_t (a third of a call's time)
-            if self.isotropic:
-                logits, out, _, _ = self._isotropic(x, alpha, sigma)
-            else:
-                logits, cond, _, _ = self._terms(x, alpha, sigma)
-                out = torch.einsum("bk,bkn->bn", torch.softmax(logits, -1), cond)
+            _, w, out, _, _ = self._mean(x, alpha, sigma)
             out = out.to(x.dtype)
-            w = torch.softmax(logits, -1)
         else:
             if guidance is None:
                 raise ValueError("guidance: required with labels (the guidance weight w)")
