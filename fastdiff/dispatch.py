@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from fastdiff.backends import KERNEL_DTYPES, _probe, _works, available, has_kernel
-from fastdiff.ops import discrete_langevin, fused_step, ksubspaces, molrg, svd, trajectory
+from fastdiff.ops import discrete_langevin, empirical, fused_step, ksubspaces, molrg, svd, trajectory
 from fastdiff.ops.table import Impl, Op
 
 __all__ = ["Impl", "Op", "OPS", "COLUMNS", "check_backend", "choose", "exists", "cell", "rows", "matrix", "info"]
@@ -28,7 +28,7 @@ COLUMNS = ("triton", "cuda", "cpp", "torch")
 
 # the one table: every op's row, declared next to its contract in fastdiff/ops/<op>.py
 OPS: Dict[str, Op] = {row.name: row for row in (
-    fused_step.ROW, molrg.ROW, svd.ROW, trajectory.ROW, ksubspaces.ROW, discrete_langevin.ROW)}
+    fused_step.ROW, molrg.ROW, svd.ROW, trajectory.ROW, ksubspaces.ROW, discrete_langevin.ROW, empirical.ROW)}
 
 
 # --------------------------------------------------------------------------- the decision

@@ -115,10 +115,12 @@ def test_bad_input(kw, match):
 
 
 def test_bad_data_and_levels():
-    with pytest.raises(ValueError, match=r"data: expected an \(N, 3\) tensor"):
+    with pytest.raises(ValueError, match=r"data: expected n = 3 columns \(x has shape \(B, 3\)\), got 4"):
         empirical_posterior(torch.randn(2, 3), torch.randn(6, 4), 1.0, 0.5)
-    with pytest.raises(ValueError, match=r"data: expected an \(N, 3\) tensor"):
+    with pytest.raises(ValueError, match="data: expected at least one training point"):
         empirical_posterior(torch.randn(2, 3), torch.randn(0, 3), 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"data: expected an \(N, 3\) tensor or an ImageSet"):
+        empirical_posterior(torch.randn(2, 3), torch.randn(6), 1.0, 0.5)
     with pytest.raises(ValueError, match="data: expected images of n = 3"):
         empirical_posterior(torch.randn(2, 3), D.synthetic(4, (1, 2, 2)), 1.0, 0.5)
     with pytest.raises(ValueError, match="sigma"):
