@@ -8,7 +8,7 @@ with the devices it runs on, the dtypes it takes, how to tell it exists in this 
 
 Sizes (keyword arguments of :func:`choose`; a size not given is taken to fit):
 ``molrg``: ``n`` (dimension), ``D`` (sum d_k), ``K`` (components), ``grad`` (a backward follows);
-``svd``: ``m``, ``n``; ``trajectory``: ``n``, ``D``, ``K``.
+``svd``: ``m``, ``n``; ``trajectory``: ``n``, ``D``, ``K``; ``empirical``: ``kc`` (candidates a query).
 """
 from __future__ import annotations
 

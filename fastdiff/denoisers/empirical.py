@@ -211,11 +211,13 @@ def _scan(x, data, alpha, sigma, want, k, chunk, backend):
     near = "neighbors" in want
     if near and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= N):
         raise ValueError(f"k: expected an int in [1, N = {N}], got {k!r}")
+    kc = min(N, 2 * int(k) + 2) if near else 0
     step = chunk_rows(B, N, n, chunk)
     a64 = _per_sample("alpha", alpha, B, x.device)[:, None]
     s64 = _per_sample("sigma", sigma, B, x.device)[:, None]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    impl = dispatch.choose(table.name, backend, x.device, ct)
+    # kc: the Triton kernel's limit (a size only when candidates are kept: choose caches sizeless calls)
+    impl = dispatch.choose(table.name, backend, x.device, ct, **({"kc": kc} if kc else {}))
     exact_rows = Y                       # the re-rank reads the data as given (float64 data stays exact)
     if Y.dtype != torch.uint8 and Y.dtype != ct:
         Y = Y.to(ct)          # a kernel reads the compute dtype or uint8 (torch would convert per chunk too)

@@ -40,19 +40,31 @@ want_acc, kc, chunk)``.  No autograd (the denoiser's gradient is not a kernel's 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from fastdiff import backends
 from fastdiff.ops.table import CPU, CUDA, TORCH, Impl, Launchers, Op
 
-__all__ = ["ROW", "LAUNCHERS", "empirical_scan", "chunk_rows", "rows_of"]
+__all__ = ["ROW", "LAUNCHERS", "empirical_scan", "chunk_rows", "rows_of", "TRITON_MAX_KC"]
 
 COMPUTE_DTYPES = (torch.float32, torch.float64)
+# the Triton kernel keeps each query's candidates in a register set of kc padded to a power of two
+# (kernels/empirical.py): kc = 2k + 2 covers k <= 31 neighbours
+TRITON_MAX_KC = 64
+
+
+def _triton_fits(kc: int = 0, **_) -> Tuple[bool, str]:
+    if kc > TRITON_MAX_KC:
+        return False, (f"backend='triton' keeps at most {TRITON_MAX_KC} candidates a query (kc = 2k + 2: "
+                       f"k <= {(TRITON_MAX_KC - 2) // 2} neighbours), got kc = {kc}")
+    return True, ""
+
 
 ROW = Op("empirical", what="empirical-scan", impls=(
-    Impl("triton", CUDA, (torch.float32,), triton_module="empirical", limit="float32"),
+    Impl("triton", CUDA, (torch.float32,), triton_module="empirical", fits=_triton_fits,
+         limit=f"float32, kc <= {TRITON_MAX_KC} candidates"),
     Impl("cpp", CPU, COMPUTE_DTYPES, cpp_symbol="empirical_scan", limit="float32 / float64"),
     TORCH),
     auto={"cuda": ("triton",), "cpu": ()}, soft=("dtype",),
