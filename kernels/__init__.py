@@ -12,10 +12,11 @@ __all__ = ["AOT_KERNELS"]
 def __getattr__(name):
     if name == "AOT_KERNELS":
         from .discrete_langevin import AOT_KERNELS as discrete_langevin
+        from .empirical import AOT_KERNELS as empirical
         from .fused_step import AOT_KERNELS as fused_step
         from .molrg import AOT_KERNELS as molrg
         from .svd import AOT_KERNELS as svd
         from .trajectory import AOT_KERNELS as trajectory
 
-        return [*fused_step, *molrg, *svd, *trajectory, *discrete_langevin]
+        return [*fused_step, *molrg, *svd, *trajectory, *discrete_langevin, *empirical]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

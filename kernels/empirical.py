@@ -21,7 +21,7 @@ values; N split over programs as in Flash-Decoding):
   Per tile, rounds of "the tile's best remaining entry replaces the set's minimum if larger" until
   no query's tile beats its set (a while loop: after the first tiles, one round a tile).  Set slots
   that are still empty take any entry, so every slot holds a real row once kc rows were seen; a
-  NaN score ranks lowest.  kc <= TRITON_MAX_KC (the dispatch row's limit).
+  NaN score ranks lowest.  kc <= MAX_KC (the dispatch row's limit).
 * Splits: enough programs for PROGRAMS_PER_SM a streaming multiprocessor, each split at least
   MIN_TILES tiles and splits x B <= N (the partial accumulators then take at most the data's own
   size: memory stays O((B + N) n)).  Each split writes its partial (m, l, acc, candidates); the
@@ -46,24 +46,32 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.ops.empirical import TRITON_MAX_KC
-
 from .fused_step import AOTVariant
 
 __all__ = ["empirical_scan", "plan", "AOT_KERNELS"]
 
 NUM_WARPS = 8
-BLOCK_B = 32          # queries a program
-BLOCK_N = 32          # training rows a tile
-BLOCK_K = 32          # columns a chunk of the H GEMM
-# padded n up to this: acc in registers, (BLOCK_B, D_PAD) and the (BLOCK_N, D_PAD) tile reload, 32
-# values a thread each at 8 warps; above it, acc lives in the output buffer (ACC_CHUNK-column chunks)
+# Tiles (ptxas, sm_90, 8 warps; bench/results/triton-resources.md has every variant): Triton lowers an
+# fp32 "ieee" tl.dot to FMAs whose operands each thread holds whole (its rows x K and K x its columns),
+# so K and the outputs a thread set the registers.  32 x 32 x 32 tiles took 232-255 registers (4 warps:
+# spills); 32-query blocks with 16 x 16 tiles 128-176; 16 queries, 16 x 16 tiles and 64-column acc
+# chunks at most 128 (two blocks an SM), none spilling.  Not tuned on a GPU yet:
+# bench/test_bench_empirical_gpu.py sweeps them (tune=).
+BLOCK_B = 16          # queries a program
+BLOCK_N = 16          # training rows a tile (the K of acc += P Yc)
+BLOCK_K = 16          # columns a chunk of the H GEMM
+# padded n up to this: acc (BLOCK_B, D_PAD) in registers, with the (BLOCK_N, D_PAD) tile reload; above
+# it, acc lives in the output buffer, ACC_CHUNK columns a chunk (half of it with over 16 candidates:
+# at 64 columns and KC_PAD 64, sm_80 spilled 56 B a thread; at 32, 120 registers and none)
 ACC_REGISTER_MAX = 256
 ACC_CHUNK = 64
 PROGRAMS_PER_SM = 2
 INTERPRETER_SMS = 2   # under TRITON_INTERPRET=1: a few programs a row block, so the split-and-merge path runs
 MIN_TILES = 4         # tiles a split at least: per-program overhead and the merge stay small
 DOT_PRECISION = "ieee"
+# candidates a query at most: the register set is (BLOCK_B, KC_PAD) scores and indices (the dispatch
+# row's limit, fastdiff.ops.empirical.MAX_KC, is this number: tests/test_empirical_triton.py)
+MAX_KC = 64
 
 
 @triton.jit
@@ -190,13 +198,15 @@ def _scan_kernel(
                     yc = _centred_rows(y_ptr, yrow, dd, live, dd < n, c_d, y_scale, y_lo, UINT8)
                     acc = tl.dot(p, yc, acc * alpha[:, None], input_precision=DOT_PRECISION)
                 else:
+                    # the first tile writes: the buffer holds poison, not zeros (a (BLOCK_B,) flag: the
+                    # interpreter rejects a scalar & tensor mask)
+                    again = rmask & (rows * 0 + t > t0)
                     for d0 in range(0, n, BLOCK_D):
                         d = d0 + dd
                         dmask = d < n
                         aptr = acc_ptr + orow[:, None] * n + d[None, :]
                         amask = rmask[:, None] & dmask[None, :]
-                        # the first tile writes: the buffer holds poison, not zeros
-                        a = tl.load(aptr, mask=amask & (t > t0), other=0.0)
+                        a = tl.load(aptr, mask=again[:, None] & dmask[None, :], other=0.0)
                         cd = tl.load(c_ptr + d, mask=dmask, other=0.0)
                         yc = _centred_rows(y_ptr, yrow, d, live, dmask, cd, y_scale, y_lo, UINT8)
                         a = tl.dot(p, yc, a * alpha[:, None], input_precision=DOT_PRECISION)
@@ -223,15 +233,25 @@ def _pow2(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(v)))
 
 
-def plan(B: int, N: int, n: int, kc: int, device: torch.device, splits: Optional[int] = None) -> dict:
+def plan(B: int, N: int, n: int, kc: int, device: torch.device, splits: Optional[int] = None,
+         tune: Optional[dict] = None) -> dict:
     """The launch: block sizes (tl.dot takes no dimension below 16), the accumulator's place, the
     candidates' padding and the split of the N rows (module docstring).  ``splits`` overrides the
-    count (benchmarks, tests); it is still clamped so that every split holds at least one tile."""
+    count (benchmarks, tests); it is still clamped so that every split holds at least one tile.
+    ``tune``: block sizes / num_warps to use instead (benchmarks)."""
     d_pad = _pow2(n)
     in_regs = d_pad <= ACC_REGISTER_MAX
-    blocks = dict(BLOCK_B=_pow2(min(B, BLOCK_B)), BLOCK_N=_pow2(min(N, BLOCK_N)), BLOCK_K=_pow2(min(n, BLOCK_K)),
-                  BLOCK_D=d_pad if in_regs else _pow2(min(n, ACC_CHUNK)), KC_PAD=triton.next_power_of_2(kc) if kc else 0,
-                  ACC_IN_REGISTERS=in_regs)
+    kc_pad = triton.next_power_of_2(kc) if kc else 0
+    chunk = ACC_CHUNK if kc_pad <= 16 else max(16, ACC_CHUNK // 2)
+    blocks = dict(BLOCK_B=_pow2(min(B, BLOCK_B)), BLOCK_N=_pow2(min(N, BLOCK_N)),
+                  BLOCK_K=_pow2(min(n, BLOCK_K)), BLOCK_D=d_pad if in_regs else _pow2(min(n, chunk)),
+                  KC_PAD=kc_pad, ACC_IN_REGISTERS=in_regs, num_warps=NUM_WARPS)
+    for key, value in (tune or {}).items():   # benchmarks' overrides (powers of two >= 16, but KC_PAD)
+        if key not in blocks or key in ("KC_PAD", "ACC_IN_REGISTERS"):
+            raise ValueError(f"tune: expected keys among BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, got {key!r}")
+        blocks[key] = int(value)
+    if not in_regs or blocks["BLOCK_D"] < d_pad:
+        blocks["ACC_IN_REGISTERS"] = False
     tiles = triton.cdiv(N, blocks["BLOCK_N"])
     row_blocks = triton.cdiv(B, blocks["BLOCK_B"])
     if splits is None:
@@ -264,25 +284,25 @@ def _check(xh, data, center, g1, g2, h, kc):
             raise ValueError(f"{name}: expected a contiguous tensor on {xh.device} (the device of xh)")
     if isinstance(kc, bool) or not isinstance(kc, int) or not 0 <= kc <= data.shape[0]:
         raise ValueError(f"kc: expected an int in [0, N = {data.shape[0]}], got {kc!r}")
-    if kc > TRITON_MAX_KC:
-        raise ValueError(f"kc: the Triton empirical scan keeps at most {TRITON_MAX_KC} candidates a query "
+    if kc > MAX_KC:
+        raise ValueError(f"kc: the Triton empirical scan keeps at most {MAX_KC} candidates a query "
                          f"(a register set), got {kc}; use backend='torch' or 'cpp'")
 
 
 def empirical_scan(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk=None, *,
                    splits: Optional[int] = None, dot_precision: str = DOT_PRECISION,
-                   num_warps: int = NUM_WARPS):
+                   tune: Optional[dict] = None):
     """The contract of fastdiff/ops/empirical.py on CUDA (or the CPU under TRITON_INTERPRET=1):
     ``(m (B,), l (B,), acc (B, n) or None, best_v (B, kc), best_i (B, kc) int64, ymax2)`` float32.
 
     ``chunk`` (the torch launcher's rows a GEMM) is not used: this kernel streams BLOCK_N-row tiles
-    and splits N by the device (:func:`plan`).  ``splits``, ``dot_precision``, ``num_warps``: tuning
-    knobs (benchmarks).  Outputs are allocated poisoned (NaN, index -1).  No host-device sync."""
+    and splits N by the device (:func:`plan`).  ``splits``, ``dot_precision``, ``tune`` (:func:`plan`):
+    tuning knobs (benchmarks).  Outputs are allocated poisoned (NaN, index -1).  No host-device sync."""
     _check(xh, data, center, g1, g2, h, kc)
     B, n = xh.shape
     N = data.shape[0]
     dev = xh.device
-    p = plan(B, N, n, kc, dev, splits)
+    p = plan(B, N, n, kc, dev, splits, tune)
     S = p["splits"]
     nan = float("nan")
     want_acc = bool(want_acc and soft)
@@ -299,7 +319,7 @@ def empirical_scan(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chun
             B, N, n, kc, p["tiles_per_split"], (float(hi) - float(lo)) / 255.0, float(lo),
             BLOCK_B=p["BLOCK_B"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], BLOCK_D=p["BLOCK_D"],
             KC_PAD=p["KC_PAD"], SOFT=bool(soft), WANT_ACC=want_acc, ACC_IN_REGISTERS=p["ACC_IN_REGISTERS"],
-            UINT8=data.dtype == torch.uint8, DOT_PRECISION=dot_precision, num_warps=num_warps)
+            UINT8=data.dtype == torch.uint8, DOT_PRECISION=dot_precision, num_warps=p["num_warps"])
     return _merge_splits(m, l, acc, best_v, best_i, ymax, soft, want_acc, kc, n)
 
 
@@ -330,3 +350,43 @@ def _merge_splits(m, l, acc, best_v, best_i, ymax, soft, want_acc, kc, n):
     key = torch.where(i < 0, -math.inf, torch.where(torch.isnan(v) | (v == -math.inf), torch.finfo(v.dtype).min, v))
     sel = torch.topk(key, kc, dim=1).indices
     return m, l, acc, v.gather(1, sel), i.gather(1, sel), ymax.amax()
+
+
+# --------------------------------------------------------------------------- AOT variants
+def aot_variant(n: int, kc: int, soft: bool = True, want_acc: bool = True, uint8: bool = False,
+                precision: str = DOT_PRECISION) -> AOTVariant:
+    """The compile a large launch (B = 256, N = 50000) of these options makes (:func:`plan`)."""
+    p = plan(256, 50000, n, kc, torch.device("cpu"), splits=1)
+    sig = {"xh_ptr": "*fp32", "y_ptr": "*u8" if uint8 else "*fp32", "c_ptr": "*fp32", "g1_ptr": "*fp32",
+           "g2_ptr": "*fp32", "h_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
+           "bv_ptr": "*fp32", "bi_ptr": "*i64", "ymax_ptr": "*fp32", "B": "i32", "N": "i32", "n": "i32",
+           "kc": "i32", "tiles_per_split": "i32", "y_scale": "fp32", "y_lo": "fp32"}
+    const = {k: p[k] for k in ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_D", "KC_PAD")}
+    const.update(SOFT=soft, WANT_ACC=want_acc and soft, ACC_IN_REGISTERS=p["ACC_IN_REGISTERS"], UINT8=uint8,
+                 DOT_PRECISION=precision)
+    sig.update({name: "constexpr" for name in const})
+    name = (f"empirical_{'u8' if uint8 else 'fp32'}_D{p['BLOCK_D']}{'_regs' if p['ACC_IN_REGISTERS'] else '_streamed'}"
+            f"_kc{const['KC_PAD']}{'_soft' if soft else ''}{'_acc' if want_acc and soft else ''}"
+            f"{'' if precision == DOT_PRECISION else '_' + precision}")
+    aligned = tuple(k for k, ty in sig.items() if ty.startswith("*")) + ("n",)
+    op = "empirical" if precision == DOT_PRECISION else None  # the library launches "ieee" dots
+    return AOTVariant(name, _scan_kernel, sig, const, p["num_warps"], aligned, op, torch.float32,
+                      {"kc": kc} if kc else {})
+
+
+# The bench shapes (n = 192: acc in registers, n = 3072: streamed), the posterior's call (mean and
+# 2k + 2 = 6 candidates), the largest candidate set, the neighbours alone, uint8 data, a small n,
+# and TF32x3 dots (a tuning option).
+AOT_KERNELS: List[AOTVariant] = [
+    aot_variant(192, 0),
+    aot_variant(192, 6),
+    aot_variant(192, 64),
+    aot_variant(16, 6),
+    aot_variant(3072, 0),
+    aot_variant(3072, 6),
+    aot_variant(3072, 64),
+    aot_variant(3072, 6, soft=False, want_acc=False),
+    aot_variant(3072, 6, uint8=True),
+    aot_variant(192, 6, uint8=True),
+    aot_variant(3072, 0, precision="tf32x3"),
+]

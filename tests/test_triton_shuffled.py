@@ -2,7 +2,7 @@
 
 The interpreter runs a launch's programs in grid order, so a kernel whose result depends on
 program order (atomics, one program reading another's output, a cross-program reduction) passes
-on the CPU by luck.  Here each kernel family (fused step, MoLRG forward and backward, SVD,
+on the CPU by luck.  Here each kernel family (fused step, MoLRG forward and backward, SVD, empirical scan,
 trajectory) runs one representative case whose grid has several programs under
 ``shuffled_program_order``: against the float64 reference with the original test's tolerance,
 and bit-identical to the in-order run (programs that do not interact compute the same bits in
@@ -250,3 +250,24 @@ def test_trajectory_shuffled():
     b, tb = fastdiff.sample(models, x, sched, "ddpm", generator=fastdiff.Generator(2), fused=False, **kw)
     _close(a, b, 1e-5, tb.abs().max())
     _close(ta, tb, 1e-5)
+
+
+@pytest.mark.parametrize("register_max", [None, 0], ids=["acc-registers", "acc-buffer"])
+def test_empirical_scan_shuffled(monkeypatch, register_max):
+    """The empirical scan: B = 40 queries (3 row blocks of 16) x 3 splits of N = 150 rows, candidates
+    and the softmax mean, acc in registers and in the output buffer (its read-add-write touches only
+    the program's own rows of its own split), against the float64 formula."""
+    from test_empirical_scan import _check, _inputs, _reference
+    from fastdiff.kernels import empirical as E
+    if register_max is not None:
+        monkeypatch.setattr(E, "ACC_REGISTER_MAX", register_max)
+        monkeypatch.setattr(E, "ACC_CHUNK", 16)
+    B, N, n, kc = 40, 150, 21, 6
+    xh, data, center, g1, g2, h = _inputs(B, N, n, torch.float32, 12)
+
+    def run():
+        return E.empirical_scan(xh, data, center, g1, g2, h, -1.0, 1.0, True, True, kc, None, splits=3)
+
+    _, got, progs = _in_order_and_shuffled(run)
+    assert progs == [9], progs
+    _check(got, _reference(xh, data, center, g1, g2, h, -1.0, 1.0, kc), torch.float32, kc, True, True, 3.0)

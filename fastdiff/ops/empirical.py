@@ -50,8 +50,8 @@ from fastdiff.ops.table import CPU, CUDA, TORCH, Impl, Launchers, Op
 __all__ = ["ROW", "LAUNCHERS", "empirical_scan", "chunk_rows", "rows_of", "TRITON_MAX_KC"]
 
 COMPUTE_DTYPES = (torch.float32, torch.float64)
-# the Triton kernel keeps each query's candidates in a register set of kc padded to a power of two
-# (kernels/empirical.py): kc = 2k + 2 covers k <= 31 neighbours
+# the Triton kernel keeps each query's candidates in a register set of kc padded to a power of two:
+# kc = 2k + 2 <= 64 covers k <= 31 neighbours (fastdiff.kernels.empirical.MAX_KC; its tests check the two agree)
 TRITON_MAX_KC = 64
 
 
