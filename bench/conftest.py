@@ -48,7 +48,8 @@ def pytest_sessionfinish(session, exitstatus):
     command = os.environ.get("FASTDIFF_BENCH_COMMAND", "python -m pytest bench/ --benchmark-enable")
     text = harness.TABLE.markdown(DEVICE, command)
     tag = "cpu" if DEVICE == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
-    if os.environ.get("FASTDIFF_BENCH_SVD_SMOKE") == "1":  # interpreter smoke run: not a timing table
+    if "1" in (os.environ.get("FASTDIFF_BENCH_SVD_SMOKE"), os.environ.get("FASTDIFF_BENCH_EMPIRICAL_SMOKE")):
+        # interpreter smoke run: not a timing table
         tag = "cpu-smoke"
     tag = os.environ.get("FASTDIFF_BENCH_OUT", tag)  # a partial run's own table, not the device's full one
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)

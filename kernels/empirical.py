@@ -1,5 +1,6 @@
 """Triton empirical scan: the online softmax and the nearest rows of a training set in one streamed
-pass (the contract, formulas and shapes: fastdiff/ops/empirical.py; the math: docs/math.md 2c, 2d).
+pass (the contract, formulas and shapes: fastdiff/ops/empirical.py; the math: docs/math.md section 2,
+"The streamed scan's merges").
 
 Per query b and training row i, with Yc_i = y_i - c (uint8 rows read as lo + (hi - lo) u / 255)::
 
@@ -25,7 +26,7 @@ values; N split over programs as in Flash-Decoding):
 * Splits: enough programs for PROGRAMS_PER_SM a streaming multiprocessor, each split at least
   MIN_TILES tiles and splits x B <= N (the partial accumulators then take at most the data's own
   size: memory stays O((B + N) n)).  Each split writes its partial (m, l, acc, candidates); the
-  launcher merges them in torch (Flash-Decoding's combine, docs/math.md 2d): m = max_s m_s,
+  launcher merges them in torch (Flash-Decoding's combine, docs/math.md): m = max_s m_s,
   l = sum_s e^(m_s - m) l_s, acc = sum_s e^(m_s - m) acc_s, candidates the top kc of the union.
   Programs never read each other's output, so any program order gives the same bits.
 
@@ -324,7 +325,7 @@ def empirical_scan(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chun
 
 
 def _merge_splits(m, l, acc, best_v, best_i, ymax, soft, want_acc, kc, n):
-    """The splits' partial outputs merged (Flash-Decoding's combine, docs/math.md 2d); one split: views."""
+    """The splits' partial outputs merged (Flash-Decoding's combine, docs/math.md section 2); one split: views."""
     S, B = m.shape
     dev = m.device
     if soft:
