@@ -71,7 +71,7 @@ INTERPRETER_SMS = 2   # under TRITON_INTERPRET=1: a few programs a row block, so
 MIN_TILES = 4         # tiles a split at least: per-program overhead and the merge stay small
 DOT_PRECISION = "ieee"
 # candidates a query at most: the register set is (BLOCK_B, KC_PAD) scores and indices (the dispatch
-# row's limit, fastdiff.ops.empirical.MAX_KC, is this number: tests/test_empirical_triton.py)
+# row's limit, fastdiff.ops.empirical.TRITON_MAX_KC, is this number: tests/test_empirical_triton.py)
 MAX_KC = 64
 
 
@@ -247,10 +247,13 @@ def plan(B: int, N: int, n: int, kc: int, device: torch.device, splits: Optional
     blocks = dict(BLOCK_B=_pow2(min(B, BLOCK_B)), BLOCK_N=_pow2(min(N, BLOCK_N)),
                   BLOCK_K=_pow2(min(n, BLOCK_K)), BLOCK_D=d_pad if in_regs else _pow2(min(n, chunk)),
                   KC_PAD=kc_pad, ACC_IN_REGISTERS=in_regs, num_warps=NUM_WARPS)
-    for key, value in (tune or {}).items():   # benchmarks' overrides (powers of two >= 16, but KC_PAD)
+    for key, value in (tune or {}).items():   # benchmarks' overrides
         if key not in blocks or key in ("KC_PAD", "ACC_IN_REGISTERS"):
             raise ValueError(f"tune: expected keys among BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, got {key!r}")
-        blocks[key] = int(value)
+        low = 1 if key == "num_warps" else 16       # tl.dot takes no dimension below 16
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or value & (value - 1):
+            raise ValueError(f"tune: {key} must be a power of two >= {low}, got {value!r}")
+        blocks[key] = value
     if not in_regs or blocks["BLOCK_D"] < d_pad:
         blocks["ACC_IN_REGISTERS"] = False
     tiles = triton.cdiv(N, blocks["BLOCK_N"])

@@ -130,7 +130,7 @@ def test_nan_training_row_is_no_candidate_and_poisons_the_softmax(monkeypatch):
         assert math.isnan(ymax2.item())
 
 
-def test_limits_refused_clearly():
+def test_limits_refused_clearly(monkeypatch):
     xh, data, center, g1, g2, h = (t.to(DEVICE) for t in _inputs(3, 80, 5, torch.float32, 1))
     with pytest.raises(ValueError, match=f"at most {E.MAX_KC} candidates"):
         E.empirical_scan(xh, data, center, g1, g2, h, -1.0, 1.0, True, True, E.MAX_KC + 1, None)
@@ -142,6 +142,11 @@ def test_limits_refused_clearly():
         E.empirical_scan(xh, data, center, g1[:2], g2, h, -1.0, 1.0, True, True, 2, None)
     with pytest.raises(ValueError, match="tune"):
         E.empirical_scan(xh, data, center, g1, g2, h, -1.0, 1.0, True, True, 2, None, tune={"KC_PAD": 4})
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two >= 16"):
+        E.empirical_scan(xh, data, center, g1, g2, h, -1.0, 1.0, True, True, 2, None, tune={"BLOCK_N": 8})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="xh: expected a CUDA tensor"):
+        E.empirical_scan(*(t.cpu() for t in (xh, data, center, g1, g2, h)), -1.0, 1.0, True, True, 2, None)
 
 
 def test_dispatch_refuses_a_forced_triton_and_auto_falls_back():
