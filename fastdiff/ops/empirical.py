@@ -25,7 +25,7 @@ Contract (every backend; :func:`fastdiff.denoisers.empirical_posterior` checks i
 - ``data`` (N, n) contiguous, N >= 1: ``ct``, or uint8 images read as ``y = lo + (hi - lo) u / 255``
   (:meth:`fastdiff.data.ImageSet.float`), converted tile by tile: no float copy of the set.
 - ``soft``: compute ``m, l``; ``want_acc``: also ``acc`` (else None); ``kc``: candidates kept (0: none;
-  at most N).  Returns ``(m (B,), l (B,), acc (B, n) or None, best_v (B, kc), best_i (B, kc) int64,
+  at most N; the Triton backend at most TRITON_MAX_KC, its row's ``fits``, a ValueError above).  Returns ``(m (B,), l (B,), acc (B, n) or None, best_v (B, kc), best_i (B, kc) int64,
   ymax2)`` in ``ct`` (``ymax2`` a 0-d tensor; ``m = -inf, l = 0`` where not ``soft``).
 - A NaN or Inf in a query row or a training row propagates into that query's ``m, l, acc`` (as the
   formula does); the candidates of a NaN query are unspecified (the caller's float64 re-rank sees it).
