@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastdiff
+from fastdiff import dispatch
 
 MOLRG = [(4096, 48, 3, 8), (1024, 256, 8, 16), (256, 3072, 10, 64)]
 EMPIRICAL = [(1024, 8192, 48), (256, 8192, 784)]
@@ -130,13 +131,48 @@ def posterior_eager(x, data, alpha, sigma):
     return x0, logp, d, i
 
 
-@pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "fastdiff-separate"])
+def empirical_streamed(x, data, alpha, sigma, chunk=16384):
+    """The empirical denoiser as fastdiff computed it before the one-pass scan (issue 17's "the
+    empirical denoiser alone today"): per chunk two GEMMs and an online softmax, no centring."""
+    xs = x * (alpha / sigma**2)
+    m = torch.full((x.shape[0], 1), -math.inf)
+    l = torch.zeros(x.shape[0], 1)
+    acc = torch.zeros_like(x)
+    for j in range(0, data.shape[0], chunk):
+        Y = data[j:j + chunk]
+        S = xs @ Y.T - (alpha**2 / (2 * sigma**2)) * (Y * Y).sum(1)
+        m_new = torch.maximum(m, S.amax(1, keepdim=True))
+        scale = torch.exp(m - m_new)
+        S = torch.exp(S - m_new)
+        l = l * scale + S.sum(1, keepdim=True)
+        acc = acc * scale + S @ Y
+        m = m_new
+    return acc / l
+
+
+# "fastdiff" is auto; "fastdiff-<backend>" forces one backend of the scan's dispatch row
+POSTERIOR_IMPLS = ["fastdiff", "fastdiff-torch", "fastdiff-cpp", "eager", "compile", "fastdiff-separate",
+                   "denoise-today"]
+
+
+@pytest.mark.parametrize("impl", POSTERIOR_IMPLS)
 @pytest.mark.parametrize("shape", POSTERIOR, ids=lambda s: "x".join(map(str, s)))
 def test_empirical_posterior(record, device, shape, impl):
     B, N, n = shape
     x, data, sigma = _training_set(shape, device, seed=3)
-    if impl == "fastdiff":
+    if impl.startswith("fastdiff-") and impl != "fastdiff-separate":
+        backend = impl.split("-", 1)[1]
+        if not dispatch.exists("empirical", backend):
+            pytest.skip(f"no {backend} empirical scan in this build")
+        fn = lambda: fastdiff.denoisers.empirical_posterior(  # noqa: E731
+            x, data, ALPHA, sigma, outputs=("x0", "logp", "neighbors"), backend=backend)
+    elif impl == "fastdiff":
         fn = lambda: fastdiff.denoisers.empirical_posterior(x, data, ALPHA, sigma, outputs=("x0", "logp", "neighbors"))  # noqa: E731
+    elif impl == "denoise-today":
+        if device != "cpu":
+            pytest.skip("the CPU formulation")
+        fn = lambda: empirical_streamed(x, data, ALPHA, sigma)  # noqa: E731
+        torch.testing.assert_close(fn(), fastdiff.empirical_denoise(x, data, ALPHA, sigma), rtol=1e-4, atol=1e-4)
     elif impl == "fastdiff-separate":
         fn = lambda: (fastdiff.empirical_denoise(x, data, ALPHA, sigma), fastdiff.nearest_neighbors(x, data, 2))  # noqa: E731
     elif impl == "eager":
