@@ -13,6 +13,15 @@ from fastdiff.sweeps.collapse import (COLLAPSE_THRESHOLD, collapse_time, crossin
                                       gaussian_collapse_time, gaussian_excess_entropy, ou_levels)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small GEMMs on a shared machine: one thread (as the sweep runs its cells), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _gaussian(N, d, var, seed):
     return torch.randn(N, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * var ** 0.5
 
