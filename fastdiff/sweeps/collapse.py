@@ -1,7 +1,7 @@
 """The collapse time of a training set from its excess entropy (docs/math.md section 4c).
 
 After G. Biroli, T. Bonnaire, V. de Bortoli and M. Mezard, *Dynamical regimes of diffusion models*,
-Nature Communications 15, 9957 (2024), arXiv:2402.18491 ("BBdBM" below).  Their forward process is
+Nature Communications 15 (2024), doi:10.1038/s41467-024-54281-3, arXiv:2402.18491 ("BBdBM" below).  Their forward process is
 the Ornstein-Uhlenbeck one, ``x_t = e^-t a + sqrt(Delta_t) z`` with ``Delta_t = 1 - e^-2t`` (our
 ``alpha = e^-t``, ``sigma = sqrt(Delta_t)``).  For N training points ``a_mu`` in dimension d the
 exact (empirical) score samples the mixture

@@ -38,7 +38,7 @@ import torch
 
 import fastdiff
 from fastdiff import data as D
-from fastdiff.sweeps.collapse import collapse_time
+from fastdiff.sweeps.collapse import DEFAULT_TIMES, collapse_time
 from fastdiff.sweeps.learners import fit_bases, psd_project
 from fastdiff.sweeps.memorization import memorized
 from fastdiff.sweeps.runner import Experiment, Param, register
@@ -183,9 +183,11 @@ def _check(c: Dict) -> None:
 
 
 def _keys_per_query(c: Dict) -> float:
-    """Training vectors each sample meets per model call: N, or N H W patches for the equivariant machine."""
-    n_pix = 64 if c["dataset"] == "digits" else 256
-    return c["N"] * (n_pix if c["denoiser"] == "equivariant" else 1)
+    """Training-sized vectors each sample meets per model call: N; N H W patches for the equivariant
+    machine; a (n, n) covariance per class (at most 10 labels) for gmm; K rank basis vectors for molrg."""
+    pixels, n = (64, 64) if c["dataset"] == "digits" else (256, 768)     # H W and C H W
+    per = {"equivariant": c["N"] * pixels, "gmm": min(c["N"], 10) * n, "molrg": c["components"] * c["rank"]}
+    return per.get(c["denoiser"], c["N"])
 
 
 register(Experiment(
@@ -211,8 +213,13 @@ register(Experiment(
     check=_check,
     batch_key=lambda c: (c["dataset"], c["denoiser"], c["N"]),
     instance_cost=lambda c: (c["samples"] * (2 * c["steps"]) * _keys_per_query(c)
-                             + c["collapse_samples"] * 64 * c["N"]) / 2e6,
-    instance_bytes=lambda c: 4.0 * c["samples"] * _keys_per_query(c) * 2,
+                             + c["collapse_samples"] * len(DEFAULT_TIMES) * c["N"]) / 2e6,
+    # the chains' per-key work, the gmm's covariances (eigenbasis, eigenvalues, a float32 copy), the
+    # collapse draws (float64 points and noise)
+    instance_bytes=lambda c: (4.0 * c["samples"] * _keys_per_query(c) * 2
+                              + (24.0 * min(c["N"], 10) * (64 if c["dataset"] == "digits" else 768) ** 2
+                                 if c["denoiser"] == "gmm" else 0.0)
+                              + 16.0 * c["collapse_samples"] * (64 if c["dataset"] == "digits" else 768)),
     max_cost=20.0,
     version=2,   # 2: gmm and molrg denoisers, the collapse_time column
 ))
