@@ -33,7 +33,7 @@ docs/math.md section 4c).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
