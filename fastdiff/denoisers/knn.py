@@ -38,6 +38,7 @@ SEARCHES = ("auto", "exact", "faiss")
 # "auto" uses FAISS on CPU tensors from this many training rows on: at N = 50000, n = 192, B = 256,
 # k = 64 its flat index searched in 0.53 s against nearest_neighbors' 1.0 s (2 shared cores)
 AUTO_FAISS_ROWS = 20000
+DEFAULT_K = 64              # k = None: min(DEFAULT_K, N) neighbours
 
 
 class KNNProposal(NamedTuple):
@@ -191,7 +192,7 @@ def _snis_draws(neighbors, logw_k, N, m, g):
 
 
 @accepts_arrays
-def knn_proposal(x, data, alpha, sigma, *, k: int = 64, m: int = 16, estimator: str = "stratified",
+def knn_proposal(x, data, alpha, sigma, *, k: Optional[int] = None, m: int = 16, estimator: str = "stratified",
                  search: str = "exact", index: str = "Flat", index_params: Optional[str] = None, generator=None,
                  _faiss_index: Optional[_FaissIndex] = None, _rows=None) -> KNNProposal:
     """The candidate rows and log multipliers (B, L) of :func:`knn_denoise` (same arguments)::
@@ -203,7 +204,7 @@ def knn_proposal(x, data, alpha, sigma, *, k: int = 64, m: int = 16, estimator: 
     x = _check_x(x)
     B, n = x.shape
     Y, N, lo, hi = _rows if _rows is not None else _training_rows(x, data)
-    k = _check_int("k", k, 1, N)
+    k = _check_int("k", min(DEFAULT_K, N) if k is None else k, 1, N)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
     m = _check_int("m", m, 1 if estimator == "snis" else 0)
@@ -232,7 +233,7 @@ def knn_proposal(x, data, alpha, sigma, *, k: int = 64, m: int = 16, estimator: 
 
 
 @accepts_arrays
-def knn_denoise(x, data, alpha, sigma, *, k: int = 64, m: int = 16, estimator: str = "stratified",
+def knn_denoise(x, data, alpha, sigma, *, k: Optional[int] = None, m: int = 16, estimator: str = "stratified",
                 search: str = "exact", index: str = "Flat", index_params: Optional[str] = None, generator=None,
                 output: str = "x0", _faiss_index: Optional[_FaissIndex] = None):
     """Estimate of the empirical denoiser of ``data`` (N, n) (or a uint8 :class:`~fastdiff.data.ImageSet`)
@@ -243,7 +244,7 @@ def knn_denoise(x, data, alpha, sigma, *, k: int = 64, m: int = 16, estimator: s
 
     ``estimator``: "stratified" (default; the neighbours exactly, the rest from ``m`` uniform draws;
     ``k = N`` is the exact empirical denoiser, ``m = 0`` drops the tail) or "snis" (the paper's ``m``
-    draws from its kNN proposal).  ``search``: "exact" (:func:`nearest_neighbors`, certified), "faiss"
+    draws from its kNN proposal).  ``k``: neighbours (None: min(64, N)); ``m``: random rows.  ``search``: "exact" (:func:`nearest_neighbors`, certified), "faiss"
     (an ``index`` built by faiss.index_factory on the centred rows: "Flat" = IndexFlatL2, exact up to
     float32 rounding; "HNSW32", "IVF256,Flat", ... approximate, tuned by ``index_params``) or "auto"
     (FAISS on CPU tensors when installed and N >= :data:`AUTO_FAISS_ROWS`).  ``generator``: None (torch's
@@ -282,10 +283,10 @@ class KNNEmpirical(Empirical):
     global generator), so a sampling run is reproducible and successive steps draw fresh rows.
     A FAISS index is built on the first call that searches with it and kept (one per device)."""
 
-    def __init__(self, data, *, k: int = 64, m: int = 16, estimator: str = "stratified", search: str = "auto",
+    def __init__(self, data, *, k: Optional[int] = None, m: int = 16, estimator: str = "stratified", search: str = "auto",
                  index: str = "Flat", index_params: Optional[str] = None, seed=None):
         super().__init__(data)
-        self.k = _check_int("k", k, 1, self.N)
+        self.k = _check_int("k", min(DEFAULT_K, self.N) if k is None else k, 1, self.N)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
         self.m = _check_int("m", m, 1 if estimator == "snis" else 0)
