@@ -199,6 +199,24 @@ def test_error_shrinks_as_k_and_m_grow():
     assert (mean - exact[0]).norm().item() < 0.05 * exact[0].norm().item()
 
 
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0, 4.0])
+@pytest.mark.parametrize("k,m", [(1, 1), (5, 0), (12, 7), (40, 100)])
+def test_stratified_deterministic_bound(sigma, k, m):
+    """||estimate - x0_hat|| <= 2 rho max_ij ||y_i - y_j||, rho = (N - k) w_(k) / (sum_K w + (N - k) w_(k)),
+    for every draw (docs/math.md 2g): each tail weight is <= w_(k)."""
+    x, Y = _case(17, 40, 90, 5, sigma=sigma)
+    N = Y.shape[0]
+    lw = _log_w(x, Y, 0.9, sigma)
+    top = torch.topk(lw, k, dim=1).values
+    lwk = top[:, -1:]
+    rho = (math.log(N - k) + lwk - torch.logsumexp(torch.cat([top, math.log(N - k) + lwk], 1), 1, keepdim=True)).exp()
+    D = torch.cdist(Y, Y).max()
+    err = (knn_denoise(x, Y, 0.9, sigma, k=k, m=m, generator=1) - empirical_denoise(x, Y, 0.9, sigma)).norm(dim=1)
+    assert bool((err <= 2 * rho[:, 0] * D + 1e-12).all())
+    if sigma == 0.05:
+        assert err.max().item() < 1e-12            # the tail is negligible: the exact denoiser to rounding
+
+
 # ---------------------------------------------------------------------------------- reproducibility
 @pytest.mark.parametrize("estimator", ["stratified", "snis"])
 def test_seeded_draws_are_reproducible(estimator):

@@ -66,7 +66,7 @@ def faiss_available() -> bool:
 
 class _FaissIndex:
     """A FAISS index over the training rows, centred on their mean (the flat index scores with the
-    expansion ``||q||^2 + ||y||^2 - 2 q.y`` in float32, which far from the origin cancels; docs/math.md 2c).
+    expansion ``||q||^2 + ||y||^2 - 2 q.y`` in float32, which far from the origin cancels; docs/math.md section 2g).
     ``factory``: a faiss.index_factory string, "Flat" (exact, IndexFlatL2) or an approximate one
     ("HNSW32", "IVF256,Flat", ...); ``params``: faiss.ParameterSpace parameters ("nprobe=16")."""
 
