@@ -5,6 +5,7 @@ third einsum (B x K x d intermediates).  Empirical eager = cdist + softmax + mat
 two products of each (2 multiply-adds... counted as 2 FLOPs each): MoLRG 4 B n D, empirical 4 B N n.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -265,9 +266,12 @@ def test_knn_score(record, benchmark, device, shape, impl):
                rounds=3, warmup=1)
     if benchmark.stats is None:
         return
-    _knn_seconds[impl] = benchmark.stats.stats.median
+    _knn_seconds[impl] = getattr(benchmark.stats.stats, os.environ.get("FASTDIFF_BENCH_STAT", "median"))
     if impl != "empirical" and "empirical" in _knn_seconds:
-        exact = fastdiff.empirical_denoise(x, data, ALPHA, sigma)
-        err = ((fn() - exact).norm() / exact.norm()).item()
-        print(f"\n{impl}: {_knn_seconds[impl] / _knn_seconds['empirical']:.2f}x the exact denoiser's time, "
-              f"relative error {err:.2e}")
+        # errors relative to the exact x0_hat and score: at this sigma the posterior spreads over most
+        # rows, x0_hat is near the data mean (small), and the score is dominated by -x / sigma^2
+        exact, est = fastdiff.empirical_denoise(x, data, ALPHA, sigma), fn()
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        score = lambda x0: (ALPHA * x0 - x) / sigma**2  # noqa: E731
+        print(f"\n{impl}: {_knn_seconds[impl] / _knn_seconds['empirical']:.2f}x the exact denoiser's time; "
+              f"relative error of x0 {rel(est, exact):.2e}, of the score {rel(score(est), score(exact)):.2e}")

@@ -283,7 +283,7 @@ class KNNEmpirical(Empirical):
     global generator), so a sampling run is reproducible and successive steps draw fresh rows.
     A FAISS index is built on the first call that searches with it and kept (one per device)."""
 
-    def __init__(self, data, *, k: Optional[int] = None, m: int = 16, estimator: str = "stratified", search: str = "auto",
+    def __init__(self, data, *, k: Optional[int] = None, m: int = 16, estimator: str = "stratified", search: str = "exact",
                  index: str = "Flat", index_params: Optional[str] = None, seed=None):
         super().__init__(data)
         self.k = _check_int("k", min(DEFAULT_K, self.N) if k is None else k, 1, self.N)
