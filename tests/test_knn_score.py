@@ -249,6 +249,10 @@ def test_denoiser_object_is_reproducible_and_samples():
     xs = fastdiff.sample(full, x.float(), sched, "ddim", steps=6, disable=True)
     xe = fastdiff.sample(fastdiff.denoisers.Empirical(Y), x.float(), sched, "ddim", steps=6, disable=True)
     torch.testing.assert_close(xs, xe, rtol=1e-4, atol=1e-4)
+    # a proper subset: a seeded run is reproducible end to end
+    runs = [fastdiff.sample(KNNEmpirical(Y, k=5, m=7, seed=4, estimator="snis"), x.float(), sched, "ddim", steps=6,
+                            disable=True) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and bool(torch.isfinite(runs[0]).all())
 
 
 # --------------------------------------------------------------------------------------------- FAISS
@@ -290,6 +294,8 @@ def test_auto_search(monkeypatch):
     knn_denoise(x, Y, 1.0, 0.5, k=3, m=2, search="auto")
     assert not built                                          # a small set: the exact scan
     monkeypatch.setattr(K, "AUTO_FAISS_ROWS", 10)
+    knn_denoise(x.double(), Y, 1.0, 0.5, k=3, m=2, search="auto")
+    assert not built                                          # float64 queries: the float64-certified search
     knn_denoise(x, Y, 1.0, 0.5, k=3, m=2, search="auto")
     assert built
 

@@ -120,7 +120,9 @@ def _resolve_search(search, x, N):
     if search not in SEARCHES:
         raise ValueError(f"search: expected one of {SEARCHES}, got {search!r}")
     if search == "auto":
-        return "faiss" if x.device.type == "cpu" and N >= AUTO_FAISS_ROWS and faiss_available() else "exact"
+        # FAISS scores in float32: a float64 query keeps the exact (float64-certified) search
+        use = x.device.type == "cpu" and x.dtype != torch.float64 and N >= AUTO_FAISS_ROWS and faiss_available()
+        return "faiss" if use else "exact"
     return search
 
 
@@ -247,7 +249,7 @@ def knn_denoise(x, data, alpha, sigma, *, k: Optional[int] = None, m: int = 16, 
     draws from its kNN proposal).  ``k``: neighbours (None: min(64, N)); ``m``: random rows.  ``search``: "exact" (:func:`nearest_neighbors`, certified), "faiss"
     (an ``index`` built by faiss.index_factory on the centred rows: "Flat" = IndexFlatL2, exact up to
     float32 rounding; "HNSW32", "IVF256,Flat", ... approximate, tuned by ``index_params``) or "auto"
-    (FAISS on CPU tensors when installed and N >= :data:`AUTO_FAISS_ROWS`).  ``generator``: None (torch's
+    (FAISS for CPU, non-float64 ``x`` when installed and N >= :data:`AUTO_FAISS_ROWS`).  ``generator``: None (torch's
     global CPU generator), an int seed or a CPU ``torch.Generator``: the draws are made on the CPU, so a
     seed gives the same rows on every device.  ``output``: "x0", "eps" = (x - alpha x0) / sigma or
     "score" = -eps / sigma.  Cost: the search, then O(B (k + m) n) float64 work; never a (B, N) matrix.
