@@ -129,6 +129,19 @@ def test_against_float64_reference(B, N, n, k, m, estimator, dtype):
         torch.testing.assert_close(got, ref.to(dtype), **tol)
 
 
+@pytest.mark.parametrize("estimator", ["stratified", "snis"])
+def test_batch_chunks_agree(monkeypatch, estimator):
+    """The gathered rows are processed in batch chunks of <= GATHER_BUDGET values: 1 query per chunk
+    (and a ragged last chunk) gives the same result as one chunk."""
+    x, Y = _case(18, 7, 60, 5)
+    alpha = torch.linspace(0.5, 1.0, 7, dtype=torch.float64)
+    one = knn_denoise(x, Y, alpha, 0.7, k=6, m=5, estimator=estimator, generator=1)
+    for budget in (1, 2 * 11 * 5 + 3):
+        monkeypatch.setattr(K, "GATHER_BUDGET", budget)
+        torch.testing.assert_close(knn_denoise(x, Y, alpha, 0.7, k=6, m=5, estimator=estimator, generator=1), one,
+                                   rtol=0, atol=0)
+
+
 def test_far_from_origin_and_tiny_alpha():
     """The search is on x / alpha (the k largest w_i): data at |y| ~ 1e3 and alpha = 0.05 still give
     the brute force's neighbours (nearest_neighbors centres the data)."""

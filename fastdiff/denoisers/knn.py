@@ -39,6 +39,7 @@ SEARCHES = ("auto", "exact", "faiss")
 # k = 64 its flat index searched in 0.53 s against nearest_neighbors' 1.0 s (2 shared cores)
 AUTO_FAISS_ROWS = 20000
 DEFAULT_K = 64              # k = None: min(DEFAULT_K, N) neighbours
+GATHER_BUDGET = 1 << 23     # float64 values of gathered rows per batch chunk (64 MiB)
 
 
 class KNNProposal(NamedTuple):
@@ -126,30 +127,28 @@ def _resolve_search(search, x, N):
     return search
 
 
-def _log_w(x64, a64, s64, Y, lo, hi, idx, budget: int = 1 << 23):
-    """``log w`` (B, L) float64 of the rows ``idx`` (B, L): ``-||x - alpha y||^2 / (2 sigma^2)``, from the
-    difference (no expanded squares to cancel), chunked over the batch (gathered rows <= ``budget`` values)."""
-    B, L = idx.shape
-    out = torch.empty(B, L, dtype=torch.float64, device=x64.device)
-    for b0, b1, rows in _gathered(x64, Y, lo, hi, idx, budget):
-        a, s = _rows_of_param(a64, b0, b1), _rows_of_param(s64, b0, b1)
-        out[b0:b1] = -((x64[b0:b1, None, :] - a[:, :, None] * rows) ** 2).sum(-1) / (2 * s * s)
+def _log_w(x64, a64, s64, Y, lo, hi, idx):
+    """``log w`` (B, L) float64 of the rows ``idx`` (B, L)."""
+    out = torch.empty(idx.shape, dtype=torch.float64, device=x64.device)
+    for b0, b1, _, lw in _weighted_rows(x64, a64, s64, Y, lo, hi, idx):
+        out[b0:b1] = lw
     return out
 
 
-def _rows_of_param(p, b0, b1):
-    return p if p.shape[0] == 1 else p[b0:b1]
-
-
-def _gathered(x64, Y, lo, hi, idx, budget):
-    """Batch chunks ``(b0, b1, rows)`` with rows (b1 - b0, L, n) float64 the training rows ``idx[b0:b1]``."""
+def _weighted_rows(x64, a64, s64, Y, lo, hi, idx):
+    """Batch chunks ``(b0, b1, rows, log w)``: the training rows ``idx[b0:b1]`` as (b, L, n) float64 and
+    their ``log w = -||x - alpha y||^2 / (2 sigma^2)`` (b, L), from the difference (no expanded squares to
+    cancel); at most :data:`GATHER_BUDGET` gathered values per chunk."""
     B, L = idx.shape
     n = x64.shape[1]
-    step = max(1, budget // max(1, L * n))
+    step = max(1, GATHER_BUDGET // max(1, L * n))
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         flat = idx[b0:b1].reshape(-1).to(Y.device)
-        yield b0, b1, rows_of(Y[flat], lo, hi, 0, flat.numel(), torch.float64).to(x64.device).reshape(b1 - b0, L, n)
+        rows = rows_of(Y[flat], lo, hi, 0, flat.numel(), torch.float64).to(x64.device).reshape(b1 - b0, L, n)
+        a = a64 if a64.shape[0] == 1 else a64[b0:b1]
+        s = s64 if s64.shape[0] == 1 else s64[b0:b1]
+        yield b0, b1, rows, -((x64[b0:b1, None, :] - a[:, :, None] * rows) ** 2).sum(-1) / (2 * s * s)
 
 
 def _complement_draws(neighbors, N, m, g):
@@ -266,11 +265,8 @@ def knn_denoise(x, data, alpha, sigma, *, k: Optional[int] = None, m: int = 16, 
     s64 = _per_sample("sigma", sigma, B, x.device)[:, None]
     x64 = x.double()
     x0 = torch.empty_like(x64)
-    for b0, b1, ysel in _gathered(x64, Y, lo, hi, prop.indices, 1 << 23):
-        a, s = _rows_of_param(a64, b0, b1), _rows_of_param(s64, b0, b1)
-        logits = -((x64[b0:b1, None, :] - a[:, :, None] * ysel) ** 2).sum(-1) / (2 * s * s) \
-            + prop.log_multipliers[b0:b1]
-        x0[b0:b1] = torch.einsum("bl,bln->bn", torch.softmax(logits, 1), ysel)
+    for b0, b1, ysel, lw in _weighted_rows(x64, a64, s64, Y, lo, hi, prop.indices):
+        x0[b0:b1] = torch.einsum("bl,bln->bn", torch.softmax(lw + prop.log_multipliers[b0:b1], 1), ysel)
     if output == "x0":
         return x0.to(x.dtype)
     eps = (x64 - a64 * x0) / s64
