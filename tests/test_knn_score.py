@@ -68,14 +68,14 @@ def _snis_reference(x, Y, alpha, sigma, idx, logc):
 
 
 # ---------------------------------------------------------------------------------------------- k = N
-@pytest.mark.parametrize("estimator", ["stratified"])
 @pytest.mark.parametrize("B,N,n,k,m", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("output", ["x0", "eps", "score"])
-def test_k_equals_N_is_the_empirical_denoiser(B, N, n, k, m, dtype, output, estimator):
+def test_k_equals_N_is_the_empirical_denoiser(B, N, n, k, m, dtype, output):
+    """The stratified estimator at k = N sums every row exactly (snis at k = N averages m posterior draws)."""
     x, Y = _case(1, B, N, n, dtype)
     alpha, sigma = torch.linspace(0.5, 1.0, B, dtype=torch.float64), 0.6
-    got = knn_denoise(x, Y, alpha, sigma, k=N, m=m, estimator=estimator, output=output, generator=0)
+    got = knn_denoise(x, Y, alpha, sigma, k=N, m=m, output=output, generator=0)
     want = empirical_denoise(x, Y, alpha, sigma, output=output)
     # float64: both are softmax-weighted sums of the same rows (atol: ||y|| ~ 3, sums of N terms);
     # float32: the exact denoiser's float32 scan against knn's float64 sum, then both rounded to float32
