@@ -106,6 +106,14 @@ def _check_int(name, v, lo, hi=None):
     return int(v)
 
 
+def _check_options(k, m, estimator, N):
+    """(k, m) validated for a set of N rows; k = None is min(DEFAULT_K, N)."""
+    k = _check_int("k", min(DEFAULT_K, N) if k is None else k, 1, N)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
+    return k, _check_int("m", m, 1 if estimator == "snis" else 0)
+
+
 def _check_generator(generator):
     if generator is not None and not isinstance(generator, torch.Generator) and \
             (isinstance(generator, bool) or not isinstance(generator, numbers.Integral)):
@@ -205,10 +213,7 @@ def knn_proposal(x, data, alpha, sigma, *, k: Optional[int] = None, m: int = 16,
     x = _check_x(x)
     B, n = x.shape
     Y, N, lo, hi = _rows if _rows is not None else _training_rows(x, data)
-    k = _check_int("k", min(DEFAULT_K, N) if k is None else k, 1, N)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
-    m = _check_int("m", m, 1 if estimator == "snis" else 0)
+    k, m = _check_options(k, m, estimator, N)
     if not isinstance(index, str) or not index:
         raise ValueError(f"index: expected a faiss.index_factory string such as 'Flat' or 'HNSW32', got {index!r}")
     g = _check_generator(generator)
@@ -243,14 +248,15 @@ def knn_denoise(x, data, alpha, sigma, *, k: Optional[int] = None, m: int = 16, 
         w_i    = exp( -||x - alpha y_i||^2 / (2 sigma^2) )
         x0_hat = sum_l c_l w_l y_l / sum_l c_l w_l       over the candidate rows l of :func:`knn_proposal`
 
-    ``estimator``: "stratified" (default; the neighbours exactly, the rest from ``m`` uniform draws;
-    ``k = N`` is the exact empirical denoiser, ``m = 0`` drops the tail) or "snis" (the paper's ``m``
-    draws from its kNN proposal).  ``k``: neighbours (None: min(64, N)); ``m``: random rows.  ``search``: "exact" (:func:`nearest_neighbors`, certified), "faiss"
-    (an ``index`` built by faiss.index_factory on the centred rows: "Flat" = IndexFlatL2, exact up to
-    float32 rounding; "HNSW32", "IVF256,Flat", ... approximate, tuned by ``index_params``) or "auto"
-    (FAISS for CPU, non-float64 ``x`` when installed and N >= :data:`AUTO_FAISS_ROWS`).  ``generator``: None (torch's
-    global CPU generator), an int seed or a CPU ``torch.Generator``: the draws are made on the CPU, so a
-    seed gives the same rows on every device.  ``output``: "x0", "eps" = (x - alpha x0) / sigma or
+    ``k``: neighbours (None: min(64, N)); ``m``: random rows.  ``estimator``: "stratified" (default;
+    the neighbours exactly, the rest from ``m`` uniform draws; ``k = N`` is the exact empirical
+    denoiser, ``m = 0`` drops the tail) or "snis" (the paper's ``m`` draws from its kNN proposal).
+    ``search``: "exact" (:func:`nearest_neighbors`, certified), "faiss" (an ``index`` built by
+    faiss.index_factory on the centred rows: "Flat" = IndexFlatL2, exact up to float32 rounding;
+    "HNSW32", "IVF256,Flat", ... approximate, tuned by ``index_params``) or "auto" (FAISS for CPU,
+    non-float64 ``x`` when installed and N >= :data:`AUTO_FAISS_ROWS`).  ``generator``: None (torch's
+    global CPU generator), an int seed or a CPU ``torch.Generator``: the draws are made on the CPU,
+    so a seed gives the same rows on every device.  ``output``: "x0", "eps" = (x - alpha x0) / sigma or
     "score" = -eps / sigma.  Cost: the search, then O(B (k + m) n) float64 work; never a (B, N) matrix.
     """
     x = _check_x(x)
@@ -284,10 +290,7 @@ class KNNEmpirical(Empirical):
     def __init__(self, data, *, k: Optional[int] = None, m: int = 16, estimator: str = "stratified", search: str = "exact",
                  index: str = "Flat", index_params: Optional[str] = None, seed=None):
         super().__init__(data)
-        self.k = _check_int("k", min(DEFAULT_K, self.N) if k is None else k, 1, self.N)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
-        self.m = _check_int("m", m, 1 if estimator == "snis" else 0)
+        self.k, self.m = _check_options(k, m, estimator, self.N)
         if search not in SEARCHES:
             raise ValueError(f"search: expected one of {SEARCHES}, got {search!r}")
         if search == "faiss":
