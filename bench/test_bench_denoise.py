@@ -5,6 +5,7 @@ third einsum (B x K x d intermediates).  Empirical eager = cdist + softmax + mat
 two products of each (2 multiply-adds... counted as 2 FLOPs each): MoLRG 4 B n D, empirical 4 B N n.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -263,3 +264,50 @@ def test_gaussian_mixture(record, device, shape, impl):
         fn = lambda: f(x, means, covs, weights, ALPHA, SIGMA)  # noqa: E731
     with torch.no_grad():
         record(f"gaussian mixture (B,K,n)=({B},{K},{n})", impl, fn, flops=4 * B * K * n * n, rounds=10)
+
+
+# issue 17's kNN row: Niedoba et al.'s nearest-neighbour estimate of the empirical denoiser (k
+# neighbours + m uniform draws, fastdiff.denoisers.knn_denoise) against the exact denoiser, same
+# inputs.  One group per implementation (the table's columns are fastdiff / eager / compile / a peer);
+# each kNN row also prints its time over the exact denoiser's and its relative error.  The FAISS
+# indexes are built once (KNNEmpirical keeps them), outside the timed calls.
+KNN = [(256, 50000, 192, 64, 16)]
+_knn_seconds = {}
+
+
+def _knn_fn(impl, x, data, sigma, k, m):
+    from fastdiff.denoisers import KNNEmpirical
+    if impl == "empirical":
+        return lambda: fastdiff.empirical_denoise(x, data, ALPHA, sigma)
+    if impl == "knn-exact":
+        return lambda: fastdiff.denoisers.knn_denoise(x, data, ALPHA, sigma, k=k, m=m, generator=0)
+    pytest.importorskip("faiss", reason="the FAISS rows need `pip install 'fastdiff[knn]'`")
+    if x.device.type != "cpu":
+        pytest.skip("faiss-cpu searches CPU tensors")
+    factory, params = {"knn-faiss-flat": ("Flat", None), "knn-faiss-ivf": ("IVF256,Flat", "nprobe=16")}[impl]
+    den = KNNEmpirical(data, k=k, m=m, search="faiss", index=factory, index_params=params, seed=0)
+    den(x[:1], ALPHA, sigma)                                                 # build the index now
+    return lambda: den(x, ALPHA, sigma)
+
+
+@pytest.mark.parametrize("impl", ["empirical", "knn-exact", "knn-faiss-flat", "knn-faiss-ivf"])
+@pytest.mark.parametrize("shape", KNN, ids=lambda s: "x".join(map(str, s)))
+def test_knn_score(record, benchmark, device, shape, impl):
+    B, N, n, k, m = shape
+    x, data, sigma = _training_set((B, N, n), device, seed=6)
+    fn = _knn_fn(impl, x, data, sigma, k, m)
+    with torch.no_grad():
+        # GFLOP/s only for the exact denoiser (its 4 B N n); the kNN rows' work is the search
+        record(f"{impl} (B,N,n)=({B},{N},{n}) k={k} m={m}", "fastdiff", fn, flops=4 * B * N * n if impl == "empirical" else 0,
+               rounds=3, warmup=1)
+    if benchmark.stats is None:
+        return
+    _knn_seconds[impl] = getattr(benchmark.stats.stats, os.environ.get("FASTDIFF_BENCH_STAT", "median"))
+    if impl != "empirical" and "empirical" in _knn_seconds:
+        # errors relative to the exact x0_hat and score: at this sigma the posterior spreads over most
+        # rows, x0_hat is near the data mean (small), and the score is dominated by -x / sigma^2
+        exact, est = fastdiff.empirical_denoise(x, data, ALPHA, sigma), fn()
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        score = lambda x0: (ALPHA * x0 - x) / sigma**2  # noqa: E731
+        print(f"\n{impl}: {_knn_seconds[impl] / _knn_seconds['empirical']:.2f}x the exact denoiser's time; "
+              f"relative error of x0 {rel(est, exact):.2e}, of the score {rel(score(est), score(exact)):.2e}")
