@@ -19,7 +19,11 @@ measurements so far: :class:`JointDenoiser` (the state is ``(B, m, n)``, all mea
 :class:`SequentialDenoiser` (the state is the current ``y_i``, the running sum of the earlier ones
 kept inside).  :func:`fastdiff.sample` runs them on its one loop (:func:`fastdiff.sampling.run`):
 the rows are walk-jump's (Langevin steps, then the jump ``x = E[X | y_1..y_m]``), every step one
-fused pass with its noise drawn in the kernel.
+fused pass with its noise drawn in the kernel.  JMS by default runs its exact split instead
+(:func:`sample_jms`, docs/math.md §8a): the mean ``ybar`` is walk-jump at ``sigma / sqrt m`` with step
+``g / m`` on its own, the residuals ``y_j - ybar`` a Gaussian recursion free of ``D``
+(:class:`ResidualChain`), drawn only where a trajectory or callback asks (``per_measurement=True``:
+the coupled chains above).
 
 Stochastic localization (Montanari 2023; seed 003 Facts 1-3): ``Z_t = t X + B_t``, so ``Z_t`` is
 ``x_t = alpha x_0 + sigma eps`` with ``(alpha, sigma) = (t, sqrt t)`` and
@@ -40,7 +44,7 @@ from fastdiff import steps as S
 from fastdiff.solvers import Step, _row
 
 __all__ = ["posterior_mean", "sms_score", "jms_score", "JointDenoiser", "SequentialDenoiser", "initial_shape", "wrap",
-           "localization_times", "localization_table", "localization_coefficients", "METHODS"]
+           "ResidualChain", "sample_jms", "localization_times", "localization_table", "localization_coefficients", "METHODS"]
 
 METHODS = ("sms", "jms", "stochastic_localization")
 # E[X | Z_0] = E[X] for every model; a denoiser takes alpha, sigma > 0, so the first drift of a
