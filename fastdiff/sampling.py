@@ -34,7 +34,7 @@ Methods (``schedule`` kind):
 ``langevin``       noise level(s) sigma    ``steps`` Langevin steps per level (annealed)
 ``walk_jump``      noise level sigma       Langevin "walk", then the "jump" ``x0_hat(y)``
 ``ou_reverse``     final time T or times   reverse OU SDE, Euler-Maruyama (:func:`fastdiff.solvers.ou_reverse_table`)
-``jms``            noise level sigma       walk-jump on m measurements jointly (:mod:`fastdiff.multimeasurement`)
+``jms``            noise level sigma       walk-jump on m measurements jointly, as their mean's chain (math.md §8a)
 ``sms``            noise level sigma       m sequential Langevin stages, ``steps`` each, then the jump
 ``stochastic_localization``  final time T  Euler-Maruyama on ``dZ = E[X|Z_t] dt + dB`` (or increasing times)
 =================  ======================  ================================================
