@@ -251,14 +251,16 @@ void empirical_scan(uintptr_t xh_ptr, uintptr_t data_ptr, uintptr_t center_ptr, 
                     uintptr_t best_i_ptr, uintptr_t ymax2_ptr, int threads) {
   const std::string f = "empirical_scan: ";
   if (dtype != 0 && dtype != 1) throw std::invalid_argument(f + "dtype must be 0 (float32) or 1 (float64)");
-  if (B < 1 || N < 1 || n < 1)
-    throw std::invalid_argument(f + "need B, N, n >= 1, got B = " + std::to_string(B) + ", N = " +
+  if (B < 0 || N < 1 || n < 1)  // B = 0: an empty batch (the denoisers pass it through)
+    throw std::invalid_argument(f + "need B >= 0 and N, n >= 1, got B = " + std::to_string(B) + ", N = " +
                                 std::to_string(N) + ", n = " + std::to_string(n));
   if (kc < 0 || kc > N)
     throw std::invalid_argument(f + "kc = " + std::to_string(kc) + " outside [0, N = " + std::to_string(N) + "]");
-  if (!xh_ptr || !data_ptr || !center_ptr || !g1_ptr || !g2_ptr || !h_ptr || !m_ptr || !l_ptr ||
-      !ymax2_ptr || (want_acc && !acc_ptr) || (kc && (!best_v_ptr || !best_i_ptr)))
-    throw std::invalid_argument(f + "null pointer (every input, m, l, ymax2; acc with want_acc; best_v, best_i with kc)");
+  if (!data_ptr || !center_ptr || !ymax2_ptr ||
+      (B && (!xh_ptr || !g1_ptr || !g2_ptr || !h_ptr || !m_ptr || !l_ptr || (want_acc && !acc_ptr) ||
+             (kc && (!best_v_ptr || !best_i_ptr)))))
+    throw std::invalid_argument(f + "null pointer (data, center, ymax2; with B > 0 every other input, m, l, "
+                                "acc with want_acc, best_v and best_i with kc)");
   const auto go = [&](auto tag) {
     using T = decltype(tag);
     Job<T> J{reinterpret_cast<const T*>(xh_ptr),

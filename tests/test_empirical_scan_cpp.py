@@ -96,12 +96,14 @@ def test_cpp_kernel_rejects_bad_arguments():
     xh, data, center, g1, g2, h = _inputs(3, 10, 4, torch.float32, 0)
     with pytest.raises(ValueError, match="kc = 11 outside"):
         cpp.empirical_scan(xh, data, center, g1, g2, h, -1.0, 1.0, True, True, 11, None)
+    out = cpp.empirical_scan(xh[:0], data, center, g1[:0], g2[:0], h[:0], -1.0, 1.0, True, True, 2, None)
+    assert [t.shape for t in out[:5]] == [(0,), (0,), (0, 4), (0, 2), (0, 2)]   # an empty batch
     from fastdiff import _C
     with pytest.raises(ValueError, match="dtype must be 0"):
         _C.empirical_scan(xh.data_ptr(), data.data_ptr(), center.data_ptr(), g1.data_ptr(), g2.data_ptr(),
                           h.data_ptr(), 2, False, 3, 10, 4, -1.0, 1.0, True, False, 0, xh.data_ptr(),
                           xh.data_ptr(), 0, 0, 0, xh.data_ptr(), 1)
-    with pytest.raises(ValueError, match="need B, N, n >= 1"):
+    with pytest.raises(ValueError, match="need B >= 0 and N, n >= 1"):
         _C.empirical_scan(xh.data_ptr(), data.data_ptr(), center.data_ptr(), g1.data_ptr(), g2.data_ptr(),
                           h.data_ptr(), 0, False, 3, 0, 4, -1.0, 1.0, True, False, 0, xh.data_ptr(),
                           xh.data_ptr(), 0, 0, 0, xh.data_ptr(), 1)
