@@ -2,7 +2,7 @@
 // epilogue, the candidate heaps).  The math and the structure: the top of csrc/empirical.cpp.
 //
 // Deliberately no include guard: empirical.cpp includes this file twice, once for the baseline
-// ISA (FD_SCAN_AVX2 0: plain loops that GCC vectorizes, namespace scan_generic) and once inside
+// ISA (FD_SCAN_AVX2 0: generic vectors and loops GCC vectorizes, namespace scan_generic) and once inside
 // `#pragma GCC target("avx2,fma")` (FD_SCAN_AVX2 1: AVX2 + FMA register tiles, namespace
 // scan_avx2), so every loop here is compiled for both ISAs from one source.  The standard
 // headers, <immintrin.h>, exp_nonpos.h and the shared definitions (namespace empirical_detail:
@@ -84,32 +84,56 @@ FD_SCAN_INLINE void acc_tile(const T* P, int64_t ldp, const T* Y, int64_t ldy, i
     for (int v = 0; v < NV; ++v) V::store(A + r * lda + V::W * v, acc[r][v]);
 }
 #else
-// The same tiles as plain loops over 16 lanes (GCC vectorizes the q loops for the baseline ISA).
+// The same tiles with GCC's generic 16-byte vectors (SSE2 / NEON; no reliance on the loop
+// vectorizer, which vectorizes these nests across r with gathers), in passes of two vectors of
+// columns so that the mr x 2 accumulators fit the 16 registers of the baseline ISA.
+template <class T> struct Vec16 { typedef T R __attribute__((vector_size(16))); };
+template <class T>
+FD_SCAN_INLINE typename Vec16<T>::R load16(const T* p) {
+  typename Vec16<T>::R v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+
 template <class T, int mr>
 FD_SCAN_INLINE void h_tile(const T* x, int64_t ldx, const T* Yt, int64_t n, T* H) {
-  T acc[mr][PW] = {};
-  for (int64_t k = 0; k < n; ++k)
-    for (int r = 0; r < mr; ++r) {
-      const T a = x[r * ldx + k];
-      for (int q = 0; q < PW; ++q) acc[r][q] += a * Yt[PW * k + q];
+  using R = typename Vec16<T>::R;
+  constexpr int L = 16 / sizeof(T);
+  for (int c0 = 0; c0 < PW; c0 += 2 * L) {
+    R acc[mr][2] = {};
+    for (int64_t k = 0; k < n; ++k) {
+      const R y0 = load16(Yt + PW * k + c0), y1 = load16(Yt + PW * k + c0 + L);
+      for (int r = 0; r < mr; ++r) {
+        const T a = x[r * ldx + k];
+        acc[r][0] += a * y0;
+        acc[r][1] += a * y1;
+      }
     }
-  for (int r = 0; r < mr; ++r)
-    for (int q = 0; q < PW; ++q) H[PW * r + q] = acc[r][q];
+    for (int r = 0; r < mr; ++r) std::memcpy(H + PW * r + c0, acc[r], 32);
+  }
 }
 
 template <class T, int mr>
 FD_SCAN_INLINE void acc_tile(const T* P, int64_t ldp, const T* Y, int64_t ldy, int64_t nt, T* A,
                              int64_t lda, const T* s) {
-  T acc[mr][PW];
-  for (int r = 0; r < mr; ++r)
-    for (int q = 0; q < PW; ++q) acc[r][q] = s[r] * A[r * lda + q];
-  for (int64_t j = 0; j < nt; ++j)
+  using R = typename Vec16<T>::R;
+  constexpr int L = 16 / sizeof(T);
+  for (int c0 = 0; c0 < PW; c0 += 2 * L) {
+    R acc[mr][2];
     for (int r = 0; r < mr; ++r) {
-      const T a = P[r * ldp + j];
-      for (int q = 0; q < PW; ++q) acc[r][q] += a * Y[j * ldy + q];
+      acc[r][0] = s[r] * load16(A + r * lda + c0);
+      acc[r][1] = s[r] * load16(A + r * lda + c0 + L);
     }
-  for (int r = 0; r < mr; ++r)
-    for (int q = 0; q < PW; ++q) A[r * lda + q] = acc[r][q];
+    for (int64_t j = 0; j < nt; ++j) {
+      const R y0 = load16(Y + j * ldy + c0), y1 = load16(Y + j * ldy + c0 + L);
+      for (int r = 0; r < mr; ++r) {
+        const T a = P[r * ldp + j];
+        acc[r][0] += a * y0;
+        acc[r][1] += a * y1;
+      }
+    }
+    for (int r = 0; r < mr; ++r) std::memcpy(A + r * lda + c0, acc[r], 32);
+  }
 }
 #endif
 
