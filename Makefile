@@ -8,7 +8,8 @@ install:
 	# torch first and pinned: anything that pulls an unpinned torch would fetch GBs of CUDA wheels
 	$(PIP) "torch==2.13.0"
 	$(PIP) "setuptools>=64" wheel "pybind11>=2.10"
-	$(PIP) --no-build-isolation -e ".[test,triton,plot,sweeps,data]"
+	# knn: faiss-cpu (one 19 MB wheel, numpy its only heavy requirement; ~6 s): the FAISS path's tests run
+	$(PIP) --no-build-isolation -e ".[test,triton,plot,sweeps,data,knn]"
 	# the original k-diffusion samplers the adapter tests compare with; --no-deps: its requirements pull torchvision
 	$(PIP) --no-deps "k-diffusion==0.1.1.post1"
 

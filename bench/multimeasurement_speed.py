@@ -1,6 +1,8 @@
 """SMS / JMS on fastdiff's loop (one fused Langevin pass per step, noise drawn in the kernel) against the
 eager torch loop a user would write (the same denoiser call, then ``y + g (D - y) / sigma^2 +
-sqrt(2 g) randn_like(y)``).  Writes bench/results/multimeasurement-speed.md.
+sqrt(2 g) randn_like(y)``).  JMS twice: by default (its exact split, docs/math.md §8a: the (B, n) mean
+chain) and with ``per_measurement=True`` (the m coupled chains on the fused steps).  Writes
+bench/results/multimeasurement-speed.md.
 
     python bench/multimeasurement_speed.py [--repeats 5]
 """
@@ -67,10 +69,12 @@ def main():
         den = GaussianMixture(torch.stack([torch.full((n,), -3.0), torch.full((n,), 3.0)]), 1.0, pi=[0.3, 0.7])
         g = 0.1 * sigma ** 2
         y0 = torch.randn(B, m, n)
-        fused = timed(lambda: fastdiff.sample(den, y0, sigma, "jms", measurements=m, steps=steps, step_size=g,
-                                              generator=fastdiff.Generator(0), disable=True), args.repeats)
         eager = timed(lambda: eager_jms(den, y0, sigma, g, steps), args.repeats)
-        rows.append(("jms", B, m, n, steps, fused / steps * 1e3, eager / steps * 1e3, eager / fused))
+        for label, per in (("jms", False), ("jms, per_measurement=True", True)):
+            fused = timed(lambda: fastdiff.sample(den, y0, sigma, "jms", measurements=m, steps=steps, step_size=g,
+                                                  per_measurement=per, generator=fastdiff.Generator(0), disable=True),
+                          args.repeats)
+            rows.append((label, B, m, n, steps, fused / steps * 1e3, eager / steps * 1e3, eager / fused))
     for (B, m, n, steps) in [(65536, 4, 64, 5), (4096, 4, 64, 10)]:
         den = GaussianMixture(torch.stack([torch.full((n,), -3.0), torch.full((n,), 3.0)]), 1.0, pi=[0.3, 0.7])
         g = 0.1 * sigma ** 2

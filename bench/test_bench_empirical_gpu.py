@@ -16,7 +16,8 @@ defaults in kernels/empirical.py can be set from measurements.  GFLOP/s counts t
 4 B N n.  CUDA events through the shared harness (bench/conftest.py ``record``).
 
 Skipped without CUDA.  Smoke mode, to check on a CPU that this file runs (not a timing):
-    FASTDIFF_BENCH_EMPIRICAL_SMOKE=1 TRITON_INTERPRET=1 FASTDIFF_BENCH_DEVICE=cpu python -m pytest bench/test_bench_empirical_gpu.py --benchmark-enable
+    FASTDIFF_BENCH_EMPIRICAL_SMOKE=1 TRITON_INTERPRET=1 FASTDIFF_BENCH_DEVICE=cpu \
+        python -m pytest bench/test_bench_empirical_gpu.py --benchmark-enable
 runs every test on tiny sizes under the Triton interpreter.
 """
 import math
@@ -105,9 +106,12 @@ CASES = [(s, t, p) for s in SHAPES for t in TUNE for p in ([None] if t else SPLI
         [(s, "tf32x3", None) for s in SHAPES]
 
 
-@pytest.mark.parametrize("shape,tune,splits", CASES,
-                         ids=[f"n{s[2]}-{t if isinstance(t, str) else '-'.join(f'{k}{v}' for k, v in (t or {}).items()) or 'default'}"
-                              f"-splits{p}" for s, t, p in CASES])
+def _case_id(shape, tune, splits):
+    tiles = tune if isinstance(tune, str) else "-".join(f"{k}{v}" for k, v in (tune or {}).items()) or "default"
+    return f"n{shape[2]}-{tiles}-splits{splits}"
+
+
+@pytest.mark.parametrize("shape,tune,splits", CASES, ids=[_case_id(*c) for c in CASES])
 def test_kernel_tuning_sweep(record, device, shape, tune, splits):
     """Tiles, num_warps, splits and TF32x3 dots of the posterior's pass (kc = 6), one group a shape."""
     from fastdiff.kernels import empirical as E

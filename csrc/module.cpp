@@ -1,4 +1,4 @@
-// pybind11 module fastdiff._C: the CPU kernels (fused step, discrete Langevin flip, MoLRG, batched SVD).  No torch linkage: the Python side
+// pybind11 module fastdiff._C: the CPU kernels (fused step, discrete Langevin flip, MoLRG, batched SVD, empirical scan).  No torch linkage: the Python side
 // passes raw data pointers (ints), sizes and floats; it validates shapes / dtypes / devices.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -40,6 +40,11 @@ void molrg_mix_backward(uintptr_t p_ptr, uintptr_t dq_ptr, uintptr_t w_ptr, uint
                         int64_t R, uintptr_t labels_ptr, bool hard);
 void svdvals_rank(uintptr_t a_ptr, int dtype, int64_t B, int64_t m, int64_t n, uintptr_t s_ptr,
                   uintptr_t rank_ptr, double eta);
+void empirical_scan(uintptr_t xh_ptr, uintptr_t data_ptr, uintptr_t center_ptr, uintptr_t g1_ptr,
+                    uintptr_t g2_ptr, uintptr_t h_ptr, int dtype, bool data_u8, int64_t B, int64_t N,
+                    int64_t n, double lo, double hi, bool soft, bool want_acc, int64_t kc,
+                    uintptr_t m_ptr, uintptr_t l_ptr, uintptr_t acc_ptr, uintptr_t best_v_ptr,
+                    uintptr_t best_i_ptr, uintptr_t ymax2_ptr, int threads);
 void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_t u_ptr,
                       const std::vector<int64_t>& offsets, uintptr_t params_ptr,
                       int64_t params_istride, uintptr_t labels_ptr, bool hard, uintptr_t coef_ptr,
@@ -130,6 +135,16 @@ X (B, N, n) of which the first counts[b] (int64) rows count; V0, V (B, n, d); co
 uint8 (B,): 0 where max_iter updates did not reach ||C V - V V^T C V|| <= tol ||X||_F^2.)",
              "x_ptr", "B", "N", "n", "counts_ptr", "d", "v0_ptr", "tol", "max_iter", "v_ptr",
              "converged_ptr", "threads");
+  def_kernel(m, "empirical_scan", &fastdiff::empirical_scan,
+R"(The empirical scan (see csrc/empirical.cpp; the contract: fastdiff/ops/empirical.py), one
+streamed pass in the compute dtype (0 float32, 1 float64).  xh (B, n), center (n,), g1, g2, h
+(B,); data (N, n) that dtype, or uint8 (data_u8) read as lo + (hi - lo) u / 255.  Yc = y - c,
+H = xh Yc^T, S = g1 H - g2 |Yc|^2, V = H - |Yc|^2 / 2 - h (c . Yc).  Writes m = max S, l =
+sum e^(S - m) (soft; else -inf, 0), acc (B, n) = sum e^(S - m) Yc (want_acc), best_v / best_i
+(B, kc) the kc largest V per query (descending, int64 rows; 0 <= kc <= N), ymax2 = max |Yc|^2.)",
+             "xh_ptr", "data_ptr", "center_ptr", "g1_ptr", "g2_ptr", "h_ptr", "dtype", "data_u8",
+             "B", "N", "n", "lo", "hi", "soft", "want_acc", "kc", "m_ptr", "l_ptr", "acc_ptr",
+             "best_v_ptr", "best_i_ptr", "ymax2_ptr", "threads");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "molrg.h"
+#include "exp_nonpos.h"
 #include "philox.h"
 
 #if defined(__GNUC__)
@@ -68,34 +69,7 @@ struct MolrgBwd {
 // (cpu_features.h) picks between.  Everything here is always_inline, so that the avx2
 // instantiations compile the shared loops (the exps, the softmax) for AVX2 as well.
 
-// exp(x) for x <= 0 (Cephes expf, <= ~1 ulp; 0 below -87.3 (a normal-range flush); x = -inf
-// gives 0).  Branch-free (float->int by truncation + fix-up, no floor) so that the loop in
-// posterior_weights() vectorizes for SSE2 as well as for AVX2 callers.  Not for NaN (filtered).
-FD_MOLRG_INLINE float exp_nonpos(float x) {
-  // x <= 0 (or +0): as bit patterns, larger magnitude == larger uint, so clamps and the
-  // underflow test are integer ops (selects as mask arithmetic: GCC if-converts them).
-  uint32_t xb;
-  std::memcpy(&xb, &x, 4);
-  const uint32_t lo = 0xC2AE0000u;                              // -87.0f
-  const uint32_t under = 0u - static_cast<uint32_t>(xb > 0xC2AEA8F6u);  // x < -87.33f
-  const float xc = philox::as_float(xb < lo ? xb : lo);
-  const float y = xc * 1.44269504088896341f + 0.5f;           // n = floor(y), y in [-125, .5]
-  int32_t n = static_cast<int32_t>(y);                          // trunc toward 0
-  n -= static_cast<int32_t>(static_cast<float>(n) > y);
-  const float fn = static_cast<float>(n);
-  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const float v = p * philox::as_float(static_cast<uint32_t>(n + 127) << 23);  // n >= -126
-  uint32_t vb;
-  std::memcpy(&vb, &v, 4);
-  return philox::as_float(vb & ~under);
-}
+// exp_nonpos (Cephes expf for x <= 0): csrc/exp_nonpos.h, shared with the empirical scan.
 
 // The logits of one row: l[k] = b_k + g_k ||P_k||^2 in float64 (P: the row's projections,
 // pr: its parameter row [g(K), b(K), C(K), A, gw]).

@@ -34,7 +34,7 @@ Methods (``schedule`` kind):
 ``langevin``       noise level(s) sigma    ``steps`` Langevin steps per level (annealed)
 ``walk_jump``      noise level sigma       Langevin "walk", then the "jump" ``x0_hat(y)``
 ``ou_reverse``     final time T or times   reverse OU SDE, Euler-Maruyama (:func:`fastdiff.solvers.ou_reverse_table`)
-``jms``            noise level sigma       walk-jump on m measurements jointly (:mod:`fastdiff.multimeasurement`)
+``jms``            noise level sigma       walk-jump on m measurements jointly, as their mean's chain (math.md §8a)
 ``sms``            noise level sigma       m sequential Langevin stages, ``steps`` each, then the jump
 ``stochastic_localization``  final time T  Euler-Maruyama on ``dZ = E[X|Z_t] dt + dB`` (or increasing times)
 =================  ======================  ================================================
@@ -323,7 +323,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
            labels=None, guidance: Optional[float] = None, return_trajectory=None, dtype=torch.float32,
            device=None, fused: Optional[bool] = None, backend: str = "auto", progress: bool = True,
            disable: Optional[bool] = None, callback: Optional[Callable[["StepInfo"], None]] = None,
-           measurements: Optional[int] = None):
+           measurements: Optional[int] = None, per_measurement: bool = False):
     """Run a whole sampling trajectory; returns the final x (and the trajectory, if asked).
 
     denoiser: a :class:`fastdiff.denoisers.MoLRG` (fused kernel), a list of them or a (I, K, n, d)
@@ -348,7 +348,15 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         only appears for runs longer than a second.
     measurements: m, for ``method="sms"`` / ``"jms"``; what ``schedule``, ``x`` and the result mean for
         those and ``stochastic_localization``: :func:`fastdiff.multimeasurement.table`.
+    per_measurement: JMS only.  False (default): the exact split of docs/math.md §8a -- the chain of the
+        mean ``ybar`` (B, n), walk-jump at ``sigma / sqrt m`` with step ``g / m`` (the loop, or the fused
+        kernel for a MoLRG: ``fused`` as above), the residuals ``y_j - ybar`` drawn only where the
+        trajectory / callback asks; every state has the law of the m coupled chains, the noise differs.
+        True: the m coupled per-measurement chains as written (B m n normals a step; the loop only).
     """
+    if per_measurement is not False and (per_measurement is not True or method != "jms"):
+        raise ValueError(f"per_measurement: a bool used by method='jms' only, got {per_measurement!r} with "
+                         f"method={method!r}")
     table = trajectory_table(schedule, method, steps=steps, eta=eta, churn=churn, s_noise=s_noise,
                              variance=variance, step_size=step_size, spacing=spacing, solver_type=solver_type,
                              order=order, path=path, measurements=measurements)
@@ -357,8 +365,9 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
     gen = generator if generator is not None else default_generator
     if method in MM.METHODS:
-        return _sample_mm(den, x, table, schedule, method, measurements, steps, gen, dtype, device, labels,
-                          return_trajectory, fused, backend, progress and not disable, callback)
+        return MM.sample(den, x, table, schedule, method, measurements, steps, gen, dtype, device, labels,
+                         _snapshots(return_trajectory, len(table)), fused, backend, progress and not disable, callback,
+                         per_measurement)
     x = _initial(x, table, method, schedule, gen, dtype, device, den)  # flow: scale t_0 (1: pure noise)
     labels, guidance = _check_labels(labels, guidance, x, den)
     snaps = _snapshots(return_trajectory, len(table))
@@ -371,33 +380,6 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         kw["backend"] = backend
     fn = (lambda x, alpha, sigma: den(x, alpha, sigma, **kw)) if kw else den
     return run(fn, x, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend, progress=show)
-
-
-def _sample_mm(den, x, table, schedule, method, m, steps, gen, dtype, device, labels, return_trajectory, fused,
-               backend, show, callback):
-    """:func:`sample` for the methods of :mod:`fastdiff.multimeasurement`, on the loop :func:`run`."""
-    if isinstance(den, _Instances):
-        raise ValueError(f"denoiser: method={method!r} takes one denoiser (not a list of instances)")
-    if labels is not None:
-        raise ValueError(f"labels: not used by method={method!r} (guide through the denoiser instead)")
-    if fused:
-        raise ValueError(f"fused: method={method!r} runs the step-by-step loop (its denoiser sees the mean of the "
-                         "measurements, which the fused trajectory kernel does not form); use fused=None or False")
-    if device is None and isinstance(den, MoLRG):
-        device = den.ucat.device
-    x = MM.initial_shape(method, x, m, schedule, steps)  # JMS: (B, n) -> (B, m, n)
-    if method == "stochastic_localization" and not isinstance(x, torch.Tensor):
-        xt = torch.zeros(x, dtype=dtype, device=device or "cpu")  # Z_0 = 0
-    else:
-        xt = _initial(x, table, method, schedule, gen, dtype, device, None)
-    fn = MM.wrap(method, den, m, steps, xt)
-    snaps = _snapshots(return_trajectory, len(table))
-    res = run(fn, xt, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend, progress=show,
-              desc=method)
-    out, traj = res if snaps is not None else (res, None)
-    if method == "jms":
-        out = out[:, 0].contiguous()
-    return (out, traj) if snaps is not None else out
 
 
 def _initial(x, table, method, schedule, gen, dtype, device, den):

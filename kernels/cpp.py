@@ -176,3 +176,29 @@ def svdvals_rank(A, eta, S, rank) -> None:
     _C.svdvals_rank(A.data_ptr(), 0 if A.dtype == torch.float32 else 1, B, m, n, S.data_ptr(),
                     rank.data_ptr() if rank is not None else 0,
                     eta if eta is not None else 1.0)
+
+
+# =========================================================================== empirical scan
+# csrc/empirical.cpp; the contract: fastdiff/ops/empirical.py (its caller,
+# fastdiff.denoisers.empirical_posterior, checks it).
+def empirical_scan(xh, data, center, g1, g2, h, lo: float, hi: float, soft: bool, want_acc: bool, kc: int, chunk):
+    """``_C.empirical_scan`` on CPU tensors, all contiguous: xh (B, n), center (n,), g1, g2, h (B,)
+    of one compute dtype (float32 / float64); data (N, n) that dtype or uint8; 0 <= kc <= N.
+    ``chunk`` is not used (the kernel streams the data in its own cache-sized tiles).  Returns
+    ``(m, l, acc or None, best_v, best_i, ymax2)``, allocated poisoned (NaN, index -1) and all
+    written by the kernel; OpenMP threads = torch.get_num_threads(), the GIL released."""
+    B, n = xh.shape
+    N = data.shape[0]
+    ct = xh.dtype
+    nan = float("nan")
+    m, l = torch.full((B,), nan, dtype=ct), torch.full((B,), nan, dtype=ct)
+    acc = torch.full((B, n), nan, dtype=ct) if want_acc else None
+    best_v = torch.full((B, kc), nan, dtype=ct)
+    best_i = torch.full((B, kc), -1, dtype=torch.int64)
+    ymax2 = torch.full((), nan, dtype=ct)
+    _C.empirical_scan(xh.data_ptr(), data.data_ptr(), center.data_ptr(), g1.data_ptr(), g2.data_ptr(), h.data_ptr(),
+                      0 if ct == torch.float32 else 1, data.dtype == torch.uint8, B, N, n, float(lo), float(hi),
+                      bool(soft), bool(want_acc), int(kc), m.data_ptr(), l.data_ptr(),
+                      acc.data_ptr() if acc is not None else 0, best_v.data_ptr(), best_i.data_ptr(),
+                      ymax2.data_ptr(), torch.get_num_threads())
+    return m, l, acc, best_v, best_i, ymax2

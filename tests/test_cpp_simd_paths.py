@@ -1,4 +1,4 @@
-"""The C++ kernels (fused step, discrete flip, MoLRG forward and backward, batched SVD, MoLRG trajectory, K-subspaces) pick a SIMD path at run time (avx2 where the CPU has AVX2+FMA+F16C, else the
+"""The C++ kernels (fused step, discrete flip, MoLRG forward and backward, batched SVD, MoLRG trajectory, K-subspaces, empirical scan) pick a SIMD path at run time (avx2 where the CPU has AVX2+FMA+F16C, else the
 portable sse2/generic loops).  The suite runs the selected path; this runs the kernel tests again
 in a subprocess forced onto the portable path (FASTDIFF_CPU_SIMD=sse2), so both are tested."""
 import os
@@ -21,7 +21,8 @@ def test_portable_path_passes_the_kernel_tests():
          os.path.join(here, "test_fused_kernel.py"), os.path.join(here, "test_rng.py"),
          os.path.join(here, "test_denoise.py"), os.path.join(here, "test_linalg.py"),
          os.path.join(here, "test_sampling.py"), os.path.join(here, "test_sweeps_learners.py"),
-         os.path.join(here, "test_discrete.py")],
+         os.path.join(here, "test_discrete.py"),
+         os.path.join(here, "test_empirical_scan.py"), os.path.join(here, "test_empirical_scan_cpp.py")],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(here),
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -155,12 +155,12 @@ def test_sms_mixes_across_modes_in_fewer_steps_than_one_measurement():
 
 
 def test_jms_mean_chain_is_single_measurement_langevin():
-    """The JMS walk moves ybar exactly as Langevin on q_{sigma/sqrt m} with step g/m and noise the
-    mean of the m draws times sqrt(m) (docs/math.md §8a): JMS's mixing over the modes is that of one
-    measurement at sigma/sqrt(m)."""
+    """The per-measurement JMS walk moves ybar exactly as Langevin on q_{sigma/sqrt m} with step g/m and
+    noise the mean of the m draws times sqrt(m) (docs/math.md §8a): JMS's mixing over the modes is that
+    of one measurement at sigma/sqrt(m) (the default JMS runs that chain itself: tests/test_jms_split.py)."""
     gm, B, m, sigma, g, steps = _two_gaussians(), 64, 8, 3.0, 1.5, 12
     y0 = torch.randn(B, m, D) * 3
-    _, traj = fastdiff.sample(gm, y0, sigma, "jms", measurements=m, steps=steps, step_size=g,
+    _, traj = fastdiff.sample(gm, y0, sigma, "jms", measurements=m, steps=steps, step_size=g, per_measurement=True,
                               generator=fastdiff.Generator(9), return_trajectory=True, disable=True)
     gen = fastdiff.Generator(9)
     yb, se = y0.double().mean(1), sigma / math.sqrt(m)

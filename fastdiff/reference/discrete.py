@@ -2,8 +2,9 @@
 formulas by enumeration of ``{-1, 1}^d`` (so ``d`` small): nothing here is fast or streamed.
 
 ``states(d)`` (2^d, d); the posterior by brute force; the fused flip's formula; the one-stage
-discrete Langevin transition matrix (unadjusted and Metropolis-adjusted), its stationary law and
-Dobrushin coefficient; the total-variation sampling bound the statistical tests use.
+discrete Langevin transition matrix (unadjusted and Metropolis-adjusted) and the unadjusted
+two-stage one (a Gaussian integral, by tensor Gauss-Hermite quadrature), a chain's stationary law
+and Dobrushin coefficient; the total-variation sampling bound the statistical tests use.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import math
 
 import torch
 
-__all__ = ["states", "mixture_pmf", "posterior_brute", "flip", "one_stage_matrix", "stationary", "dobrushin",
-           "tv", "tv_sampling_bound", "one_stage_step_eager"]
+__all__ = ["states", "mixture_pmf", "posterior_brute", "flip", "one_stage_matrix", "two_stage_matrix", "stationary",
+           "dobrushin", "tv", "tv_sampling_bound", "one_stage_step_eager"]
 
 
 def states(d: int) -> torch.Tensor:
@@ -68,6 +69,33 @@ def one_stage_matrix(logq: torch.Tensor, score: torch.Tensor, eta: float, metrop
     T.fill_diagonal_(0.0)
     T += torch.diag(1.0 - T.sum(1))
     return T
+
+
+def two_stage_matrix(score_fn, d: int, eta: float, nodes: int = 12) -> torch.Tensor:
+    """The unadjusted two-stage discrete Langevin chain on ``{-1, 1}^d`` as a (2^d, 2^d) matrix::
+
+        P(y, y') = E_{z ~ N(y, eta I)} prod_i sigmoid(2 y'_i (s_i(z) + z_i / eta))
+
+    (docs/math.md 7e: ``z = y + sqrt(eta) xi``, then ``y'`` from ``q(y | z)`` linearised at ``z``).
+    ``score_fn(z) -> s(z)`` (M, d) -> (M, d) float64, evaluated off the cube.  The expectation is a
+    d-dimensional Gaussian integral of a smooth integrand: tensor Gauss-Hermite quadrature with
+    ``nodes`` points a coordinate (``nodes^d`` evaluations a row; exact for polynomials of degree
+    ``2 nodes - 1`` in each ``xi_i``).  The caller checks convergence by comparing two ``nodes``."""
+    import numpy as np
+
+    t, w = np.polynomial.hermite_e.hermegauss(nodes)                    # weight e^{-t^2 / 2}
+    t = torch.from_numpy(t)
+    w = torch.from_numpy(w / w.sum())                                   # N(0, 1) quadrature weights
+    grid = torch.cartesian_prod(*([t] * d)).reshape(-1, d)              # (nodes^d, d)
+    weight = torch.cartesian_prod(*([w] * d)).reshape(-1, d).prod(1)    # (nodes^d,)
+    X = states(d)
+    P = torch.empty(1 << d, 1 << d, dtype=torch.float64)
+    for j in range(1 << d):
+        z = X[j] + math.sqrt(eta) * grid                                # (M, d)
+        logit = 2.0 * (score_fn(z).double() + z / eta)                  # (M, d)
+        logt = torch.nn.functional.logsigmoid(X[None, :, :] * logit[:, None, :]).sum(-1)  # (M, 2^d)
+        P[j] = weight @ torch.exp(logt)
+    return P
 
 
 def stationary(T: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ Experiments (``EXPERIMENTS``): ``subspace-recovery`` (:mod:`.subspace`), ``linea
 ``network-generalization`` (:mod:`.networks`: a U-Net or MLP trained on the diffusion loss);
 ``fastdiff sweep sampler-error`` (:mod:`.sampler_error`) is computed exactly, not a grid of trials.
 The models they fit (PCA, K-subspaces, SGD on the diffusion loss, the Gaussian) are
-:mod:`.learners`; the parameters they share, :mod:`.params`; a cell's random numbers, :mod:`.streams`.
+:mod:`.learners`; the parameters they share, :mod:`.params`; a cell's random numbers, :mod:`.streams`;
+the collapse time of a training set from its excess entropy (Biroli et al. 2024), :mod:`.collapse`.
 """
 from fastdiff.sweeps.runner import EXPERIMENTS, Experiment, Param, build_grid, parse_values, plan, run_sweep
 from fastdiff.sweeps.store import Store

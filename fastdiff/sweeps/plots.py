@@ -4,8 +4,8 @@
   (K, learner, ...), with the lines N = d and N = K d (seed 002 Fig. 4);
 - linear-diffusion: covariance error (and its exact expectation), KL and test (and train) loss against
   N/n, with the line N = n (seed 001's transition: the sampled law is singular, KL +inf, up to N = n);
-- memorization-images: memorized fraction per image denoiser with its bootstrap band (left), the
-  distance to the nearest training image (right);
+- memorization-images: memorized fraction against N per image denoiser, its error bars the bootstrap
+  95% interval (left), the distance to the nearest training image, and the collapse time where computed;
 - memorization: memorized fraction and generalization (left), energy off the true support
   (right) against N/d, one curve per denoiser;
 - jacobian-rank: rank ratio against SNR = 1/sigma, with the d/n and K d/n levels (seed 002 Fig. 3b);
@@ -202,22 +202,40 @@ def _memorization(Figure, agg, params, path):
 
 
 def _memorization_images(Figure, agg, params, path):
-    fig = Figure(figsize=(11, 4))
-    left, right = fig.subplots(1, 2)
-    _, _, curves = _curves(Figure, agg, params, "N", "memorized", "N", "memorized", ax=left)
-    for color, rs in curves:   # the mean over trials of each trial's bootstrap 95% interval over samples
-        left.fill_between([r["N"] for r in rs], [r["memorized_lo_mean"] for r in rs],
-                          [r["memorized_hi_mean"] for r in rs], color=color, alpha=0.15, lw=0)
+    """Left: the memorized fraction against N per denoiser, its error bar the bootstrap 95% interval
+    over samples (the table's ``memorized_lo_mean`` .. ``memorized_hi_mean``: each trial's interval,
+    averaged over trials); middle: the distance to the nearest training image; right (where the
+    store has one): the collapse time of the training sets (mean and standard error over trials).
+    Returns the figure."""
+    collapse = any(math.isfinite(r.get("collapse_time_mean", math.nan)) for r in agg)
+    fig = Figure(figsize=(16 if collapse else 11, 4))
+    axes = fig.subplots(1, 3 if collapse else 2)
+    left, right = axes[0], axes[1]
+    for i, (key, rs) in enumerate(sorted(_panels(agg, params, ("N",)).items())):
+        rs = sorted(rs, key=lambda r: r["N"])
+        m = [r["memorized_mean"] for r in rs]
+        lo = [max(mi - r["memorized_lo_mean"], 0.0) for mi, r in zip(m, rs)]   # >= 0 against rounding
+        hi = [max(r["memorized_hi_mean"] - mi, 0.0) for mi, r in zip(m, rs)]
+        left.errorbar([r["N"] for r in rs], m, yerr=[lo, hi], fmt="o-", ms=3, capsize=3, color=f"C{i % 10}",
+                      label=", ".join(f"{k}={v}" for k, v in key) or "memorized")
+    left.set_xscale("log")
     left.set_ylim(-0.03, 1.03)
-    left.set_title("memorized: ||x - y1|| / ||x - y2|| < 1/3 (band: bootstrap 95% over samples)", fontsize=8)
+    left.set_title("memorized: ||x - y1|| / ||x - y2|| < 1/3 (bars: bootstrap 95% over samples)", fontsize=8)
     _curves(Figure, agg, params, "N", "nearest_rms", "N", "nearest", ax=right)
     right.set_title("distance to the nearest training image, per pixel (RMS)", fontsize=8)
-    for ax, label in ((left, "fraction memorized"), (right, "||x - y1|| / sqrt(n)")):
+    labelled = [(left, "fraction memorized"), (right, "||x - y1|| / sqrt(n)")]
+    if collapse:
+        rows = [r for r in agg if math.isfinite(r.get("collapse_time_mean", math.nan))]
+        _curves(Figure, rows, params, "N", "collapse_time", "N", "t_C", ax=axes[2])
+        axes[2].set_title("collapse time of the training set (excess entropy, Biroli et al. 2024)", fontsize=8)
+        labelled.append((axes[2], "t_C (OU time; VE sigma = sqrt(e^(2 t_C) - 1))"))
+    for ax, label in labelled:
         ax.set_xlabel("training images N")
         ax.set_ylabel(label)
         ax.legend(fontsize=6)
     fig.tight_layout()
     _save(fig, path)
+    return fig
 
 
 def _jacobian_rank(Figure, agg, params, path):

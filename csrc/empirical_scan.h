@@ -1,0 +1,316 @@
+// fastdiff empirical scan: the per-thread streamed pass (the tiles, the micro-kernels, the fused
+// epilogue, the candidate heaps).  The math and the structure: the top of csrc/empirical.cpp.
+//
+// Deliberately no include guard: empirical.cpp includes this file twice, once for the baseline
+// ISA (FD_SCAN_AVX2 0: generic vectors and loops GCC vectorizes, namespace scan_generic) and once inside
+// `#pragma GCC target("avx2,fma")` (FD_SCAN_AVX2 1: AVX2 + FMA register tiles, namespace
+// scan_avx2), so every loop here is compiled for both ISAs from one source.  The standard
+// headers, <immintrin.h>, exp_nonpos.h and the shared definitions (namespace empirical_detail:
+// Job, Partial and its candidate heaps, the tile constants) come first, from empirical.cpp.
+
+namespace fastdiff {
+namespace FD_SCAN_NS {
+
+using namespace empirical_detail;
+
+// ------------------------------------------------------------------------ the two micro-kernels
+// h_tile:   H[r][q]  = sum_{k < n} x[r ldx + k] Yt[16 k + q]        (mr queries x 16 data rows)
+// acc_tile: A[r][q] <- s_r A[r][q] + sum_{j < nt} P[r ldp + j] Y[j ldy + q]   (mr queries x 16 cols)
+// (x: rows of xh; Yt: a transposed panel of 16 centred rows; P: rows of exp(S - m); Y: the
+// centred tile, row-major.)  Each holds an mr x 16 tile of accumulators in registers: per step
+// 16 / W vector loads and mr broadcasts feed 16 mr / W FMAs (12 vectors: MR = 6 in float32,
+// 3 in float64).
+#if FD_SCAN_AVX2
+template <class T> struct Vec;
+template <> struct Vec<float> {
+  using R = __m256;
+  static constexpr int W = 8;
+  static FD_SCAN_INLINE R load(const float* p) { return _mm256_loadu_ps(p); }
+  static FD_SCAN_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static FD_SCAN_INLINE R set1(float a) { return _mm256_set1_ps(a); }
+  static FD_SCAN_INLINE R zero() { return _mm256_setzero_ps(); }
+  static FD_SCAN_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static FD_SCAN_INLINE R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+};
+template <> struct Vec<double> {
+  using R = __m256d;
+  static constexpr int W = 4;
+  static FD_SCAN_INLINE R load(const double* p) { return _mm256_loadu_pd(p); }
+  static FD_SCAN_INLINE void store(double* p, R v) { _mm256_storeu_pd(p, v); }
+  static FD_SCAN_INLINE R set1(double a) { return _mm256_set1_pd(a); }
+  static FD_SCAN_INLINE R zero() { return _mm256_setzero_pd(); }
+  static FD_SCAN_INLINE R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static FD_SCAN_INLINE R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+};
+
+template <class T, int mr>
+FD_SCAN_INLINE void h_tile(const T* x, int64_t ldx, const T* Yt, int64_t n, T* H) {
+  using V = Vec<T>;
+  constexpr int NV = PW / V::W;
+  typename V::R acc[mr][NV];
+  for (int r = 0; r < mr; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int64_t k = 0; k < n; ++k) {
+    typename V::R y[NV];
+    for (int v = 0; v < NV; ++v) y[v] = V::load(Yt + PW * k + V::W * v);
+    for (int r = 0; r < mr; ++r) {
+      const typename V::R a = V::set1(x[r * ldx + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, y[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < mr; ++r)
+    for (int v = 0; v < NV; ++v) V::store(H + PW * r + V::W * v, acc[r][v]);
+}
+
+template <class T, int mr>
+FD_SCAN_INLINE void acc_tile(const T* P, int64_t ldp, const T* Y, int64_t ldy, int64_t nt, T* A,
+                             int64_t lda, const T* s) {
+  using V = Vec<T>;
+  constexpr int NV = PW / V::W;
+  typename V::R acc[mr][NV];
+  for (int r = 0; r < mr; ++r) {
+    const typename V::R sv = V::set1(s[r]);
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::mul(sv, V::load(A + r * lda + V::W * v));
+  }
+  for (int64_t j = 0; j < nt; ++j) {
+    typename V::R y[NV];
+    for (int v = 0; v < NV; ++v) y[v] = V::load(Y + j * ldy + V::W * v);
+    for (int r = 0; r < mr; ++r) {
+      const typename V::R a = V::set1(P[r * ldp + j]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, y[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < mr; ++r)
+    for (int v = 0; v < NV; ++v) V::store(A + r * lda + V::W * v, acc[r][v]);
+}
+#else
+// The same tiles with GCC's generic 16-byte vectors (SSE2 / NEON; no reliance on the loop
+// vectorizer, which vectorizes these nests across r with gathers), in passes of two vectors of
+// columns so that the mr x 2 accumulators fit the 16 registers of the baseline ISA.
+template <class T> struct Vec16 { typedef T R __attribute__((vector_size(16))); };
+template <class T>
+FD_SCAN_INLINE typename Vec16<T>::R load16(const T* p) {
+  typename Vec16<T>::R v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+
+template <class T, int mr>
+FD_SCAN_INLINE void h_tile(const T* x, int64_t ldx, const T* Yt, int64_t n, T* H) {
+  using R = typename Vec16<T>::R;
+  constexpr int L = 16 / sizeof(T);
+  for (int c0 = 0; c0 < PW; c0 += 2 * L) {
+    R acc[mr][2] = {};
+    for (int64_t k = 0; k < n; ++k) {
+      const R y0 = load16(Yt + PW * k + c0), y1 = load16(Yt + PW * k + c0 + L);
+      for (int r = 0; r < mr; ++r) {
+        const T a = x[r * ldx + k];
+        acc[r][0] += a * y0;
+        acc[r][1] += a * y1;
+      }
+    }
+    for (int r = 0; r < mr; ++r) std::memcpy(H + PW * r + c0, acc[r], 32);
+  }
+}
+
+template <class T, int mr>
+FD_SCAN_INLINE void acc_tile(const T* P, int64_t ldp, const T* Y, int64_t ldy, int64_t nt, T* A,
+                             int64_t lda, const T* s) {
+  using R = typename Vec16<T>::R;
+  constexpr int L = 16 / sizeof(T);
+  for (int c0 = 0; c0 < PW; c0 += 2 * L) {
+    R acc[mr][2];
+    for (int r = 0; r < mr; ++r) {
+      acc[r][0] = s[r] * load16(A + r * lda + c0);
+      acc[r][1] = s[r] * load16(A + r * lda + c0 + L);
+    }
+    for (int64_t j = 0; j < nt; ++j) {
+      const R y0 = load16(Y + j * ldy + c0), y1 = load16(Y + j * ldy + c0 + L);
+      for (int r = 0; r < mr; ++r) {
+        const T a = P[r * ldp + j];
+        acc[r][0] += a * y0;
+        acc[r][1] += a * y1;
+      }
+    }
+    for (int r = 0; r < mr; ++r) std::memcpy(A + r * lda + c0, acc[r], 32);
+  }
+}
+#endif
+
+// f(std::integral_constant<int, mr>) for a run-time mr in [1, MR<T>] (the tail group of queries).
+template <class T, class F>
+FD_SCAN_INLINE void with_rows(int mr, F&& f) {
+  switch (mr) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default:
+      if constexpr (MR<T> == 6) {
+        switch (mr) {
+          case 4: f(std::integral_constant<int, 4>{}); break;
+          case 5: f(std::integral_constant<int, 5>{}); break;
+          default: f(std::integral_constant<int, 6>{}); break;
+        }
+      }
+  }
+}
+
+// exp(x) for x <= 0, not NaN (softmax_rows handles a NaN row apart, so the float32 loop is
+// the plain vectorized exp_nonpos with no per-element test).
+FD_SCAN_INLINE float exp_le0(float x) { return exp_nonpos(x); }
+FD_SCAN_INLINE double exp_le0(double x) { return std::exp(x); }
+
+// ------------------------------------------------------------------------------ one tile
+// Rows [r0, r0 + nt) of the data into the thread's tile: Yc (row-major, stride nP, zero padding
+// columns and rows), the transposed panels Yt, and per row ysq = ||Yc||^2, hys = ysq / 2,
+// cy = c . Yc (padding rows 0).  Updates P.ymax2.
+template <class T>
+FD_SCAN_INLINE void load_tile(const Job<T>& J, Partial<T>& P, int64_t r0, int64_t nt) {
+  const int64_t n = J.n, nP = J.nP, ntp = round_up(nt, PW);
+  const T* c = J.c;
+  for (int64_t jj = 0; jj < ntp; ++jj) {
+    T* y = P.Yc.get() + jj * nP;
+    if (jj >= nt) {
+      for (int64_t k = 0; k < nP; ++k) y[k] = T(0);
+      P.ysq[jj] = P.hys[jj] = P.cy[jj] = T(0);
+      continue;
+    }
+    if (J.data_u8) {
+      const uint8_t* u = J.data_u8 + (r0 + jj) * n;
+      for (int64_t k = 0; k < n; ++k) y[k] = (static_cast<T>(u[k]) * J.step + J.lo) - c[k];
+    } else {
+      const T* d = J.data + (r0 + jj) * n;
+      for (int64_t k = 0; k < n; ++k) y[k] = d[k] - c[k];
+    }
+    for (int64_t k = n; k < nP; ++k) y[k] = T(0);
+    T s = 0, cs = 0;
+#pragma omp simd reduction(+ : s, cs)
+    for (int64_t k = 0; k < n; ++k) {
+      s += y[k] * y[k];
+      cs += c[k] * y[k];
+    }
+    P.ysq[jj] = s;
+    P.hys[jj] = T(0.5) * s;
+    P.cy[jj] = cs;
+    P.ymax2 = nan_max(P.ymax2, s);
+  }
+  // Yt[p][k][q] = Yc[16 p + q][k]: panel p, 16 rows, k-major (h_tile's vector loads)
+  for (int64_t p = 0; p < ntp / PW; ++p) {
+    T* t = P.Yt.get() + p * PW * n;
+    const T* y = P.Yc.get() + p * PW * nP;
+    for (int64_t k = 0; k < n; ++k)
+      for (int q = 0; q < PW; ++q) t[PW * k + q] = y[q * nP + k];
+  }
+}
+
+// The epilogue of one h_tile: rows [b, b + mr) (block start bq0) against panel rows
+// [j0, j0 + 16) of the tile starting at data row r0 (valid rows: nt):
+//   S = g1 H - g2 ysq into P.S (soft),  V = (H - ysq / 2) - h cy offered to the heaps (kc).
+template <class T, int mr>
+FD_SCAN_INLINE void epilogue(const Job<T>& J, Partial<T>& P, int64_t b, int64_t bq0, int64_t j0,
+                             int64_t r0, int64_t nt, const T* H) {
+  const T* ysq = P.ysq.get() + j0;
+  const T *hys = P.hys.get() + j0, *cy = P.cy.get() + j0;
+  for (int r = 0; r < mr; ++r) {
+    const T* hr = H + PW * r;
+    if (J.soft) {
+      const T g1 = J.g1[b + r], g2 = J.g2[b + r];
+      T* s = P.S.get() + (b + r - bq0) * NT + j0;
+      for (int q = 0; q < PW; ++q) s[q] = g1 * hr[q] - g2 * ysq[q];
+    }
+    if (J.kc) {
+      const T h = J.h[b + r], thr = P.thr[b + r];
+      T v[PW];
+      int any = 0;
+#pragma omp simd reduction(| : any)
+      for (int q = 0; q < PW; ++q) {
+        v[q] = (hr[q] - hys[q]) - h * cy[q];
+        any |= !(v[q] <= thr);  // thr NaN while the heap fills: everything passes
+      }
+      if (any) {
+        const int64_t qe = std::min<int64_t>(PW, nt - j0);
+        for (int64_t q = 0; q < qe; ++q)
+          if (!(v[q] <= P.thr[b + r])) P.offer(b + r, J.kc, v[q], r0 + j0 + q);
+      }
+    }
+  }
+}
+
+// The online softmax of rows [bq0, bq1) over the tile (nt rows): m' = max(m, max_j S),
+// l = l e^{m - m'} + sum_j e^{S - m'}, S <- e^{S - m'} (want_acc), P.sc = e^{m - m'}.
+// A NaN logit makes m' NaN (then l, acc too): the max ignores nothing.
+template <class T>
+FD_SCAN_INLINE void softmax_rows(const Job<T>& J, Partial<T>& P, int64_t bq0, int64_t bq1, int64_t nt) {
+  for (int64_t b = bq0; b < bq1; ++b) {
+    T* s = P.S.get() + (b - bq0) * NT;
+    T mx = -std::numeric_limits<T>::infinity();
+    int bad = 0;
+#pragma omp simd reduction(max : mx) reduction(| : bad)
+    for (int64_t j = 0; j < nt; ++j) {
+      mx = s[j] > mx ? s[j] : mx;
+      bad |= s[j] != s[j];
+    }
+    const T mo = P.m[b];
+    const T mn = bad || mo != mo ? std::numeric_limits<T>::quiet_NaN() : std::max(mo, mx);
+    const T scale = mo == mn ? T(1) : mn != mn ? mn : exp_le0(mo - mn);  // exp(-inf) = 0 on the first tile
+    T sum = 0;
+    if (mn != mn) {  // a NaN logit (or an earlier one): the row is NaN
+      sum = mn;
+      if (J.want_acc)
+        for (int64_t j = 0; j < nt; ++j) s[j] = mn;
+    } else if (J.want_acc) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nt; ++j) {
+        const T e = exp_le0(s[j] - mn);
+        s[j] = e;
+        sum += e;
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nt; ++j) sum += exp_le0(s[j] - mn);
+    }
+    P.l[b] = P.l[b] * scale + sum;
+    P.m[b] = mn;
+    P.sc[b - bq0] = scale;
+  }
+}
+
+// One thread's pass over the data tiles [t0, t1) (tile t: rows [t NT, min(N, (t + 1) NT))),
+// every query, into its Partial (initialised by the caller).
+template <class T>
+void scan_tiles(const Job<T>& J, Partial<T>& P, int64_t t0, int64_t t1) {
+  constexpr int mrmax = MR<T>;
+  const int64_t n = J.n, nP = J.nP;
+  alignas(64) T H[mrmax * PW];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r0 = t * NT, nt = std::min(J.N - r0, NT), npan = round_up(nt, PW) / PW;
+    load_tile(J, P, r0, nt);
+    if (!J.soft && !J.kc) continue;  // ymax2 only
+    for (int64_t bq0 = 0; bq0 < J.B; bq0 += BQ<T>) {
+      const int64_t bq1 = std::min(J.B, bq0 + BQ<T>);
+      // H = xh Yc^T, panel by panel, fused with the epilogue (the xh rows of a group stay in L1)
+      for (int64_t b = bq0; b < bq1; b += mrmax)
+        with_rows<T>(static_cast<int>(std::min<int64_t>(mrmax, bq1 - b)), [&](auto mrc) {
+          constexpr int mr = decltype(mrc)::value;
+          for (int64_t p = 0; p < npan; ++p) {
+            h_tile<T, mr>(J.xh + b * n, n, P.Yt.get() + p * PW * n, n, H);
+            epilogue<T, mr>(J, P, b, bq0, p * PW, r0, nt, H);
+          }
+        });
+      if (!J.soft) continue;
+      softmax_rows(J, P, bq0, bq1, nt);
+      if (!J.want_acc) continue;
+      // acc = sc acc + exp(S - m) Yc, while the tile is still in cache
+      for (int64_t b = bq0; b < bq1; b += mrmax)
+        with_rows<T>(static_cast<int>(std::min<int64_t>(mrmax, bq1 - b)), [&](auto mrc) {
+          constexpr int mr = decltype(mrc)::value;
+          for (int64_t k0 = 0; k0 < nP; k0 += PW)
+            acc_tile<T, mr>(P.S.get() + (b - bq0) * NT, NT, P.Yc.get() + k0, nP, nt,
+                            P.acc.get() + b * nP + k0, nP, P.sc.get() + (b - bq0));
+        });
+    }
+  }
+}
+
+}  // namespace FD_SCAN_NS
+}  // namespace fastdiff
