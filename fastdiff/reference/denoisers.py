@@ -106,9 +106,17 @@ def _window(img, i, j, P, boundary):
     return out.reshape(-1)
 
 
+def _inside(H, W, u, v, P):
+    """The P x P window at (u, v) as a boolean mask of which cells lie inside the image."""
+    r = P // 2
+    return tuple((0 <= u + di - r < H) and (0 <= v + dj - r < W) for di in range(P) for dj in range(P))
+
+
 def patch_denoise(x, data, alpha, sigma, *, patch, mode="local", boundary="zero"):
     """Local / equivariant local empirical denoiser of images x (B, C, H, W) over data (N, C, H, W),
-    pixel by pixel from the formula (fastdiff/denoisers/patch.py's docstring); alpha, sigma scalars."""
+    pixel by pixel from the formula (fastdiff/denoisers/patch.py's docstring); alpha, sigma scalars.
+    ``boundary="broken"``: zero windows, and a window sees the training windows whose in-image mask
+    is its own (Kamb & Ganguli's boundary-broken ELS machine, Sec. 3.4)."""
     B, C, H, W = x.shape
     N = data.shape[0]
     out = torch.zeros_like(x)
@@ -121,7 +129,13 @@ def patch_denoise(x, data, alpha, sigma, *, patch, mode="local", boundary="zero"
         for u in range(H):
             for v in range(W):
                 q = _window(x[b], u, v, patch, boundary)
-                where = [(i, u, v) for i in range(N)] if mode == "local" else list(keys)
+                if mode == "local":
+                    where = [(i, u, v) for i in range(N)]
+                elif boundary == "broken":
+                    mask = _inside(H, W, u, v, patch)
+                    where = [k for k in keys if _inside(H, W, k[1], k[2], patch) == mask]
+                else:
+                    where = list(keys)
                 logits = torch.stack([-((q - alpha * keys[k]) ** 2).sum() / (2 * sigma**2) for k in where])
                 w = torch.softmax(logits, 0)
                 vals = torch.stack([data[i, :, uu, vv] for i, uu, vv in where])   # (K, C)
