@@ -100,6 +100,8 @@ def test_patch_schedule_and_sampling():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(patch=2), "patch: expected an odd int >= 1"),
+    (dict(patch=5, mode="pspc"), "pspc mode averages P x P crops inside the image"),
+    (dict(patch=3, mode="pspc", boundary="circular"), "pspc mode averages"),
     (dict(patch=0), "patch: expected an odd int >= 1"),
     (dict(patch=3, mode="global"), "mode: expected one of"),
     (dict(patch=3, boundary="reflect"), "boundary: expected one of"),
@@ -240,3 +242,38 @@ def test_scan_backends():
     torch.testing.assert_close(patch_denoise(x, Y, 0.8, 0.5, patch=3, mode="equivariant"), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="backend"):
         patch_denoise(x, Y, 0.8, 0.5, patch=3, mode="equivariant", backend="nope")
+
+
+@pytest.mark.parametrize("shape,P,chunk", [((2, 3, 2, 4, 5), 3, 2), ((1, 1, 1, 1, 1), 1, None),
+                                           ((3, 2, 1, 5, 4), 4, 1), ((1, 4, 3, 2, 7), 2, None),
+                                           ((2, 3, 1, 6, 6), 6, None)])
+def test_pspc_against_the_crop_by_crop_reference(shape, P, chunk):
+    B, N, C, H, W = shape
+    x, Y = _case(sum(shape) * P, B, N, C, H, W)
+    got = patch_denoise(x, Y, 0.8, 0.6, patch=P, mode="pspc", chunk=chunk)
+    torch.testing.assert_close(got, R.pspc_denoise(x, Y, 0.8, 0.6, patch=P), rtol=1e-12, atol=1e-12)
+    got32 = patch_denoise(x.float(), Y.float(), 0.8, 0.6, patch=P, mode="pspc", chunk=chunk)
+    torch.testing.assert_close(got32.double(), got, rtol=1e-4, atol=1e-4)
+
+
+def test_pspc_identities_labels_and_nan():
+    """A crop of the whole image is the global empirical denoiser; 1 x 1 crops are the local machine
+    at P = 1; a NaN pixel poisons exactly the pixels of the crops that hold it."""
+    x, Y = _case(21, 3, 5, 2, 4, 6)
+    x4 = x[:, :, :, :4].contiguous()
+    want = fastdiff.empirical_denoise(x4.reshape(3, -1), Y[:, :, :, :4].reshape(5, -1), 0.9, 0.7).reshape(x4.shape)
+    torch.testing.assert_close(patch_denoise(x4, Y[:, :, :, :4], 0.9, 0.7, patch=4, mode="pspc"), want,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(patch_denoise(x, Y, 0.9, 0.7, patch=1, mode="pspc"),
+                               patch_denoise(x, Y, 0.9, 0.7, patch=1), rtol=1e-12, atol=1e-12)
+    x[0, 1, 0, 0] = math.nan
+    got = patch_denoise(x, Y, 0.9, 0.7, patch=3, mode="pspc")
+    hit = torch.zeros_like(x, dtype=torch.bool)
+    hit[0, :, :3, :3] = True
+    assert torch.isnan(got[hit]).all() and not torch.isnan(got[~hit]).any()
+    s = D.synthetic(12, (1, 5, 5), classes=2, seed=4)
+    xs = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    got = patch_denoise(xs, s, 1.0, 0.8, patch=3, mode="pspc", labels=torch.tensor([1, 0]))
+    for b, k in enumerate((1, 0)):
+        want = R.pspc_denoise(xs[b:b + 1], s.float(dtype=torch.float64)[s.labels == k], 1.0, 0.8, patch=3)
+        torch.testing.assert_close(got[b:b + 1], want, rtol=1e-12, atol=1e-12)

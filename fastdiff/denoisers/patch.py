@@ -22,6 +22,13 @@ the same corner pixel).  For the local machine "broken" is "zero" (p ~ p only). 
 local equals the global empirical denoiser exactly, and equivariant equals the global one on the
 training set augmented by all cyclic shifts.
 
+``mode="pspc"`` is Niedoba et al.'s patch set posterior composite (*Towards a mechanistic
+explanation of diffusion model generalization*, ICML 2025, PSPC-Square): for every P x P crop Q
+inside the image (no padding), the posterior mean of the whole crop over the same crop of every
+training image, and at each pixel the average over the crops that hold it:
+
+    pspc:  x0_hat[:, p] = (1 / #{Q : p in Q}) sum_{Q ∋ p} sum_i softmax_i( -||x_Q - alpha y_{i,Q}||^2 / (2 sigma^2) ) y_i[:, p]
+
 The equivariant machine is the empirical scan (:mod:`fastdiff.ops.empirical`) of the B L query
 patches over the N L training patches (a chunk of training images unfolded at a time, one scan per
 boundary class, the partial softmax sums merged in log-sum-exp form); the local one L independent
@@ -46,7 +53,7 @@ from fastdiff.ops.empirical import empirical_scan
 
 __all__ = ["patch_denoise", "PatchDenoiser", "PATCH_MODES", "BOUNDARIES"]
 
-PATCH_MODES = ("local", "equivariant")
+PATCH_MODES = ("local", "equivariant", "pspc")
 BOUNDARIES = ("zero", "circular", "broken")
 
 
@@ -146,6 +153,26 @@ def _equivariant(Xp, images, N, step, a, s, P, C, H, W, boundary, impl):
     return (acc / l[:, None] + center[cols]).reshape(B, L, C)
 
 
+def _pspc(img, images, N, chunk, a, s, P):
+    """Niedoba et al.'s PSPC-Square composite: the posterior mean of every P x P crop inside the image
+    over the same crop of each training image, the crops' means averaged where they overlap."""
+    B, C, H, W = img.shape
+    Xc = F.unfold(img, P).permute(2, 0, 1)                              # (L', B, D): crops, no padding
+    Lc = Xc.shape[0]
+    step = chunk or _rows_per_chunk(Lc * B)
+
+    def chunks():
+        for j in range(0, N, step):
+            crops = F.unfold(images(j, step), P).permute(2, 0, 1)     # (L', c, D), keys and values
+            yield crops, crops
+
+    gain, bias = a / (s * s), a * a / (2 * s * s)
+    means = _attend(Xc, chunks(), gain[None, :, None], bias[None, :, None], (Lc, B))   # (L', B, D)
+    composite = F.fold(means.permute(1, 2, 0), (H, W), P)                               # (B, C, H, W)
+    cover = F.fold(torch.ones(1, C * P * P, Lc, dtype=img.dtype, device=img.device), (H, W), P)
+    return composite / cover
+
+
 def patch_denoise(x, data, alpha, sigma, *, patch: int, mode: str = "local", boundary: str = "zero",
                   labels=None, output: str = "x0", chunk: Optional[int] = None,
                   backend: str = "auto") -> torch.Tensor:
@@ -153,7 +180,8 @@ def patch_denoise(x, data, alpha, sigma, *, patch: int, mode: str = "local", bou
 
     x: (B, C, H, W), or (B, C H W) flattened (the result has x's shape); data: (N, C, H, W) float
     tensor or a uint8 :class:`~fastdiff.data.ImageSet` (converted a chunk at a time); alpha, sigma:
-    scalars or (B,); patch: odd P >= 1; mode: ``"local"`` or ``"equivariant"``; boundary:
+    scalars or (B,); patch: odd P >= 1; mode: ``"local"``, ``"equivariant"`` or ``"pspc"`` (P <= H, W;
+    boundary "zero", which it does not use: it crops inside the image); boundary:
     ``"zero"``, ``"circular"`` or ``"broken"`` (zero padding, patches flow only to patches with the
     same border overlap); labels: None, or one int or (B,) ints with ``data`` a labelled ImageSet
     (sample b sees class ``labels[b]`` only); output ``"x0"`` / ``"eps"`` / ``"score"``; chunk:
@@ -174,9 +202,13 @@ def patch_denoise(x, data, alpha, sigma, *, patch: int, mode: str = "local", bou
         check_float_tensor("data", data)
         check_real("data", data)
         N, C, H, W = data.shape
-    if isinstance(patch, bool) or not isinstance(patch, numbers.Integral) or patch < 1 or patch % 2 == 0:
-        raise ValueError(f"patch: expected an odd int >= 1, got {patch!r}")
+    if isinstance(patch, bool) or not isinstance(patch, numbers.Integral) or patch < 1 or \
+            (patch % 2 == 0 and mode != "pspc"):
+        raise ValueError(f"patch: expected an odd int >= 1 (any int >= 1 for pspc), got {patch!r}")
     P = int(patch)
+    if mode == "pspc" and (boundary != "zero" or P > min(H, W)):
+        raise ValueError(f"patch: the pspc mode averages P x P crops inside the image (no padding, boundary "
+                         f"left at 'zero'): expected P <= {min(H, W)}, got P = {P} with boundary={boundary!r}")
     if boundary == "circular" and P // 2 > min(H, W):
         raise ValueError(f"patch: a circular boundary wraps at most once: expected P <= {2 * min(H, W) + 1}, got {P}")
     if not isinstance(x, torch.Tensor):
@@ -199,7 +231,7 @@ def patch_denoise(x, data, alpha, sigma, *, patch: int, mode: str = "local", bou
         return _by_label(x, data, a, s, labels, dict(patch=P, mode=mode, boundary=boundary, output=output,
                                                          chunk=chunk, backend=backend))
     img = x.reshape(B, C, H, W).to(ct)
-    Xp = _patches(img, P, boundary)                                    # (B, L, D)
+    Xp = _patches(img, P, boundary) if mode != "pspc" else None        # (B, L, D)
 
     def images(j, c):
         return data.float(j, j + c, dtype=ct, device=dev) if isinstance(data, ImageSet) else data[j:j + c].to(ct)
@@ -215,6 +247,8 @@ def patch_denoise(x, data, alpha, sigma, *, patch: int, mode: str = "local", bou
 
         out = _attend(Xp.transpose(0, 1), chunks(), gain[None, :, None], bias[None, :, None], (L, B))  # (L, B, C)
         x0 = out.permute(1, 2, 0)
+    elif mode == "pspc":
+        x0 = _pspc(img, images, N, chunk, a, s, P)
     else:
         # a chunk's patch block (c L, D) no larger than the inputs themselves (and at least 2^20 elements)
         step = chunk or max(1, min(N, max(1 << 20, (N + B) * C * L) // (L * Xp.shape[-1])))

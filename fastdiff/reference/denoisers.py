@@ -141,3 +141,23 @@ def patch_denoise(x, data, alpha, sigma, *, patch, mode="local", boundary="zero"
                 vals = torch.stack([data[i, :, uu, vv] for i, uu, vv in where])   # (K, C)
                 out[b, :, u, v] = w @ vals
     return out
+
+
+def pspc_denoise(x, data, alpha, sigma, *, patch):
+    """Niedoba et al.'s PSPC-Square composite of images x (B, C, H, W) over data (N, C, H, W), from the
+    formula crop by crop: each P x P crop inside the image gets the posterior mean of the whole crop
+    over that crop of every training image; each pixel averages the crops that hold it."""
+    B, C, H, W = x.shape
+    P = patch
+    total = torch.zeros_like(x)
+    count = torch.zeros(H, W, dtype=x.dtype)
+    for u in range(H - P + 1):
+        for v in range(W - P + 1):
+            crops = data[:, :, u:u + P, v:v + P]                            # (N, C, P, P)
+            for b in range(B):
+                q = x[b, :, u:u + P, v:v + P]
+                logits = torch.stack([-((q - alpha * c) ** 2).sum() / (2 * sigma**2) for c in crops])
+                w = torch.softmax(logits, 0)
+                total[b, :, u:u + P, v:v + P] += (w[:, None, None, None] * crops).sum(0)
+            count[u:u + P, v:v + P] += 1
+    return total / count
