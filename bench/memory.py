@@ -23,9 +23,14 @@ CASES = {
                  "outputs=('x0', 'logp', 'neighbors'), backend=backend)",
     "denoise": "fastdiff.empirical_denoise(x, data, 0.8, 0.5 * n ** 0.5, backend=backend)",
     "equivariant": "patch_denoise(x, data, 1.0, 0.5, patch=P, mode='equivariant')",
+    "equivariant-broken": "patch_denoise(x, data, 1.0, 0.5, patch=P, mode='equivariant', boundary='broken')",
+    "local": "patch_denoise(x, data, 1.0, 0.5, patch=P, mode='local')",
+    "pspc": "patch_denoise(x, data, 1.0, 0.5, patch=P, mode='pspc')",
 }
+_PATCH_SIZES = [((1, 28, 28), 1000, 2, 5), ((1, 8, 8), 10000, 16, 5)]   # bench/test_bench_denoise.py's largest
 SIZES = {"posterior": [(256, 50000, 192)], "denoise": [(256, 50000, 192)],
-         "equivariant": [((1, 28, 28), 1000, 2, 5)]}
+         **{case: _PATCH_SIZES for case in ("equivariant", "equivariant-broken", "local", "pspc")}}
+PATCH_CASES = ("equivariant", "equivariant-broken", "local", "pspc")
 
 _WORKER = r"""
 import json, resource, sys, torch, fastdiff
@@ -36,7 +41,7 @@ def rss():
         return int(f.read().split()[1]) * 4096
 def inputs(size, scale=1):
     g = torch.Generator().manual_seed(0)
-    if case == "equivariant":
+    if case in ("equivariant", "equivariant-broken", "local", "pspc"):
         (C, H, W), N, B, P = size
         N = max(1, N // scale)
         return (torch.randn(B, C, H, W, generator=g).to(device),
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
     rows = []
     for case, sizes in SIZES.items():
         for size in sizes:
-            for backend in (_backends(args.device) if case != "equivariant" else ["auto"]):
+            for backend in (_backends(args.device) if case not in PATCH_CASES else ["auto"]):
                 r = measure(case, size, backend, args.device)
                 ratio = r["growth"] / r["inputs"]
                 rows.append(f"| {case} | {size} | {backend} | {r['inputs'] / 2**20:.1f} | {r['growth'] / 2**20:.1f} "

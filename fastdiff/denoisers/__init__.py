@@ -9,7 +9,7 @@ The functions (:func:`molrg_denoise`, :func:`gaussian_denoise`, :func:`empirical
 x0_hat`` (B, n) (:class:`MoLRG`, :class:`Gaussian`, :class:`Empirical`; samplers can call any of
 them, or any other callable with that signature; ``MoLRG.sample`` and ``Gaussian.sample`` draw
 data from the model).  One module per model: :mod:`.molrg` (its op, the kernels' glue, in
-:mod:`fastdiff.ops.molrg`; the packed-bases cache in ``_cache``), :mod:`.gaussian`, :mod:`.empirical`, :mod:`.patch` (local / equivariant local patch machines), :mod:`.knn` (the
+:mod:`fastdiff.ops.molrg`; the packed-bases cache in ``_cache``), :mod:`.gaussian`, :mod:`.empirical`, :mod:`.patch` (local / equivariant local patch machines, PSPC), :mod:`.knn` (the
 nearest-neighbour importance-sampled estimate of the empirical denoiser, :class:`KNNEmpirical`); shared argument
 checks in ``_args``.
 """

@@ -55,6 +55,8 @@ __all__ = ["patch_denoise", "PatchDenoiser", "PATCH_MODES", "BOUNDARIES"]
 
 PATCH_MODES = ("local", "equivariant", "pspc")
 BOUNDARIES = ("zero", "circular", "broken")
+SCAN_BLOCK = 1 << 19
+"""Elements of the scan's (queries, tile) score block: small enough to stay in cache between its passes."""
 
 
 def _patches(images: torch.Tensor, P: int, boundary: str) -> torch.Tensor:
@@ -83,9 +85,11 @@ def _attend(q, chunks, gain, bias, R_shape):
     return acc / l
 
 
-def _rows_per_chunk(per_image: int, budget: int = 1 << 22) -> int:
-    """Training images per chunk so the (G, R, c) score block stays near ``budget`` elements."""
-    return max(1, budget // max(per_image, 1))
+def _images_per_chunk(N: int, B: int, C: int, L: int, D: int, per_query: int) -> int:
+    """Training images a chunk: their (c L, D) patch block and the (per_query B, c) score block at
+    most half the inputs ((N + B) C L elements; at least 2^16), so the peak stays a small multiple of them."""
+    budget = max(1 << 16, (N + B) * C * L // 2)
+    return max(1, min(N, budget // (L * D), budget // max(1, per_query * B)))
 
 
 def _boundary_classes(H: int, W: int, P: int, boundary: str, device) -> list:
@@ -126,12 +130,12 @@ def _equivariant(Xp, images, N, step, a, s, P, C, H, W, boundary, impl):
     xh = (Xp - a[:, None, None] * center).reshape(B * L, D)
     per_query = lambda v: v.repeat_interleave(L)                   # noqa: E731  query b L + p
     g1, g2, h = per_query(gain), per_query(bias), per_query(1 - a)
+    block = min(SCAN_BLOCK, max(1 << 16, (N + B) * C * L // 4))      # at most a quarter of the inputs
     classes = []
     for idx in _boundary_classes(H, W, P, boundary, dev):
         q = None if idx is None else (torch.arange(B, device=dev)[:, None] * L + idx).reshape(-1)
         pick = (lambda v: v) if q is None else (lambda v, q=q: v[q])  # noqa: E731
-        # S blocks of ~2^19 elements: small enough to stay in cache between the scan's passes
-        tile = int(min(16384, max(128, (1 << 19) // (B * (L if idx is None else idx.numel())))))
+        tile = int(min(16384, max(128, block // (B * (L if idx is None else idx.numel())))))
         classes.append((idx, q, pick(xh).contiguous(), pick(g1).contiguous(), pick(g2).contiguous(),
                         pick(h).contiguous(), tile))
     m = torch.full((B * L,), -math.inf, dtype=ct, device=dev)
@@ -159,7 +163,7 @@ def _pspc(img, images, N, chunk, a, s, P):
     B, C, H, W = img.shape
     Xc = F.unfold(img, P).permute(2, 0, 1)                              # (L', B, D): crops, no padding
     Lc = Xc.shape[0]
-    step = chunk or _rows_per_chunk(Lc * B)
+    step = chunk or _images_per_chunk(N, B, C, Lc, C * P * P, Lc)
 
     def chunks():
         for j in range(0, N, step):
@@ -238,7 +242,7 @@ def patch_denoise(x, data, alpha, sigma, *, patch: int, mode: str = "local", bou
 
     if mode == "local":
         gain, bias = a / (s * s), a * a / (2 * s * s)
-        step = chunk or _rows_per_chunk(L * B)
+        step = chunk or _images_per_chunk(N, B, C, L, Xp.shape[-1], L)
 
         def chunks():
             for j in range(0, N, step):
@@ -250,8 +254,8 @@ def patch_denoise(x, data, alpha, sigma, *, patch: int, mode: str = "local", bou
     elif mode == "pspc":
         x0 = _pspc(img, images, N, chunk, a, s, P)
     else:
-        # a chunk's patch block (c L, D) no larger than the inputs themselves (and at least 2^20 elements)
-        step = chunk or max(1, min(N, max(1 << 20, (N + B) * C * L) // (L * Xp.shape[-1])))
+        # the scan tiles its own score block; "broken" also copies each class's part of the patch block
+        step = chunk or _images_per_chunk(N, B, C, L, Xp.shape[-1] * (2 if boundary == "broken" else 1), 1)
         impl = dispatch.choose(table.name, backend, dev, ct)
         x0 = _equivariant(Xp, images, N, step, a, s, P, C, H, W, boundary, impl).transpose(1, 2)
     x0 = x0.reshape(x.shape).to(x.dtype)
