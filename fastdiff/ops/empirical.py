@@ -137,7 +137,9 @@ def _scan_torch(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk):
             S.sub_(m_new).exp_()
             l.mul_(scale).add_(S.sum(1, keepdim=True))
             if acc is not None:
-                acc.mul_(scale).add_(backends.mm(S, Y))
+                # a narrow (B, n) product (patches: n = C P^2) runs ~2-5x faster as (n, B) = Y^T S^T
+                # (measured single-threaded, MKL: n = 9, c = 256); wide ones as S Y
+                acc.mul_(scale).add_(backends.mm(Y.T, S.T).T if n < 32 else backends.mm(S, Y))
             m = m_new
     return m.reshape(B), l.reshape(B), acc, best_v, best_i, ymax2
 
