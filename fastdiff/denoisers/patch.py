@@ -87,8 +87,8 @@ def _attend(q, chunks, gain, bias, R_shape):
 
 def _images_per_chunk(N: int, B: int, C: int, L: int, D: int, per_query: int) -> int:
     """Training images a chunk: their (c L, D) patch block and the (per_query B, c) score block at
-    most half the inputs ((N + B) C L elements; at least 2^18), so the peak stays a small multiple of them."""
-    budget = max(1 << 18, (N + B) * C * L // 2)
+    most a quarter of the inputs ((N + B) C L elements; at least 2^16): the peak stays a small multiple of them."""
+    budget = max(1 << 16, (N + B) * C * L // 4)
     return max(1, min(N, budget // (L * D), budget // max(1, per_query * B)))
 
 
@@ -130,7 +130,7 @@ def _equivariant(Xp, images, N, step, a, s, P, C, H, W, boundary, impl):
     xh = (Xp - a[:, None, None] * center).reshape(B * L, D)
     per_query = lambda v: v.repeat_interleave(L)                   # noqa: E731  query b L + p
     g1, g2, h = per_query(gain), per_query(bias), per_query(1 - a)
-    block = min(SCAN_BLOCK, max(1 << 18, (N + B) * C * L // 4))      # a quarter of the inputs, at least 1 MB
+    block = min(SCAN_BLOCK, max(1 << 16, (N + B) * C * L // 4))      # at most a quarter of the inputs
     classes = []
     for idx in _boundary_classes(H, W, P, boundary, dev):
         q = None if idx is None else (torch.arange(B, device=dev)[:, None] * L + idx).reshape(-1)
