@@ -57,6 +57,8 @@ PATCH_MODES = ("local", "equivariant", "pspc")
 BOUNDARIES = ("zero", "circular", "broken")
 SCAN_BLOCK = 1 << 19
 """Elements of the scan's (queries, tile) score block: small enough to stay in cache between its passes."""
+BLOCK_FLOOR = 1 << 17
+"""The smallest patch / score block (elements) however small the inputs: below it, per-call overheads dominate."""
 
 
 def _patches(images: torch.Tensor, P: int, boundary: str) -> torch.Tensor:
@@ -87,8 +89,8 @@ def _attend(q, chunks, gain, bias, R_shape):
 
 def _images_per_chunk(N: int, B: int, C: int, L: int, D: int, per_query: int) -> int:
     """Training images a chunk: their (c L, D) patch block and the (per_query B, c) score block at
-    most a quarter of the inputs ((N + B) C L elements; at least 2^16): the peak stays a small multiple of them."""
-    budget = max(1 << 16, (N + B) * C * L // 4)
+    most a quarter of the inputs ((N + B) C L elements; at least BLOCK_FLOOR): the peak stays a small multiple of them."""
+    budget = max(BLOCK_FLOOR, (N + B) * C * L // 4)
     return max(1, min(N, budget // (L * D), budget // max(1, per_query * B)))
 
 
@@ -130,7 +132,7 @@ def _equivariant(Xp, images, N, step, a, s, P, C, H, W, boundary, impl):
     xh = (Xp - a[:, None, None] * center).reshape(B * L, D)
     per_query = lambda v: v.repeat_interleave(L)                   # noqa: E731  query b L + p
     g1, g2, h = per_query(gain), per_query(bias), per_query(1 - a)
-    block = min(SCAN_BLOCK, max(1 << 16, (N + B) * C * L // 4))      # at most a quarter of the inputs
+    block = min(SCAN_BLOCK, max(BLOCK_FLOOR, (N + B) * C * L // 4))   # at most a quarter of the inputs
     classes = []
     for idx in _boundary_classes(H, W, P, boundary, dev):
         q = None if idx is None else (torch.arange(B, device=dev)[:, None] * L + idx).reshape(-1)
