@@ -20,7 +20,7 @@ measurements so far: :class:`JointDenoiser` (the state is ``(B, m, n)``, all mea
 kept inside).  :func:`fastdiff.sample` runs them on its one loop (:func:`fastdiff.sampling.run`):
 the rows are walk-jump's (Langevin steps, then the jump ``x = E[X | y_1..y_m]``), every step one
 fused pass with its noise drawn in the kernel.  JMS by default runs its exact split instead
-(:func:`sample_jms`, docs/math.md §8a): the mean ``ybar`` is walk-jump at ``sigma / sqrt m`` with step
+(:func:`fastdiff.sampling._sample_jms`, docs/math.md §8a): the mean ``ybar`` is walk-jump at ``sigma / sqrt m`` with step
 ``g / m`` on its own, the residuals ``y_j - ybar`` a Gaussian recursion free of ``D``
 (:class:`ResidualChain`), drawn only where a trajectory or callback asks (``per_measurement=True``:
 the coupled chains above).
@@ -44,7 +44,7 @@ from fastdiff import steps as S
 from fastdiff.solvers import Step, _row
 
 __all__ = ["posterior_mean", "sms_score", "jms_score", "JointDenoiser", "SequentialDenoiser", "initial_shape", "wrap",
-           "ResidualChain", "sample_jms", "localization_times", "localization_table", "localization_coefficients", "METHODS"]
+           "ResidualChain", "localization_times", "localization_table", "localization_coefficients", "METHODS"]
 
 METHODS = ("sms", "jms", "stochastic_localization")
 # E[X | Z_0] = E[X] for every model; a denoiser takes alpha, sigma > 0, so the first drift of a
@@ -175,42 +175,6 @@ def wrap(method: str, denoiser, m: Optional[int], steps: Optional[int], x: torch
     return denoiser
 
 
-# =========================================================================== fastdiff.sample for these methods
-def sample(den, x, table, schedule, method, m, steps, gen, dtype, device, labels, snaps, fused, backend, show, callback,
-           per_measurement: bool = False):
-    """:func:`fastdiff.sample` for :data:`METHODS`: JMS by its mean chain (:func:`sample_jms`) unless
-    ``per_measurement``; SMS, per-measurement JMS and stochastic localization on the loop
-    :func:`fastdiff.sampling.run` with the wrapper denoisers above."""
-    from fastdiff import sampling as SP  # (sampling imports this module)
-    from fastdiff.denoisers import MoLRG
-
-    if isinstance(den, SP._Instances):
-        raise ValueError(f"denoiser: method={method!r} takes one denoiser (not a list of instances)")
-    if labels is not None:
-        raise ValueError(f"labels: not used by method={method!r} (guide through the denoiser instead)")
-    collapsed = method == "jms" and not per_measurement
-    if fused and not collapsed:
-        raise ValueError(f"fused: method={method!r}{' with per_measurement=True' if method == 'jms' else ''} runs the "
-                         "step-by-step loop (its denoiser sees the mean of the measurements, which the fused trajectory "
-                         "kernel does not form); use fused=None or False")
-    if device is None and isinstance(den, MoLRG):
-        device = den.ucat.device
-    x = initial_shape(method, x, m, schedule, steps)  # JMS: (B, n) -> (B, m, n)
-    if collapsed:
-        return sample_jms(den, x, table, m, gen, dtype, device, snaps, fused, backend, show, callback)
-    if method == "stochastic_localization" and not isinstance(x, torch.Tensor):
-        xt = torch.zeros(x, dtype=dtype, device=device or "cpu")  # Z_0 = 0
-    else:
-        xt = SP._initial(x, table, method, schedule, gen, dtype, device, None)
-    fn = wrap(method, den, m, steps, xt)
-    res = SP.run(fn, xt, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend,
-                 progress=show, desc=method)
-    out, traj = res if snaps is not None else (res, None)
-    if method == "jms":
-        out = out[:, 0].contiguous()
-    return (out, traj) if snaps is not None else out
-
-
 # =========================================================================== JMS as its mean chain
 class ResidualChain:
     """The residuals ``r_j = y_j - ybar`` (B, m, n) of a JMS run, drawn only at the steps asked for
@@ -256,79 +220,6 @@ def _skip_draws(gen, count: int, draws: int):
     for _ in range(draws):
         ahead.draw(count)
     return ahead
-
-
-def sample_jms(den, x, table: Sequence[Step], m: int, gen, dtype, device, snaps: Optional[List[int]], fused, backend,
-               show: bool, callback):
-    """JMS by its exact split (docs/math.md §8a): the walk-jump chain of ``ybar`` (B, n) at level
-    ``sigma / sqrt m`` with step ``g / m`` -- the same rows, coefficients ``(1 - g/sigma^2, g/sigma^2,
-    sqrt(2g/m))`` -- on :func:`fastdiff.sampling.run` (or the fused trajectory kernel for a MoLRG), and
-    the residuals (:class:`ResidualChain`) drawn only at the snapshot / callback steps.  ``x``: the state
-    (B, m, n) or its shape; ``table``: JMS's rows at ``sigma``.  Each step draws B n normals (not B m n);
-    the residuals draw from the stream after the mean chain's window, so the result does not depend
-    on ``snaps`` or ``callback``.  Returns what :func:`fastdiff.sample` returns for JMS."""
-    from fastdiff import sampling as SP  # (sampling imports this module)
-    from fastdiff import trajectory as fused_impl
-
-    langevin = table[:-1]
-    sigma, K, g = table[0].level[1], len(langevin), langevin[0].call[1][0]
-    if any(st.call[0] != "langevin_step" for st in langevin) or table[-1].call[0] != "jump":
-        raise ValueError("table: expected JMS's rows (Langevin steps, then the jump)")
-    mean_table = SP.trajectory_table(sigma / math.sqrt(m), "walk_jump", steps=K, step_size=g / m)
-    need_r = snaps is not None or callback is not None
-    if isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-        y0 = _check_jms_state(x, m)
-        acc = torch.promote_types(y0.dtype, torch.float32)        # the mean over m in at least float32
-        ybar = y0.to(acc).mean(1).to(y0.dtype)
-        r0 = y0.to(acc) - ybar.to(acc)[:, None] if need_r else None
-        var0, state_dtype = 0.0, y0.dtype
-    else:
-        B, _, n = x
-        # y_j ~ s N(0, I) iid, s^2 = 1 + sigma^2 (what walk-jump starts from): ybar ~ (s / sqrt m) N(0, I)
-        ybar = S.randn((B, n), generator=gen, dtype=dtype, device=device or "cpu").mul_(math.sqrt((1 + sigma ** 2) / m))
-        r0, var0, state_dtype = None, 1.0 + sigma ** 2, dtype
-    B, n = ybar.shape
-    if gen.per_sample:
-        gen.check_batch(B)
-    per = n if gen.per_sample else B * n
-    res_gen = _skip_draws(gen, per, K)
-    window = res_gen.offset
-    acc = torch.promote_types(state_dtype, torch.float32)
-    res = ResidualChain([(st.cx, st.cz) for st in langevin], res_gen, (B, m, n), acc, ybar.device, r0, var0) \
-        if need_r else None
-    traj = None if snaps is None else torch.empty((len(snaps), B, m, n), dtype=state_dtype, device=ybar.device)
-
-    def state(k, yb):  # y_k (B, m, n) = ybar_k + r_k, saved where the trajectory asks for step k
-        y = res.at(k).add(yb.to(acc)[:, None]).to(state_dtype)
-        for j, s in enumerate(snaps or ()):
-            if s == k:
-                traj[j].copy_(y)
-        return y
-
-    cb = None
-    if callback is not None:
-        def cb(info):  # the callback sees the JMS state and row, as on the per-measurement loop
-            y = state(info.i, info.x)
-            callback(SP.StepInfo(info.i, y, 1.0, sigma, info.x0_hat[:, None].expand(y.shape), table[info.i]))
-    mean_snaps = None if snaps is None or callback is not None else sorted({k for k in snaps if k <= K}) or None
-    if SP._use_fused(fused, den, ybar, backend, callback, "walk_jump", gen):
-        out, mean_traj = fused_impl.run(den, ybar, mean_table, gen, None, None, mean_snaps, backend, show)
-    else:
-        got = SP.run(den, ybar, mean_table, generator=gen, callback=cb, return_trajectory=mean_snaps, backend=backend,
-                     progress=show, desc="jms")
-        out, mean_traj = got if mean_snaps is not None else (got, None)
-    if gen.offset != window:  # the residuals' window must start where the mean chain stopped drawing
-        raise RuntimeError(f"jms: the mean chain left the generator at offset {gen.offset}, expected {window}")
-    if snaps is not None:
-        for j, k in enumerate(mean_snaps or ()):
-            state(k, mean_traj[j])
-        for j, s in enumerate(snaps):
-            if s == K + 1:
-                traj[j].copy_(out[:, None].expand(B, m, n))
-    gen.offset = res_gen.offset
-    return (out, traj) if snaps is not None else out
 
 
 # =========================================================================== stochastic localization

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,8 +59,9 @@ from fastdiff._interop import accepts_arrays
 from fastdiff.denoisers import MoLRG
 from fastdiff.gaussian_exact import gaussian_sampler_variance  # noqa: F401  (moved there; importable here)
 from fastdiff.generator import Generator, default_generator
+from fastdiff.loop import StepInfo, _snapshots, run
 from fastdiff.schedules import DDPMSchedule, KarrasSchedule
-from fastdiff.solvers import MULTISTEP_METHODS, Step, apply_row, history_length, ou_reverse_table, solver_table
+from fastdiff.solvers import MULTISTEP_METHODS, Step, ou_reverse_table, solver_table
 
 __all__ = ["sample", "run", "StepInfo", "METHODS", "Step", "trajectory_table", "gaussian_sampler_variance"]
 
@@ -365,7 +366,7 @@ def sample(denoiser, x, schedule, method: str = "ddpm", *, steps: Optional[int] 
         raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
     gen = generator if generator is not None else default_generator
     if method in MM.METHODS:
-        return MM.sample(den, x, table, schedule, method, measurements, steps, gen, dtype, device, labels,
+        return _sample_mm(den, x, table, schedule, method, measurements, steps, gen, dtype, device, labels,
                          _snapshots(return_trajectory, len(table)), fused, backend, progress and not disable, callback,
                          per_measurement)
     x = _initial(x, table, method, schedule, gen, dtype, device, den)  # flow: scale t_0 (1: pure noise)
@@ -437,20 +438,6 @@ def _check_labels(labels, guidance, x, den):
     return labels, guidance
 
 
-def _snapshots(spec, nsteps) -> Optional[List[int]]:
-    if spec is None or spec is False:
-        return None
-    if spec is True:
-        return list(range(nsteps + 1))
-    idx = torch.as_tensor(spec).reshape(-1)
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise TypeError(f"return_trajectory: expected True or integer step indices, got dtype {idx.dtype}")
-    idx = idx.tolist()
-    if not all(0 <= k <= nsteps for k in idx):
-        raise ValueError(f"return_trajectory: expected step indices in [0, {nsteps}] (state after k steps), got {idx}")
-    return idx
-
-
 def _use_fused(fused, den, x, backend, callback, method, gen=None) -> bool:
     if fused is False:
         return False
@@ -470,113 +457,105 @@ def _use_fused(fused, den, x, backend, callback, method, gen=None) -> bool:
     return ok
 
 
-# =========================================================================== the sampler loop
-class StepInfo(NamedTuple):
-    """What :func:`run` passes to its ``callback``, once per table row (k-diffusion's callback dict)."""
-    i: int                 # the row, 0 .. len(table) - 1
-    x: torch.Tensor        # the state the denoiser saw: x after i steps (and after this step's EDM churn)
-    alpha: float           # the level of that evaluation (sigma = sigma_hat after churn)
-    sigma: float
-    x0_hat: torch.Tensor   # the denoiser's output D(x; alpha, sigma)
-    step: Step             # the row about to be applied
+# =========================================================================== fastdiff.sample for these methods
+def _sample_mm(den, x, table, schedule, method, m, steps, gen, dtype, device, labels, snaps, fused, backend, show, callback,
+           per_measurement: bool = False):
+    """:func:`fastdiff.sample` for :data:`METHODS`: JMS by its mean chain (:func:`_sample_jms`) unless
+    ``per_measurement``; SMS, per-measurement JMS and stochastic localization on the loop
+    :func:`fastdiff.sampling.run` with the wrapper denoisers above."""
+    if isinstance(den, _Instances):
+        raise ValueError(f"denoiser: method={method!r} takes one denoiser (not a list of instances)")
+    if labels is not None:
+        raise ValueError(f"labels: not used by method={method!r} (guide through the denoiser instead)")
+    collapsed = method == "jms" and not per_measurement
+    if fused and not collapsed:
+        raise ValueError(f"fused: method={method!r}{' with per_measurement=True' if method == 'jms' else ''} runs the "
+                         "step-by-step loop (its denoiser sees the mean of the measurements, which the fused trajectory "
+                         "kernel does not form); use fused=None or False")
+    if device is None and isinstance(den, MoLRG):
+        device = den.ucat.device
+    x = MM.initial_shape(method, x, m, schedule, steps)  # JMS: (B, n) -> (B, m, n)
+    if collapsed:
+        return _sample_jms(den, x, table, m, gen, dtype, device, snaps, fused, backend, show, callback)
+    if method == "stochastic_localization" and not isinstance(x, torch.Tensor):
+        xt = torch.zeros(x, dtype=dtype, device=device or "cpu")  # Z_0 = 0
+    else:
+        xt = _initial(x, table, method, schedule, gen, dtype, device, None)
+    fn = MM.wrap(method, den, m, steps, xt)
+    res = run(fn, xt, table, generator=gen, callback=callback, return_trajectory=snaps, backend=backend,
+                 progress=show, desc=method)
+    out, traj = res if snaps is not None else (res, None)
+    if method == "jms":
+        out = out[:, 0].contiguous()
+    return (out, traj) if snaps is not None else out
 
 
-def run(denoiser: Callable, x: torch.Tensor, table: Sequence[Step], *, generator: Optional[Generator] = None,
-        callback: Optional[Callable[[StepInfo], None]] = None, return_trajectory=None, backend: str = "auto",
-        progress: bool = True, desc: Optional[str] = None, noise: Optional[Callable[[int, Step], torch.Tensor]] = None):
-    """The step-by-step sampler loop: for each :class:`Step` of ``table`` (:func:`trajectory_table`),
-    one evaluation ``x0_hat = denoiser(x, alpha, sigma)`` at the row's level and one fused step
-    (:func:`fastdiff.ddpm_step`, :func:`fastdiff.ddim_step`, :func:`fastdiff.euler_step`, ...) with
-    ``x0_hat`` as the model output; Heun rows evaluate once more at the predictor (``row.level2``).
 
-    denoiser: ``denoiser(x, alpha, sigma) -> x0_hat``, x's shape (alpha, sigma Python floats).
-    x: x_T, any shape (not modified: the loop runs on a copy, updated in place by ``out=`` steps).
-    generator: the Philox stream every stochastic step (and EDM churn) draws ``x.numel()`` normals
-        from, in table order (default :data:`fastdiff.default_generator`).
-    callback: called once per row, after the row's (first) denoiser evaluation and before the
-        update, with a :class:`StepInfo` ``(i, x, alpha, sigma, x0_hat, step)``; ``x`` is the state
-        after i rows -- ``trajectory[i]`` unless the row churns, then the churned state the denoiser
-        saw -- and is overwritten by the update: clone what you keep.  Not called after the last
-        row (the result is the return value).
-    return_trajectory: as in :func:`fastdiff.sample` (states after k rows, k = 0 .. len(table)).
-    backend: the fused steps' backend.  progress / desc: a tqdm bar (shown for runs over a second).
-    noise: ``noise(i, row) -> tensor like x``, called for each draw of the solver rows of
-        :mod:`fastdiff.solvers` (``"affine"`` rows) in place of the generator (k-diffusion's
-        ``noise_sampler``); the other rows always draw from ``generator``.
-    Multistep rows remember earlier denoiser outputs (``Step.push``), so ``denoiser`` must return a
-    tensor it does not overwrite later (a fresh one, as a model call does); an output that reuses a
-    remembered one's memory raises ``ValueError``.
-    Returns x after every row (and the trajectory, if asked).  Every coefficient is a host float,
-    so the loop never synchronizes with the device.
-    """
-    if not callable(denoiser):
-        raise TypeError(f"denoiser: expected a callable denoiser(x, alpha, sigma) -> x0_hat, got {type(denoiser).__name__}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if generator is not None and not isinstance(generator, Generator):
-        raise TypeError(f"generator: expected a fastdiff.Generator, got {type(generator).__name__}")
-    gen = default_generator if generator is None else generator
-    snaps = _snapshots(return_trajectory, len(table))
-    x = x.clone(memory_format=torch.contiguous_format)
-    x_pred = None  # Heun's predictor, one buffer for the whole run
-    traj = None
+def _sample_jms(den, x, table: Sequence[Step], m: int, gen, dtype, device, snaps: Optional[List[int]], fused, backend,
+               show: bool, callback):
+    """JMS by its exact split (docs/math.md §8a): the walk-jump chain of ``ybar`` (B, n) at level
+    ``sigma / sqrt m`` with step ``g / m`` -- the same rows, coefficients ``(1 - g/sigma^2, g/sigma^2,
+    sqrt(2g/m))`` -- on :func:`fastdiff.sampling.run` (or the fused trajectory kernel for a MoLRG), and
+    the residuals (:class:`fastdiff.multimeasurement.ResidualChain`) drawn only at the snapshot / callback steps.  ``x``: the state
+    (B, m, n) or its shape; ``table``: JMS's rows at ``sigma``.  Each step draws B n normals (not B m n);
+    the residuals draw from the stream after the mean chain's window, so the result does not depend
+    on ``snaps`` or ``callback``.  Returns what :func:`fastdiff.sample` returns for JMS."""
+    langevin = table[:-1]
+    sigma, K, g = table[0].level[1], len(langevin), langevin[0].call[1][0]
+    if any(st.call[0] != "langevin_step" for st in langevin) or table[-1].call[0] != "jump":
+        raise ValueError("table: expected JMS's rows (Langevin steps, then the jump)")
+    mean_table = trajectory_table(sigma / math.sqrt(m), "walk_jump", steps=K, step_size=g / m)
+    need_r = snaps is not None or callback is not None
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        y0 = MM._check_jms_state(x, m)
+        acc = torch.promote_types(y0.dtype, torch.float32)        # the mean over m in at least float32
+        ybar = y0.to(acc).mean(1).to(y0.dtype)
+        r0 = y0.to(acc) - ybar.to(acc)[:, None] if need_r else None
+        var0, state_dtype = 0.0, y0.dtype
+    else:
+        B, _, n = x
+        # y_j ~ s N(0, I) iid, s^2 = 1 + sigma^2 (what walk-jump starts from): ybar ~ (s / sqrt m) N(0, I)
+        ybar = S.randn((B, n), generator=gen, dtype=dtype, device=device or "cpu").mul_(math.sqrt((1 + sigma ** 2) / m))
+        r0, var0, state_dtype = None, 1.0 + sigma ** 2, dtype
+    B, n = ybar.shape
+    if gen.per_sample:
+        gen.check_batch(B)
+    per = n if gen.per_sample else B * n
+    res_gen = MM._skip_draws(gen, per, K)
+    window = res_gen.offset
+    acc = torch.promote_types(state_dtype, torch.float32)
+    res = MM.ResidualChain([(st.cx, st.cz) for st in langevin], res_gen, (B, m, n), acc, ybar.device, r0, var0) \
+        if need_r else None
+    traj = None if snaps is None else torch.empty((len(snaps), B, m, n), dtype=state_dtype, device=ybar.device)
+
+    def state(k, yb):  # y_k (B, m, n) = ybar_k + r_k, saved where the trajectory asks for step k
+        y = res.at(k).add(yb.to(acc)[:, None]).to(state_dtype)
+        for j, s in enumerate(snaps or ()):
+            if s == k:
+                traj[j].copy_(y)
+        return y
+
+    cb = None
+    if callback is not None:
+        def cb(info):  # the callback sees the JMS state and row, as on the per-measurement loop
+            y = state(info.i, info.x)
+            callback(StepInfo(info.i, y, 1.0, sigma, info.x0_hat[:, None].expand(y.shape), table[info.i]))
+    mean_snaps = None if snaps is None or callback is not None else sorted({k for k in snaps if k <= K}) or None
+    if _use_fused(fused, den, ybar, backend, callback, "walk_jump", gen):
+        out, mean_traj = fused_impl.run(den, ybar, mean_table, gen, None, None, mean_snaps, backend, show)
+    else:
+        got = run(den, ybar, mean_table, generator=gen, callback=cb, return_trajectory=mean_snaps, backend=backend,
+                     progress=show, desc="jms")
+        out, mean_traj = got if mean_snaps is not None else (got, None)
+    if gen.offset != window:  # the residuals' window must start where the mean chain stopped drawing
+        raise RuntimeError(f"jms: the mean chain left the generator at offset {gen.offset}, expected {window}")
     if snaps is not None:
-        traj = torch.empty((len(snaps),) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        _save(traj, snaps, 0, x)
-    bar = fused_impl._progress(len(table), progress)
-    if bar is not None and desc:
-        bar.set_description(desc, refresh=False)
-    history: List[torch.Tensor] = []  # the multistep rows' pushes h_{i-1}, h_{i-2}, ..., latest first
-    keep = history_length(table)
-    for i, st in enumerate(table):
-        name, args, kw = st.call
-        sigma_hat = st.level[1]
-        if kw.get("gamma", 0.0) > 0:  # gamma, not st.churn: s_noise = 0 still draws
-            x, sigma_hat = S.edm_churn(x, args[0], kw["gamma"], s_noise=kw["s_noise"], generator=gen,
-                                       out=_inplace(x), backend=backend)
-        m = denoiser(x, *st.level)
-        if callback is not None:
-            callback(StepInfo(i, x, st.level[0], st.level[1], m, st))
-        out = _inplace(x, m)
-        if name == "affine":
-            x, x_pred = apply_row(denoiser, x, m, st, i, history, keep, gen, noise, out, x_pred, backend)
-        elif name in ("ddpm_step", "ddim_step"):
-            x = getattr(S, name)(x, m, *args, prediction="x0", generator=gen, out=out, backend=backend, **kw)
-        elif name == "euler_ancestral_step":
-            x = S.euler_ancestral_step(x, m, *args, generator=gen, out=out, backend=backend, **kw)
-        elif name in ("euler_step", "heun_step"):
-            sigma_next = args[1]
-            if st.level2 is None:  # Euler (also Heun's last step, to sigma_next = 0)
-                x = S.euler_step(x, m, sigma_hat, sigma_next, out=out, backend=backend)
-            else:
-                x_pred = S.euler_step(x, m, sigma_hat, sigma_next, out=x_pred if out is not None else None,
-                                      backend=backend)
-                x = S.heun_step(x, m, sigma_hat, sigma_next, x_pred=x_pred,
-                                model_output_pred=denoiser(x_pred, *st.level2), out=out, backend=backend)
-        elif name == "langevin_step":
-            x = S.langevin_step(x, m, args[0], prediction="x0", sigma=kw["sigma"], generator=gen, out=out,
-                                backend=backend)
-        else:  # the jump of walk-jump: x = x0_hat(y)
-            x = m
-        if traj is not None:
-            _save(traj, snaps, i + 1, x)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return (x, traj) if snaps is not None else x
-
-
-def _inplace(x: torch.Tensor, *outputs: torch.Tensor) -> Optional[torch.Tensor]:
-    """``x`` as the step's ``out=`` buffer, or None (a fresh tensor) while autograd records the
-    trajectory: a denoiser's backward may have saved ``x`` (a MoLRG does), and overwriting it would
-    make ``backward`` raise."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in outputs)):
-        return None
-    return x
-
-
-def _save(traj, snaps, k, x):
-    for j, s in enumerate(snaps):
-        if s == k:
-            traj[j].copy_(x)
+        for j, k in enumerate(mean_snaps or ()):
+            state(k, mean_traj[j])
+        for j, s in enumerate(snaps):
+            if s == K + 1:
+                traj[j].copy_(out[:, None].expand(B, m, n))
+    gen.offset = res_gen.offset
+    return (out, traj) if snaps is not None else out
