@@ -152,6 +152,30 @@ LAUNCHERS = Launchers("empirical-scan", {"cpp": "fastdiff.kernels.cpp:empirical_
 
 def empirical_scan(backend: str, xh, data, center, g1, g2, h, *, lo: float = -1.0, hi: float = 1.0,
                    soft: bool = True, want_acc: bool = True, kc: int = 0, chunk: Optional[int] = None):
-    """The module's contract on a concrete ``backend``: ``(m, l, acc, best_v, best_i, ymax2)``."""
+    """The module's contract on a concrete ``backend``: ``(m, l, acc, best_v, best_i, ymax2)``.
+    Under torch.compile a kernel runs as the opaque library op ``fastdiff::empirical_scan`` (its
+    fake impl gives the shapes); torch's own form is traced; eager calls skip the op layer."""
+    if backend != "torch" and torch.compiler.is_compiling():
+        m, l, acc, best_v, best_i, ymax2 = _scan_op(xh, data, center, g1, g2, h, float(lo), float(hi), bool(soft),
+                                                    bool(want_acc), int(kc), backend)
+        return m, l, acc if want_acc else None, best_v, best_i, ymax2
     return LAUNCHERS[backend](xh, data, center, g1, g2, h, float(lo), float(hi), bool(soft),
                               bool(want_acc), int(kc), chunk)
+
+
+# =========================================================================== torch.library op
+@torch.library.custom_op("fastdiff::empirical_scan", mutates_args=())
+def _scan_op(xh: torch.Tensor, data: torch.Tensor, center: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+             h: torch.Tensor, lo: float, hi: float, soft: bool, want_acc: bool, kc: int,
+             impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, l, acc, best_v, best_i, ymax2 = LAUNCHERS[impl](xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, None)
+    if acc is None:  # a library op returns tensors: (0, n) stands for "not asked for"
+        acc = xh.new_empty((0, xh.shape[1]))
+    return m, l, acc, best_v, best_i, ymax2
+
+
+@_scan_op.register_fake
+def _(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, impl):
+    B, n = xh.shape
+    return (xh.new_empty(B), xh.new_empty(B), xh.new_empty((B if want_acc else 0, n)), xh.new_empty((B, kc)),
+            xh.new_empty((B, kc), dtype=torch.int64), xh.new_empty(()))
