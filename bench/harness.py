@@ -19,6 +19,21 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 
+def gpu_bench_mode(smoke_var: str) -> bool:
+    """A GPU benchmark module's gate, called at its import: skip the module without CUDA unless the
+    environment sets ``smoke_var=1`` with ``TRITON_INTERPRET=1`` (tiny sizes under the interpreter,
+    to check on a CPU that the file runs).  Returns whether this is the smoke mode."""
+    import pytest
+
+    smoke = os.environ.get(smoke_var) == "1"
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("smoke mode needs TRITON_INTERPRET=1", allow_module_level=True)
+    if not smoke and not torch.cuda.is_available():
+        pytest.skip(f"GPU benchmark (set {smoke_var}=1 TRITON_INTERPRET=1 for a CPU smoke run)",
+                    allow_module_level=True)
+    return smoke
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -21,17 +21,13 @@ Skipped without CUDA.  Smoke mode, to check on a CPU that this file runs (not a 
 runs every test on tiny sizes under the Triton interpreter.
 """
 import math
-import os
 
 import pytest
 import torch
 
-SMOKE = os.environ.get("FASTDIFF_BENCH_EMPIRICAL_SMOKE") == "1"
-if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("smoke mode needs TRITON_INTERPRET=1", allow_module_level=True)
-if not SMOKE and not torch.cuda.is_available():
-    pytest.skip("GPU benchmark (set FASTDIFF_BENCH_EMPIRICAL_SMOKE=1 TRITON_INTERPRET=1 for a CPU smoke run)",
-                allow_module_level=True)
+import harness
+
+SMOKE = harness.gpu_bench_mode("FASTDIFF_BENCH_EMPIRICAL_SMOKE")
 
 from fastdiff.ops import empirical as op  # noqa: E402
 

@@ -23,12 +23,7 @@ import torch
 
 import harness
 
-SMOKE = os.environ.get("FASTDIFF_BENCH_SVD_SMOKE") == "1"
-if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("smoke mode needs TRITON_INTERPRET=1", allow_module_level=True)
-if not SMOKE and not torch.cuda.is_available():
-    pytest.skip("GPU benchmark (set FASTDIFF_BENCH_SVD_SMOKE=1 TRITON_INTERPRET=1 for a CPU smoke run)",
-                allow_module_level=True)
+SMOKE = harness.gpu_bench_mode("FASTDIFF_BENCH_SVD_SMOKE")
 
 from fastdiff.kernels import svd  # noqa: E402
 
