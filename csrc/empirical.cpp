@@ -14,12 +14,12 @@
 //   twice, row-major Yc (NT, nP) (nP = n rounded up to 16, zero padded) and as transposed
 //   panels Yt of 16 rows (n, 16), with ||Yc||^2, ||Yc||^2 / 2, c . Yc per row;
 //   then per block of BQ queries, while the tile is in L2:
-//     1. H = xh Yc^T by mr x 16 register tiles (h_tile: broadcast xh[b, k], FMA a panel row),
+//     1. H = xh Yc^T by mr x 16 register tiles (fma_tile: broadcast xh[b, k], FMA a panel row),
 //        the epilogue fused on each: S into the block's (BQ, NT) buffer, V checked against each
 //        query's worst kept candidate (one vector compare; a min-heap of kc entries is touched
 //        only by rows that beat it: ~kc log(N / kc) times per query in random order);
 //     2. the online softmax of each S row (max, e^{S - m'} in place, l, the rescale e^{m - m'});
-//     3. acc = e^{m - m'} acc + P Yc by mr x 16 register tiles (acc_tile: broadcast P[b, j], FMA
+//     3. acc = e^{m - m'} acc + P Yc by mr x 16 register tiles (fma_tile again: broadcast P[b, j], FMA
 //        a row of Yc), the rescale folded into the tile's load.
 //   float32 MR = 6 queries x 2 vectors, float64 MR = 3 x 4: 12 accumulators, 16 ymm registers.
 // Parallel over data tiles (OpenMP, `threads` from torch.get_num_threads()): each thread keeps

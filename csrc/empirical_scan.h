@@ -13,11 +13,10 @@ namespace FD_SCAN_NS {
 
 using namespace empirical_detail;
 
-// ------------------------------------------------------------------------ the two micro-kernels
-// h_tile:   H[r][q]  = sum_{k < n} x[r ldx + k] Yt[16 k + q]        (mr queries x 16 data rows)
-// acc_tile: A[r][q] <- s_r A[r][q] + sum_{j < nt} P[r ldp + j] Y[j ldy + q]   (mr queries x 16 cols)
-// (x: rows of xh; Yt: a transposed panel of 16 centred rows; P: rows of exp(S - m); Y: the
-// centred tile, row-major.)  Each holds an mr x 16 tile of accumulators in registers: per step
+// ------------------------------------------------------------------------ the micro-kernel
+// fma_tile: out[r][q] <- (s ? s_r out[r][q] : 0) + sum_{k < nk} A[r lda + k] Y[k ldy + q]   (mr x 16)
+// used twice: H = xh Yc^T (A: rows of xh, Y: a transposed panel of 16 centred rows, no s) and
+// acc <- sc acc + P Yc (A: rows of exp(S - m), Y: 16 columns of the centred tile, row-major).  Each holds an mr x 16 tile of accumulators in registers: per step
 // 16 / W vector loads and mr broadcasts feed 16 mr / W FMAs (12 vectors: MR = 6 in float32,
 // 3 in float64).
 #if FD_SCAN_AVX2
@@ -44,44 +43,25 @@ template <> struct Vec<double> {
 };
 
 template <class T, int mr>
-FD_SCAN_INLINE void h_tile(const T* x, int64_t ldx, const T* Yt, int64_t n, T* H) {
-  using V = Vec<T>;
-  constexpr int NV = PW / V::W;
-  typename V::R acc[mr][NV];
-  for (int r = 0; r < mr; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-  for (int64_t k = 0; k < n; ++k) {
-    typename V::R y[NV];
-    for (int v = 0; v < NV; ++v) y[v] = V::load(Yt + PW * k + V::W * v);
-    for (int r = 0; r < mr; ++r) {
-      const typename V::R a = V::set1(x[r * ldx + k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, y[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < mr; ++r)
-    for (int v = 0; v < NV; ++v) V::store(H + PW * r + V::W * v, acc[r][v]);
-}
-
-template <class T, int mr>
-FD_SCAN_INLINE void acc_tile(const T* P, int64_t ldp, const T* Y, int64_t ldy, int64_t nt, T* A,
-                             int64_t lda, const T* s) {
+FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, int64_t nk, T* out, int64_t ldo,
+                             const T* s) {
   using V = Vec<T>;
   constexpr int NV = PW / V::W;
   typename V::R acc[mr][NV];
   for (int r = 0; r < mr; ++r) {
-    const typename V::R sv = V::set1(s[r]);
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::mul(sv, V::load(A + r * lda + V::W * v));
+    const typename V::R sv = s ? V::set1(s[r]) : V::zero();
+    for (int v = 0; v < NV; ++v) acc[r][v] = s ? V::mul(sv, V::load(out + r * ldo + V::W * v)) : V::zero();
   }
-  for (int64_t j = 0; j < nt; ++j) {
+  for (int64_t k = 0; k < nk; ++k) {
     typename V::R y[NV];
-    for (int v = 0; v < NV; ++v) y[v] = V::load(Y + j * ldy + V::W * v);
+    for (int v = 0; v < NV; ++v) y[v] = V::load(Y + k * ldy + V::W * v);
     for (int r = 0; r < mr; ++r) {
-      const typename V::R a = V::set1(P[r * ldp + j]);
+      const typename V::R a = V::set1(A[r * lda + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, y[v], acc[r][v]);
     }
   }
   for (int r = 0; r < mr; ++r)
-    for (int v = 0; v < NV; ++v) V::store(A + r * lda + V::W * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) V::store(out + r * ldo + V::W * v, acc[r][v]);
 }
 #else
 // The same tiles with GCC's generic 16-byte vectors (SSE2 / NEON; no reliance on the loop
@@ -96,43 +76,26 @@ FD_SCAN_INLINE typename Vec16<T>::R load16(const T* p) {
 }
 
 template <class T, int mr>
-FD_SCAN_INLINE void h_tile(const T* x, int64_t ldx, const T* Yt, int64_t n, T* H) {
+FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, int64_t nk, T* out, int64_t ldo,
+                             const T* s) {
   using R = typename Vec16<T>::R;
   constexpr int L = 16 / sizeof(T);
   for (int c0 = 0; c0 < PW; c0 += 2 * L) {
     R acc[mr][2] = {};
-    for (int64_t k = 0; k < n; ++k) {
-      const R y0 = load16(Yt + PW * k + c0), y1 = load16(Yt + PW * k + c0 + L);
+    if (s)
       for (int r = 0; r < mr; ++r) {
-        const T a = x[r * ldx + k];
+        acc[r][0] = s[r] * load16(out + r * ldo + c0);
+        acc[r][1] = s[r] * load16(out + r * ldo + c0 + L);
+      }
+    for (int64_t k = 0; k < nk; ++k) {
+      const R y0 = load16(Y + k * ldy + c0), y1 = load16(Y + k * ldy + c0 + L);
+      for (int r = 0; r < mr; ++r) {
+        const T a = A[r * lda + k];
         acc[r][0] += a * y0;
         acc[r][1] += a * y1;
       }
     }
-    for (int r = 0; r < mr; ++r) std::memcpy(H + PW * r + c0, acc[r], 32);
-  }
-}
-
-template <class T, int mr>
-FD_SCAN_INLINE void acc_tile(const T* P, int64_t ldp, const T* Y, int64_t ldy, int64_t nt, T* A,
-                             int64_t lda, const T* s) {
-  using R = typename Vec16<T>::R;
-  constexpr int L = 16 / sizeof(T);
-  for (int c0 = 0; c0 < PW; c0 += 2 * L) {
-    R acc[mr][2];
-    for (int r = 0; r < mr; ++r) {
-      acc[r][0] = s[r] * load16(A + r * lda + c0);
-      acc[r][1] = s[r] * load16(A + r * lda + c0 + L);
-    }
-    for (int64_t j = 0; j < nt; ++j) {
-      const R y0 = load16(Y + j * ldy + c0), y1 = load16(Y + j * ldy + c0 + L);
-      for (int r = 0; r < mr; ++r) {
-        const T a = P[r * ldp + j];
-        acc[r][0] += a * y0;
-        acc[r][1] += a * y1;
-      }
-    }
-    for (int r = 0; r < mr; ++r) std::memcpy(A + r * lda + c0, acc[r], 32);
+    for (int r = 0; r < mr; ++r) std::memcpy(out + r * ldo + c0, acc[r], 32);
   }
 }
 #endif
@@ -194,7 +157,7 @@ FD_SCAN_INLINE void load_tile(const Job<T>& J, Partial<T>& P, int64_t r0, int64_
     P.cy[jj] = cs;
     P.ymax2 = nan_max(P.ymax2, s);
   }
-  // Yt[p][k][q] = Yc[16 p + q][k]: panel p, 16 rows, k-major (h_tile's vector loads)
+  // Yt[p][k][q] = Yc[16 p + q][k]: panel p, 16 rows, k-major (fma_tile's vector loads)
   for (int64_t p = 0; p < ntp / PW; ++p) {
     T* t = P.Yt.get() + p * PW * n;
     const T* y = P.Yc.get() + p * PW * nP;
@@ -203,7 +166,7 @@ FD_SCAN_INLINE void load_tile(const Job<T>& J, Partial<T>& P, int64_t r0, int64_
   }
 }
 
-// The epilogue of one h_tile: rows [b, b + mr) (block start bq0) against panel rows
+// The epilogue of one H tile: rows [b, b + mr) (block start bq0) against panel rows
 // [j0, j0 + 16) of the tile starting at data row r0 (valid rows: nt):
 //   S = g1 H - g2 ysq into P.S (soft),  V = (H - ysq / 2) - h cy offered to the heaps (kc).
 template <class T, int mr>
@@ -293,7 +256,7 @@ void scan_tiles(const Job<T>& J, Partial<T>& P, int64_t t0, int64_t t1) {
         with_rows<T>(static_cast<int>(std::min<int64_t>(mrmax, bq1 - b)), [&](auto mrc) {
           constexpr int mr = decltype(mrc)::value;
           for (int64_t p = 0; p < npan; ++p) {
-            h_tile<T, mr>(J.xh + b * n, n, P.Yt.get() + p * PW * n, n, H);
+            fma_tile<T, mr>(J.xh + b * n, n, P.Yt.get() + p * PW * n, PW, n, H, PW, nullptr);
             epilogue<T, mr>(J, P, b, bq0, p * PW, r0, nt, H);
           }
         });
@@ -305,7 +268,7 @@ void scan_tiles(const Job<T>& J, Partial<T>& P, int64_t t0, int64_t t1) {
         with_rows<T>(static_cast<int>(std::min<int64_t>(mrmax, bq1 - b)), [&](auto mrc) {
           constexpr int mr = decltype(mrc)::value;
           for (int64_t k0 = 0; k0 < nP; k0 += PW)
-            acc_tile<T, mr>(P.S.get() + (b - bq0) * NT, NT, P.Yc.get() + k0, nP, nt,
+            fma_tile<T, mr>(P.S.get() + (b - bq0) * NT, NT, P.Yc.get() + k0, nP, nt,
                             P.acc.get() + b * nP + k0, nP, P.sc.get() + (b - bq0));
         });
     }
