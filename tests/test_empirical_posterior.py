@@ -125,3 +125,31 @@ def test_bad_data_and_levels():
         empirical_posterior(torch.randn(2, 3), D.synthetic(4, (1, 2, 2)), 1.0, 0.5)
     with pytest.raises(ValueError, match="sigma"):
         empirical_posterior(torch.randn(2, 3), torch.randn(6, 3), 1.0, 0.0)
+
+
+def test_centre_cache_reads_a_set_once_and_never_answers_for_another(monkeypatch):
+    """The training set's centre is kept between calls on the same set (a sampler's every step), and a
+    new set never gets a freed set's centre, even where the allocator hands it the same pointer: the
+    results of a call must not depend, in any bit, on the calls before it."""
+    from fastdiff.denoisers import empirical as E
+    calls = []
+    real = E._center_of
+    monkeypatch.setattr(E, "_center_of", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    full, x = torch.randn(400, 48, generator=g), torch.randn(6, 48, generator=g)
+    for _ in range(3):
+        empirical_posterior(x, full, 0.9, 0.5, outputs=("x0",))
+    assert len(calls) == 1                                   # one read for three calls on one set
+    full.mul_(1.0)                                           # in place: the version moves, the centre is read again
+    empirical_posterior(x, full, 0.9, 0.5, outputs=("x0",))
+    assert len(calls) == 2
+    pointers = []
+    for t in range(12):
+        sub = full[torch.randperm(400, generator=g)[:100]]  # same size each time: malloc reuses the pointer
+        pointers.append(sub.data_ptr())
+        warm = empirical_posterior(x, sub, 0.9, 0.5, outputs=("x0",)).x0
+        E._LAST_CENTER.clear()
+        cold = empirical_posterior(x, sub, 0.9, 0.5, outputs=("x0",)).x0
+        assert torch.equal(warm, cold), t
+        del sub
+    assert len(set(pointers)) < len(pointers)               # the case this guards did happen

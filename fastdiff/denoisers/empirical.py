@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -181,8 +182,9 @@ def _training_rows(x, data):
 
 
 # the last training set's centre: a sampler calls the denoiser on the same set every step, and the
-# centre would be a second read of it.  Keyed by storage, layout and version (an in-place change
-# bumps it); a stale hit after a freed pointer is reused is still exact, only less well centred.
+# centre would be a second read of it.  Keyed by layout and version (an in-place change bumps it) and
+# held against a weak reference to the tensor that owns the memory: a freed set whose pointer a new
+# set reuses must miss, or the new set's results would depend (in the last bits) on the calls before.
 _LAST_CENTER: dict = {}
 
 
@@ -192,11 +194,13 @@ def _center(Y, N, lo, hi, step, ct):
     so it need only be near the data, but the kernel and the float64 epilogue must use the same one."""
     if torch.compiler.is_compiling():
         return _center_of(Y, N, lo, hi, step, ct)
+    owner = Y if Y._base is None else Y._base        # a per-call view (a reshape) of a long-lived set
     key = (Y.data_ptr(), tuple(Y.shape), Y.stride(), Y.dtype, Y.device, Y._version, lo, hi, ct)
-    if key not in _LAST_CENTER:
+    hit = _LAST_CENTER.get(key)
+    if hit is None or hit[0]() is not owner:
         _LAST_CENTER.clear()
-        _LAST_CENTER[key] = _center_of(Y, N, lo, hi, step, ct)
-    return _LAST_CENTER[key]
+        hit = _LAST_CENTER[key] = (weakref.ref(owner), _center_of(Y, N, lo, hi, step, ct))
+    return hit[1]
 
 
 def _center_of(Y, N, lo, hi, step, ct):
