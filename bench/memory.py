@@ -27,7 +27,7 @@ CASES = {
     "local": "patch_denoise(x, data, 1.0, 0.5, patch=P, mode='local')",
     "pspc": "patch_denoise(x, data, 1.0, 0.5, patch=P, mode='pspc')",
 }
-_PATCH_SIZES = [((1, 28, 28), 1000, 2, 5), ((1, 8, 8), 10000, 16, 5)]   # bench/test_bench_denoise.py's largest
+_PATCH_SIZES = [((1, 28, 28), 1000, 2, 5), ((1, 28, 28), 10000, 2, 5), ((1, 8, 8), 10000, 16, 5)]   # bench/test_bench_denoise.py's largest
 SIZES = {"posterior": [(256, 50000, 192)], "denoise": [(256, 50000, 192)],
          **{case: _PATCH_SIZES for case in ("equivariant", "equivariant-broken", "local", "pspc")}}
 PATCH_CASES = ("equivariant", "equivariant-broken", "local", "pspc")

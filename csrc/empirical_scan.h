@@ -156,6 +156,7 @@ FD_SCAN_INLINE void load_tile(const Job<T>& J, Partial<T>& P, int64_t r0, int64_
     P.hys[jj] = T(0.5) * s;
     P.cy[jj] = cs;
     P.ymax2 = nan_max(P.ymax2, s);
+    for (int64_t c = 0; c < J.ncol; ++c) P.Vt[c * NT + jj] = y[J.cols[c]];
   }
   // Yt[p][k][q] = Yc[16 p + q][k]: panel p, 16 rows, k-major (fma_tile's vector loads)
   for (int64_t p = 0; p < ntp / PW; ++p) {
@@ -263,6 +264,21 @@ void scan_tiles(const Job<T>& J, Partial<T>& P, int64_t t0, int64_t t1) {
       if (!J.soft) continue;
       softmax_rows(J, P, bq0, bq1, nt);
       if (!J.want_acc) continue;
+      if (J.cols) {  // acc = sc acc + exp(S - m) Yc[:, cols]: a dot product a query and column
+        for (int64_t b = bq0; b < bq1; ++b) {
+          const T* s = P.S.get() + (b - bq0) * NT;
+          const T sc = P.sc[b - bq0];
+          for (int64_t c = 0; c < J.ncol; ++c) {
+            const T* v = P.Vt.get() + c * NT;
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < nt; ++j) sum += s[j] * v[j];
+            T& a = P.acc[b * J.ncol + c];
+            a = sc * a + sum;
+          }
+        }
+        continue;
+      }
       // acc = sc acc + exp(S - m) Yc, while the tile is still in cache
       for (int64_t b = bq0; b < bq1; b += mrmax)
         with_rows<T>(static_cast<int>(std::min<int64_t>(mrmax, bq1 - b)), [&](auto mrc) {

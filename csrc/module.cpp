@@ -44,7 +44,8 @@ void empirical_scan(uintptr_t xh_ptr, uintptr_t data_ptr, uintptr_t center_ptr, 
                     uintptr_t g2_ptr, uintptr_t h_ptr, int dtype, bool data_u8, int64_t B, int64_t N,
                     int64_t n, double lo, double hi, bool soft, bool want_acc, int64_t kc,
                     uintptr_t m_ptr, uintptr_t l_ptr, uintptr_t acc_ptr, uintptr_t best_v_ptr,
-                    uintptr_t best_i_ptr, uintptr_t ymax2_ptr, int threads);
+                    uintptr_t best_i_ptr, uintptr_t ymax2_ptr, uintptr_t cols_ptr, int64_t ncol,
+                    int threads);
 void molrg_trajectory(uintptr_t x_ptr, int64_t I, int64_t B, int64_t n, uintptr_t u_ptr,
                       const std::vector<int64_t>& offsets, uintptr_t params_ptr,
                       int64_t params_istride, uintptr_t labels_ptr, bool hard, uintptr_t coef_ptr,
@@ -141,10 +142,11 @@ streamed pass in the compute dtype (0 float32, 1 float64).  xh (B, n), center (n
 (B,); data (N, n) that dtype, or uint8 (data_u8) read as lo + (hi - lo) u / 255.  Yc = y - c,
 H = xh Yc^T, S = g1 H - g2 |Yc|^2, V = H - |Yc|^2 / 2 - h (c . Yc).  Writes m = max S, l =
 sum e^(S - m) (soft; else -inf, 0), acc (B, n) = sum e^(S - m) Yc (want_acc), best_v / best_i
-(B, kc) the kc largest V per query (descending, int64 rows; 0 <= kc <= N), ymax2 = max |Yc|^2.)",
+(B, kc) the kc largest V per query (descending, int64 rows; 0 <= kc <= N), ymax2 = max |Yc|^2.
+cols_ptr (int64, ncol; 0: all n): acc is (B, ncol), sum e^(S - m) Yc[:, cols].)",
              "xh_ptr", "data_ptr", "center_ptr", "g1_ptr", "g2_ptr", "h_ptr", "dtype", "data_u8",
              "B", "N", "n", "lo", "hi", "soft", "want_acc", "kc", "m_ptr", "l_ptr", "acc_ptr",
-             "best_v_ptr", "best_i_ptr", "ymax2_ptr", "threads");
+             "best_v_ptr", "best_i_ptr", "ymax2_ptr", "cols_ptr", "ncol", "threads");
   m.def("num_threads", &fastdiff::num_threads, "omp_get_max_threads()");
   m.def("simd", &fastdiff::simd_name, "SIMD code path selected at run time");
 }

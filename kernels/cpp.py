@@ -181,9 +181,11 @@ def svdvals_rank(A, eta, S, rank) -> None:
 # =========================================================================== empirical scan
 # csrc/empirical.cpp; the contract: fastdiff/ops/empirical.py (its caller,
 # fastdiff.denoisers.empirical_posterior, checks it).
-def empirical_scan(xh, data, center, g1, g2, h, lo: float, hi: float, soft: bool, want_acc: bool, kc: int, chunk):
+def empirical_scan(xh, data, center, g1, g2, h, lo: float, hi: float, soft: bool, want_acc: bool, kc: int, chunk,
+                   acc_cols=None):
     """``_C.empirical_scan`` on CPU tensors, all contiguous: xh (B, n), center (n,), g1, g2, h (B,)
-    of one compute dtype (float32 / float64); data (N, n) that dtype or uint8; 0 <= kc <= N.
+    of one compute dtype (float32 / float64); data (N, n) that dtype or uint8; 0 <= kc <= N;
+    ``acc_cols`` None or (ncol,) int64 column indices (acc (B, ncol): those columns only).
     ``chunk`` is not used (the kernel streams the data in its own cache-sized tiles).  Returns
     ``(m, l, acc or None, best_v, best_i, ymax2)``, allocated poisoned (NaN, index -1) and all
     written by the kernel; OpenMP threads = torch.get_num_threads(), the GIL released."""
@@ -192,7 +194,7 @@ def empirical_scan(xh, data, center, g1, g2, h, lo: float, hi: float, soft: bool
     ct = xh.dtype
     nan = float("nan")
     m, l = torch.full((B,), nan, dtype=ct), torch.full((B,), nan, dtype=ct)
-    acc = torch.full((B, n), nan, dtype=ct) if want_acc else None
+    acc = torch.full((B, n if acc_cols is None else acc_cols.numel()), nan, dtype=ct) if want_acc else None
     best_v = torch.full((B, kc), nan, dtype=ct)
     best_i = torch.full((B, kc), -1, dtype=torch.int64)
     ymax2 = torch.full((), nan, dtype=ct)
@@ -200,5 +202,6 @@ def empirical_scan(xh, data, center, g1, g2, h, lo: float, hi: float, soft: bool
                       0 if ct == torch.float32 else 1, data.dtype == torch.uint8, B, N, n, float(lo), float(hi),
                       bool(soft), bool(want_acc), int(kc), m.data_ptr(), l.data_ptr(),
                       acc.data_ptr() if acc is not None else 0, best_v.data_ptr(), best_i.data_ptr(),
-                      ymax2.data_ptr(), torch.get_num_threads())
+                      ymax2.data_ptr(), 0 if acc_cols is None else acc_cols.data_ptr(),
+                      0 if acc_cols is None else acc_cols.numel(), torch.get_num_threads())
     return m, l, acc, best_v, best_i, ymax2

@@ -293,7 +293,7 @@ def _check(xh, data, center, g1, g2, h, kc):
                          f"(a register set), got {kc}; use backend='torch' or 'cpp'")
 
 
-def empirical_scan(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk=None, *,
+def empirical_scan(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk=None, acc_cols=None, *,
                    splits: Optional[int] = None, dot_precision: str = DOT_PRECISION,
                    tune: Optional[dict] = None):
     """The contract of fastdiff/ops/empirical.py on CUDA (or the CPU under TRITON_INTERPRET=1):
@@ -301,7 +301,8 @@ def empirical_scan(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chun
 
     ``chunk`` (the torch launcher's rows a GEMM) is not used: this kernel streams BLOCK_N-row tiles
     and splits N by the device (:func:`plan`).  ``splits``, ``dot_precision``, ``tune`` (:func:`plan`):
-    tuning knobs (benchmarks).  Outputs are allocated poisoned (NaN, index -1).  No host-device sync."""
+    tuning knobs (benchmarks).  ``acc_cols`` (ncol,) int64: acc's columns returned (the kernel sums all n).
+    Outputs are allocated poisoned (NaN, index -1).  No host-device sync."""
     _check(xh, data, center, g1, g2, h, kc)
     B, n = xh.shape
     N = data.shape[0]
@@ -324,7 +325,10 @@ def empirical_scan(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chun
             BLOCK_B=p["BLOCK_B"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], BLOCK_D=p["BLOCK_D"],
             KC_PAD=p["KC_PAD"], SOFT=bool(soft), WANT_ACC=want_acc, ACC_IN_REGISTERS=p["ACC_IN_REGISTERS"],
             UINT8=data.dtype == torch.uint8, DOT_PRECISION=dot_precision, num_warps=p["num_warps"])
-    return _merge_splits(m, l, acc, best_v, best_i, ymax, soft, want_acc, kc, n)
+    out = _merge_splits(m, l, acc, best_v, best_i, ymax, soft, want_acc, kc, n)
+    if acc_cols is not None and out[2] is not None:   # all n columns summed here; the contract's selection
+        out = (out[0], out[1], out[2][:, acc_cols]) + tuple(out[3:])
+    return out
 
 
 def _merge_splits(m, l, acc, best_v, best_i, ymax, soft, want_acc, kc, n):

@@ -80,6 +80,28 @@ def test_denoisers_trace_fullgraph():
     torch.testing.assert_close(got, f(x, s), rtol=1e-5, atol=1e-5)
 
 
+def test_empirical_scan_library_op_with_asked_columns_compiles():
+    """The scan as the opaque library op fastdiff::empirical_scan with ``acc_cols`` (the patch
+    denoisers' centre pixels): its fake impl gives acc's (B, ncol) shape, fullgraph, eager's values."""
+    from fastdiff import dispatch
+    from fastdiff.ops.empirical import empirical_scan
+    if not dispatch.exists("empirical", "cpp"):
+        pytest.skip("the C++ build is absent")
+    g = torch.Generator().manual_seed(5)
+    xh, data = torch.randn(6, 25, generator=g), torch.randn(70, 25, generator=g)
+    c, g1, g2, h = data.mean(0), torch.full((6,), 0.3), torch.full((6,), 0.1), torch.zeros(6)
+    cols = torch.tensor([12, 3])
+
+    def f(xh):
+        m, l, acc, *_ = empirical_scan("cpp", xh, data, c, g1, g2, h, acc_cols=cols)
+        return acc / l[:, None]
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(xh)
+    assert got.shape == (6, 2)
+    torch.testing.assert_close(got, f(xh))
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_molrg_forward_backward_compiles_with_the_fused_ops(backend):
     """Gradients through torch.compile(fullgraph=True): on CPU ``auto`` runs the fused C++ kernels as

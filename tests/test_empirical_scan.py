@@ -114,6 +114,31 @@ def test_scan_matches_the_dense_float64_formula(backend, device, shape):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=IDS)
+@pytest.mark.parametrize("shape,cols", [((1, 1, 1), [0]), ((3, 300, 25), [12]), ((7, 515, 9), [8, 0, 4]),
+                                        ((2, 37, 75), [12, 37, 62]), ((5, 40, 20), list(range(19, -1, -1)))],
+                         ids=["1x1x1", "one-centre", "three-unordered", "C3P5", "all-reversed"])
+def test_scan_sums_only_the_asked_columns(backend, device, shape, cols):
+    """``acc_cols``: acc (B, ncol) is the softmax sum of those columns of Yc, in the order given (the
+    patch denoisers' C centre pixels), with m, l unchanged; ragged tiles (N = 300, 515) and uint8 too."""
+    B, N, n = shape
+    for dtype in _dtypes(backend):
+        for uint8 in (False, True):
+            if uint8 and is_interpreter(backend, device) and N > 100:
+                continue
+            xh, data, center, g1, g2, h = _inputs(B, N, n, dtype, B + N + n + uint8, uint8=uint8)
+            rm, rl, racc, *_ = _reference(xh, data, center, g1, g2, h, -1.0, 1.0, 0)
+            idx = torch.tensor(cols, dtype=torch.long)
+            m, l, acc, *_ = (t.cpu() for t in empirical_scan(
+                backend, *(t.to(device) for t in (xh, data, center, g1, g2, h)), acc_cols=idx.to(device)))
+            assert acc.shape == (B, len(cols))
+            tol = 1e-4 if dtype == torch.float32 else 1e-10
+            torch.testing.assert_close(m.double() + l.double().log(), rm + rl.log(), rtol=0,
+                                       atol=tol * (1 + rm.abs().max().item()))
+            torch.testing.assert_close(acc.double() / l.double()[:, None], (racc / rl[:, None])[:, idx],
+                                       rtol=0, atol=tol * 3.0)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=IDS)
 def test_scan_reads_uint8_images_as_floats(backend, device):
     B, N, n = 6, 45, 27
     for dtype in _dtypes(backend):

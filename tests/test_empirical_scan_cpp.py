@@ -102,8 +102,16 @@ def test_cpp_kernel_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dtype must be 0"):
         _C.empirical_scan(xh.data_ptr(), data.data_ptr(), center.data_ptr(), g1.data_ptr(), g2.data_ptr(),
                           h.data_ptr(), 2, False, 3, 10, 4, -1.0, 1.0, True, False, 0, xh.data_ptr(),
-                          xh.data_ptr(), 0, 0, 0, xh.data_ptr(), 1)
+                          xh.data_ptr(), 0, 0, 0, xh.data_ptr(), 0, 0, 1)
     with pytest.raises(ValueError, match="need B >= 0 and N, n >= 1"):
         _C.empirical_scan(xh.data_ptr(), data.data_ptr(), center.data_ptr(), g1.data_ptr(), g2.data_ptr(),
                           h.data_ptr(), 0, False, 3, 0, 4, -1.0, 1.0, True, False, 0, xh.data_ptr(),
-                          xh.data_ptr(), 0, 0, 0, xh.data_ptr(), 1)
+                          xh.data_ptr(), 0, 0, 0, xh.data_ptr(), 0, 0, 1)
+    for cols, msg in (([4], r"cols\[0\] = 4 outside \[0, n = 4\)"), ([0, -1], r"cols\[1\] = -1 outside"),
+                      ([], "need ncol >= 1")):
+        c = torch.tensor(cols + [0], dtype=torch.int64)         # a valid pointer even for "no columns"
+        with pytest.raises(ValueError, match=msg):
+            _C.empirical_scan(xh.data_ptr(), data.data_ptr(), center.data_ptr(), g1.data_ptr(), g2.data_ptr(),
+                              h.data_ptr(), 0, False, 3, 10, 4, -1.0, 1.0, True, True, 0, xh.data_ptr(),
+                              xh.data_ptr(), torch.empty(3, 4).data_ptr(), 0, 0, xh.data_ptr(), c.data_ptr(),
+                              len(cols), 1)

@@ -120,8 +120,9 @@ def _equivariant(Xp, images, N, step, a, s, P, C, H, W, boundary, impl):
 
     Per boundary class and chunk of training images, the scan of the class's query patches over its
     training patches (centred on the mean training patch ``c``) returns the running max ``m``, sum
-    ``l`` and ``acc = sum exp(S - m) (k - c)``; the chunks merge as ``m = max(m1, m2)``,
-    ``l = l1 e^{m1 - m} + l2 e^{m2 - m}`` (same for acc); only acc's C centre columns are kept."""
+    ``l`` and ``acc = sum exp(S - m) (k - c)`` over the C centre columns only (the scan's ``acc_cols``:
+    C of the C P^2 multiply-adds a score); the chunks merge as ``m = max(m1, m2)``,
+    ``l = l1 e^{m1 - m} + l2 e^{m2 - m}`` (same for acc)."""
     B, L, D = Xp.shape
     ct, dev = Xp.dtype, Xp.device
     r = P // 2
@@ -151,14 +152,14 @@ def _equivariant(Xp, images, N, step, a, s, P, C, H, W, boundary, impl):
         for idx, q, xq, g1q, g2q, hq, tile in classes:
             rows = (keys if idx is None else keys[:, idx]).reshape(-1, D).contiguous()   # the scan's contract
             mk, lk, ak, *_ = empirical_scan(impl, xq, rows, center, g1q, g2q, hq, soft=True, want_acc=True,
-                                            kc=0, chunk=tile)
+                                            kc=0, chunk=tile, acc_cols=cols)
             sel = slice(None) if q is None else q
             m_old = m[sel]
             m_new = torch.maximum(m_old, mk)
             s_old, s_new = torch.exp(m_old - m_new), torch.exp(mk - m_new)
             m[sel] = m_new
             l[sel] = l[sel] * s_old + lk * s_new
-            acc[sel] = acc[sel] * s_old[:, None] + ak[:, cols] * s_new[:, None]
+            acc[sel] = acc[sel] * s_old[:, None] + ak * s_new[:, None]
     return (acc / l[:, None] + center[cols]).reshape(B, L, C)
 
 

@@ -24,7 +24,10 @@ Contract (every backend; :func:`fastdiff.denoisers.empirical_posterior` checks i
   (float32 or float64), one device; B, n >= 1.
 - ``data`` (N, n) contiguous, N >= 1: ``ct``, or uint8 images read as ``y = lo + (hi - lo) u / 255``
   (:meth:`fastdiff.data.ImageSet.float`), converted tile by tile: no float copy of the set.
-- ``soft``: compute ``m, l``; ``want_acc``: also ``acc`` (else None); ``kc``: candidates kept (0: none;
+- ``soft``: compute ``m, l``; ``want_acc``: also ``acc`` (else None); ``acc_cols``: None, or (ncol,)
+  int64 column indices on the device, distinct, in ``[0, n)``: ``acc`` is then (B, ncol), the sum of
+  ``exp(S - m) Yc[:, acc_cols]`` (the patch denoisers want a patch's C centre pixels of its C P^2
+  values; the C++ kernel then does ncol multiply-adds a score instead of n); ``kc``: candidates kept (0: none;
   at most N; the Triton backend at most TRITON_MAX_KC, its row's ``fits``, a ValueError above).
   Returns ``(m (B,), l (B,), acc (B, n) or None, best_v (B, kc), best_i (B, kc) int64, ymax2)`` in
   ``ct`` (``ymax2`` a 0-d tensor; ``m = -inf, l = 0`` where not ``soft``).
@@ -36,7 +39,7 @@ Layers: :func:`empirical_scan` (the entry, a concrete backend already chosen) an
 backend (:data:`LAUNCHERS`): :func:`_scan_torch` here (chunked GEMMs; any device), the C++ kernel
 ``fastdiff.kernels.cpp.empirical_scan`` (csrc/empirical.cpp) and the Triton one
 ``fastdiff.kernels.empirical.empirical_scan``, each ``(xh, data, center, g1, g2, h, lo, hi, soft,
-want_acc, kc, chunk)``.  No autograd (the denoiser's gradient is not a kernel's business here).
+want_acc, kc, chunk, acc_cols)``.  No autograd (the denoiser's gradient is not a kernel's business here).
 """
 from __future__ import annotations
 
@@ -101,7 +104,7 @@ def rows_of(data: torch.Tensor, lo: float, hi: float, j: int, c: int, dtype: tor
     return Y.sub_(shift) if shift is not None else Y
 
 
-def _scan_torch(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk):
+def _scan_torch(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk, acc_cols=None):
     """Pure torch, any device: per chunk one GEMM ``H = xh Yc^T``, the online softmax, a ``topk``."""
     B, n = xh.shape
     N = data.shape[0]
@@ -109,7 +112,7 @@ def _scan_torch(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk):
     g1, g2, h = g1[:, None], g2[:, None], h[:, None]
     m = torch.full((B, 1), -math.inf, dtype=ct, device=dev)
     l = torch.zeros(B, 1, dtype=ct, device=dev)
-    acc = torch.zeros(B, n, dtype=ct, device=dev) if want_acc else None
+    acc = torch.zeros(B, n if acc_cols is None else acc_cols.numel(), dtype=ct, device=dev) if want_acc else None
     best_v = torch.full((B, 0), -math.inf, dtype=ct, device=dev)
     best_i = torch.zeros(B, 0, dtype=torch.long, device=dev)
     ymax2 = torch.zeros((), dtype=ct, device=dev)
@@ -139,7 +142,8 @@ def _scan_torch(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk):
             if acc is not None:
                 # a narrow (B, n) product (patches: n = C P^2) runs ~2-5x faster as (n, B) = Y^T S^T
                 # (measured single-threaded, MKL: n = 9, c = 256); wide ones as S Y
-                acc.mul_(scale).add_(backends.mm(Y.T, S.T).T if n < 32 else backends.mm(S, Y))
+                Yv = Y if acc_cols is None else Y[:, acc_cols]
+                acc.mul_(scale).add_(backends.mm(Yv.T, S.T).T if Yv.shape[1] < 32 else backends.mm(S, Yv))
             m = m_new
     return m.reshape(B), l.reshape(B), acc, best_v, best_i, ymax2
 
@@ -147,35 +151,39 @@ def _scan_torch(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk):
 LAUNCHERS = Launchers("empirical-scan", {"cpp": "fastdiff.kernels.cpp:empirical_scan",
                                          "triton": "fastdiff.kernels.empirical:empirical_scan"},
                       torch=_scan_torch)
-"""``{backend: launcher}``, each ``(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk)``."""
+"""``{backend: launcher}``, each ``(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, chunk, acc_cols)``."""
 
 
 def empirical_scan(backend: str, xh, data, center, g1, g2, h, *, lo: float = -1.0, hi: float = 1.0,
-                   soft: bool = True, want_acc: bool = True, kc: int = 0, chunk: Optional[int] = None):
+                   soft: bool = True, want_acc: bool = True, kc: int = 0, chunk: Optional[int] = None,
+                   acc_cols: Optional[torch.Tensor] = None):
     """The module's contract on a concrete ``backend``: ``(m, l, acc, best_v, best_i, ymax2)``.
     Under torch.compile a kernel runs as the opaque library op ``fastdiff::empirical_scan`` (its
     fake impl gives the shapes); torch's own form is traced; eager calls skip the op layer."""
     if backend != "torch" and torch.compiler.is_compiling():
         m, l, acc, best_v, best_i, ymax2 = _scan_op(xh, data, center, g1, g2, h, float(lo), float(hi), bool(soft),
-                                                    bool(want_acc), int(kc), backend)
+                                                    bool(want_acc), int(kc), backend, acc_cols)
         return m, l, acc if want_acc else None, best_v, best_i, ymax2
     return LAUNCHERS[backend](xh, data, center, g1, g2, h, float(lo), float(hi), bool(soft),
-                              bool(want_acc), int(kc), chunk)
+                              bool(want_acc), int(kc), chunk, acc_cols)
 
 
 # =========================================================================== torch.library op
 @torch.library.custom_op("fastdiff::empirical_scan", mutates_args=())
 def _scan_op(xh: torch.Tensor, data: torch.Tensor, center: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
              h: torch.Tensor, lo: float, hi: float, soft: bool, want_acc: bool, kc: int,
-             impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    m, l, acc, best_v, best_i, ymax2 = LAUNCHERS[impl](xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, None)
-    if acc is None:  # a library op returns tensors: (0, n) stands for "not asked for"
-        acc = xh.new_empty((0, xh.shape[1]))
+             impl: str, acc_cols: Optional[torch.Tensor]
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, l, acc, best_v, best_i, ymax2 = LAUNCHERS[impl](xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, None,
+                                                       acc_cols)
+    if acc is None:  # a library op returns tensors: (0, width) stands for "not asked for"
+        acc = xh.new_empty((0, xh.shape[1] if acc_cols is None else acc_cols.numel()))
     return m, l, acc, best_v, best_i, ymax2
 
 
 @_scan_op.register_fake
-def _(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, impl):
+def _(xh, data, center, g1, g2, h, lo, hi, soft, want_acc, kc, impl, acc_cols):
     B, n = xh.shape
+    n = n if acc_cols is None else acc_cols.shape[0]
     return (xh.new_empty(B), xh.new_empty(B), xh.new_empty((B if want_acc else 0, n)), xh.new_empty((B, kc)),
             xh.new_empty((B, kc), dtype=torch.int64), xh.new_empty(()))
