@@ -2,8 +2,11 @@
 
 Each case runs in a fresh subprocess: import, one small warm-up call (libraries' code and pools
 loaded), then the inputs are built and the resident set size read (``/proc/self/statm``); after one
-call at full size the growth is the peak resident set (``ru_maxrss``, a high-water mark) minus that
-reading.  On CUDA the same with ``torch.cuda.max_memory_allocated``.  Writes bench/results/memory.md.
+call at full size the growth is the peak resident set (``VmHWM`` of ``/proc/self/status``, a high-water
+mark) minus that reading.  Not ``getrusage``'s ``ru_maxrss``: Linux carries it over fork and exec, so
+a worker started by a parent that had imported torch (300 MB resident) reported the parent's size as
+its own peak, about 60 MiB of "growth" that no call made.  On CUDA the same with
+``torch.cuda.max_memory_allocated``.  Writes bench/results/memory.md.
 
     python bench/memory.py [--device cpu|cuda] [--out bench/results/memory.md]
 """
@@ -33,7 +36,7 @@ SIZES = {"posterior": [(256, 50000, 192)], "denoise": [(256, 50000, 192)],
 PATCH_CASES = ("equivariant", "equivariant-broken", "local", "pspc")
 
 _WORKER = r"""
-import json, resource, sys, torch, fastdiff
+import json, sys, torch, fastdiff
 from fastdiff.denoisers.patch import patch_denoise
 case, size, backend, device, call = json.loads(sys.argv[1])
 def rss():
@@ -63,7 +66,8 @@ with torch.no_grad():
 if device == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:          # VmHWM: this process image's peak (see the docstring)
+        peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 print(json.dumps({"inputs": in_bytes, "growth": peak - before}))
 """
 
