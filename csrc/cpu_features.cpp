@@ -22,9 +22,22 @@ bool use_avx2() {
 #endif
 }
 
+bool use_avx512() {
+#if FD_X86
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTDIFF_CPU_SIMD");
+    if (!use_avx2() || (env && std::strcmp(env, "avx2") == 0)) return false;
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 const char* simd_name() {
 #if FD_X86
-  return use_avx2() ? "avx2" : "sse2";
+  return use_avx512() ? "avx512" : use_avx2() ? "avx2" : "sse2";
 #elif defined(__aarch64__)
   return "neon";
 #else

@@ -31,8 +31,9 @@
 // T kc.  (Over data, not queries: each tile is converted once (the conversion and transposes are
 // ~4% of a pass at (256, 10000, 192) by perf, which a split over queries would repeat on every
 // thread), the merge is O(T B n), and B = 1 splits as well.)
-// Two code paths from one source (use_avx2(), cpu_features.h; FASTDIFF_CPU_SIMD=sse2 forces the
-// generic one): empirical_scan.h included once per ISA (AVX2 + FMA intrinsics tiles / GCC generic
+// Three code paths from one source (use_avx512() / use_avx2(), cpu_features.h;
+// FASTDIFF_CPU_SIMD=sse2 forces the generic one, =avx2 the AVX2 one; the AVX-512 tiles hold one
+// 16-float vector a row, so mr = 6 accumulators): empirical_scan.h included once per ISA (AVX2 + FMA intrinsics tiles / GCC generic
 // 16-byte vectors, the other loops vectorized by GCC for the ISA; -fopt-info-vec checked).  The
 // exps: exp_nonpos (float32, vectorized Cephes), std::exp (float64).  Generic / AVX2 time
 // ~2.8x at (256, 10000, 192) float32 (SSE2: 4 lanes, no FMA).
@@ -54,7 +55,7 @@
 #include <omp.h>
 #endif
 
-#include "cpu_features.h"  // use_avx2(), FD_X86
+#include "cpu_features.h"  // use_avx2(), use_avx512(), FD_X86
 #include "exp_nonpos.h"
 #if FD_X86
 #include <immintrin.h>
@@ -158,17 +159,31 @@ template <class T> struct Partial {
 // The pass, once per ISA.
 #define FD_SCAN_NS scan_generic
 #define FD_SCAN_AVX2 0
+#define FD_SCAN_AVX512 0
 #include "empirical_scan.h"
 #undef FD_SCAN_NS
 #undef FD_SCAN_AVX2
+#undef FD_SCAN_AVX512
 #if FD_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define FD_SCAN_NS scan_avx2
 #define FD_SCAN_AVX2 1
+#define FD_SCAN_AVX512 0
 #include "empirical_scan.h"
 #undef FD_SCAN_NS
 #undef FD_SCAN_AVX2
+#undef FD_SCAN_AVX512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#define FD_SCAN_NS scan_avx512
+#define FD_SCAN_AVX2 1
+#define FD_SCAN_AVX512 1
+#include "empirical_scan.h"
+#undef FD_SCAN_NS
+#undef FD_SCAN_AVX2
+#undef FD_SCAN_AVX512
 #pragma GCC pop_options
 #endif
 
@@ -241,7 +256,8 @@ void run(const Job<T>& J, int threads, T* m, T* l, T* acc, T* best_v, int64_t* b
   for (int t = 0; t < nt; ++t) parts.emplace_back(J);  // allocated here: no throw inside the region
   void (*pass)(const Job<T>&, Partial<T>&, int64_t, int64_t) = &scan_generic::scan_tiles<T>;
 #if FD_X86
-  if (use_avx2()) pass = &scan_avx2::scan_tiles<T>;
+  if (use_avx512()) pass = &scan_avx512::scan_tiles<T>;
+  else if (use_avx2()) pass = &scan_avx2::scan_tiles<T>;
 #endif
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {

@@ -1,10 +1,11 @@
 // fastdiff empirical scan: the per-thread streamed pass (the tiles, the micro-kernels, the fused
 // epilogue, the candidate heaps).  The math and the structure: the top of csrc/empirical.cpp.
 //
-// Deliberately no include guard: empirical.cpp includes this file twice, once for the baseline
-// ISA (FD_SCAN_AVX2 0: generic vectors and loops GCC vectorizes, namespace scan_generic) and once inside
+// Deliberately no include guard: empirical.cpp includes this file three times, once for the baseline
+// ISA (FD_SCAN_AVX2 0: generic vectors and loops GCC vectorizes, namespace scan_generic), once inside
 // `#pragma GCC target("avx2,fma")` (FD_SCAN_AVX2 1: AVX2 + FMA register tiles, namespace
-// scan_avx2), so every loop here is compiled for both ISAs from one source.  The standard
+// scan_avx2) and once inside `#pragma GCC target("avx512f,avx2,fma")` (FD_SCAN_AVX512 1 as well:
+// 512-bit tiles, namespace scan_avx512), so every loop here is compiled for each ISA from one source.  The standard
 // headers, <immintrin.h>, exp_nonpos.h and the shared definitions (namespace empirical_detail:
 // Job, Partial and its candidate heaps, the tile constants) come first, from empirical.cpp.
 
@@ -21,6 +22,29 @@ using namespace empirical_detail;
 // 3 in float64).
 #if FD_SCAN_AVX2
 template <class T> struct Vec;
+#if FD_SCAN_AVX512
+// one 16-float vector a panel row (NV = 1: mr accumulators), two of 8 doubles
+template <> struct Vec<float> {
+  using R = __m512;
+  static constexpr int W = 16;
+  static FD_SCAN_INLINE R load(const float* p) { return _mm512_loadu_ps(p); }
+  static FD_SCAN_INLINE void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static FD_SCAN_INLINE R set1(float a) { return _mm512_set1_ps(a); }
+  static FD_SCAN_INLINE R zero() { return _mm512_setzero_ps(); }
+  static FD_SCAN_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static FD_SCAN_INLINE R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+};
+template <> struct Vec<double> {
+  using R = __m512d;
+  static constexpr int W = 8;
+  static FD_SCAN_INLINE R load(const double* p) { return _mm512_loadu_pd(p); }
+  static FD_SCAN_INLINE void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+  static FD_SCAN_INLINE R set1(double a) { return _mm512_set1_pd(a); }
+  static FD_SCAN_INLINE R zero() { return _mm512_setzero_pd(); }
+  static FD_SCAN_INLINE R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static FD_SCAN_INLINE R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+};
+#else
 template <> struct Vec<float> {
   using R = __m256;
   static constexpr int W = 8;
@@ -41,6 +65,7 @@ template <> struct Vec<double> {
   static FD_SCAN_INLINE R mul(R a, R b) { return _mm256_mul_pd(a, b); }
   static FD_SCAN_INLINE R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
 };
+#endif  // FD_SCAN_AVX512
 
 template <class T, int mr>
 FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, int64_t nk, T* out, int64_t ldo,
