@@ -10,8 +10,8 @@
 //   2022, Algorithm 1): no (B, N) matrix, memory O((B + N) n + B kc) per thread.
 //
 // Structure (empirical_scan.h, per thread):
-//   the data in tiles of NT = 256 rows: each converted (uint8 -> T), centred by c and written
-//   twice, row-major Yc (NT, nP) (nP = n rounded up to 16, zero padded) and as transposed
+//   the data in tiles of NT = 128 rows (256: 5-15% slower on an AVX-512 EPYC at n = 48 and 784),
+//   each converted (uint8 -> T), centred by c and written twice, row-major Yc (NT, nP) (nP = n rounded up to 16, zero padded) and as transposed
 //   panels Yt of 16 rows (n, 16), with ||Yc||^2, ||Yc||^2 / 2, c . Yc per row;
 //   then per block of BQ queries, while the tile is in L2:
 //     1. H = xh Yc^T by mr x 16 register tiles (fma_tile: broadcast xh[b, k], FMA a panel row),
@@ -24,7 +24,8 @@
 //        columns `cols` of acc (the patch denoisers: the C centre pixels of a C P^2 patch), one dot
 //        product per query and column with those columns of the tile (Vt, column-major, copied
 //        at load): ncol instead of nP (n rounded up to 16) multiply-adds per score.
-//   float32 MR = 6 queries x 2 vectors, float64 MR = 3 x 4: 12 accumulators, 16 ymm registers.
+//   float32 MR = 6 queries x 2 vectors, float64 MR = 3 x 4: 12 accumulators, 16 ymm registers
+//   (AVX-512: tiles of two 16-column blocks, 12 of the 32 zmm registers).
 // Parallel over data tiles (OpenMP, `threads` from torch.get_num_threads()): each thread keeps
 // its own (m, l, acc, heaps) over its contiguous range of tiles, merged at the end per query:
 // m = max_t m_t, l = sum_t e^{m_t - m} l_t, acc likewise, the candidates by a selection of the
@@ -32,10 +33,10 @@
 // ~4% of a pass at (256, 10000, 192) by perf, which a split over queries would repeat on every
 // thread), the merge is O(T B n), and B = 1 splits as well.)
 // Three code paths from one source (use_avx512() / use_avx2(), cpu_features.h;
-// FASTDIFF_CPU_SIMD=sse2 forces the generic one, =avx2 the AVX2 one; the AVX-512 tiles hold one
-// 16-float vector a row, so mr = 6 accumulators): empirical_scan.h included once per ISA (AVX2 + FMA intrinsics tiles / GCC generic
-// 16-byte vectors, the other loops vectorized by GCC for the ISA; -fopt-info-vec checked).  The
-// exps: exp_nonpos (float32, vectorized Cephes), std::exp (float64).  Generic / AVX2 time
+// FASTDIFF_CPU_SIMD=sse2 forces the generic one, =avx2 the AVX2 one): empirical_scan.h included
+// once per ISA (AVX-512 tiles of 32 columns (two 16-float vectors a row), AVX2 + FMA tiles of 16,
+// GCC generic 16-byte vectors; the other loops vectorized by GCC for the ISA; -fopt-info-vec
+// checked).  The exps: exp_nonpos (float32, vectorized Cephes), std::exp (float64).  Generic / AVX2 time
 // ~2.8x at (256, 10000, 192) float32 (SSE2: 4 lanes, no FMA).
 // NaN / Inf: no -ffast-math, the max is NaN-sticky: a NaN logit makes m, l, acc NaN for that
 // query (a NaN row: for every query), as the formula; candidates order NaN as -inf.
@@ -67,7 +68,7 @@ namespace fastdiff {
 namespace empirical_detail {
 
 constexpr int64_t PW = 16;   // rows per transposed panel = columns per acc tile
-constexpr int64_t NT = 256;  // data rows per tile (a multiple of PW; Yc + Yt ~ 400 KB at n = 192: L2)
+constexpr int64_t NT = 128;  // data rows per tile (a multiple of 2 PW; Yc + Yt 200 KB at n = 192, 800 KB at n = 784: L2)
 template <class T> constexpr int MR = sizeof(T) == 4 ? 6 : 3;   // queries per register tile
 template <class T> constexpr int64_t BQ = 10 * MR<T>;           // queries per block of a tile
 

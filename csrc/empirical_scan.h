@@ -15,7 +15,7 @@ namespace FD_SCAN_NS {
 using namespace empirical_detail;
 
 // ------------------------------------------------------------------------ the micro-kernel
-// fma_tile: out[r][q] <- (s ? s_r out[r][q] : 0) + sum_{k < nk} A[r lda + k] Y[k ldy + q]   (mr x 16)
+// fma_tile: out[r][q] <- (s ? s_r out[r][q] : 0) + sum_{k < nk} A[r lda + k] Y[k ldy + q]   (mr x 16 NB)
 // used twice: H = xh Yc^T (A: rows of xh, Y: a transposed panel of 16 centred rows, no s) and
 // acc <- sc acc + P Yc (A: rows of exp(S - m), Y: 16 columns of the centred tile, row-major).  Each holds an mr x 16 tile of accumulators in registers: per step
 // 16 / W vector loads and mr broadcasts feed 16 mr / W FMAs (12 vectors: MR = 6 in float32,
@@ -67,11 +67,14 @@ template <> struct Vec<double> {
 };
 #endif  // FD_SCAN_AVX512
 
-template <class T, int mr>
-FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, int64_t nk, T* out, int64_t ldo,
-                             const T* s) {
+// NB blocks of 16 columns at once (AVX-512: NB = 2, 12 accumulators of 16 floats), block c at
+// Y + c bs (bs = 16 where the columns are contiguous, the panel size where they are two panels).
+template <class T, int mr, int NB = 1>
+FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, int64_t bs, int64_t nk, T* out,
+                             int64_t ldo, const T* s) {
   using V = Vec<T>;
-  constexpr int NV = PW / V::W;
+  constexpr int PV = PW / V::W;  // vectors a block
+  constexpr int NV = NB * PV;
   typename V::R acc[mr][NV];
   for (int r = 0; r < mr; ++r) {
     const typename V::R sv = s ? V::set1(s[r]) : V::zero();
@@ -79,7 +82,7 @@ FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, i
   }
   for (int64_t k = 0; k < nk; ++k) {
     typename V::R y[NV];
-    for (int v = 0; v < NV; ++v) y[v] = V::load(Y + k * ldy + V::W * v);
+    for (int v = 0; v < NV; ++v) y[v] = V::load(Y + (v / PV) * bs + k * ldy + V::W * (v % PV));
     for (int r = 0; r < mr; ++r) {
       const typename V::R a = V::set1(A[r * lda + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, y[v], acc[r][v]);
@@ -100,9 +103,10 @@ FD_SCAN_INLINE typename Vec16<T>::R load16(const T* p) {
   return v;
 }
 
-template <class T, int mr>
-FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, int64_t nk, T* out, int64_t ldo,
-                             const T* s) {
+template <class T, int mr, int NB = 1>
+FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, int64_t /*bs*/, int64_t nk, T* out,
+                             int64_t ldo, const T* s) {
+  static_assert(NB == 1, "the generic tiles are one block of 16 columns");
   using R = typename Vec16<T>::R;
   constexpr int L = 16 / sizeof(T);
   for (int c0 = 0; c0 < PW; c0 += 2 * L) {
@@ -124,6 +128,9 @@ FD_SCAN_INLINE void fma_tile(const T* A, int64_t lda, const T* Y, int64_t ldy, i
   }
 }
 #endif
+
+// 16-column blocks a register tile: two with 32 vector registers (AVX-512), else one.
+constexpr int TILE_BLOCKS = FD_SCAN_AVX512 ? 2 : 1;
 
 // f(std::integral_constant<int, mr>) for a run-time mr in [1, MR<T>] (the tail group of queries).
 template <class T, class F>
@@ -197,11 +204,11 @@ FD_SCAN_INLINE void load_tile(const Job<T>& J, Partial<T>& P, int64_t r0, int64_
 //   S = g1 H - g2 ysq into P.S (soft),  V = (H - ysq / 2) - h cy offered to the heaps (kc).
 template <class T, int mr>
 FD_SCAN_INLINE void epilogue(const Job<T>& J, Partial<T>& P, int64_t b, int64_t bq0, int64_t j0,
-                             int64_t r0, int64_t nt, const T* H) {
+                             int64_t r0, int64_t nt, const T* H, int64_t ldh) {
   const T* ysq = P.ysq.get() + j0;
   const T *hys = P.hys.get() + j0, *cy = P.cy.get() + j0;
   for (int r = 0; r < mr; ++r) {
-    const T* hr = H + PW * r;
+    const T* hr = H + ldh * r;
     if (J.soft) {
       const T g1 = J.g1[b + r], g2 = J.g2[b + r];
       T* s = P.S.get() + (b + r - bq0) * NT + j0;
@@ -270,7 +277,7 @@ template <class T>
 void scan_tiles(const Job<T>& J, Partial<T>& P, int64_t t0, int64_t t1) {
   constexpr int mrmax = MR<T>;
   const int64_t n = J.n, nP = J.nP;
-  alignas(64) T H[mrmax * PW];
+  alignas(64) T H[mrmax * PW * TILE_BLOCKS];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t r0 = t * NT, nt = std::min(J.N - r0, NT), npan = round_up(nt, PW) / PW;
     load_tile(J, P, r0, nt);
@@ -281,9 +288,16 @@ void scan_tiles(const Job<T>& J, Partial<T>& P, int64_t t0, int64_t t1) {
       for (int64_t b = bq0; b < bq1; b += mrmax)
         with_rows<T>(static_cast<int>(std::min<int64_t>(mrmax, bq1 - b)), [&](auto mrc) {
           constexpr int mr = decltype(mrc)::value;
-          for (int64_t p = 0; p < npan; ++p) {
-            fma_tile<T, mr>(J.xh + b * n, n, P.Yt.get() + p * PW * n, PW, n, H, PW, nullptr);
-            epilogue<T, mr>(J, P, b, bq0, p * PW, r0, nt, H);
+          int64_t p = 0;
+          for (; p + TILE_BLOCKS <= npan; p += TILE_BLOCKS) {  // TILE_BLOCKS panels a tile
+            fma_tile<T, mr, TILE_BLOCKS>(J.xh + b * n, n, P.Yt.get() + p * PW * n, PW, PW * n, n, H,
+                                         PW * TILE_BLOCKS, nullptr);
+            for (int c = 0; c < TILE_BLOCKS; ++c)
+              epilogue<T, mr>(J, P, b, bq0, (p + c) * PW, r0, nt, H + c * PW, PW * TILE_BLOCKS);
+          }
+          for (; p < npan; ++p) {
+            fma_tile<T, mr>(J.xh + b * n, n, P.Yt.get() + p * PW * n, PW, PW * n, n, H, PW, nullptr);
+            epilogue<T, mr>(J, P, b, bq0, p * PW, r0, nt, H, PW);
           }
         });
       if (!J.soft) continue;
@@ -308,8 +322,12 @@ void scan_tiles(const Job<T>& J, Partial<T>& P, int64_t t0, int64_t t1) {
       for (int64_t b = bq0; b < bq1; b += mrmax)
         with_rows<T>(static_cast<int>(std::min<int64_t>(mrmax, bq1 - b)), [&](auto mrc) {
           constexpr int mr = decltype(mrc)::value;
-          for (int64_t k0 = 0; k0 < nP; k0 += PW)
-            fma_tile<T, mr>(P.S.get() + (b - bq0) * NT, NT, P.Yc.get() + k0, nP, nt,
+          int64_t k0 = 0;
+          for (; k0 + PW * TILE_BLOCKS <= nP; k0 += PW * TILE_BLOCKS)
+            fma_tile<T, mr, TILE_BLOCKS>(P.S.get() + (b - bq0) * NT, NT, P.Yc.get() + k0, nP, PW, nt,
+                                         P.acc.get() + b * nP + k0, nP, P.sc.get() + (b - bq0));
+          for (; k0 < nP; k0 += PW)
+            fma_tile<T, mr>(P.S.get() + (b - bq0) * NT, NT, P.Yc.get() + k0, nP, PW, nt,
                             P.acc.get() + b * nP + k0, nP, P.sc.get() + (b - bq0));
         });
     }
