@@ -79,6 +79,9 @@ top-2 (kc = 6), float32, min of 5 (50 for the small size), 2-core AMD EPYC, AVX2
 machine at loadavg 11-14 (so rough; 2-thread times there are mostly scheduling):
 (B, N, n) = (256, 50000, 192): 290-489 vs 449-715 ms on 1 thread (1.5x), 316-550 vs 950-2210 ms on 2;
 (16, 2000, 64): 0.21-0.22 vs 0.44-0.60 ms on 1 thread (2-2.7x), 0.14-0.23 vs 0.39-0.55 ms on 2.
+On a 2-core AVX-512 EPYC (MKL's float32 GEMM at 430 GFLOP/s), the denoiser alone, 2 threads, medians of 7 over
+several runs: the AVX-512 scan 6.3-8.0 vs the torch launcher 10.6-15.8 ms at (1024, 8192, 48) and 15.9-23.3 vs
+20.4-35.8 ms at (256, 8192, 784) (its AVX2 path: 9.9-10.4 and 33-34 ms).
 Torch where the C++ build is absent."""
 
 
