@@ -4,9 +4,9 @@
 // Deliberately no include guard: empirical.cpp includes this file three times, once for the baseline
 // ISA (FD_SCAN_AVX2 0: generic vectors and loops GCC vectorizes, namespace scan_generic), once inside
 // `#pragma GCC target("avx2,fma")` (FD_SCAN_AVX2 1: AVX2 + FMA register tiles, namespace
-// scan_avx2) and once inside `#pragma GCC target("avx512f,avx2,fma")` (FD_SCAN_AVX512 1 as well:
-// 512-bit tiles, namespace scan_avx512), so every loop here is compiled for each ISA from one source.  The standard
-// headers, <immintrin.h>, exp_nonpos.h and the shared definitions (namespace empirical_detail:
+// scan_avx2) and once inside `#pragma GCC target("avx512f,avx2,fma")` (FD_SCAN_AVX512 1 as
+// well: 512-bit tiles, namespace scan_avx512), so every loop here is compiled for each ISA from one
+// source.  The standard headers, <immintrin.h>, exp_nonpos.h and the shared definitions (namespace empirical_detail:
 // Job, Partial and its candidate heaps, the tile constants) come first, from empirical.cpp.
 
 namespace fastdiff {
@@ -23,7 +23,8 @@ using namespace empirical_detail;
 #if FD_SCAN_AVX2
 template <class T> struct Vec;
 #if FD_SCAN_AVX512
-// one 16-float vector a panel row (NV = 1: mr accumulators), two of 8 doubles
+// 16 floats / 8 doubles a vector: a 16-column block is one (float) or two (double) vectors, and a
+// tile of TILE_BLOCKS = 2 blocks 2 mr or 4 mr accumulators (12 of the 32 zmm registers)
 template <> struct Vec<float> {
   using R = __m512;
   static constexpr int W = 16;
