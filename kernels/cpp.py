@@ -194,6 +194,8 @@ def empirical_scan(xh, data, center, g1, g2, h, lo: float, hi: float, soft: bool
     ct = xh.dtype
     nan = float("nan")
     m, l = torch.full((B,), nan, dtype=ct), torch.full((B,), nan, dtype=ct)
+    if acc_cols is not None:    # the kernel reads int64 contiguously
+        acc_cols = acc_cols.to(torch.int64).contiguous()
     acc = torch.full((B, n if acc_cols is None else acc_cols.numel()), nan, dtype=ct) if want_acc else None
     best_v = torch.full((B, kc), nan, dtype=ct)
     best_i = torch.full((B, kc), -1, dtype=torch.int64)
