@@ -11,8 +11,9 @@
 //
 // Structure (empirical_scan.h, per thread):
 //   the data in tiles of NT = 128 rows (256: 5-15% slower on an AVX-512 EPYC at n = 48 and 784),
-//   each converted (uint8 -> T), centred by c and written twice, row-major Yc (NT, nP) (nP = n rounded up to 16, zero padded) and as transposed
-//   panels Yt of 16 rows (n, 16), with ||Yc||^2, ||Yc||^2 / 2, c . Yc per row;
+//   each converted (uint8 -> T), centred by c and written twice, row-major Yc (NT, nP) (nP = n
+//   rounded up to 16, zero padded) and as transposed panels Yt of 16 rows (n, 16), with ||Yc||^2,
+//   ||Yc||^2 / 2, c . Yc per row;
 //   then per block of BQ queries, while the tile is in L2:
 //     1. H = xh Yc^T by mr x 16 register tiles (fma_tile: broadcast xh[b, k], FMA a panel row),
 //        the epilogue fused on each: S into the block's (BQ, NT) buffer, V checked against each
@@ -68,7 +69,8 @@ namespace fastdiff {
 namespace empirical_detail {
 
 constexpr int64_t PW = 16;   // rows per transposed panel = columns per acc tile
-constexpr int64_t NT = 128;  // data rows per tile (a multiple of 2 PW; Yc + Yt 200 KB at n = 192, 800 KB at n = 784: L2)
+// data rows per tile (a multiple of 2 PW): Yc + Yt 200 KB at n = 192, 800 KB at n = 784 (L2)
+constexpr int64_t NT = 128;
 template <class T> constexpr int MR = sizeof(T) == 4 ? 6 : 3;   // queries per register tile
 template <class T> constexpr int64_t BQ = 10 * MR<T>;           // queries per block of a tile
 
@@ -110,7 +112,8 @@ template <class T> struct Partial {
   explicit Partial(const Job<T>& J)
       : m(buffer<T>(J.B)), l(buffer<T>(J.B)), acc(buffer<T>(J.want_acc ? J.B * J.acc_stride() : 0)),
         hv(buffer<T>(J.B * J.kc)), thr(buffer<T>(J.B)), Yc(buffer<T>(NT * J.nP)),
-        Yt(buffer<T>(NT * J.n)), Vt(buffer<T>(J.cols ? NT * J.ncol : 0)), ysq(buffer<T>(NT)), hys(buffer<T>(NT)), cy(buffer<T>(NT)),
+        Yt(buffer<T>(NT * J.n)), Vt(buffer<T>(J.cols ? NT * J.ncol : 0)), ysq(buffer<T>(NT)),
+        hys(buffer<T>(NT)), cy(buffer<T>(NT)),
         S(buffer<T>(BQ<T> * NT)), sc(buffer<T>(BQ<T>)), hi(buffer<int64_t>(J.B * J.kc)),
         cnt(buffer<int64_t>(J.B)) {
     for (int64_t b = 0; b < J.B; ++b) {

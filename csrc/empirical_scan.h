@@ -17,9 +17,10 @@ using namespace empirical_detail;
 // ------------------------------------------------------------------------ the micro-kernel
 // fma_tile: out[r][q] <- (s ? s_r out[r][q] : 0) + sum_{k < nk} A[r lda + k] Y[k ldy + q]   (mr x 16 NB)
 // used twice: H = xh Yc^T (A: rows of xh, Y: a transposed panel of 16 centred rows, no s) and
-// acc <- sc acc + P Yc (A: rows of exp(S - m), Y: 16 columns of the centred tile, row-major).  Each holds an mr x 16 tile of accumulators in registers: per step
-// 16 / W vector loads and mr broadcasts feed 16 mr / W FMAs (12 vectors: MR = 6 in float32,
-// 3 in float64).
+// acc <- sc acc + P Yc (A: rows of exp(S - m), Y: 16 columns of the centred tile, row-major).
+// Each holds an mr x 16 NB tile of accumulators in registers: per step 16 NB / W vector loads and
+// mr broadcasts feed 16 NB mr / W FMAs (12 vectors: MR = 6 in float32, 3 in float64; NB = 1, or
+// 2 with AVX-512's W = 16 / 8).
 #if FD_SCAN_AVX2
 template <class T> struct Vec;
 #if FD_SCAN_AVX512
