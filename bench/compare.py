@@ -19,7 +19,8 @@ drift falls on both sides alike.  Threads are pinned to the same number on both 
 Rows are matched by their name in the benchmark table (the op and size, and the implementation),
 not by test id, so the two revisions' bench files may differ; rows found on one side only are
 listed below the table.  Per row: the median of the timed rounds on each side, after/before, and
-a flag where after/before exceeds ``--threshold`` (1.10).  ``--quick`` times a quarter of each
+a flag where after/before exceeds ``--threshold`` (1.10).  A row whose rounds take under
+``--min-time`` (1 s) a side is timed for more rounds than its bench file asks, up to 20 times.  ``--quick`` times a quarter of each
 row's rounds (at least 3, or the row's own count where that is smaller).
 """
 from __future__ import annotations
@@ -271,14 +272,30 @@ def check_imports(w: Worker) -> None:
             raise RuntimeError(f"{w.rev.label} imported {what} from {h[what]}, not from its checkout {root}")
 
 
-def time_row(sides: List[Worker], events: Dict[Worker, dict], rounds: int, blocks: int) -> Dict[Worker, str]:
-    """The timed rounds of one row on each side in ``sides`` (1 or 2), in alternating blocks;
-    returns the error of a side whose call raised (that side has left the row)."""
+def planned_rounds(rounds: int, per_call_s: float, min_time_s: float, most: int) -> int:
+    """The rounds a row is timed for: the bench file's ``rounds``, or more, so that each side's
+    timed rounds take at least ``min_time_s`` at ``per_call_s`` a call (at most ``most`` times the
+    file's rounds).  A few-millisecond row the file times 5 times otherwise rests on 5 calls, and a
+    median of 5 on a shared 2-core VM swings by far more than the 10% this tool is for.  The count
+    depends on the first block's time only, never on the ratio, so it biases neither side."""
+    if min_time_s <= 0 or not per_call_s > 0:
+        return rounds
+    return max(rounds, min(rounds * most, math.ceil(min_time_s / per_call_s)))
+
+
+def time_row(sides: List[Worker], events: Dict[Worker, dict], rounds: int, blocks: int,
+             min_time_s: float = 0.0, most: int = 20) -> Dict[Worker, str]:
+    """The timed rounds of one row on each side in ``sides`` (1 or 2), in alternating blocks
+    (more rounds than the bench file's where :func:`planned_rounds` asks, planned after the first
+    block); returns the error of a side whose call raised (that side has left the row)."""
     row = events[sides[0]]["row"]
     errors: Dict[Worker, str] = {}
     for w in sides:
         w.samples[row] = []
-    for b, k in enumerate(split_blocks(rounds, blocks)):
+    schedule = split_blocks(rounds, blocks)
+    b = 0
+    while b < len(schedule):
+        k = schedule[b]
         for w in sides:
             if w in errors:
                 continue
@@ -289,6 +306,13 @@ def time_row(sides: List[Worker], events: Dict[Worker, dict], rounds: int, block
             s += reply["seconds"]
             if "error" in reply:
                 errors[w] = reply["error"]
+        if b == 0 and not errors:
+            per_call = max(statistics.median(w.samples[row]) for w in sides)
+            total = planned_rounds(rounds, per_call, min_time_s, most)
+            if total > rounds:
+                rest = split_blocks(total - schedule[0], max(1, blocks - 1))
+                schedule = schedule[:1] + rest
+        b += 1
     for w in sides:
         if w not in errors:
             w.send(cmd="finish")
@@ -320,7 +344,7 @@ def run_pairs(before: Worker, after: Worker, args) -> Dict[str, bool]:
                 sides = ready[:1]
             requested = min(events[w]["rounds"] for w in sides)
             rounds = quick_rounds(requested) if args.quick else requested
-            errors = time_row(sides, events, rounds, args.blocks)
+            errors = time_row(sides, events, rounds, args.blocks, args.min_time, args.most_rounds)
             row = events[sides[0]]["row"]
             interleaved[row] = len(sides) == 2 and not errors
             timed.append(row)
@@ -409,7 +433,10 @@ def report(before: Worker, after: Worker, interleaved: Dict[str, bool], args, me
         f"Machine: {platform.processor() or platform.machine()} CPU, torch {before.hello['torch']}, "
         f"Python {before.hello['python']}, {args.threads} thread{'s' * (args.threads != 1)} on both sides (OMP_NUM_THREADS, "
         f"torch.set_num_threads; torch reports {before.hello['threads']} / {after.hello['threads']}).",
-        f"Rounds: {mode}; timed in up to {args.blocks} blocks a side, alternating between the two processes, "
+        f"Rounds: {mode}"
+        + (f", raised where those take under {args.min_time:g} s a side (up to {args.most_rounds}x)"
+           if args.min_time > 0 else "")
+        + f"; timed in up to {args.blocks} blocks a side, alternating between the two processes, "
         f"after each side's own warm-up rounds (untimed). Times: median microseconds per call.",
     ]
     busy = (statistics.median(OTHERS) >= QUIET_CORES) if OTHERS else \
@@ -477,6 +504,11 @@ def parse(argv: List[str]):
     p.add_argument("--json", type=Path, help="also write every side's timed rounds here")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads on both sides (default: all cores)")
     p.add_argument("--blocks", type=int, default=4, help="alternating blocks per row and side (default 4)")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="time each row for at least this many seconds a side, in more rounds than the bench "
+                        "file's where those take less (default 1.0; 0: the file's rounds only)")
+    p.add_argument("--most-rounds", type=int, default=20,
+                   help="--min-time adds at most this many times a row's own rounds (default 20)")
     p.add_argument("--threshold", type=float, default=1.10, help="flag rows with after/before above this")
     p.add_argument("--rename", action="append", default=[], nargs=2, metavar=("OLD", "NEW"),
                    help="a row the after side renamed: OLD in a before row's name reads as NEW (repeatable)")
@@ -490,6 +522,8 @@ def parse(argv: List[str]):
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    if args.quick:
+        args.min_time = 0.0   # --quick is for a first look: the bench files' rounds, cut
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="fastdiff-compare-"))
     (root / "plugin").mkdir()

@@ -61,3 +61,39 @@ def test_rename_matches_a_renamed_row():
     assert after.samples == {"adam n=3072 one cell | fastdiff": [1.0]} and inter == {"adam n=3072 one cell | fastdiff": True}
     with pytest.raises(SystemExit, match="--rename: OLD must not be empty"):
         compare.apply_renames(before, after, [("", "x")], {})
+
+
+def test_planned_rounds_reach_the_minimum_time_within_the_cap():
+    assert compare.planned_rounds(5, 0.007, 1.0, 20) == 100       # 7 ms x 5 would be 35 ms: capped at 20x
+    assert compare.planned_rounds(20, 0.004, 1.0, 20) == 250      # 1 s / 4 ms
+    assert compare.planned_rounds(3, 2.0, 1.0, 20) == 3           # already over the minimum
+    assert compare.planned_rounds(5, 0.001, 0.0, 20) == 5         # --min-time 0: the file's rounds
+    assert compare.planned_rounds(5, float("nan"), 1.0, 20) == 5  # no estimate: the file's rounds
+
+
+class _FakeSide:
+    """A worker that answers ``time`` with ``n`` calls of a fixed duration, in order."""
+
+    def __init__(self, seconds):
+        self.seconds, self.samples, self.sent, self.blocks = seconds, {}, [], []
+
+    def send(self, **msg):
+        self.sent.append(msg)
+
+    def recv(self):
+        n = self.sent[-1]["n"]
+        self.blocks.append(n)
+        return {"seconds": [self.seconds] * n}
+
+
+def test_time_row_extends_a_short_row_on_both_sides_alike_and_keeps_alternating():
+    a, b = _FakeSide(0.01), _FakeSide(0.02)
+    events = {a: {"row": "r | fastdiff", "warmup": 0}, b: {"row": "r | fastdiff", "warmup": 0}}
+    assert compare.time_row([a, b], events, rounds=8, blocks=4, min_time_s=1.0, most=20) == {}
+    # per call: the slower side's 20 ms, so 50 rounds a side; the first block keeps the file's split
+    assert len(a.samples["r | fastdiff"]) == len(b.samples["r | fastdiff"]) == 50
+    assert a.blocks == b.blocks and a.blocks[0] == 2 and len(a.blocks) == 4
+    assert a.sent[-1] == {"cmd": "finish"} and b.sent[-1] == {"cmd": "finish"}
+    c = _FakeSide(0.01)
+    compare.time_row([c], {c: {"row": "s | eager", "warmup": 0}}, rounds=8, blocks=4, min_time_s=0.0)
+    assert c.blocks == [2, 2, 2, 2]                               # --min-time 0: the file's rounds
