@@ -8,7 +8,7 @@ or copied from the build cache when a revision with the same csrc/ tree and setu
 before (the cache is keyed by those git hashes and the Python version), or with ``--reuse-build``
 from this checkout when its csrc/ and setup.py are those of the revision.
 
-Then one pytest process per revision runs that revision's own ``bench/`` files (its ``fastdiff``
+Then, one bench file at a time, a fresh pytest process per revision runs that revision's own file (its ``fastdiff``
 first on PYTHONPATH: the header of the table lists the ``fastdiff.__file__`` each side imported)
 with bench/compare_worker.py in place of pytest-benchmark.  The two processes walk the same list
 of tests side by side; for each benchmark row both run their warm-up rounds (untimed, at the same
@@ -213,7 +213,7 @@ def clean_env(r: Revision) -> Dict[str, str]:
 class Worker:
     """One revision's pytest process, driven over a pair of pipes (see compare_worker.py)."""
 
-    def __init__(self, r: Revision, args):
+    def __init__(self, r: Revision, args, paths: List[str], carry: Optional["Worker"] = None):
         self.rev = r
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
@@ -222,20 +222,21 @@ class Worker:
         env.update(FASTDIFF_COMPARE_FDS=f"{to_worker_r},{from_worker_w}", FASTDIFF_COMPARE_THREADS=threads,
                    OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, FASTDIFF_BENCH_DEVICE="cpu",
                    CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
+        cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
                "-p", "compare_worker", "-o", "addopts=", "-s", "-W", "ignore::DeprecationWarning"]
         if args.k:
             cmd += ["-k", args.k]
-        self.log = r.path.parent / f"bench-{r.label}.log"
+        self.log = r.path.parent / f"bench-{r.label}-{Path(paths[0]).stem}.log"
         self.proc = subprocess.Popen(cmd, cwd=r.path, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      pass_fds=(to_worker_r, from_worker_w))
         os.close(to_worker_r)
         os.close(from_worker_w)
         self._w = os.fdopen(to_worker_w, "w")
         self._r = os.fdopen(from_worker_r, "r")
-        self.samples: Dict[str, List[float]] = {}     # pedantic row -> timed seconds
-        self.table: Dict[Tuple[str, str], float] = {}  # (group, impl) -> median, as the bench table has it
-        self.outcomes: Dict[str, Tuple[str, str]] = {}
+        # the results so far: a worker for the next bench file carries on the one before's dicts
+        self.samples: Dict[str, List[float]] = carry.samples if carry else {}     # pedantic row -> timed seconds
+        self.table: Dict[Tuple[str, str], float] = carry.table if carry else {}  # (group, impl) -> median
+        self.outcomes: Dict[str, Tuple[str, str]] = carry.outcomes if carry else {}
         self.hello = self.recv()
         if self.hello.get("event") != "hello":
             raise RuntimeError(f"{r.label}: unexpected first message {self.hello}")
@@ -261,6 +262,18 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+
+
+def bench_files(revs: List[Revision], args) -> Tuple[List[List[str]], List[str]]:
+    """The pytest paths each pair of worker processes runs: one bench file at a time (a fresh
+    process pair per file, so what earlier files left in a process, its heap, torch.compile's
+    caches, threads, weighs on neither side), or the whole ``bench/`` in one pair with
+    ``--one-process``; and the files only one side has (not run: nothing to compare them with)."""
+    if args.one_process:
+        return [["bench"]], []
+    have = [{p.name for p in (r.path / "bench").glob("test_bench_*.py")} for r in revs]
+    both = sorted(have[0] & have[1])
+    return [[f"bench/{name}"] for name in both], sorted(have[0] ^ have[1])
 
 
 def check_imports(w: Worker) -> None:
@@ -444,6 +457,10 @@ def report(before: Worker, after: Worker, interleaved: Dict[str, bool], args, me
     if busy:
         lines.append("**The machine was under load from other processes: these timings swing by far more than "
                      "the 10% the comparison is for, and are no result.** Rerun on a quiet machine.")
+    lines.append("Processes: one fresh pair (before, after) per bench file." if not args.one_process else
+                 "Processes: one pair for the whole bench/ (--one-process).")
+    if meta.get("one_sided"):
+        lines.append("Bench files on one side only (not run): " + ", ".join(f"`{f}`" for f in meta["one_sided"]) + ".")
     if args.k:
         lines.append(f"**Subset**: only the tests matching `-k {shlex.quote(args.k)}`, not the whole bench.")
     if args.rename:
@@ -509,6 +526,8 @@ def parse(argv: List[str]):
                         "file's where those take less (default 1.0; 0: the file's rounds only)")
     p.add_argument("--most-rounds", type=int, default=20,
                    help="--min-time adds at most this many times a row's own rounds (default 20)")
+    p.add_argument("--one-process", action="store_true",
+                   help="run the whole bench/ in one process per side (default: a fresh pair per bench file)")
     p.add_argument("--threshold", type=float, default=1.10, help="flag rows with after/before above this")
     p.add_argument("--rename", action="append", default=[], nargs=2, metavar=("OLD", "NEW"),
                    help="a row the after side renamed: OLD in a before row's name reads as NEW (repeatable)")
@@ -534,15 +553,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         revs = [add_worktree("before", args.base, root), add_worktree("after", args.head, root)]
         provide_builds(revs, args)
         build_s = time.perf_counter() - t0
-        workers = [Worker(r, args) for r in revs]
-        for w in workers:
-            check_imports(w)
+        files, one_sided = bench_files(revs, args)
+        if not files:
+            raise SystemExit("[compare] the two revisions have no bench file in common")
+        interleaved: Dict[str, bool] = {}
+        carry: List[Optional[Worker]] = [None, None]
+        for paths in files:
+            workers = [Worker(r, args, paths, c) for r, c in zip(revs, carry)]
+            for w in workers:
+                check_imports(w)
+            interleaved.update(run_pairs(*workers, args))
+            for w in workers:
+                w.close()
+            carry = workers
         before, after = workers
-        interleaved = run_pairs(before, after, args)
-        for w in workers:
-            w.close()
         meta = dict(command="python bench/compare.py " + shlex.join(argv), build_s=build_s,
-                    minutes=(time.perf_counter() - t0) / 60, load0=load0)
+                    minutes=(time.perf_counter() - t0) / 60, load0=load0, one_sided=one_sided)
         text, rc = report(before, after, interleaved, args, meta)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -97,3 +97,16 @@ def test_time_row_extends_a_short_row_on_both_sides_alike_and_keeps_alternating(
     c = _FakeSide(0.01)
     compare.time_row([c], {c: {"row": "s | eager", "warmup": 0}}, rounds=8, blocks=4, min_time_s=0.0)
     assert c.blocks == [2, 2, 2, 2]                               # --min-time 0: the file's rounds
+
+
+def test_bench_files_pairs_the_common_files_and_names_the_rest(tmp_path):
+    from types import SimpleNamespace as NS
+    revs = []
+    for side, names in (("before", ["test_bench_a.py", "test_bench_b.py"]), ("after", ["test_bench_b.py", "test_bench_a.py", "test_bench_c.py"])):
+        (tmp_path / side / "bench").mkdir(parents=True)
+        for name in names + ["conftest.py"]:
+            (tmp_path / side / "bench" / name).write_text("")
+        revs.append(NS(path=tmp_path / side))
+    files, one_sided = compare.bench_files(revs, NS(one_process=False))
+    assert files == [["bench/test_bench_a.py"], ["bench/test_bench_b.py"]] and one_sided == ["test_bench_c.py"]
+    assert compare.bench_files(revs, NS(one_process=True)) == ([["bench"]], [])
