@@ -320,7 +320,9 @@ def time_row(sides: List[Worker], events: Dict[Worker, dict], rounds: int, block
             if "error" in reply:
                 errors[w] = reply["error"]
         if b == 0 and not errors:
-            per_call = max(statistics.median(w.samples[row]) for w in sides)
+            # each side's fastest call of the block: the first rounds of a block can be page-fault
+            # spikes many times the typical call (a median of few rounds as well), which would plan too few
+            per_call = max(min(w.samples[row]) for w in sides)
             total = planned_rounds(rounds, per_call, min_time_s, most)
             if total > rounds:
                 rest = split_blocks(total - schedule[0], max(1, blocks - 1))

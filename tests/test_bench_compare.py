@@ -90,7 +90,7 @@ def test_time_row_extends_a_short_row_on_both_sides_alike_and_keeps_alternating(
     a, b = _FakeSide(0.01), _FakeSide(0.02)
     events = {a: {"row": "r | fastdiff", "warmup": 0}, b: {"row": "r | fastdiff", "warmup": 0}}
     assert compare.time_row([a, b], events, rounds=8, blocks=4, min_time_s=1.0, most=20) == {}
-    # per call: the slower side's 20 ms, so 50 rounds a side; the first block keeps the file's split
+    # per call: the slower side's fastest, 20 ms, so 50 rounds a side; the first block keeps the file's split
     assert len(a.samples["r | fastdiff"]) == len(b.samples["r | fastdiff"]) == 50
     assert a.blocks == b.blocks and a.blocks[0] == 2 and len(a.blocks) == 4
     assert a.sent[-1] == {"cmd": "finish"} and b.sent[-1] == {"cmd": "finish"}
