@@ -8,10 +8,10 @@
 // (score_ptr == 0: l_i = b * anchor[i]).  No -ffast-math: a NaN logit compares false (-1).
 //
 // Structure (as csrc/fused_step.cpp): OpenMP (schedule(static)) over blocks of BLOCK elements;
-// per block the uniforms go to a stack buffer (philox.h, AVX2 intrinsics or the auto-vectorized
-// loop), then one branch-free loop (exp as a Cephes polynomial, so it vectorizes) writes the signs.
-// Two code paths picked once at run time (use_avx2()): the same loop compiled for AVX2 + FMA,
-// or for the baseline ISA.
+// per block the uniforms go to a stack buffer (philox.h: AVX-512F or AVX2 intrinsics, or the
+// auto-vectorized loop), then one branch-free loop (exp as a Cephes polynomial, so it vectorizes)
+// writes the signs.  Code paths picked once at run time (use_avx2(), use_avx512()): the same loop
+// compiled for AVX2 + FMA, or for the baseline ISA; the uniforms 16 quads a vector where AVX-512F is.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -108,6 +108,11 @@ __attribute__((target("avx2,fma"))) void uniforms_avx2(const KeySchedule& ks, ui
                                                        float* u) {
   philox::philox_uniforms_avx2(ks, q0, nq, u);
 }
+
+__attribute__((target("avx512f,avx2,fma,f16c,prefer-vector-width=512"))) void uniforms_avx512(const KeySchedule& ks, uint64_t q0,
+                                                                      int64_t nq, float* u) {
+  philox::philox_uniforms_avx512(ks, q0, nq, u);
+}
 #endif
 
 }  // namespace
@@ -125,7 +130,7 @@ int64_t discrete_flip(uintptr_t out_ptr, uintptr_t anchor_ptr, uintptr_t score_p
 #if FD_X86
   if (use_avx2()) {
     flip = hs ? &flip_avx2<true> : &flip_avx2<false>;
-    uniforms = &uniforms_avx2;
+    uniforms = use_avx512() ? &uniforms_avx512 : &uniforms_avx2;
   }
 #endif
   const KeySchedule ks(seed);

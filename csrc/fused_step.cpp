@@ -15,7 +15,9 @@
 // normals are generated into a stack buffer by an auto-vectorized loop (philox.h), then a
 // combine loop specialised on (dtype, number of streamed inputs, has-philox-term) runs per
 // segment of constant coefficient row.  An explicit noise tensor (mode 1) is just one more
-// streamed input.  Two code paths, picked once at run time (use_avx2(), cpu_features.h):
+// streamed input.  Code paths picked once at run time (use_avx2(), use_avx512(), cpu_features.h):
+//   "avx512": the "avx2" combine loops; Philox and Box-Muller in AVX-512F intrinsics, 16 quads
+//            a vector (philox.h), the same normals bit for bit;
 //   "avx2":  AVX2 + FMA + F16C intrinsics combine loop and Philox rounds, the Box-Muller
 //            loop auto-vectorized for AVX2;
 //   generic: plain C++ loops that GCC vectorizes for the baseline ISA (SSE2 on x86-64,
@@ -279,6 +281,15 @@ void normals_avx2(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
 
 #pragma GCC pop_options
 
+// AVX-512F (use_avx512()): the normals 16 quads at a time; the combine loops stay the AVX2 ones,
+// which already keep up with memory once the normals are no longer the bound.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c,prefer-vector-width=512")
+void normals_avx512(const KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
+  philox::philox_normals_avx512(ks, q0, nq, z);
+}
+#pragma GCC pop_options
+
 #endif  // FD_X86
 
 // ---------------------------------------------------------------------------------------
@@ -390,7 +401,7 @@ void fused_step(uintptr_t out_ptr, const std::vector<uintptr_t>& in_ptrs, int dt
 #if FD_X86
   if (use_avx2()) {
     J.combine = combine_for<Avx2Combine>(dtype, ns, J.hz);
-    J.normals = &normals_avx2;
+    J.normals = use_avx512() ? &normals_avx512 : &normals_avx2;
   } else
 #endif
   {

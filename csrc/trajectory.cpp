@@ -194,10 +194,18 @@ FD_TRAJ_INLINE void run_tile(const Traj& T, int64_t inst, int64_t r0, int64_t r1
 
 #if FD_X86
 #pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c,prefer-vector-width=512")
+void normals_avx512(const philox::KeySchedule& ks, uint64_t q0, int64_t nq, float* z) {
+  philox::philox_normals_avx512(ks, q0, nq, z);
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
 #pragma GCC target("avx2,fma")
 void run_tile_avx2(const Traj& T, int64_t inst, int64_t r0, int64_t r1, Buffers& buf,
                    const philox::KeySchedule& ks) {
-  run_tile<true>(T, inst, r0, r1, buf, &philox::philox_normals_avx2, ks);
+  run_tile<true>(T, inst, r0, r1, buf,
+                 use_avx512() ? &normals_avx512 : &philox::philox_normals_avx2, ks);
 }
 #pragma GCC pop_options
 #endif
